@@ -1,0 +1,13 @@
+"""Custom ops of fx_passes, all in the ``fx_passes`` torch.library namespace.
+
+Importing this package registers them:
+
+* ``torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z) -> Tensor`` — one GEMM over the two
+  sibling projection weights (see :mod:`fx_passes.ops.qkvz_gemm`).
+* ``torch.ops.fx_passes.qkvz_lora_(out, x, lora_a, lora_b, ...)`` — batched multi-slice
+  LoRA (shrink + expand) added in place into ``out`` (see :mod:`fx_passes.ops.qkvz_lora`).
+"""
+from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed
+from fx_passes.ops.qkvz_lora import qkvz_lora_, qkvz_lora_reference
+
+__all__ = ["qkvz_gemm", "qkvz_lora_", "qkvz_lora_reference", "weights_are_packed"]
