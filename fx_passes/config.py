@@ -1,0 +1,32 @@
+"""Configuration of the qkvz fusion pass: one explicit, immutable object per pass instance."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+DUMP_ENV = "FX_PASSES_DUMP_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class QkvzFusionConfig:
+    """What the pass fuses and how it reports.
+
+    qkv_name / z_name: the sibling projection module names inside a GDN layer.
+    fuse_without_lora: fuse the base GEMM pair of a layer that has no LoRA at all.
+    structural_fallback: where the graph carries no ``nn_module_stack``, find GDN layers by
+        structure (shared input, ``N_qkv = 2 * key_dim + N_z``, and a ``[key, key, value]``
+        split of the qkv output downstream); never used for nodes that do carry module paths.
+    dump_dir: write before/after graphs and the match report of every graph here
+        (``None``: read the ``FX_PASSES_DUMP_DIR`` environment variable when the pass is made).
+    """
+
+    qkv_name: str = "in_proj_qkv"
+    z_name: str = "in_proj_z"
+    fuse_without_lora: bool = True
+    structural_fallback: bool = True
+    dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
+
+    def cache_key(self) -> str:
+        """The fields that shape the rewrite (dump_dir does not)."""
+        return f"{self.qkv_name}|{self.z_name}|{self.fuse_without_lora}|{self.structural_fallback}"

@@ -1,0 +1,458 @@
+"""Fuse each Qwen3.5 GatedDeltaNet layer's in_proj_qkv / in_proj_z GEMMs and their LoRA adds.
+
+Unfused (per GDN layer, PEFT LoRA, post-grad ATen)::
+
+    x2d = reshape(x, [T, H])
+    qkv = mm(x2d, W_qkv.T) --+-- add ---------------------------- (cast) --> conv1d -> split[k, k, v]
+      s_qkv = mm(x2d, A_qkv.T) -> mm(., B_qkv.T) -> mul(., scale) -+
+    z   = mm(x2d, W_z.T)   --+-- add ---------------------------- (cast) --> gated RMSNorm
+      s_z   = mm(x2d, A_z.T)   -> mm(., B_z.T)   -> mul(., scale) -+
+
+Fused::
+
+    y  = fx_passes.qkvz_gemm(x2d, W_qkv, W_z)                    # one GEMM, [T, 2k + 2v]
+    y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x2d,
+             lora_a=[A_qkv, A_z], lora_b=[B_qkv[:k], B_qkv[k:2k], B_qkv[2k:], B_z],
+             slice_a=[0, 0, 0, 1], slice_start=[0, k, 2k, 2k + v])   # one 4-slice LoRA op,
+                                                                     # shrink of A_qkv runs once
+    qkv = slice(y', 1, 0, 2k + v)   z = slice(y', 1, 2k + v, 2k + 2v)   (views, reshaped as before)
+
+A layer is rewritten only when every condition below holds; otherwise it stays as it was and
+the failed condition (with its node) is recorded in the :class:`~fx_passes.report.LayerMatch`:
+
+* both base GEMMs read the same activation and have the GDN shape ``N_qkv = 2 * key + N_z``;
+* each projection's output is ``base + sum(LoRA terms)`` through add / addmm / view / cast only,
+  the LoRA terms read that same activation (not a dropout of it) and every removed node has no
+  user outside the pattern (nothing saved for backward);
+* no LoRA node of the layer (``...in_proj_qkv.lora_*``) is left outside the match (DoRA,
+  mixed-batch ``adapter_names``, unknown variants);
+* float dtypes only; the result dtype equals the base GEMM's dtype.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import glob
+import logging
+import operator
+import os
+import re
+from typing import Any, Optional, Union
+
+import torch
+import torch.utils._pytree as pytree
+from torch._higher_order_ops.auto_functionalize import auto_functionalized
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch.fx import Graph, Node
+
+import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
+from fx_passes.config import QkvzFusionConfig
+from fx_passes.fusion.matcher import (
+    ADDMM_OPS, FLOAT_DTYPES, MM_OPS, VIEW_OPS, CAST_OPS, LinearLeaf, LoraLeaf, NoMatch, SumMatch,
+    check_users_inside, decompose_sum, fake_value, forward_chain, is_call, match_linear,
+    match_linear_operands, module_path, module_stack, strip_views,
+)
+from fx_passes.ops.qkvz_gemm import weights_are_packed
+from fx_passes.report import GraphReport, LayerMatch, count_ops
+
+logger = logging.getLogger("fx_passes")
+
+aten = torch.ops.aten
+QKVZ_GEMM_OP = torch.ops.fx_passes.qkvz_gemm.default
+QKVZ_LORA_OP = torch.ops.fx_passes.qkvz_lora_.default
+SPLIT_OPS = (aten.split_with_sizes.default, aten.split.Tensor)
+SLICE_NAMES = ("q", "k", "v", "z")
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rewrite_source_files() -> tuple[str, ...]:
+    """Every source file of the package: any of them can change what the rewrite emits."""
+    return tuple(sorted(glob.glob(os.path.join(_PACKAGE_DIR, "**", "*.py"), recursive=True)))
+
+
+@dataclasses.dataclass
+class _Candidate:
+    layer: str
+    qkv: Node
+    z: Node
+    identified_by: str
+    prefix: Optional[str] = None   # module path of the layer when identified by module path
+
+
+@dataclasses.dataclass
+class _Projection:
+    base: LinearLeaf
+    chain: SumMatch
+    out_shape_arg: Optional[Any]   # shape of the reshape back to [B, S, n], if any
+
+
+class QkvzLoraFusionPass(CustomGraphPass):
+    """Post-grad pass: one qkvz GEMM + one batched 4-slice LoRA op per Qwen3.5 GDN layer.
+
+    Usable as ``torch._inductor.config.post_grad_custom_post_pass`` (it is a
+    ``CustomGraphPass``: ``__call__(graph)`` and ``uuid()``). Keeps ``matched_count`` and one
+    :class:`~fx_passes.report.GraphReport` per graph it ran on, in ``reports``.
+    """
+
+    pass_name = "qkvz_lora_fusion"
+
+    def __init__(self, config: Optional[QkvzFusionConfig] = None):
+        self.config = config or QkvzFusionConfig()
+        self.matched_count = 0
+        self.reports: list[GraphReport] = []
+
+    # ------------------------------------------------------------ CustomGraphPass
+    def uuid(self) -> str:
+        extra = f"{self.pass_name}|{self.config.cache_key()}|torch={torch.__version__}"
+        return get_hash_for_files(rewrite_source_files(), extra=extra).hex()
+
+    def __call__(self, graph: Graph) -> None:
+        report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports))
+        report.ops_before = count_ops(graph)
+        before = _graph_code(graph) if self.config.dump_dir else None
+        for candidate in self._find_candidates(graph, report):
+            report.layers.append(self._rewrite_layer(graph, candidate))
+        if report.rewritten:
+            _stable_topological_sort(graph)
+            graph.lint()
+            if graph.owning_module is not None:
+                graph.owning_module.recompile()
+        report.ops_after = count_ops(graph)
+        self.matched_count += len(report.rewritten)
+        self.reports.append(report)
+        logger.info(report.summary())
+        for layer in report.layers:
+            logger.debug("%s", layer.line())
+        if self.config.dump_dir:
+            from fx_passes.dump import write_pass_dump
+
+            write_pass_dump(self.config.dump_dir, report, before, _graph_code(graph))
+
+    # ------------------------------------------------------------ find
+    def _find_candidates(self, graph: Graph, report: GraphReport) -> list[_Candidate]:
+        cfg = self.config
+        by_prefix: dict[str, dict[str, list[Node]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        proj = re.compile(rf"^(.*)\.({re.escape(cfg.qkv_name)}|{re.escape(cfg.z_name)})(\.base_layer)?$")
+        unnamed: list[Node] = []
+        for node in graph.nodes:
+            if not is_call(node, MM_OPS + ADDMM_OPS):
+                continue
+            path = module_path(node)
+            if path is None:
+                unnamed.append(node)
+                continue
+            found = proj.match(path)
+            if found:
+                by_prefix[found.group(1)][found.group(2)].append(node)
+        candidates = []
+        for prefix, found in by_prefix.items():
+            qkv, z = found.get(cfg.qkv_name, []), found.get(cfg.z_name, [])
+            if len(qkv) != 1 or len(z) != 1:
+                report.layers.append(LayerMatch(
+                    layer=prefix, rewritten=False, node=(qkv or z)[0].name,
+                    reason=f"expected one base GEMM each for {cfg.qkv_name} and {cfg.z_name}, "
+                           f"found {len(qkv)} and {len(z)}"))
+                continue
+            candidates.append(_Candidate(prefix, qkv[0], z[0], "module_path", prefix))
+        if cfg.structural_fallback:
+            candidates += _structural_candidates(unnamed)
+        return candidates
+
+    # ------------------------------------------------------------ match + rewrite
+    def _rewrite_layer(self, graph: Graph, cand: _Candidate) -> LayerMatch:
+        result = LayerMatch(layer=cand.layer, rewritten=False, qkv_node=cand.qkv.name, z_node=cand.z.name,
+                            identified_by=cand.identified_by)
+        try:
+            qkv, z = self._match_projection(cand, cand.qkv, self.config.qkv_name), \
+                self._match_projection(cand, cand.z, self.config.z_name)
+            key_dim, value_dim = _check_layer(qkv, z)
+            groups = _pair_lora_terms(qkv.chain.loras, z.chain.loras)
+            if not groups and not self.config.fuse_without_lora:
+                raise NoMatch(cand.qkv, "layer has no LoRA and fuse_without_lora is off")
+        except NoMatch as miss:
+            result.reason, result.node = miss.reason, miss.node_name
+            logger.debug("%s not rewritten: %s", cand.layer, miss)
+            return result
+        result.slice_sizes = [key_dim, key_dim, value_dim, value_dim]
+        result.weights_packed = weights_are_packed(fake_value(qkv.base.weight), fake_value(z.base.weight))
+        old_nodes = set(graph.nodes)
+        _emit(graph, qkv, z, key_dim, groups, result)
+        result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
+        result.removed_nodes = _erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
+        result.rewritten = True
+        result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in groups)
+        return result
+
+    def _match_projection(self, cand: _Candidate, base_node: Node, proj_name: str) -> _Projection:
+        if is_call(base_node, ADDMM_OPS):
+            base = match_linear_operands(base_node, base_node.args[1], base_node.args[2])
+        else:
+            base = match_linear(base_node)
+        dtype = fake_value(base_node).dtype
+        if dtype not in FLOAT_DTYPES:
+            raise NoMatch(base_node, f"base GEMM dtype {dtype} is not fp16/bf16/fp32")
+        chain, first_miss = None, None
+        for end in reversed(forward_chain(base_node)):
+            try:
+                chain = _validate_chain(decompose_sum(end), base, dtype)
+                break
+            except NoMatch as miss:
+                first_miss = first_miss or miss
+        assert chain is not None  # the base GEMM alone always decomposes
+        if cand.prefix is not None:
+            _check_no_lora_left_behind(base_node.graph, f"{cand.prefix}.{proj_name}.", chain, first_miss)
+        return _Projection(base=base, chain=chain, out_shape_arg=_reshape_arg(chain, base))
+
+
+# ---------------------------------------------------------------- matching helpers
+
+def _validate_chain(chain: SumMatch, base: LinearLeaf, dtype: torch.dtype) -> SumMatch:
+    if len(chain.linears) != 1 or chain.linears[0].node is not base.node:
+        extra = [leaf.node.name for leaf in chain.linears if leaf.node is not base.node]
+        raise NoMatch(chain.end, f"sum holds other linears besides the base GEMM: {extra}")
+    end_val = fake_value(chain.end)
+    if end_val is None or end_val.dtype != dtype:
+        raise NoMatch(chain.end, f"result dtype {getattr(end_val, 'dtype', None)} != base GEMM dtype {dtype}")
+    n = base.out_features
+    if end_val.shape[-1] != n:
+        raise NoMatch(chain.end, f"result last dim {end_val.shape[-1]} != {n}")
+    for view in (node for node in chain.interior if is_call(node, VIEW_OPS)):
+        if fake_value(view).shape[-1] != n:
+            raise NoMatch(view, "a reshape in the sum mixes output columns")
+    for lora in chain.loras:
+        if lora.out_features != n:
+            raise NoMatch(lora.top, f"LoRA B has {lora.out_features} rows, the projection {n}")
+        if not _reads_input(lora.x2d, base.x_source):
+            raise NoMatch(lora.shrink, "LoRA input is not the base GEMM's input (dropout active, or "
+                                       "another tensor)")
+        if fake_value(lora.lora_a).dtype not in FLOAT_DTYPES:
+            raise NoMatch(lora.lora_a, f"LoRA weight dtype {fake_value(lora.lora_a).dtype} unsupported")
+    removed = set(chain.all_nodes())
+    check_users_inside([node for node in removed if node is not chain.end], removed, keep={base.weight})
+    return chain
+
+
+def _reads_input(x2d: Node, source: Node) -> bool:
+    """``x2d`` is ``source`` up to reshapes and float casts (PEFT casts x to the adapter dtype)."""
+    node = x2d
+    while True:
+        node = strip_views(node)
+        if node is source:
+            return True
+        if not (is_call(node, CAST_OPS) and fake_value(node) is not None and fake_value(node).is_floating_point()):
+            return False
+        node = node.args[0]
+
+
+def _check_no_lora_left_behind(graph: Graph, proj_prefix: str, chain: SumMatch, miss: Optional[NoMatch]) -> None:
+    absorbed = set(chain.all_nodes())
+    for lora in chain.loras:
+        absorbed |= _input_nodes(lora.x2d)
+    for node in graph.nodes:
+        path = module_path(node) if node.op == "call_function" else None
+        if path and path.startswith(proj_prefix + "lora_") and node not in absorbed:
+            why = f"; nearest miss: {miss.node_name}: {miss.reason}" if miss else ""
+            raise NoMatch(node, f"LoRA node of {proj_prefix.rstrip('.')} is not part of a recognized "
+                                f"LoRA add{why}")
+
+
+def _input_nodes(x2d: Node) -> set[Node]:
+    nodes, node = set(), x2d
+    while is_call(node, VIEW_OPS + CAST_OPS):
+        nodes.add(node)
+        node = node.args[0]
+    return nodes
+
+
+def _reshape_arg(chain: SumMatch, base: LinearLeaf) -> Optional[Any]:
+    """The shape the chain reshapes [T, n] back into, or None when the result stays 2-D."""
+    end_shape = tuple(fake_value(chain.end).shape)
+    if end_shape == tuple(fake_value(base.node).shape):
+        return None
+    for node in chain.interior:
+        if is_call(node, VIEW_OPS) and tuple(fake_value(node).shape) == end_shape:
+            return node.args[1]
+    raise NoMatch(chain.end, f"cannot rebuild result shape {end_shape} from a reshape in the sum")
+
+
+def _check_layer(qkv: _Projection, z: _Projection) -> tuple[int, int]:
+    xq, xz = qkv.base.x_source, z.base.x_source
+    if xq is not xz:
+        raise NoMatch(z.base.node, f"{qkv.base.node.name} and {z.base.node.name} read different inputs "
+                                   f"({xq.name} vs {xz.name})")
+    vq, vz = fake_value(qkv.base.x2d), fake_value(z.base.x2d)
+    if tuple(vq.shape) != tuple(vz.shape):
+        raise NoMatch(z.base.node, "the two GEMM inputs have different 2-D shapes")
+    wq, wz = fake_value(qkv.base.weight), fake_value(z.base.weight)
+    if wq.dtype != wz.dtype or wq.dtype != vq.dtype:
+        raise NoMatch(z.base.node, f"dtypes differ: x {vq.dtype}, W_qkv {wq.dtype}, W_z {wz.dtype}")
+    if wq.device != wz.device:
+        raise NoMatch(z.base.node, "the two weights live on different devices")
+    n_qkv, value_dim = wq.shape[0], wz.shape[0]
+    if (n_qkv - value_dim) <= 0 or (n_qkv - value_dim) % 2:
+        raise NoMatch(qkv.base.node, f"N_qkv={n_qkv} is not 2 * key_dim + N_z (N_z={value_dim})")
+    return (n_qkv - value_dim) // 2, value_dim
+
+
+@dataclasses.dataclass
+class _LoraOp:
+    adapter: str
+    qkv: Optional[LoraLeaf]
+    z: Optional[LoraLeaf]
+
+
+def _scale_key(leaf: LoraLeaf) -> Any:
+    return ("node", leaf.scale) if isinstance(leaf.scale, Node) else ("float", float(leaf.scale))
+
+
+def _pair_lora_terms(qkv_terms: list[LoraLeaf], z_terms: list[LoraLeaf]) -> list[_LoraOp]:
+    """One op per adapter covering its qkv and z slices; split in two where they cannot share."""
+    by_name: dict[str, dict[str, LoraLeaf]] = {}
+    for side, terms in (("qkv", qkv_terms), ("z", z_terms)):
+        for i, leaf in enumerate(terms):
+            name = leaf.adapter or f"#{i}"
+            if side in by_name.setdefault(name, {}):
+                raise NoMatch(leaf.top, f"adapter {name} appears twice on one projection")
+            by_name[name][side] = leaf
+    ops = []
+    for name, sides in by_name.items():
+        q, z = sides.get("qkv"), sides.get("z")
+        same = (q is not None and z is not None and _scale_key(q) == _scale_key(z)
+                and fake_value(q.lora_a).dtype == fake_value(z.lora_a).dtype)
+        if q is not None and z is not None and not same:
+            ops += [_LoraOp(name, q, None), _LoraOp(name, None, z)]
+        else:
+            ops.append(_LoraOp(name, q, z))
+    return ops
+
+
+def _structural_candidates(mms: list[Node]) -> list[_Candidate]:
+    """GDN layers in graphs without module paths: shared input, N_qkv = 2k + N_z, split [k, k, N_z]."""
+    linears = []
+    for node in mms:
+        try:
+            linears.append(match_linear(node))
+        except NoMatch:
+            continue
+    by_input: dict[Node, list[LinearLeaf]] = collections.defaultdict(list)
+    for leaf in linears:
+        by_input[leaf.x_source].append(leaf)
+    candidates = []
+    for leaves in by_input.values():
+        used: set[Node] = set()
+        for q in leaves:
+            for z in leaves:
+                diff = q.out_features - z.out_features
+                if q is z or q.node in used or z.node in used or diff <= 0 or diff % 2:
+                    continue
+                if _has_split_downstream(q.node, [diff // 2, diff // 2, z.out_features]):
+                    candidates.append(_Candidate(f"structural:{q.node.name}", q.node, z.node, "structure"))
+                    used |= {q.node, z.node}
+    return candidates
+
+
+def _has_split_downstream(node: Node, sizes: list[int], max_nodes: int = 64) -> bool:
+    seen, frontier = set(), [node]
+    while frontier and len(seen) < max_nodes:
+        current = frontier.pop(0)
+        if current in seen:
+            continue
+        seen.add(current)
+        if is_call(current, SPLIT_OPS) and list(current.args[1]) == sizes:
+            return True
+        frontier += list(current.users)
+    return False
+
+
+# ---------------------------------------------------------------- rewrite helpers
+
+def _call(graph: Graph, target: Any, args: tuple, kwargs: Optional[dict] = None) -> Node:
+    """Create a call_function node and its ``meta['val']`` from the inputs' fake values."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, args, kwargs)
+    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+    tensors = [v for v in pytree.tree_leaves((fake_args, fake_kwargs)) if isinstance(v, torch.Tensor)]
+    mode = torch._guards.detect_fake_mode(tensors)
+    with mode if mode is not None else contextlib.nullcontext():
+        node.meta["val"] = target(*fake_args, **fake_kwargs)
+    return node
+
+
+def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: list[_LoraOp],
+          result: LayerMatch) -> None:
+    n_qkv = qkv.base.out_features
+    n_total = n_qkv + z.base.out_features
+    users = [u for end in (qkv.chain.end, z.chain.end) for u in end.users]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    anchor = min(users, key=order.__getitem__) if users else qkv.chain.end.next
+    x2d = qkv.base.x2d
+    with graph.inserting_before(anchor):
+        fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+        for op in ops:
+            lora_a, lora_b, slice_a, slice_start, names = [], [], [], [], []
+            if op.qkv is not None:
+                lora_a.append(op.qkv.lora_a)
+                for i, (lo, hi) in enumerate(((0, key_dim), (key_dim, 2 * key_dim), (2 * key_dim, n_qkv))):
+                    lora_b.append(_call(graph, aten.slice.Tensor, (op.qkv.lora_b, 0, lo, hi)))
+                    slice_a.append(0)
+                    slice_start.append(lo)
+                    names.append(SLICE_NAMES[i])
+                result.shared_a = True
+            if op.z is not None:
+                lora_a.append(op.z.lora_a)
+                lora_b.append(op.z.lora_b)
+                slice_a.append(len(lora_a) - 1)
+                slice_start.append(n_qkv)
+                names.append("z")
+            scale_leaf = op.qkv or op.z
+            tensor_scale = scale_leaf.scale if isinstance(scale_leaf.scale, Node) else None
+            functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
+                out=fused, x=x2d, lora_a=lora_a, lora_b=lora_b, slice_a=slice_a, slice_start=slice_start,
+                token_lora_ids=None, lora_scales=tensor_scale,
+                scale=1.0 if tensor_scale is not None else float(scale_leaf.scale)))
+            fused = _call(graph, operator.getitem, (functional, 1))
+            result.adapters.append(op.adapter)
+            result.lora_slices.append(names)
+        for proj, lo, hi in ((qkv, 0, n_qkv), (z, n_qkv, n_total)):
+            value = _call(graph, aten.slice.Tensor, (fused, 1, lo, hi))
+            if proj.out_shape_arg is not None:
+                value = _call(graph, aten.reshape.default, (value, proj.out_shape_arg))
+            proj.chain.end.replace_all_uses_with(value)
+
+
+def _pattern_nodes(proj: _Projection) -> set[Node]:
+    nodes = set(proj.chain.all_nodes()) | _input_nodes(proj.base.x2d) | {proj.base.x2d}
+    for lora in proj.chain.loras:
+        nodes |= _input_nodes(lora.x2d) | {lora.x2d}
+    return {n for n in nodes if n.op == "call_function"}
+
+
+def _erase_dead(graph: Graph, candidates: set[Node]) -> list[str]:
+    removed, changed = [], True
+    while changed:
+        changed = False
+        for node in reversed(list(graph.nodes)):
+            if node in candidates and not node.users:
+                removed.append(node.name)
+                candidates.discard(node)
+                graph.erase_node(node)
+                changed = True
+    return removed
+
+
+def _stable_topological_sort(graph: Graph) -> None:
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    stable_topological_sort(graph)
+
+
+def _graph_code(graph: Graph) -> str:
+    module = graph.owning_module
+    if module is not None:
+        return module.print_readable(print_output=False)
+    return str(graph)
+
+
+__all__ = ["QkvzLoraFusionPass", "QKVZ_GEMM_OP", "QKVZ_LORA_OP", "rewrite_source_files"]
