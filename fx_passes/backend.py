@@ -18,8 +18,9 @@ class FxPassesBackend:
     ``backend.fusion_pass.reports`` says what happened in every compiled graph.
     """
 
-    def __init__(self, config: Optional[QkvzFusionConfig] = None, inductor_options: Optional[dict] = None):
-        self.fusion_pass = QkvzLoraFusionPass(config)
+    def __init__(self, config: Optional[QkvzFusionConfig] = None, inductor_options: Optional[dict] = None,
+                 fusion_pass: Optional[QkvzLoraFusionPass] = None):
+        self.fusion_pass = fusion_pass if fusion_pass is not None else QkvzLoraFusionPass(config)
         self.inductor_options = dict(inductor_options or {})
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]):

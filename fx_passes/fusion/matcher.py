@@ -83,7 +83,7 @@ def strip_views_and_casts(node: Node, seen: Optional[list] = None) -> Node:
 
 # ---------------------------------------------------------------- module paths
 
-_DYNAMO_PREFIX = re.compile(r"^L\['self'\]")
+_DYNAMO_PREFIX = re.compile(r"^L\['[^']+'\]")
 _DICT_MODULES = re.compile(r"\.__dict__\['_modules'\]\['([^']+)'\]")
 _SUBSCRIPT = re.compile(r"\['([^']+)'\]")
 

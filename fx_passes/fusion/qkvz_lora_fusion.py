@@ -360,7 +360,8 @@ def _has_split_downstream(node: Node, sizes: list[int], max_nodes: int = 64) -> 
         if current in seen:
             continue
         seen.add(current)
-        if is_call(current, SPLIT_OPS) and list(current.args[1]) == sizes:
+        if is_call(current, SPLIT_OPS) and isinstance(current.args[1], (list, tuple)) \
+                and list(current.args[1]) == sizes:
             return True
         frontier += list(current.users)
     return False

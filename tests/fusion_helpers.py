@@ -1,0 +1,100 @@
+"""One helper for every fusion test: compile with the pass, check what matched, the op counts and
+the numerics against eager and against the same model compiled without the pass."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+from fx_passes import FxPassesBackend, QkvzLoraFusionPass
+
+# dtype -> (rtol, atol) for logits of the tiny models (|logits| ~ 1)
+DTYPE_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+
+MM = "aten.mm.default"
+
+
+class RecordingPass(QkvzLoraFusionPass):
+    """The real pass, keeping each graph's code before and after it ran (vLLM-test style)."""
+
+    def __init__(self, *args, before_hook: Optional[Callable] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.before_hook = before_hook
+        self.graphs_before: list[str] = []
+        self.graphs_after: list[str] = []
+
+    def __call__(self, graph):
+        if self.before_hook is not None:
+            self.before_hook(graph)
+        self.graphs_before.append(str(graph))
+        super().__call__(graph)
+        self.graphs_after.append(str(graph))
+
+
+@dataclasses.dataclass
+class FusionRun:
+    fusion_pass: RecordingPass
+    fused: object
+    eager: object
+    unfused: object = None
+
+    @property
+    def layers(self):
+        return [layer for report in self.fusion_pass.reports for layer in report.layers]
+
+    def op_count(self, name: str, when: str = "after") -> int:
+        return sum(getattr(r, f"ops_{when}").get(name, 0) for r in self.fusion_pass.reports)
+
+
+def _outputs(model, args, kwargs):
+    out = model(*args, **kwargs)
+    if hasattr(out, "logits"):
+        return (out.logits,)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def compile_with_pass(model, *args, fusion_pass: Optional[RecordingPass] = None, dynamic: bool = False,
+                      compare_unfused: bool = False, grad: bool = False, **kwargs) -> FusionRun:
+    fusion_pass = fusion_pass or RecordingPass()
+    context = torch.enable_grad if grad else torch.no_grad
+    with context():
+        eager = _outputs(model, args, kwargs)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=FxPassesBackend(fusion_pass=fusion_pass), dynamic=dynamic)
+        fused = _outputs(compiled, args, kwargs)
+        unfused = None
+        if compare_unfused:
+            torch._dynamo.reset()
+            unfused = _outputs(torch.compile(model, backend="inductor", dynamic=dynamic), args, kwargs)
+    return FusionRun(fusion_pass, fused, eager, unfused)
+
+
+def assert_fused(run: FusionRun, *, layers: int, lora_ops_per_layer: int, mm_removed: int,
+                 dtype: torch.dtype = torch.float32) -> None:
+    """Exactly ``layers`` rewrites, the mm count drop, the new ops, and the numerics."""
+    rewritten = [layer for layer in run.layers if layer.rewritten]
+    assert len(rewritten) == layers, [layer.line() for layer in run.layers]
+    assert run.fusion_pass.matched_count == layers
+    assert not [layer for layer in run.layers if not layer.rewritten], [l.line() for l in run.layers]
+    assert run.op_count(MM, "before") - run.op_count(MM, "after") == mm_removed
+    assert run.op_count("fx_passes.qkvz_gemm.default") == layers
+    assert run.op_count("auto_functionalized(qkvz_lora_.default)") == layers * lora_ops_per_layer
+    assert all("fx_passes.qkvz_gemm" in after for after in run.fusion_pass.graphs_after if "qkvz" in after)
+    rtol, atol = DTYPE_TOL[dtype]
+    for got, want in zip(run.fused, run.eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+    if run.unfused is not None:
+        for got, want in zip(run.fused, run.unfused):
+            torch.testing.assert_close(got.float(), want.float(), rtol=rtol, atol=atol)
+
+
+def assert_unchanged(run: FusionRun) -> None:
+    """The pass left every graph exactly as it found it, and the outputs match eager."""
+    assert run.fusion_pass.graphs_before == run.fusion_pass.graphs_after
+    assert run.fusion_pass.matched_count == 0
+    for got, want in zip(run.fused, run.eager):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-5)
+
+
+__all__ = ["DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]

@@ -1,0 +1,180 @@
+"""The qkvz + LoRA fusion on real transformers Qwen3.5 / Qwen3.5-MoE models with real PEFT adapters."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35, example_inputs
+from fusion_helpers import RecordingPass, assert_fused, assert_unchanged, compile_with_pass
+
+SPEC = TinyQwen35Spec()            # 4 decoder layers, 2 of them GDN
+GDN = SPEC.num_gdn_layers
+
+
+# form -> (model kwargs, lora kwargs, lora ops per layer, LoRA terms per layer, compare with unfused compile)
+FORMS = {
+    "fp32": (dict(), dict(), 1, 2, True),
+    "bf16_base_fp32_adapters": (dict(dtype=torch.bfloat16), dict(), 1, 2, True),
+    "bf16_adapters_bf16": (dict(dtype=torch.bfloat16), dict(autocast_adapter_dtype=False), 1, 2, False),
+    "two_active_adapters": (dict(), dict(adapters=("default", "second")), 2, 4, False),
+    "lora_on_qkv_only": (dict(), dict(targets=("in_proj_qkv",)), 1, 1, False),
+    "lora_on_z_only": (dict(), dict(targets=("in_proj_z",)), 1, 1, False),
+    "moe": (dict(moe=True), dict(), 1, 2, True),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_peft_forms_fuse_every_gdn_layer(form):
+    model_kwargs, lora_kwargs, lora_ops, lora_terms, compare_unfused = FORMS[form]
+    model_kwargs = dict(model_kwargs)
+    spec = TinyQwen35Spec(moe=model_kwargs.pop("moe", False))
+    model = add_lora(build_tiny_qwen35(spec, **model_kwargs), **lora_kwargs)
+    run = compile_with_pass(model, input_ids=example_inputs(spec), compare_unfused=compare_unfused)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=lora_ops, mm_removed=GDN * (2 + 2 * lora_terms),
+                 dtype=model_kwargs.get("dtype", torch.float32))
+    for layer in run.layers:
+        assert layer.identified_by == "module_path" and ".linear_attn" in layer.layer
+        assert layer.slice_sizes == [SPEC.key_dim, SPEC.key_dim, SPEC.value_dim, SPEC.value_dim]
+        assert layer.shared_a == (lora_kwargs.get("targets", ("in_proj_qkv",))[0] == "in_proj_qkv")
+
+
+def test_no_lora_still_fuses_the_base_pair():
+    model = build_tiny_qwen35(SPEC)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC))
+    assert_fused(run, layers=GDN, lora_ops_per_layer=0, mm_removed=2 * GDN)
+
+
+def test_dynamic_shapes_with_tensor_scale():
+    """dynamic=True: symbolic token count; PEFT's scaling becomes a 0-d graph input."""
+    model = add_lora(build_tiny_qwen35(SPEC))
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC, seq=7), dynamic=True, compare_unfused=True)
+    # qkv and z scales are two graph inputs the pass cannot prove equal: one LoRA op each
+    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=GDN * 6)
+    assert all(layer.lora_slices == [["q", "k", "v"], ["z"]] for layer in run.layers)
+
+
+def test_packed_weights_are_seen_at_compile_time():
+    from fx_passes import pack_qkvz_weights
+
+    model = add_lora(build_tiny_qwen35(SPEC))
+    assert pack_qkvz_weights(model) == GDN
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC))
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 6)
+    assert all(layer.weights_packed for layer in run.layers)
+
+
+def test_structural_fallback_without_module_paths():
+    """Graphs with no nn_module_stack: found by shape + the [k, k, v] split downstream."""
+    def strip_module_paths(graph):
+        for node in graph.nodes:
+            node.meta.pop("nn_module_stack", None)
+
+    model = add_lora(build_tiny_qwen35(SPEC))
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC),
+                            fusion_pass=RecordingPass(before_hook=strip_module_paths))
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 6)
+    assert all(layer.identified_by == "structure" for layer in run.layers)
+
+
+def test_llama_lora_on_qkv_is_left_alone():
+    """Sibling q/k/v linears with LoRA that are not a GDN layer: same graph with and without the pass."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    model = add_lora(LlamaForCausalLM(config).eval(), targets=("q_proj", "k_proj", "v_proj"))
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC))
+    assert_unchanged(run)
+    assert run.layers == []
+
+    def strip_module_paths(graph):  # the structural fallback must not grab q/k/v either
+        for node in graph.nodes:
+            node.meta.pop("nn_module_stack", None)
+
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC),
+                            fusion_pass=RecordingPass(before_hook=strip_module_paths))
+    assert_unchanged(run)
+
+
+# ------------------------------------------------------------------ 2-D projections: the addmm form
+
+class _Projections(torch.nn.Module):
+    """Calls a real PEFT-wrapped GDN layer's two projections on a 2-D input (as vLLM does)."""
+
+    def __init__(self, gdn, z_input_offset: float = 0.0):
+        super().__init__()
+        self.linear_attn = gdn
+        self.z_input_offset = z_input_offset
+
+    def forward(self, x):
+        z_in = x + self.z_input_offset if self.z_input_offset else x
+        return self.linear_attn.in_proj_qkv(x).relu(), self.linear_attn.in_proj_z(z_in).sigmoid()
+
+
+def _gdn_layer():
+    return add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2))).base_model.model.model.layers[0].linear_attn
+
+
+def test_inductor_addmm_form():
+    run = compile_with_pass(_Projections(_gdn_layer()), torch.randn(8, SPEC.hidden_size))
+    assert run.op_count("aten.addmm.default", "before") == 2   # Inductor folded each base GEMM + LoRA add
+    assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4)
+    assert run.op_count("aten.addmm.default") == 0
+
+
+# ------------------------------------------------------------------ bail-outs: graph unchanged + reason
+
+def test_training_with_dropout_is_not_rewritten():
+    model = add_lora(build_tiny_qwen35(SPEC), dropout=0.1).train()
+    torch.manual_seed(0)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True)
+    assert run.fusion_pass.graphs_before == run.fusion_pass.graphs_after
+    skipped = [layer for layer in run.layers if not layer.rewritten]
+    assert len(skipped) == GDN and run.fusion_pass.matched_count == 0
+    assert all("dropout" in layer.reason and layer.node for layer in skipped), [l.line() for l in skipped]
+
+
+def test_training_saved_for_backward_is_not_rewritten():
+    model = add_lora(build_tiny_qwen35(SPEC)).train()
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True)
+    assert run.fusion_pass.graphs_before == run.fusion_pass.graphs_after
+    skipped = [layer for layer in run.layers if not layer.rewritten]
+    assert len(skipped) == GDN and run.fusion_pass.matched_count == 0
+    assert all("used outside the pattern" in layer.reason for layer in skipped), [l.line() for l in skipped]
+    for got, want in zip(run.fused, run.eager):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_batch_adapter_names_is_not_rewritten():
+    model = add_lora(build_tiny_qwen35(SPEC), adapters=("default", "second"))
+    model.base_model.set_adapter("default")
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC), adapter_names=["default", "second"])
+    assert_unchanged(run)
+    skipped = [layer for layer in run.layers if not layer.rewritten]
+    assert len(skipped) == GDN
+    assert all("not part of a recognized LoRA add" in layer.reason for layer in skipped), [l.line() for l in skipped]
+
+
+def test_dora_never_reaches_the_pass():
+    """PEFT 0.21's DoRA forward graph-breaks: its projections run eagerly, outside any graph."""
+    model = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2)), use_dora=True)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC))
+    assert_unchanged(run)
+    assert run.layers == []
+    assert not any("in_proj_qkv" in code and "lora_magnitude" in code for code in run.fusion_pass.graphs_before)
+
+
+def test_float64_is_not_rewritten():
+    model = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2), dtype=torch.float64))
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC))
+    assert_unchanged(run)
+    (layer,) = run.layers
+    assert not layer.rewritten and "float64" in layer.reason and layer.node == layer.qkv_node
+
+
+def test_different_inputs_are_not_rewritten():
+    run = compile_with_pass(_Projections(_gdn_layer(), z_input_offset=1.0), torch.randn(8, SPEC.hidden_size))
+    assert_unchanged(run)
+    (layer,) = run.layers
+    assert not layer.rewritten and "different inputs" in layer.reason
