@@ -34,6 +34,7 @@ import collections
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import logging
 import operator
 import os
@@ -43,7 +44,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.utils._pytree as pytree
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 
 import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
@@ -105,8 +106,11 @@ class QkvzLoraFusionPass(CustomGraphPass):
 
     # ------------------------------------------------------------ CustomGraphPass
     def uuid(self) -> str:
-        extra = f"{self.pass_name}|{self.config.cache_key()}|torch={torch.__version__}"
-        return get_hash_for_files(rewrite_source_files(), extra=extra).hex()
+        digest = hashlib.sha256(f"{self.pass_name}|{self.config.cache_key()}|torch={torch.__version__}".encode())
+        for path in rewrite_source_files():  # read every time: torch's get_hash_for_files caches per process
+            with open(path, "rb") as source:
+                digest.update(os.path.relpath(path, _PACKAGE_DIR).encode() + b"\0" + source.read())
+        return digest.hexdigest()
 
     def __call__(self, graph: Graph) -> None:
         report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports))
