@@ -1,29 +1,44 @@
 """Triton kernels of ``fx_passes::qkvz_lora_`` (semantics: :mod:`fx_passes.ops.qkvz_lora`).
 
-Launch structure (two launches, no host sync, CUDA-graph capturable):
+Launch structure (no host sync, CUDA-graph capturable), one of two forms:
 
-1. ``_qkvz_lora_shrink_kernel`` -- grid ``(cdiv(T, BLOCK_M), G)`` over token tiles x the *used*
-   A groups. Each program computes ``s[g, tile] = x[tile] @ A_g[l].T`` for every adapter ``l``
-   present in the tile (rows whose id != l are masked; absent adapters are skipped), looping over
-   H in BLOCK_K chunks with fp32 accumulation, and writes it to an fp32 buffer ``[G, T, BLOCK_R]``
-   (padded rank columns and no-adapter rows hold 0). A shared group (q, k, v) is shrunk ONCE.
+Two launches (the default):
+
+1. ``_qkvz_lora_shrink_kernel`` -- grid ``(cdiv(T, SHRINK_BM), G * L_GRID, KSPLIT)`` over token tiles x
+   (the *used* A groups x the adapters, L_GRID = L with token ids, else 1) x split-K chunks of H. A
+   program computes the partial shrink ``x[rows of adapter l, k-chunk] @ A_g[l, :, k-chunk].T`` with fp32
+   accumulation (nothing when adapter l is absent from its tile) and writes those rows of a buffer
+   ``[KSPLIT, G, T, BLOCK_R]`` (fp32 partials; with KSPLIT = 1 already rounded to B's 16-bit dtype) (padded rank columns hold 0; rows without a valid adapter are
+   never written nor used). A shared group (q, k, v) is shrunk ONCE. Split-K and the small shrink
+   token tile keep enough programs in flight at small T (at T = 1 the first version had 2 programs,
+   each walking all of H: the main cost at decode).
 2. ``_qkvz_lora_expand_kernel`` -- grid ``(cdiv(T, BLOCK_M), sum_i cdiv(n_i, BLOCK_N))`` over token
    tiles x the output-column tiles of all slices; each column tile belongs to exactly one slice,
-   whose B pointer is picked by branching on the slice index. It rounds the shrink tile to B's
-   dtype, does one ``tl.dot`` over the rank per adapter present, scales per token and adds into
-   ``out`` (fp32 sum, rounded once). Rows with no adapter (-1, or an id >= L) are never written.
+   whose B pointer is picked by branching on the slice index. It sums the KSPLIT partial shrinks,
+   rounds the tile to B's dtype, does one ``tl.dot`` over the rank per adapter present (straight-line
+   code without token ids), scales per token and adds into ``out`` (fp32 sum, rounded once). Rows
+   with no adapter (-1, or an id >= L) are never written.
 
-Block sizes below are plain defaults chosen for correctness; tuning (autotune, split-K, fusing the
-two launches for small T) is issue #3's job.
+One launch (``fuse=True``): the expand kernel alone, each program recomputing the shrink of its token
+tile for its slice's group over all of H (no shrink buffer). Measured slower than two launches on
+every benchmarked shape (benchmarks/RESULTS.md), so it is opt-in.
+
+``pdl=True`` launches both kernels with programmatic dependent launch: the shrink (which needs only
+``x``) and the expand's B loads may overlap the kernels before them; each kernel waits in-kernel
+(``griddepcontrol.wait``) before touching what its predecessor writes, and the shrink waits before it
+exits so that its completion implies the GEMM's.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from fx_passes.ops.qkvz_lora import check_qkvz_lora_args
 
@@ -45,42 +60,76 @@ def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
 
 
 @triton.jit
-def _shrink_group(
-    x_ptr, ids_ptr, s_ptr,
-    a_ptr, stride_al, stride_ar, rank, g,
-    T, H, L,
-    stride_xt, stride_sg, stride_st,
-    pid_m,
-    HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _shrink_acc(
+    x_ptr, in_l, rows64, a_base, stride_ar, rank, k_lo, k_hi, stride_xt,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """``x[rows in_l, k_lo:k_hi] @ A[:, k_lo:k_hi].T`` for one adapter's A (``a_base``), fp32."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < T
     r_mask = offs_r < rank
-    rows64 = offs_m.to(tl.int64)
-    ids = _token_adapters(ids_ptr, offs_m, T, HAS_IDS)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < k_hi
+        xt = tl.load(x_ptr + rows64[:, None] * stride_xt + k[None, :],
+                     mask=in_l[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_base + offs_r[None, :] * stride_ar + k[:, None],  # [BLOCK_K, BLOCK_R] = A^T
+                     mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        # the shrink runs in the adapters' dtype (x may be bf16 over fp32 adapters)
+        acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=DOT_PRECISION)
+    return acc
 
+
+@triton.jit
+def _shrink_tile(
+    x_ptr, ids, rows64,
+    a_ptr, stride_al, stride_ar, rank,
+    k_lo, k_hi, L, stride_xt,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``x[tile, k_lo:k_hi] @ A[l_row, :, k_lo:k_hi].T`` per row (its own adapter), fp32; 0 for rows
+    without a valid adapter. Used by the one-launch (fused) form."""
     result = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for l in range(0, L):
         in_l = ids == l
         if tl.max(in_l.to(tl.int32), axis=0) > 0:  # skip adapters absent from this tile
-            a_base = a_ptr + tl.cast(l, tl.int64) * stride_al
-            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, H, BLOCK_K):
-                k = k0 + offs_k
-                k_mask = k < H
-                xt = tl.load(x_ptr + rows64[:, None] * stride_xt + k[None, :],
-                             mask=in_l[:, None] & k_mask[None, :], other=0.0)
-                at = tl.load(a_base + offs_r[None, :] * stride_ar + k[:, None],  # [BLOCK_K, BLOCK_R] = A^T
-                             mask=r_mask[None, :] & k_mask[:, None], other=0.0)
-                # the shrink runs in the adapters' dtype (x may be bf16 over fp32 adapters)
-                acc = tl.dot(xt.to(at.dtype), at, acc, input_precision=DOT_PRECISION)
+            acc = _shrink_acc(x_ptr, in_l, rows64, a_ptr + tl.cast(l, tl.int64) * stride_al, stride_ar, rank,
+                              k_lo, k_hi, stride_xt, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
             result = tl.where(in_l[:, None], acc, result)
+    return result
 
-    s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :]
-    tl.store(s_ptrs, result, mask=m_mask[:, None])
+
+@triton.jit
+def _shrink_group(
+    x_ptr, ids_ptr, s_ptr,
+    a_ptr, stride_al, stride_ar, rank, g, l,
+    T, H, k_per_split,
+    stride_xt, stride_sk, stride_sg, stride_st,
+    pid_m, pid_k,
+    HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One program: the rows of adapter ``l`` in token tile ``pid_m``, group ``g``, K chunk ``pid_k``.
+
+    Only those rows of the partial-shrink buffer are written; rows of other adapters belong to other
+    programs and rows without a valid adapter are never written (the expand never stores them).
+    """
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    rows64 = offs_m.to(tl.int64)
+    ids = _token_adapters(ids_ptr, offs_m, T, HAS_IDS)
+    in_l = ids == l
+    if tl.max(in_l.to(tl.int32), axis=0) > 0:  # adapter absent from this tile: nothing to do
+        k_lo = pid_k * k_per_split
+        k_hi = tl.minimum(k_lo + k_per_split, H)
+        acc = _shrink_acc(x_ptr, in_l, rows64, a_ptr + tl.cast(l, tl.int64) * stride_al, stride_ar, rank,
+                          k_lo, k_hi, stride_xt, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+        s_ptrs = s_ptr + pid_k.to(tl.int64) * stride_sk + g * stride_sg + rows64[:, None] * stride_st \
+            + offs_r[None, :]
+        tl.store(s_ptrs, acc, mask=in_l[:, None])
 
 
 @triton.jit
@@ -90,33 +139,43 @@ def _qkvz_lora_shrink_kernel(
     a1_ptr, a1_stride_l, a1_stride_r, a1_rank,
     a2_ptr, a2_stride_l, a2_stride_r, a2_rank,
     a3_ptr, a3_stride_l, a3_stride_r, a3_rank,
-    T, H, L,
-    stride_xt, stride_sg, stride_st,
-    NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    T, H, L_GRID, k_per_split,
+    stride_xt, stride_sk, stride_sg, stride_st,
+    NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grid: (token tiles, groups x adapters, K chunks)
     pid_m = tl.program_id(0)
-    g = tl.program_id(1)
+    pid_gl = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    g = pid_gl // L_GRID
+    l = pid_gl % L_GRID
+    if USE_PDL:
+        gdc_launch_dependents()  # let the expand get scheduled (it waits for us before reading s)
     # The A tensors are separate pointers: branch on the group, one helper call per branch.
     if g == 0:
-        _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0,
-                      T, H, L, stride_xt, stride_sg, stride_st, pid_m,
+        _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0, l,
+                      T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                       HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 1:
         if g == 1:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1,
-                          T, H, L, stride_xt, stride_sg, stride_st, pid_m,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1, l,
+                          T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 2:
         if g == 2:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2,
-                          T, H, L, stride_xt, stride_sg, stride_st, pid_m,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2, l,
+                          T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 3:
         if g == 3:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3,
-                          T, H, L, stride_xt, stride_sg, stride_st, pid_m,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3, l,
+                          T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+    if USE_PDL:
+        # The shrink did not need the GEMM before it, but the expand only waits for THIS grid: make its
+        # completion imply the GEMM's (every program reaches this line).
+        gdc_wait()
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,61 +183,85 @@ def _qkvz_lora_shrink_kernel(
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _expand_slice_tile(
-    out_ptr, s_ptr, ids_ptr, scales_ptr,
+    out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
     b_ptr, stride_bl, stride_bn, n, col_start, g, rank, tile_n,
-    T, L,
-    stride_ot, stride_sg, stride_st, stride_scales, scale,
+    a_ptr, stride_al, stride_ar,
+    T, H, L, KSPLIT,
+    stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale,
     pid_m,
-    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr,
+    USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
-    m_mask = offs_m < T
     n_mask = offs_n < n
     r_mask = offs_r < rank
     rows64 = offs_m.to(tl.int64)
     ids = _token_adapters(ids_ptr, offs_m, T, HAS_IDS)
+    b_tile = offs_n[None, :] * stride_bn + offs_r[:, None]  # [BLOCK_R, BLOCK_N] = B^T
+    b_mask = n_mask[None, :] & r_mask[:, None]
 
-    s = tl.load(s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :],
-                mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-    s = s.to(b_ptr.dtype.element_ty)  # PEFT/vLLM round the shrink to B's dtype
-
-    delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for l in range(0, L):
-        in_l = ids == l
-        if tl.max(in_l.to(tl.int32), axis=0) > 0:  # skip adapters absent from this tile
-            bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + offs_n[None, :] * stride_bn + offs_r[:, None],
-                         mask=n_mask[None, :] & r_mask[:, None], other=0.0)  # [BLOCK_R, BLOCK_N] = B^T
-            d = tl.dot(s, bt, input_precision=DOT_PRECISION)
-            if HAS_SCALES:
-                scale_l = tl.load(scales_ptr + l * stride_scales).to(tl.float32) * scale
-            else:
-                scale_l = scale
-            delta = tl.where(in_l[:, None], d * scale_l, delta)
+    # Work that needs nothing from the kernels before this one (so, with PDL, overlaps them).
+    if FUSE_SHRINK:  # one launch: recompute this tile's shrink over all of H
+        s = _shrink_tile(x_ptr, ids, rows64, a_ptr, stride_al, stride_ar, rank, 0, H, L, stride_xt,
+                         DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+    if HAS_IDS:
+        bt0 = tl.zeros((BLOCK_R, BLOCK_N), dtype=b_ptr.dtype.element_ty)  # unused
+    else:  # every row uses adapter 0: straight-line code, B prefetched
+        bt0 = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
+    if USE_PDL:
+        gdc_wait()  # the shrink (and, through it, the GEMM writing out) has completed
 
     # ids == -1 or >= L: the row belongs to no adapter and is left untouched
     row_ok = (ids >= 0) & (ids < L)
     o_mask = row_ok[:, None] & n_mask[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_ot + (col_start + offs_n)[None, :]
     o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    if not FUSE_SHRINK:  # sum the split-K partials written by the shrink kernel
+        s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :]
+        s_mask = row_ok[:, None] & r_mask[None, :]  # rows without a valid adapter were never written
+        s = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        for ks in range(1, KSPLIT):
+            s += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0)
+    s = s.to(b_ptr.dtype.element_ty)  # PEFT/vLLM round the shrink to B's dtype
+
+    if HAS_IDS:
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for l in range(0, L):
+            in_l = ids == l
+            if tl.max(in_l.to(tl.int32), axis=0) > 0:  # skip adapters absent from this tile
+                bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
+                d = tl.dot(s, bt, input_precision=DOT_PRECISION)
+                if HAS_SCALES:
+                    scale_l = tl.load(scales_ptr + l * stride_scales).to(tl.float32) * scale
+                else:
+                    scale_l = scale
+                delta = tl.where(in_l[:, None], d * scale_l, delta)
+    else:
+        if HAS_SCALES:
+            scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
+        else:
+            scale_0 = scale
+        delta = tl.dot(s, bt0, input_precision=DOT_PRECISION) * scale_0
+
     tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _qkvz_lora_expand_kernel(
-    out_ptr, s_ptr, ids_ptr, scales_ptr,
-    b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank,
-    b1_ptr, b1_stride_l, b1_stride_n, b1_n, b1_start, b1_group, b1_rank,
-    b2_ptr, b2_stride_l, b2_stride_n, b2_n, b2_start, b2_group, b2_rank,
-    b3_ptr, b3_stride_l, b3_stride_n, b3_n, b3_start, b3_group, b3_rank,
+    out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
+    b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank, a0_ptr, a0_stride_l, a0_stride_r,
+    b1_ptr, b1_stride_l, b1_stride_n, b1_n, b1_start, b1_group, b1_rank, a1_ptr, a1_stride_l, a1_stride_r,
+    b2_ptr, b2_stride_l, b2_stride_n, b2_n, b2_start, b2_group, b2_rank, a2_ptr, a2_stride_l, a2_stride_r,
+    b3_ptr, b3_stride_l, b3_stride_n, b3_n, b3_start, b3_group, b3_rank, a3_ptr, a3_stride_l, a3_stride_r,
     tile_off1, tile_off2, tile_off3,
-    T, L,
-    stride_ot, stride_sg, stride_st, stride_scales, scale,
+    T, H, L, KSPLIT,
+    stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -186,31 +269,39 @@ def _qkvz_lora_expand_kernel(
     sl = (pid_n >= tile_off1).to(tl.int32) + (pid_n >= tile_off2).to(tl.int32) \
         + (pid_n >= tile_off3).to(tl.int32)
     if sl == 0:
-        _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
+        _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
                            b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank, pid_n,
-                           T, L, stride_ot, stride_sg, stride_st, stride_scales, scale, pid_m,
-                           HAS_IDS, HAS_SCALES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                           a0_ptr, a0_stride_l, a0_stride_r, T, H, L, KSPLIT,
+                           stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
+                           HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 1:
         if sl == 1:
-            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
+            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
                                b1_ptr, b1_stride_l, b1_stride_n, b1_n, b1_start, b1_group, b1_rank,
                                pid_n - tile_off1,
-                               T, L, stride_ot, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                               a1_ptr, a1_stride_l, a1_stride_r, T, H, L, KSPLIT,
+                               stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 2:
         if sl == 2:
-            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
+            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
                                b2_ptr, b2_stride_l, b2_stride_n, b2_n, b2_start, b2_group, b2_rank,
                                pid_n - tile_off2,
-                               T, L, stride_ot, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                               a2_ptr, a2_stride_l, a2_stride_r, T, H, L, KSPLIT,
+                               stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 3:
         if sl == 3:
-            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
+            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
                                b3_ptr, b3_stride_l, b3_stride_n, b3_n, b3_start, b3_group, b3_rank,
                                pid_n - tile_off3,
-                               T, L, stride_ot, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                               a3_ptr, a3_stride_l, a3_stride_r, T, H, L, KSPLIT,
+                               stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,6 +313,63 @@ def _block(n: int, lo: int, hi: int) -> int:
 
 def _adapter_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.dim() == 3 else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_type: str, index: Optional[int]) -> int:
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()) \
+            .multi_processor_count
+    return 132  # CPU (Triton interpreter): plan as for an H100
+
+
+# Split-K of the shrink is limited so that the partial shrinks every expand program sums stay small:
+# KSPLIT * min(T, BLOCK_M) <= this many rows of BLOCK_R fp32 values.
+_MAX_PARTIAL_ROWS = 256
+_MAX_KSPLIT = 16
+_PDL_MAX_T = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def plan(T: int, H: int, n_groups: int, max_rank: int, max_n: int, device: torch.device, *,
+         adapters: int = 1, has_ids: bool = False,
+         block_m: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
+         shrink_block_m: Optional[int] = None, ksplit: Optional[int] = None, fuse: Optional[bool] = None,
+         pdl: Optional[bool] = None) -> dict:
+    """Launch configuration: block sizes, split-K factor, one or two launches, PDL.
+
+    Host-only arithmetic on shapes (no device work). Explicit arguments win over the defaults.
+    """
+    BLOCK_R = _block(max_rank, 16, 128)
+    BLOCK_M = block_m or _block(T, 16, 64)                        # expand token tile
+    BLOCK_N = block_n or _block(max_n, 16, 128 if T >= 64 else 64)
+    BLOCK_K = block_k or _block(H, 16, 128 if BLOCK_R <= 64 else 64)
+    SHRINK_BM = shrink_block_m or block_m or (16 if T <= 64 else 64)
+    fuse = bool(fuse) if fuse is not None else False  # measured slower than split-K everywhere (RESULTS.md)
+    if pdl is None:  # measured: helps up to T = 256, costs a few % at T >= 1024 (RESULTS.md)
+        pdl = T <= _PDL_MAX_T
+    pdl = bool(pdl) and device.type == "cuda" and not _interpreting()
+    l_grid = adapters if has_ids else 1
+    k_chunks = triton.cdiv(H, BLOCK_K)
+    if fuse:
+        ksplit = 1
+    elif ksplit is None:
+        # programs that have work: token tiles x groups x adapters present (at most one per token)
+        programs = triton.cdiv(T, SHRINK_BM) * n_groups * min(l_grid, T)
+        sms = _num_sms(device.type, device.index)
+        ksplit = 1
+        if 2 * programs <= sms:  # under half the SMs busy: split H
+            cap = max(1, _MAX_PARTIAL_ROWS // min(T, BLOCK_M))
+            # at least 2 K chunks per split: more splits cost more partial-sum loads in the expand
+            ksplit = max(1, min(triton.cdiv(sms, programs), cap, _MAX_KSPLIT, k_chunks // 2))
+    ksplit = max(1, min(int(ksplit), k_chunks))
+    k_per_split = triton.cdiv(k_chunks, ksplit) * BLOCK_K
+    ksplit = triton.cdiv(H, k_per_split)  # no empty splits
+    return dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R, SHRINK_BM=SHRINK_BM,
+                L_GRID=l_grid, KSPLIT=ksplit, K_PER_SPLIT=k_per_split, FUSE=bool(fuse), PDL=pdl)
 
 
 def qkvz_lora_triton_(
@@ -238,10 +386,20 @@ def qkvz_lora_triton_(
     block_m: Optional[int] = None,
     block_n: Optional[int] = None,
     block_k: Optional[int] = None,
+    shrink_block_m: Optional[int] = None,
+    ksplit: Optional[int] = None,
+    fuse: Optional[bool] = None,
+    pdl: Optional[bool] = None,
+    num_warps: Optional[int] = None,
 ) -> None:
-    """Adds the multi-slice LoRA of ``x`` into ``out`` in place (two Triton launches).
+    """Adds the multi-slice LoRA of ``x`` into ``out`` in place (one or two Triton launches).
 
-    ``block_m`` / ``block_n`` / ``block_k`` override the default tile sizes (powers of two >= 16).
+    Tuning knobs (all optional; defaults come from :func:`plan`): ``block_m`` / ``block_n`` /
+    ``block_k`` tile sizes (powers of two >= 16; ``block_m`` also sets the shrink's token tile unless
+    ``shrink_block_m`` does), ``ksplit`` split-K factor of the shrink, ``fuse`` one launch (shrink
+    recomputed per column tile) instead of two, ``pdl`` programmatic dependent launch (Hopper+; each
+    kernel waits on its predecessor in-kernel, so the shrink and the expand's B loads can overlap the
+    kernels before them), ``num_warps`` of both kernels.
     """
     adapters = check_qkvz_lora_args(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
     T, H = x.shape
@@ -254,13 +412,18 @@ def qkvz_lora_triton_(
     groups = [lora_a[g] for g in used_groups]
     ranks = [a.shape[-2] for a in groups]
 
-    BLOCK_M = block_m or _block(T, 16, 64)
-    BLOCK_K = block_k or _block(H, 16, 64)
-    BLOCK_N = block_n or _block(max(b.shape[-2] for b in lora_b), 16, 64)
-    BLOCK_R = _block(max(ranks), 16, 128)
-    for blk in (BLOCK_M, BLOCK_N, BLOCK_K):
+    has_ids = token_lora_ids is not None
+    cfg = plan(T, H, len(groups), max(ranks), max(b.shape[-2] for b in lora_b), x.device,
+               adapters=adapters, has_ids=has_ids, block_m=block_m, block_n=block_n, block_k=block_k,
+               shrink_block_m=shrink_block_m, ksplit=ksplit, fuse=fuse, pdl=pdl)
+    BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
+    KSPLIT, FUSE, PDL, SHRINK_BM = cfg["KSPLIT"], cfg["FUSE"], cfg["PDL"], cfg["SHRINK_BM"]
+    for blk in (BLOCK_M, BLOCK_N, BLOCK_K, SHRINK_BM):
         torch._check(blk >= 16 and blk & (blk - 1) == 0, lambda: f"qkvz_lora_: block {blk} is not a power of 2 >= 16")
     dot_precision = "ieee" if lora_a[0].dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
+    launch_opts = {} if num_warps is None else {"num_warps": int(num_warps)}
+    if PDL:
+        launch_opts["launch_pdl"] = True
 
     # Per-token scale = scale * lora_scales[l]; a one-element CPU tensor is read on the host
     # (no device sync), anything else is read by the kernel.
@@ -276,10 +439,17 @@ def qkvz_lora_triton_(
             stride_scales = 0 if scales_arg.numel() == 1 else scales_arg.stride(0)
             has_scales = True
 
-    has_ids = token_lora_ids is not None
     ids_arg = token_lora_ids if has_ids else x
 
-    s_buf = torch.empty((len(groups), T, BLOCK_R), dtype=torch.float32, device=x.device)
+    if FUSE:
+        s_buf, s_strides = x, (0, 0, 0)  # no shrink buffer; s_ptr is never read
+    else:
+        # One K chunk: the shrink stores s already rounded to B's dtype (what the expand does anyway),
+        # halving the expand's re-reads of s; split-K partials stay fp32 until summed.
+        b_dtype = lora_b[0].dtype
+        s_dtype = b_dtype if KSPLIT == 1 and b_dtype in (torch.float16, torch.bfloat16) else torch.float32
+        s_buf = torch.empty((KSPLIT, len(groups), T, BLOCK_R), dtype=s_dtype, device=x.device)
+        s_strides = (s_buf.stride(0), s_buf.stride(1), s_buf.stride(2))
 
     a_args = []
     for i in range(4):
@@ -290,8 +460,9 @@ def qkvz_lora_triton_(
     for i in range(4):
         j = min(i, len(lora_b) - 1)
         b = lora_b[j]
+        a = lora_a[int(slice_a[j])]
         b_args += [b, _adapter_stride(b), b.stride(-2), b.shape[-2], int(slice_start[j]),
-                   compact[int(slice_a[j])], b.shape[-1]]
+                   compact[int(slice_a[j])], b.shape[-1], a, _adapter_stride(a), a.stride(-2)]
         if i < len(lora_b):
             tile_offs.append(n_tiles)
             n_tiles += triton.cdiv(b.shape[-2], BLOCK_N)
@@ -302,19 +473,21 @@ def qkvz_lora_triton_(
 
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
-        grid_m = triton.cdiv(T, BLOCK_M)
-        _qkvz_lora_shrink_kernel[(grid_m, len(groups))](
-            x, ids_arg, s_buf, *a_args,
-            T, H, adapters,
-            x.stride(0), s_buf.stride(0), s_buf.stride(1),
-            NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision,
-            BLOCK_M=BLOCK_M, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-        )
-        _qkvz_lora_expand_kernel[(grid_m, n_tiles)](
-            out, s_buf, ids_arg, scales_arg, *b_args,
+        if not FUSE:
+            l_grid = cfg["L_GRID"]
+            _qkvz_lora_shrink_kernel[(triton.cdiv(T, SHRINK_BM), len(groups) * l_grid, KSPLIT)](
+                x, ids_arg, s_buf, *a_args,
+                T, H, l_grid, cfg["K_PER_SPLIT"],
+                x.stride(0), *s_strides,
+                NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=PDL,
+                BLOCK_M=SHRINK_BM, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, **launch_opts,
+            )
+        _qkvz_lora_expand_kernel[(triton.cdiv(T, BLOCK_M), n_tiles)](
+            out, s_buf, ids_arg, scales_arg, x, *b_args,
             tile_offs[1], tile_offs[2], tile_offs[3],
-            T, adapters,
-            out.stride(0), s_buf.stride(0), s_buf.stride(1), stride_scales, float(scale),
+            T, H, adapters, KSPLIT,
+            out.stride(0), x.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b), HAS_IDS=has_ids, HAS_SCALES=has_scales, DOT_PRECISION=dot_precision,
-            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+            FUSE_SHRINK=FUSE, USE_PDL=PDL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            **launch_opts,
         )
