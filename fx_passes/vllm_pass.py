@@ -18,6 +18,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.qkvz_lora_fusion import QkvzLoraFusionPass
+from fx_passes.fusion.vllm_lora_fusion import VllmSplitLoraFusion, feeds_vllm_lora
+from fx_passes.report import count_ops
 
 try:  # vLLM >= 0.21 keeps passes in vllm.compilation.passes
     from vllm.compilation.passes.inductor_pass import InductorPass as _InductorPassBase
@@ -39,6 +41,27 @@ class QkvzLoraFusionVllmPass(QkvzLoraFusionPass, _InductorPassBase):
 
     def uuid(self) -> str:
         return QkvzLoraFusionPass.uuid(self)
+
+    def _find_candidates(self, graph, report):
+        # a layer the vLLM matcher skipped still has vllm::lora_expand writing into its base GEMMs:
+        # fusing those GEMMs would hand lora_expand a strided view (it asserts contiguity)
+        return [c for c in QkvzLoraFusionPass._find_candidates(self, graph, report)
+                if not (feeds_vllm_lora(c.qkv) or feeds_vllm_lora(c.z))]
+
+    def __call__(self, graph) -> None:
+        """First vLLM's punica LoRA form (split in_proj_qkv / in_proj_z with vllm::lora_shrink /
+        lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then the HF/PEFT form. Both
+        land in one GraphReport."""
+        ops_before = count_ops(graph)
+        vllm_layers = VllmSplitLoraFusion(self.config.qkv_name, self.config.z_name)(graph)
+        QkvzLoraFusionPass.__call__(self, graph)
+        if vllm_layers:
+            report = self.reports[-1]
+            seen = {layer.layer for layer in vllm_layers}
+            # the HF matcher also sees the vLLM layers' base GEMMs (as "no LoRA"): keep only our entry
+            report.layers[:] = vllm_layers + [layer for layer in report.layers if layer.layer not in seen]
+            report.ops_before = ops_before
+            self.matched_count += sum(layer.rewritten for layer in vllm_layers)
 
 
 __all__ = ["QkvzLoraFusionVllmPass", "VLLM_AVAILABLE"]

