@@ -13,7 +13,12 @@ class QkvzFusionConfig:
     """What the pass fuses and how it reports.
 
     qkv_name / z_name: the sibling projection module names inside a GDN layer.
+    qkvz_name: the one fused projection of vLLM >= 0.21 (``in_proj_qkvz``, 4 LoRA slices);
+        read only by the vLLM pass (:mod:`fx_passes.vllm_pass`).
     fuse_without_lora: fuse the base GEMM pair of a layer that has no LoRA at all.
+    gemm_lora_op: a layer with exactly one LoRA op becomes ONE ``fx_passes.qkvz_gemm_lora`` (GEMM and
+        LoRA in one op; on CUDA at decode the LoRA expand runs in the GEMM's epilogue) instead of
+        ``qkvz_gemm`` + ``qkvz_lora_``. Layers with several LoRA ops always get the two-op form.
     structural_fallback: where the graph carries no ``nn_module_stack``, find GDN layers by
         structure (shared input, ``N_qkv = 2 * key_dim + N_z``, and a ``[key, key, value]``
         split of the qkv output downstream); never used for nodes that do carry module paths.
@@ -23,10 +28,13 @@ class QkvzFusionConfig:
 
     qkv_name: str = "in_proj_qkv"
     z_name: str = "in_proj_z"
+    qkvz_name: str = "in_proj_qkvz"
     fuse_without_lora: bool = True
+    gemm_lora_op: bool = True
     structural_fallback: bool = True
     dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
 
     def cache_key(self) -> str:
         """The fields that shape the rewrite (dump_dir does not)."""
-        return f"{self.qkv_name}|{self.z_name}|{self.fuse_without_lora}|{self.structural_fallback}"
+        return (f"{self.qkv_name}|{self.z_name}|{self.qkvz_name}|{self.fuse_without_lora}|"
+                f"{self.structural_fallback}|{self.gemm_lora_op}")

@@ -18,7 +18,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.qkvz_lora_fusion import QkvzLoraFusionPass
-from fx_passes.fusion.vllm_lora_fusion import VllmSplitLoraFusion, feeds_vllm_lora
+from fx_passes.fusion.vllm_lora_fusion import VllmLoraFusion, feeds_vllm_lora
 from fx_passes.report import count_ops
 
 try:  # vLLM >= 0.21 keeps passes in vllm.compilation.passes
@@ -49,11 +49,12 @@ class QkvzLoraFusionVllmPass(QkvzLoraFusionPass, _InductorPassBase):
                 if not (feeds_vllm_lora(c.qkv) or feeds_vllm_lora(c.z))]
 
     def __call__(self, graph) -> None:
-        """First vLLM's punica LoRA form (split in_proj_qkv / in_proj_z with vllm::lora_shrink /
-        lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then the HF/PEFT form. Both
-        land in one GraphReport."""
+        """First vLLM's punica LoRA forms (split in_proj_qkv / in_proj_z, or fused in_proj_qkvz,
+        with vllm::lora_shrink / lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then
+        the HF/PEFT form. Both land in one GraphReport."""
         ops_before = count_ops(graph)
-        vllm_layers = VllmSplitLoraFusion(self.config.qkv_name, self.config.z_name)(graph)
+        cfg = self.config
+        vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name)(graph)
         QkvzLoraFusionPass.__call__(self, graph)
         if vllm_layers:
             report = self.reports[-1]

