@@ -1,0 +1,813 @@
+"""Model-level benchmark (issue #3): a transformers Qwen3.5 with real layer sizes + PEFT LoRA, compiled by
+Inductor with and without the fx_passes qkvz fusion.
+
+What is measured, per (preset, LoRA rank, adapter dtype, phase):
+
+* the model: ``Qwen3_5ForCausalLM`` built from a ``Qwen3_5TextConfig`` with the REAL layer sizes of a preset
+  (hidden size, GDN key/value heads and head dims, MLP width, attention heads) but only a few layers
+  (default 4: 3 GatedDeltaNet + 1 full attention), a small vocabulary (default 1024, so the LM head does not
+  dominate), random weights (HF init, std 0.02), bf16, eval, ``use_cache=False``;
+* PEFT LoRA on ``in_proj_qkv`` + ``in_proj_z`` (r, alpha = 2r, no dropout) with RANDOM, non-zero B, so the
+  LoRA path is real work; adapters in fp32 (PEFT's default ``autocast_adapter_dtype``: fp32 adapters on a
+  bf16 base) or cast to bf16 (``--adapter-dtype bf16``);
+* phases: ``decode:B`` = one forward over ``[B, 1]`` (B sequences of one token, T = B tokens). There is NO
+  KV / recurrent cache (``use_cache=False``), so a "decode step" is just a short forward: the GDN layers run
+  their chunked (prefill) algorithm, padded to one 64-token chunk per sequence, instead of the recurrent
+  single-step update of a real cached decode. ``prefill:S`` = one forward over ``[1, S]``;
+* variants, all on ONE model whose W_qkv / W_z were packed once by ``fx_passes.pack_qkvz_weights``
+  (memory neutral, values unchanged; the script checks that packing leaves the eager logits bit-identical):
+    eager      no compile;
+    inductor   ``torch.compile(model, backend="inductor", dynamic=False)``;
+    fx_passes  ``torch.compile(model, backend=FxPassesBackend(), dynamic=False)``: Inductor + our post-grad
+               pass (1 ``qkvz_gemm`` + 1 ``qkvz_lora_`` per GDN layer); its report is printed, and a compile
+               that rewrites 0 GDN layers aborts the run;
+    no_lora    the same base weights without LoRA, ``torch.compile(backend="inductor")``: what the LoRA
+               should ideally cost nothing above;
+    no_lora_fx (optional, ``--variants``) the base model through our backend (1 GEMM per GDN layer, no LoRA).
+  Dynamo is reset before every compile (one shape per compile, ``dynamic=False``), so each (phase, variant)
+  is one compile whose wall time is printed;
+* the GDN core (gated delta rule after the projections; transformers' torch fallback, fla is absent) is the
+  same in every variant: by default (``--gdn-core opaque``) the chunked rule is ONE custom op, eager inside,
+  because Dynamo would unroll its loop over 64-token chunks (compile time growing with S: minutes per compile
+  at prefill:4096), and one-token sequences use transformers' recurrent rule (``--decode-core recurrent``:
+  what a cached decode step runs) instead of a chunk padded to 64 tokens. ``--gdn-core compiled
+  --decode-core chunked`` runs transformers' code untouched.
+
+Timing (CUDA): each callable is first run eagerly / compiled, then captured into a CUDA graph and replayed
+(``graph``: GPU time only); where capture fails the row falls back to CUDA events around each call (host
+launch overhead included). Both are recorded where possible: ``ms_graph`` and ``ms_events``. Medians.
+On the CPU (smoke test only): wall clock. Correctness: relative Frobenius error of each variant's logits
+against eager (no_lora against the eager base model); bf16 limit 2e-2.
+
+    python benchmarks/bench_model.py                       # 27b, r=16, fp32 adapters, decode:1, prefill:4096, decode:64
+    python benchmarks/bench_model.py --quick               # 27b, r=16, decode:16 + prefill:2048
+    python benchmarks/bench_model.py --preset 27b,397b --rank 16,64 --adapter-dtype fp32,bf16 \\
+        --phases decode:1,decode:16,decode:64,prefill:1024,prefill:4096
+    python benchmarks/bench_model.py --device cpu --preset tiny --phases decode:1 --reps 2   # CPU smoke test
+
+With $OUT set, everything goes to $OUT/bench_model.json (rewritten after every row). The markdown table is
+printed last.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import importlib.util
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+from typing import Callable, Iterator, Optional
+from unittest import mock
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fx_passes.backend import FxPassesBackend  # noqa: E402
+from fx_passes.models import add_lora  # noqa: E402
+from fx_passes.packing import pack_qkvz_weights  # noqa: E402
+
+logger = logging.getLogger("fx_passes")
+
+ERR_LIMIT = 2e-2          # bf16 logits after a few random layers, relative Frobenius error vs eager
+REPLAY_LIMIT = 1e-3       # CUDA-graph replay vs the same callable's plain call (split-K atomics: not bitwise)
+LORA_SEED, MODEL_SEED, INPUT_SEED = 1, 0, 2
+ALL_VARIANTS = ("eager", "inductor", "fx_passes", "no_lora", "no_lora_fx")
+DEFAULT_VARIANTS = ("eager", "inductor", "fx_passes", "no_lora")
+COMPILED = ("inductor", "fx_passes", "no_lora", "no_lora_fx")
+DEFAULT_PHASES = "decode:1,prefill:4096,decode:64"  # most informative rows first (--budget-s may cut the last)
+QUICK_PHASES = "decode:16,prefill:2048"
+CPU_SMOKE_PHASES = "decode:1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """Text-model dimensions of one Qwen3.5 size (field names are Qwen3_5TextConfig's)."""
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    note: str = ""
+
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+
+PRESETS = {
+    # Qwen3.5-27B (dense): every field is the real one.
+    "27b": Preset(5120, 17408, 24, 4, 256, 16, 48,
+                  note="dense, real sizes"),
+    # The attention dims of the two MoE presets (heads x 256, 2 KV heads) are from their published configs as
+    # recalled, not re-checked here (no download); they shape only the one full-attention layer.
+    # Qwen3.5-35B-A3B is MoE (256 experts, 8 routed + 1 shared of width 512). The GDN layers (what the pass
+    # rewrites) have the real sizes; the MoE MLP is replaced by a dense MLP of width 6144, because a 256-expert
+    # HF MoE block under torch.compile is dominated by its routing loop / graph breaks, not by the projections.
+    "35b-a3b": Preset(2048, 6144, 16, 2, 256, 16, 32,
+                      note="MoE in reality: dense MLP 6144 stands in for the experts; GDN sizes real"),
+    # Qwen3.5-397B-A17B is MoE (512 experts, 10 routed + 1 shared of width 1024): dense MLP of width
+    # 11 * 1024 = 11264 (the active experts' width) stands in; GDN sizes real; attention 32 x 256, 2 KV heads.
+    "397b": Preset(4096, 11264, 32, 2, 256, 16, 64,
+                   note="MoE in reality: dense MLP 11264 (= active experts' width) stands in; GDN sizes real"),
+    # fx_passes.models.TinyQwen35Spec's sizes: the CPU smoke test.
+    "tiny": Preset(64, 128, 4, 2, 16, 2, 4, 16, 16, note="TinyQwen35Spec sizes (smoke test only)"),
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# Arguments
+# ------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--preset", default=None, help=f"comma list of {list(PRESETS)} (default 27b; cpu: tiny)")
+    p.add_argument("--rank", default="16", help="comma list of LoRA ranks (alpha = 2r)")
+    p.add_argument("--adapter-dtype", default="fp32",
+                   help="comma list of fp32 (PEFT's default autocast_adapter_dtype) and/or bf16")
+    p.add_argument("--phases", default=None,
+                   help=f"comma list of decode:B / prefill:S (default {DEFAULT_PHASES}; --quick {QUICK_PHASES}; "
+                        f"cpu {CPU_SMOKE_PHASES})")
+    p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(ALL_VARIANTS)}")
+    p.add_argument("--quick", action="store_true", help=f"one preset, r=16, phases {QUICK_PHASES}")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers; every 4th is full attention")
+    p.add_argument("--vocab", type=int, default=1024)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gdn-core", default="opaque", choices=["opaque", "compiled"],
+                   help="opaque: the chunked gated-delta rule is one custom op, eager inside (compile time "
+                        "independent of S); compiled: compiled with the rest (compile time grows with S)")
+    p.add_argument("--decode-core", default="recurrent", choices=["recurrent", "chunked"],
+                   help="one-token sequences: transformers' recurrent rule (a cached decode step's core) or the "
+                        "chunked rule padded to 64 tokens per sequence")
+    p.add_argument("--timing", default="auto", choices=["auto", "graph", "events"],
+                   help="auto: CUDA graph replay AND per-call events (graph falls back to events on failure)")
+    p.add_argument("--reps", type=int, default=50, help="max timed calls (or replays) per measurement")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rep-ms", type=float, default=1500.0,
+                   help="time budget of one measurement: fewer reps for slow calls (at least 3)")
+    p.add_argument("--budget-s", type=float, default=540.0,
+                   help="stop starting new compiles when the run is about to pass this many seconds "
+                        "(the table is still printed); 0 = no limit")
+    p.add_argument("--allow-cache", action="store_true",
+                   help="let inductor / no_lora use Inductor's caches (fx_passes never does: a hit skips the pass)")
+    p.add_argument("--json", default=None, help="JSON path (default $OUT/bench_model.json)")
+    p.add_argument("-v", "--verbose", action="store_true", help="fx_passes INFO log (one line per graph)")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    if args.preset is None:
+        args.preset = "tiny" if cpu else "27b"
+    if args.phases is None:
+        args.phases = CPU_SMOKE_PHASES if cpu else (QUICK_PHASES if args.quick else DEFAULT_PHASES)
+    if args.quick:
+        args.preset = args.preset.split(",")[0]
+        args.rank = "16"
+    return args
+
+
+def _csv(s: str, cast=str) -> list:
+    return [cast(v.strip()) for v in s.split(",") if v.strip()]
+
+
+def parse_phase(text: str) -> tuple[str, int, int]:
+    """'decode:64' -> ('decode', 64, 1): input [64, 1]; 'prefill:4096' -> ('prefill', 1, 4096)."""
+    kind, _, n = text.partition(":")
+    if kind not in ("decode", "prefill") or not n.isdigit() or int(n) < 1:
+        raise SystemExit(f"bad phase {text!r}: use decode:B or prefill:S")
+    return (kind, int(n), 1) if kind == "decode" else (kind, 1, int(n))
+
+
+# ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+def layer_types(layers: int) -> list[str]:
+    """Qwen3.5's pattern: 3 linear-attention (GDN) layers, then 1 full-attention layer."""
+    return ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
+
+
+def build_base_model(preset: Preset, layers: int, vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A random Qwen3_5ForCausalLM with the preset's sizes, built directly on ``device`` in ``dtype``
+    (a real-size model initialised in fp32 on the host would take minutes)."""
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    config = Qwen3_5TextConfig(
+        vocab_size=vocab, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
+        num_hidden_layers=layers, layer_types=layer_types(layers),
+        num_attention_heads=preset.num_attention_heads, num_key_value_heads=preset.num_key_value_heads,
+        head_dim=preset.head_dim, linear_num_key_heads=preset.linear_num_key_heads,
+        linear_num_value_heads=preset.linear_num_value_heads, linear_key_head_dim=preset.linear_key_head_dim,
+        linear_value_head_dim=preset.linear_value_head_dim, linear_conv_kernel_dim=4,
+        initializer_range=0.02, use_cache=False, tie_word_embeddings=False)
+    torch.manual_seed(MODEL_SEED)
+    with torch.device(device):
+        model = Qwen3_5ForCausalLM._from_config(config, dtype=dtype)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def attach_lora(base: torch.nn.Module, r: int, adapter_dtype: str, dtype: torch.dtype) -> torch.nn.Module:
+    """PEFT LoRA on in_proj_qkv + in_proj_z with random non-zero B (fx_passes.models.add_lora).
+
+    fp32: PEFT's default autocast_adapter_dtype=True (fp32 adapters on a bf16 / fp16 base).
+    bf16: the adapters cast to the base dtype afterwards."""
+    model = add_lora(base, r=r, alpha=2 * r, seed=LORA_SEED, autocast_adapter_dtype=True)
+    if adapter_dtype == "bf16":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_" in name:
+                    param.data = param.data.to(dtype)
+    return model.eval()
+
+
+def lora_dtypes(model: torch.nn.Module) -> list[str]:
+    return sorted({str(p.dtype).replace("torch.", "") for n, p in model.named_parameters() if "lora_" in n})
+
+
+def make_inputs(batch: int, seq: int, vocab: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(INPUT_SEED + 7919 * batch + seq)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(device)
+
+
+def logits_fn(module: Callable, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def fn():
+        with torch.no_grad():
+            return module(input_ids=ids).logits
+    return fn
+
+
+@torch.library.custom_op("bench_model::gdn_chunk_rule", mutates_args=())
+def gdn_chunk_rule_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                      beta: torch.Tensor, use_qk_l2norm: bool) -> torch.Tensor:
+    """transformers' chunked gated-delta rule (zero initial state, no final state) as ONE opaque op: Dynamo and
+    Inductor see a single extern call (as an fla kernel registered as an op would be), not its chunk loop, and
+    there is no graph break (a break under PEFT's forward-hook context manager makes Dynamo give up on the
+    whole top frame and compile the LoRA linears one by one, so no graph holds both projections of a layer)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    chunked = hf.torch_chunk_gated_delta_rule
+    chunked = getattr(chunked, "bench_original", chunked)  # the unpatched function while gdn_core is active
+    out, _ = chunked(query, key, value, g=g, beta=beta, initial_state=None, output_final_state=False,
+                     use_qk_l2norm_in_kernel=use_qk_l2norm)
+    return out.contiguous()
+
+
+@gdn_chunk_rule_op.register_fake
+def _(query, key, value, g, beta, use_qk_l2norm):
+    return value.new_empty(value.shape, dtype=query.dtype)  # [batch, seq, v_heads, v_dim], query's dtype
+
+
+@contextlib.contextmanager
+def gdn_core(core: str, decode_core: str) -> Iterator[None]:
+    """Choose how transformers' GDN core (the gated delta rule after the projections) runs, for as long as
+    the context is open (a scoped patch of ``modeling_qwen3_5.torch_chunk_gated_delta_rule``, which the GDN
+    forward looks up at call time; Dynamo guards on it).
+
+    core "opaque": the chunked rule (transformers' torch fallback, or fla's kernel where installed) runs as
+    one custom op (``bench_model::gdn_chunk_rule``, eager inside), the same in every variant. Compiled as
+    Python, Dynamo unrolls its loop over 64-token chunks, so compile time grows with S (on this CPU machine a
+    tiny-model prefill:4096 compile had not finished after 5 min, decode:64 took 78 s) while the projections
+    the pass rewrites are the same. core "compiled": transformers' code as is.
+    decode_core "recurrent": for one-token sequences, transformers' own recurrent rule (what a cached decode
+    step runs; the same math for one token from a zero state) instead of the chunked rule, which pads every
+    sequence to a 64-token chunk (64x the work). "chunked": as is. The recurrent step is compiled (a few
+    pointwise ops and reductions)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    chunked = hf.torch_chunk_gated_delta_rule
+    recurrent = hf.torch_recurrent_gated_delta_rule
+    if core == "compiled" and decode_core == "chunked":
+        yield
+        return
+
+    def patched(query, key, value, *args, **kwargs):
+        if decode_core == "recurrent" and query.shape[1] == 1:  # [batch, seq, heads, dim]
+            kwargs.pop("chunk_size", None)
+            return recurrent(query, key, value, *args, **kwargs)
+        simple = (not args and kwargs.get("initial_state") is None and not kwargs.get("output_final_state")
+                  and kwargs.get("cu_seqlens") is None and kwargs.get("chunk_size", 64) == 64)
+        if core == "opaque" and simple:
+            out = gdn_chunk_rule_op(query, key, value, kwargs["g"], kwargs["beta"],
+                                    bool(kwargs.get("use_qk_l2norm_in_kernel", False)))
+            return out, None
+        return chunked(query, key, value, *args, **kwargs)
+
+    patched.bench_original = chunked
+    with mock.patch.object(hf, "torch_chunk_gated_delta_rule", patched):
+        yield
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.float(), ref.float()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing
+# ------------------------------------------------------------------------------------------------
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _n_reps(first_ms: float, args) -> int:
+    """As many reps as fit in --rep-ms (at least 3), at most --reps."""
+    return int(max(1, min(args.reps, max(3, args.rep_ms / max(first_ms, 1e-3)))))
+
+
+def time_wall(fn: Callable, args) -> float:
+    """CPU: median wall clock over reps calls."""
+    for _ in range(args.warmup):
+        fn()
+    t0 = time.perf_counter()
+    fn()
+    n = _n_reps((time.perf_counter() - t0) * 1e3, args)
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_events(fn: Callable, args) -> float:
+    """CUDA events around each call: GPU time between the call's first and last kernel, so host launch
+    overhead shows wherever the host cannot keep the GPU busy (small decode steps)."""
+    for _ in range(args.warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    n = _n_reps((time.perf_counter() - t0) * 1e3, args)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return statistics.median(s.elapsed_time(e) for s, e in events)
+
+
+def time_graph(fn: Callable, ref: torch.Tensor, args) -> tuple[float, float]:
+    """Capture one call into a CUDA graph and time its replays (no host overhead).
+
+    Returns (median ms, rel. error of the replayed output against ``ref``, the plain call's output): a replay
+    that computes something else than the plain call (e.g. a host-side value frozen into the graph) must not
+    pass silently."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs recommends
+        for _ in range(max(2, args.warmup)):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            out = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        err = rel_err(out, ref)
+        t0 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        n = _n_reps((time.perf_counter() - t0) * 1e3, args)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+        for start, end in events:
+            start.record()
+            graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(s.elapsed_time(e) for s, e in events), err
+    finally:
+        del graph
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable, ref: torch.Tensor, cell: dict, args) -> None:
+    """Fill cell with ms_graph / ms_events / ms_wall; ``ref`` is the plain (non-graph) call's output."""
+    if args.device != "cuda":
+        cell["ms_wall"] = time_wall(fn, args)
+        return
+    if args.timing in ("auto", "graph"):
+        try:
+            cell["ms_graph"], cell["err_graph_replay"] = time_graph(fn, ref, args)
+            if not cell["err_graph_replay"] <= REPLAY_LIMIT:
+                cell["graph_note"] = "replay output differs from the plain call: graph time not used"
+        except Exception as e:  # capture can fail on host syncs / CPU tensors: fall back to events
+            cell["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            logger.warning("CUDA graph capture failed (%s); events only", cell["graph_error"])
+            torch.cuda.synchronize()
+    if args.timing in ("auto", "events") or "ms_graph" not in cell:
+        cell["ms_events"] = time_events(fn, args)
+
+
+def cell_ms(cell: Optional[dict], method: str) -> Optional[float]:
+    if not cell:
+        return None
+    if method == "graph":
+        return cell.get("ms_graph") if "graph_note" not in cell else None
+    return cell.get(f"ms_{method}")
+
+
+def row_method(row: dict) -> str:
+    """The timing method of a row's main numbers: graph when inductor and fx_passes both have it."""
+    if "ms_wall" in (row["cells"].get("inductor") or {}) or row["device"] == "cpu":
+        return "wall"
+    if all(cell_ms(row["cells"].get(v), "graph") for v in ("inductor", "fx_passes") if v in row["cells"]):
+        return "graph"
+    return "events"
+
+
+# ------------------------------------------------------------------------------------------------
+# One (preset, adapter dtype, rank): build once, pack once, every phase x variant
+# ------------------------------------------------------------------------------------------------
+def compile_variant(variant: str, lora_model: torch.nn.Module, bare: Optional[torch.nn.Module]):
+    """A fresh torch.compile of one variant (Dynamo reset first, so the previous variant's graphs and
+    guards are gone and this compile is timed alone). Returns (compiled module, FxPassesBackend or None).
+    Compilation happens at the first call (see ``first_call``)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # graph / graph-break counts of this compile only
+    target = lora_model if variant in ("inductor", "fx_passes") else bare
+    if variant in ("fx_passes", "no_lora_fx"):
+        backend = FxPassesBackend()
+        return torch.compile(target, backend=backend, fullgraph=False, dynamic=False), backend
+    return torch.compile(target, backend="inductor", fullgraph=False, dynamic=False), None
+
+
+def first_call(fn: Callable, variant: str, args) -> torch.Tensor:
+    """The compiling call. Inductor's caches are off for it: a cache hit would skip our post-grad pass (and
+    its report), and fresh compiles keep the printed compile times comparable across runs; --allow-cache
+    lets inductor / no_lora use them."""
+    use_cache = args.allow_cache and variant in ("inductor", "no_lora")
+    with torch._inductor.config.patch(force_disable_caches=not use_cache):
+        return fn()
+
+
+def _dynamo_counts() -> dict:
+    from torch._dynamo.utils import counters
+
+    return dict(graphs=int(counters["stats"].get("unique_graphs", 0)),
+                graph_breaks=int(sum(counters["graph_break"].values())))
+
+
+def run_config(preset_name: str, adapter_dtype: str, r: int, phases: list, variants: list, args, state) -> None:
+    """Build the model once, pack once, then every phase x variant under the chosen GDN core."""
+    preset, device, dtype = PRESETS[preset_name], args.device, getattr(torch, args.dtype)
+    n_gdn = sum(t == "linear_attention" for t in layer_types(args.layers))
+    t0 = time.perf_counter()
+    base = build_base_model(preset, args.layers, args.vocab, dtype, device)
+    bare = copy.deepcopy(base) if any(v.startswith("no_lora") for v in variants) else None
+    model = attach_lora(base, r, adapter_dtype, dtype)
+    # probes: packing must leave eager logits bit-identical; the GDN-core choice must agree with transformers'
+    # own path to bf16 noise (on the first decode and the first prefill phase: the cores differ by phase)
+    probes = [next(ph for ph in phases if ph[0].startswith(kind))
+              for kind in ("decode", "prefill") if any(ph[0].startswith(kind) for ph in phases)]
+    core_errs = {}
+    with torch.no_grad():
+        probe_ids = make_inputs(probes[0][1], probes[0][2], args.vocab, device)
+        before_pack = model(input_ids=probe_ids).logits.clone()
+        packed = pack_qkvz_weights(model)
+        if bare is not None:
+            pack_qkvz_weights(bare)  # the same layout for the no-LoRA baseline (Inductor runs 2 mms either way)
+        after_pack = model(input_ids=probe_ids).logits
+        pack_diff = (after_pack.float() - before_pack.float()).abs().max().item()
+        for probe in probes:
+            ids = make_inputs(probe[1], probe[2], args.vocab, device)
+            hf_logits = model(input_ids=ids).logits
+            with gdn_core(args.gdn_core, args.decode_core):
+                core_errs[probe[0]] = rel_err(model(input_ids=ids).logits, hf_logits)
+            del hf_logits
+    del before_pack, after_pack
+    lora_dt = lora_dtypes(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    config_info = dict(preset=preset_name, preset_dims=dataclasses.asdict(preset), layers=args.layers,
+                       gdn_layers=n_gdn, vocab=args.vocab, params=n_params, r=r, alpha=2 * r,
+                       adapter_dtype=adapter_dtype, lora_param_dtypes=lora_dt, packed_layers=packed,
+                       packing_max_abs_diff=pack_diff, gdn_core_vs_hf_rel_err=core_errs)
+    state.meta.setdefault("configs", []).append(config_info)
+    print(f"\n### preset {preset_name} ({preset.note}): hidden {preset.hidden_size}, GDN key_dim {preset.key_dim} "
+          f"value_dim {preset.value_dim} (N_qkv {2 * preset.key_dim + preset.value_dim}, N_z {preset.value_dim}), "
+          f"MLP {preset.intermediate_size}, attention {preset.num_attention_heads}x{preset.head_dim} "
+          f"({preset.num_key_value_heads} KV); {args.layers} layers ({n_gdn} GDN), vocab {args.vocab}, "
+          f"{n_params / 1e9:.2f} B params incl. LoRA\n    LoRA r={r} alpha={2 * r}, adapter params {lora_dt} "
+          f"({adapter_dtype}); packed {packed} GDN layer(s): packing changed eager logits by {pack_diff:.1e} "
+          f"(expected 0); GDN core {args.gdn_core}/{args.decode_core} vs transformers' path: rel err "
+          f"{', '.join(f'{k} {v:.1e}' for k, v in core_errs.items())}; built in {time.perf_counter() - t0:.1f} s",
+          flush=True)
+    try:
+        with gdn_core(args.gdn_core, args.decode_core):
+            for phase in phases:
+                if state.out_of_budget():
+                    state.skipped.append(f"{preset_name}/r{r}/{adapter_dtype}/{phase[0]}")
+                    continue
+                run_phase(phase, model, bare, variants, n_gdn, dict(preset=preset_name, r=r,
+                          adapter_dtype=adapter_dtype, lora_param_dtypes=lora_dt), args, state)
+    finally:
+        del model, bare, base
+        torch._dynamo.reset()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_phase(phase: tuple, model: torch.nn.Module, bare: Optional[torch.nn.Module], variants: list, n_gdn: int,
+              row_head: dict, args, state) -> None:
+    """One table row: every variant on one input shape (one compile per compiled variant)."""
+    phase_text, batch, seq = phase
+    device = args.device
+    ids = make_inputs(batch, seq, args.vocab, device)
+    row = dict(row_head, phase=phase_text, batch=batch, seq=seq, tokens=batch * seq, device=device, cells={})
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.clone()
+        ref_bare = bare(input_ids=ids).logits.clone() if bare is not None else None
+    for variant in variants:
+        if variant != "eager" and state.out_of_budget():
+            row["cells"][variant] = dict(error="skipped: --budget-s reached")
+            continue
+        cell = row["cells"].setdefault(variant, {})
+        target_ref = ref if variant in ("eager", "inductor", "fx_passes") else ref_bare
+        try:
+            backend = None
+            module = model
+            if variant != "eager":
+                module, backend = compile_variant(variant, model, bare)
+            fn = logits_fn(module, ids)
+            t1 = time.perf_counter()
+            out = fn() if variant == "eager" else first_call(fn, variant, args)  # dynamic=False: this shape only
+            _sync(device)
+            if variant != "eager":
+                cell["compile_s"] = time.perf_counter() - t1
+                cell.update(_dynamo_counts())
+            cell["err_vs_eager"] = rel_err(out, target_ref)
+            if backend is not None:
+                check_reports(backend, variant, cell, n_gdn, args)
+            measure(fn, out, cell, args)
+            del out
+        except FusionDidNotFire:
+            finish_row(row, variants)
+            state.rows.append(row)
+            state.dump()
+            raise
+        except Exception as e:  # keep going; the row says what broke
+            cell["error"] = f"{type(e).__name__}: {e}"[:400]
+            traceback.print_exc()
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        print(fmt_cell(row, variant), flush=True)
+    torch._dynamo.reset()
+    finish_row(row, variants)
+    state.rows.append(row)
+    print(fmt_row(row), flush=True)
+    state.dump()
+
+
+class FusionDidNotFire(RuntimeError):
+    pass
+
+
+def check_reports(backend: FxPassesBackend, variant: str, cell: dict, n_gdn: int, args) -> None:
+    reports = backend.fusion_pass.reports
+    rewritten = sum(len(r.rewritten) for r in reports)
+    found = sum(len(r.layers) for r in reports)
+    cell.update(gdn_found=found, gdn_rewritten=rewritten, report=[r.to_dict() for r in reports])
+    print(f"  -- {variant}: fx_passes report ({len(reports)} graph(s)) --")
+    for report in reports:
+        print("  " + report.to_text().replace("\n", "\n  "))
+    if rewritten == 0:
+        raise FusionDidNotFire(f"{variant}: the fx_passes pass rewrote 0 of {n_gdn} GDN layers on {args.device} "
+                               f"({len(reports)} graph(s) seen): the timings would be Inductor's. See the report "
+                               f"above.")
+    if rewritten != n_gdn:
+        print(f"  WARNING {variant}: {rewritten} of {n_gdn} GDN layers rewritten")
+
+
+def finish_row(row: dict, variants: list) -> None:
+    cells = row["cells"]
+    row["method"] = row_method(row)
+    for method in ("graph", "events", "wall"):
+        ind, fx, nl = (cell_ms(cells.get(v), method) for v in ("inductor", "fx_passes", "no_lora"))
+        if ind and fx:
+            row[f"speedup_fx_vs_inductor_{method}"] = ind / fx
+        if fx and nl:
+            row[f"fx_over_no_lora_{method}"] = fx / nl
+        if ind and nl:
+            row[f"inductor_over_no_lora_{method}"] = ind / nl
+    errs = [c["err_vs_eager"] for v, c in cells.items() if v != "eager" and "err_vs_eager" in c]
+    failed = [v for v, c in cells.items() if "error" in c and not c["error"].startswith("skipped")]
+    row["max_rel_err"] = max(errs) if errs else None
+    row["ok"] = not failed and all(e <= ERR_LIMIT for e in errs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def _ms(v: Optional[float]) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _x(v: Optional[float]) -> str:
+    return f"{v:.3f}x" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def fmt_cell(row: dict, variant: str) -> str:
+    c = row["cells"].get(variant, {})
+    parts = [f"  {row['preset']} r={row['r']} {row['adapter_dtype']} {row['phase']:<13s} {variant:<10s}"]
+    if "compile_s" in c:
+        parts.append(f"compile {c['compile_s']:.1f} s ({c.get('graphs', '?')} graph(s), "
+                     f"{c.get('graph_breaks', '?')} break(s))")
+    for m in ("graph", "events", "wall"):
+        if f"ms_{m}" in c:
+            parts.append(f"{m} {c[f'ms_{m}']:.3f} ms")
+    if "err_vs_eager" in c:
+        parts.append(f"err {c['err_vs_eager']:.1e}")
+    for k in ("graph_error", "graph_note", "error"):
+        if k in c:
+            parts.append(f"[{k}: {c[k][:160]}]")
+    return " | ".join(parts)
+
+
+def fmt_row(row: dict) -> str:
+    m, err = row["method"], row.get("max_rel_err")
+    return (f"ROW {row['preset']} r={row['r']} {row['adapter_dtype']} {row['phase']} ({m}): "
+            f"fx_passes vs inductor {_x(row.get(f'speedup_fx_vs_inductor_{m}'))}, "
+            f"fx_passes / no_lora {_x(row.get(f'fx_over_no_lora_{m}'))}, "
+            f"max rel err {'-' if err is None else f'{err:.1e}'}{'' if row['ok'] else '  FAIL'}")
+
+
+def print_table(rows: list, meta: dict, method: Optional[str] = None) -> None:
+    """One markdown table. method None: each row's main method (graph where inductor and fx_passes both
+    captured, else events; wall on the CPU)."""
+    title = {None: "main timing per row (see the timing column)", "events": "CUDA events per call "
+             "(host launch overhead included)"}.get(method, method)
+    print(f"\n#### {title}\n")
+    print("| preset | r | adapters | phase | tokens | eager ms | inductor ms | fx_passes ms | no_lora (inductor) ms "
+          "| speedup fx_passes vs inductor | fx_passes / no_lora | inductor / no_lora | max rel err | timing |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        m = method or row["method"]
+        c = row["cells"]
+        eager = cell_ms(c.get("eager"), m) or (cell_ms(c.get("eager"), "events") if m == "graph" else None)
+        eager_s = _ms(eager) + ("*" if m == "graph" and eager and not cell_ms(c.get("eager"), "graph") else "")
+        err = row.get("max_rel_err")
+        err_s = "-" if err is None else f"{err:.1e}" + ("" if row["ok"] else " FAIL")
+        print(f"| {row['preset']} | {row['r']} | {row['adapter_dtype']} | {row['phase']} | {row['tokens']} | "
+              f"{eager_s} | {_ms(cell_ms(c.get('inductor'), m))} | {_ms(cell_ms(c.get('fx_passes'), m))} | "
+              f"{_ms(cell_ms(c.get('no_lora'), m))} | {_x(row.get(f'speedup_fx_vs_inductor_{m}'))} | "
+              f"{_x(row.get(f'fx_over_no_lora_{m}'))} | {_x(row.get(f'inductor_over_no_lora_{m}'))} | "
+              f"{err_s} | {m} |")
+
+
+def print_compile_times(rows: list) -> None:
+    print("\n#### compile wall times (s), first call incl. Dynamo + Inductor (+ Triton) compile\n")
+    for row in rows:
+        cells = " ".join(f"{v}={c['compile_s']:.1f}" for v, c in row["cells"].items() if "compile_s" in c)
+        print(f"- {row['preset']} r={row['r']} {row['adapter_dtype']} {row['phase']}: {cells}")
+
+
+class RunState:
+    """Rows, JSON sink and the wall-clock budget of one run."""
+
+    def __init__(self, meta: dict, json_path: Optional[str], budget_s: float):
+        self.meta, self.json_path, self.budget_s = meta, json_path, budget_s
+        self.start = time.perf_counter()
+        self.rows: list = []
+        self.skipped: list = []
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def out_of_budget(self) -> bool:
+        """True when the next compile would probably run past the budget: elapsed + the longest compile so
+        far (plus its timing) > budget."""
+        if not self.budget_s:
+            return False
+        longest = max((c.get("compile_s", 0.0) for r in self.rows for c in r["cells"].values()), default=0.0)
+        return self.elapsed() + 1.3 * longest + 10 > self.budget_s
+
+    def dump(self) -> None:
+        if self.json_path:
+            self.meta["elapsed_s"] = self.elapsed()
+            self.meta["skipped_for_budget"] = self.skipped
+            with open(self.json_path, "w") as f:
+                json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1, default=str)
+
+
+def versions(device: str) -> dict:
+    import peft
+    import transformers
+
+    meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    meta["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    # which GDN kernels transformers picks: the fla / causal_conv1d packages replace its torch fallbacks
+    meta["fla_installed"] = importlib.util.find_spec("fla") is not None
+    meta["causal_conv1d_installed"] = importlib.util.find_spec("causal_conv1d") is not None
+    return meta
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logger.setLevel(logging.INFO)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but no CUDA device; use --device cpu for the smoke test")
+    presets = _csv(args.preset)
+    for p in presets:
+        if p not in PRESETS:
+            raise SystemExit(f"unknown preset {p!r}: {list(PRESETS)}")
+    ranks = _csv(args.rank, int)
+    adapter_dtypes = _csv(args.adapter_dtype)
+    if not set(adapter_dtypes) <= {"fp32", "bf16"}:
+        raise SystemExit("--adapter-dtype: fp32 and/or bf16")
+    phases = [(t, *parse_phase(t)[1:]) for t in _csv(args.phases)]
+    variants = _csv(args.variants)
+    if not set(variants) <= set(ALL_VARIANTS):
+        raise SystemExit(f"--variants: {list(ALL_VARIANTS)}")
+    if args.device == "cpu" and any(p != "tiny" for p in presets):
+        print("WARNING: real-size presets on the CPU take a long time")
+
+    out_dir = os.environ.get("OUT")
+    json_path = args.json or (os.path.join(out_dir, "bench_model.json") if out_dir else None)
+    meta = versions(args.device) | dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
+                                        argv=[sys.executable] + sys.argv, args=vars(args), err_limit=ERR_LIMIT)
+    n_compiles = len(presets) * len(ranks) * len(adapter_dtypes) * len(phases) * sum(v in COMPILED for v in variants)
+    header = (f"# bench_model: {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
+              f"transformers {meta['transformers']} | peft {meta['peft']} | {meta['date']}\n"
+              f"command: {' '.join(['python'] + sys.argv)}\n"
+              f"model: Qwen3_5ForCausalLM, the layer sizes of the preset(s), {args.layers} layers "
+              f"(3 GDN : 1 full attention), "
+              f"vocab {args.vocab}, random weights (std 0.02), {args.dtype}, eval, use_cache=False; "
+              f"GDN kernels: fla {'INSTALLED' if meta['fla_installed'] else 'not installed'}, causal_conv1d "
+              f"{'INSTALLED' if meta['causal_conv1d_installed'] else 'not installed'} (else transformers' torch "
+              f"fallbacks)\n"
+              f"NOTE: use_cache=False (no KV / recurrent cache): decode:B is one forward over [B, 1] (B sequences "
+              f"of one token), a short forward rather than a cached decode step: attention sees only the token "
+              f"itself and the GDN state starts from zero. GDN core: "
+              + ("transformers' recurrent rule for one-token sequences (what a cached decode step runs), "
+                 if args.decode_core == "recurrent" else
+                 "the chunked rule also for one-token sequences (each padded to a 64-token chunk), ")
+              + ("the chunked rule (prefill) as one opaque custom op, eager inside, in every variant (compile "
+                 "time independent of S; no graph break)"
+                 if args.gdn_core == "opaque" else "the chunked rule compiled (its chunk loop unrolled)")
+              + ". prefill:S is one forward over [1, S].\n"
+              f"variants {variants}; {n_compiles} compile(s) planned, each timed below; budget "
+              f"{args.budget_s:.0f} s; timing: {args.timing if args.device == 'cuda' else 'wall clock (CPU)'}")
+    print(header, flush=True)
+    meta["header"] = header
+    state = RunState(meta, json_path, args.budget_s)
+
+    code = 0
+    try:
+        for preset_name in presets:
+            for adapter_dtype in adapter_dtypes:
+                for r in ranks:
+                    if state.out_of_budget():
+                        state.skipped.append(f"{preset_name}/r{r}/{adapter_dtype}/*")
+                        continue
+                    run_config(preset_name, adapter_dtype, r, phases, variants, args, state)
+    except FusionDidNotFire as e:
+        print(f"\nERROR: {e}", flush=True)
+        code = 2
+    state.dump()
+    rows = state.rows
+    print(f"\n## results ({state.elapsed():.0f} s wall)")
+    print(header)
+    if state.skipped:
+        print(f"SKIPPED for --budget-s {args.budget_s:.0f}: {', '.join(state.skipped)}")
+    if args.device == "cuda" and any(r["method"] == "graph" for r in rows):
+        print_table(rows, meta, "events")
+    print_compile_times(rows)
+    print_table(rows, meta)
+    print("\nms = median; speedup = inductor ms / fx_passes ms; fx_passes / no_lora = what LoRA still costs above "
+          "the LoRA-free model; max rel err = worst relative Frobenius error of any compiled variant's logits vs "
+          f"eager (limit {ERR_LIMIT}); timing graph = CUDA-graph replay (eager* = events, capture failed), events = "
+          "CUDA events per call, wall = CPU wall clock.")
+    if json_path:
+        print(f"JSON: {json_path}")
+    if code == 0 and (not rows or not all(r["ok"] for r in rows)):
+        code = 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
