@@ -9,14 +9,21 @@ and with 4 adapters mixed in the batch:
                form: per adapter an index_select, shrink, expand and index_put), compiled by Inductor;
 * torch_fused  the torch-level fusion of shared/bench/gpu_anchor.py: 1 GEMM over packed W + 1 shrink over
                [A_qkv; A_z] + 2 addmm expands (4 adapters: per adapter gather, shrink, 2 expands, index_add);
-* ours         torch.ops.fx_passes.qkvz_gemm over the packed weights + torch.ops.fx_passes.qkvz_lora_
-               (lora_a = [A_qkv, A_z], lora_b = 4 row-slice views, slice_a = [0, 0, 0, 1]);
-* ours_nopdl   ours without programmatic dependent launch (the default uses it up to T = 256);
+* ours         torch.ops.fx_passes.qkvz_gemm_lora, what the pass emits for a layer with one LoRA op
+               (lora_a = [A_qkv, A_z], lora_b = 4 row-slice views, slice_a = [0, 0, 0, 1]): at T <= 64 a
+               shrink + our Triton GEMM with the LoRA expand in its epilogue (PDL-overlapped), above
+               that the two-op path below;
+* ours_2op     torch.ops.fx_passes.qkvz_gemm over the packed weights (one cuBLAS GEMM) +
+               torch.ops.fx_passes.qkvz_lora_ in place (what the pass emits with several LoRA ops);
+* ours_nopdl   ours_2op without programmatic dependent launch (the default uses it up to T = 256);
 * ours_v0      the same kernels forced to the first version's launch configuration (no split-K, one token
                tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run.
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median, ms), bf16, fresh random
-(non-zero) data per row. Every row is checked against an fp32 reference (relative Frobenius error).
+(non-zero) data per row. Each replay calls the variant once per weight set, rotating over enough sets
+to cover twice the L2 cache (W never served from L2), and the variants are timed interleaved in
+``--rounds`` rounds (median; the spread is recorded). Every row is checked against an fp32 reference
+(relative Frobenius error).
 ``--sweep`` also times launch-configuration alternatives of our kernel on a subset of rows.
 
     python benchmarks/bench_qkvz_lora.py                  # everything (~6 min on an H100/H200)
@@ -32,6 +39,7 @@ import argparse
 import datetime
 import json
 import math
+import statistics
 import os
 import sys
 import time
@@ -63,7 +71,8 @@ N_ADAPTERS_MIXED = 4
 SCALE_1 = 2.0                                  # lora_alpha / r of the single adapter
 SCALES_4 = (1.0, 0.5, 2.0, 1.5)                # per-adapter scales of the mixed batch
 ERR_LIMIT = 1e-2                               # bf16 output: expect ~2e-3
-MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_nopdl", "ours_v0")
+MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0")
+DEFAULT_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op")
 
 
 def v0_config(T):
@@ -84,6 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--no-inductor", action="store_true", help="skip the Inductor-compiled unfused graph")
     p.add_argument("--sweep", action="store_true", help="also time launch-config alternatives of our kernel")
     p.add_argument("--rep", type=float, default=20.0, help="do_bench_cudagraph rep (ms)")
+    p.add_argument("--rounds", type=int, default=2, help="timing rounds, variants interleaved; median")
     p.add_argument("--cpu-check", action="store_true", help="tiny shapes on the CPU (Triton interpreter, fp32)")
     p.add_argument("--json", default=None, help="JSON path (default $OUT/bench_qkvz_lora.json)")
     return p.parse_args(argv)
@@ -231,10 +241,23 @@ class Problem:
         return y
 
     def ours(self, x, ids, idxs):
+        return torch.ops.fx_passes.qkvz_gemm_lora(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+                                                  self.slice_start, ids, self.scales_t,
+                                                  SCALE_1 if self.L == 1 else 1.0)
+
+    def ours_2op(self, x, ids, idxs):
         out = torch.ops.fx_passes.qkvz_gemm(x, self.Wqkv, self.Wz)
         torch.ops.fx_passes.qkvz_lora_(out, x, self.lora_a, self.lora_b, self.slice_a, self.slice_start,
                                        ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0)
         return out
+
+    def ours_fused_triton(self, x, ids, idxs):
+        """The CUDA kernel of qkvz_gemm_lora at small T, called directly (for --cpu-check)."""
+        from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton
+
+        return qkvz_gemm_lora_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+                                     self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
+                                     adapters=self.L)
 
     def ours_cfg(self, cfg):
         """Our block with an explicit launch configuration (direct kernel call, same kernels)."""
@@ -299,7 +322,7 @@ def main(argv=None):
     Ts = _csv(args.T, int) or (CPU_T if cpu else (QUICK_T if args.quick else ALL_T))
     ranks = _csv(args.rank, int) or list(RANKS)
     modes = _csv(args.adapters, int) or list(ADAPTER_MODES)
-    variants = _csv(args.variants) or list(MAIN_VARIANTS)
+    variants = _csv(args.variants) or list(DEFAULT_VARIANTS)
     if args.no_inductor and "unfused" in variants:
         variants.remove("unfused")
     timer = Timer(device, args.rep)
@@ -314,6 +337,8 @@ def main(argv=None):
     meta.update(copy_bw_Bps=bw, mm_peak_flops=peak)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s   bf16 mm {peak / 1e12:.0f} TFLOP/s", flush=True)
     _set_dynamo_limits()
+    l2_bytes = torch.cuda.get_device_properties().L2_cache_size if not cpu else 0
+    meta.update(l2_bytes=l2_bytes)
 
     rows, sweep_rows = [], []
 
@@ -327,14 +352,27 @@ def main(argv=None):
         for r in ranks:
             for L in modes:
                 seed += 1
-                prob = Problem(H, Dk, Dv, r, L, dtype, device, seed)
-                compiled = None
-                if "unfused" in variants:
-                    compiled = torch.compile(prob.unfused_eager, dynamic=True)
-                fns = {"base": prob.base, "unfused": compiled, "torch_fused": prob.torch_fused,
-                       "ours": prob.ours, "ours_nopdl": prob.ours_cfg(dict(pdl=False)), "ours_v0": None}
-                if cpu:  # torch.ops on CPU runs the plain-torch reference: time the Triton kernel instead
-                    fns["ours"] = prob.ours_cfg({})
+                # Weight sets timed in rotation so that W never sits in L2 between two calls (in a model,
+                # other layers' weights evict it): as many sets as it takes to cover 2x the L2 cache.
+                # (35B-A3B's packed W is 50 MB, under the H200's 60 MB L2: without rotation its base GEMM
+                # partly ran from L2, 0.0117-0.0150 ms across calls, below the DRAM floor on one row.)
+                probe = Problem(H, Dk, Dv, r, L, dtype, device, seed)
+                n_sets = 1 if cpu else max(1, math.ceil(2 * l2_bytes / probe.Wcat.numel() / probe.Wcat.element_size()))
+                probs = [probe] + [Problem(H, Dk, Dv, r, L, dtype, device, seed + 7919 * i) for i in range(1, n_sets)]
+                prob = probe
+                all_fns = []
+                for pr in probs:
+                    compiled = None
+                    if "unfused" in variants:
+                        compiled = torch.compile(pr.unfused_eager, dynamic=True)
+                    fns = {"base": pr.base, "unfused": compiled, "torch_fused": pr.torch_fused,
+                           "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
+                           "ours_v0": None}
+                    if cpu:  # torch.ops on CPU runs the plain-torch reference: run the Triton kernels instead
+                        fns["ours"] = pr.ours_fused_triton
+                        fns["ours_2op"] = pr.ours_cfg({})
+                    all_fns.append(fns)
+                fns = all_fns[0]
                 for T in Ts:
                     seed += 1
                     x, ids, idxs = prob.inputs(T, seed)
@@ -343,20 +381,33 @@ def main(argv=None):
                     floor = max(byts / bw, flops / peak) * 1e3
                     row = dict(shape=name, H=H, key_dim=Dk, value_dim=Dv, r=r, adapters=L, T=T, floor_ms=floor,
                                bytes=byts, flops=flops)
-                    fns["ours_v0"] = prob.ours_cfg(v0_config(T))
+                    row["weight_sets"] = n_sets
+                    for pr, f in zip(probs, all_fns):
+                        f["ours_v0"] = pr.ours_cfg(v0_config(T))
+                    times = {v: [] for v in variants}
+                    for round_ in range(args.rounds):   # variants interleaved, median over rounds
+                        for v in variants:
+                            if round_ and not times[v]:
+                                continue   # failed in round 0
+                            fn = fns[v]
+                            try:
+                                if round_ == 0:
+                                    t0 = time.perf_counter()
+                                    y = fn(x, ids, idxs)  # first call: compiles (Inductor / Triton)
+                                    if v != "base":
+                                        row[f"err_{v}"] = rel_err(y, ref)
+                                    row[f"first_call_s_{v}"] = time.perf_counter() - t0
+                                    for f in all_fns[1:]:
+                                        f[v](x, ids, idxs)
+                                rotation = [f[v] for f in all_fns]
+                                times[v].append(timer(lambda: [g(x, ids, idxs) for g in rotation]) / n_sets)
+                            except Exception as e:  # keep going; the row says what broke
+                                row[f"error_{v}"] = f"{type(e).__name__}: {e}"[:300]
+                                traceback.print_exc()
                     for v in variants:
-                        fn = fns[v]
-                        try:
-                            t0 = time.perf_counter()
-                            y = fn(x, ids, idxs)  # first call: compiles (Inductor / Triton)
-                            if v != "base":
-                                row[f"err_{v}"] = rel_err(y, ref)
-                            row[f"first_call_s_{v}"] = time.perf_counter() - t0
-                            row[v] = timer(lambda: fn(x, ids, idxs))
-                        except Exception as e:  # keep going; the row says what broke
-                            row[v] = None
-                            row[f"error_{v}"] = f"{type(e).__name__}: {e}"[:300]
-                            traceback.print_exc()
+                        row[v] = statistics.median(times[v]) if times[v] else None
+                        if len(times[v]) > 1:
+                            row[f"spread_{v}"] = (max(times[v]) - min(times[v])) / statistics.median(times[v])
                     for v in variants:
                         if v != "base" and row.get(v) and row.get("base"):
                             row[f"{v}_x"] = row[v] / row["base"]
@@ -386,7 +437,7 @@ def main(argv=None):
                             f"{k}={srow[k] / srow['base']:.3f}x" if srow.get(k) and srow.get("base") else f"{k}=ERR"
                             for k in sweep_configs(T, L)), flush=True)
                         dump()
-                del prob, fns, compiled
+                del prob, probe, probs, fns, all_fns, compiled
                 if not cpu:
                     torch.cuda.empty_cache()
 

@@ -54,7 +54,7 @@ class QkvzLoraFusionVllmPass(QkvzLoraFusionPass, _InductorPassBase):
         the HF/PEFT form. Both land in one GraphReport."""
         ops_before = count_ops(graph)
         cfg = self.config
-        vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name)(graph)
+        vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name, cfg.gemm_lora_op)(graph)
         QkvzLoraFusionPass.__call__(self, graph)
         if vllm_layers:
             report = self.reports[-1]

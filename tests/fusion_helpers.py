@@ -78,8 +78,12 @@ def assert_fused(run: FusionRun, *, layers: int, lora_ops_per_layer: int, mm_rem
     assert run.fusion_pass.matched_count == layers
     assert not [layer for layer in run.layers if not layer.rewritten], [l.line() for l in run.layers]
     assert run.op_count(MM, "before") - run.op_count(MM, "after") == mm_removed
-    assert run.op_count("fx_passes.qkvz_gemm.default") == layers
-    assert run.op_count("auto_functionalized(qkvz_lora_.default)") == layers * lora_ops_per_layer
+    # one LoRA op per layer: GEMM + LoRA as ONE qkvz_gemm_lora (QkvzFusionConfig.gemm_lora_op, the default);
+    # no LoRA: qkvz_gemm alone; several LoRA ops: qkvz_gemm + one qkvz_lora_ each
+    one_op = lora_ops_per_layer == 1 and run.fusion_pass.config.gemm_lora_op
+    assert run.op_count("fx_passes.qkvz_gemm_lora.default") == (layers if one_op else 0)
+    assert run.op_count("fx_passes.qkvz_gemm.default") == (0 if one_op else layers)
+    assert run.op_count("auto_functionalized(qkvz_lora_.default)") == (0 if one_op else layers * lora_ops_per_layer)
     assert all("fx_passes.qkvz_gemm" in after for after in run.fusion_pass.graphs_after if "qkvz" in after)
     rtol, atol = DTYPE_TOL[dtype]
     for got, want in zip(run.fused, run.eager):

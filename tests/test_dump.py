@@ -63,7 +63,7 @@ def test_dump_writes_graphs_and_report(main_dump):
     assert len(result.graphs) == 1 and len(result.rewritten) == SPEC.num_gdn_layers and not result.skipped
 
     text = open(os.path.join(out, "report.txt")).read()
-    assert LAYER in text and "REWRITTEN" in text and "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_" in text
+    assert LAYER in text and "REWRITTEN" in text and "fx_passes.qkvz_gemm_lora" in text
     assert "weights packed" in text and "aten.mm.default:" in text          # kernel variant, op counts
     assert "graph_000_before.py -> graph_000_after.py" in text
 
@@ -72,13 +72,13 @@ def test_dump_writes_graphs_and_report(main_dump):
     report = data["graphs"][0]["report"]
     layer, = report["layers"]
     assert layer["layer"].endswith(LAYER) and layer["rewritten"] and layer["weights_packed"] is True
-    assert layer["kernel"] == "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
-    assert report["ops_after"]["fx_passes.qkvz_gemm.default"] == 1
+    assert layer["kernel"] == "fx_passes.qkvz_gemm_lora"
+    assert report["ops_after"]["fx_passes.qkvz_gemm_lora.default"] == 1
     assert report["ops_before"]["aten.mm.default"] - report["ops_after"]["aten.mm.default"] == 6
 
     before = open(os.path.join(out, "graph_000_before.py")).read()
     after = open(os.path.join(out, "graph_000_after.py")).read()
-    assert "torch.ops.fx_passes.qkvz_gemm" in after and "fx_passes.qkvz_lora_" in after
+    assert "torch.ops.fx_passes.qkvz_gemm_lora" in after
     assert "fx_passes.qkvz" not in before
     for name in (layer["qkv_node"], layer["z_node"]):
         assert _mm_call(name, before), name

@@ -46,7 +46,7 @@ def test_pass_object_through_inductor_options():
         want = model(x)
         got = torch.compile(model, options={"post_grad_custom_post_pass": fusion_pass})(x)
     assert fusion_pass.matched_count == 1
-    assert fusion_pass.reports[0].ops_after.get("fx_passes.qkvz_gemm.default") == 1
+    assert fusion_pass.reports[0].ops_after.get("fx_passes.qkvz_gemm_lora.default") == 1
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
 

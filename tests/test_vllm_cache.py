@@ -94,5 +94,5 @@ def test_cache_hit_skips_pass_changed_uuid_reruns_it(tmp_path, monkeypatch):
     assert pm_uuid4 not in (pm_uuid, pm_uuid3)
     assert stats.get("fxgraph_cache_miss") == 1 and not stats.get("fxgraph_cache_hit"), stats
     assert edited.matched_count == 1 and len(edited.reports) == 1
-    assert vh.AF_OURS in edited.reports[0].ops_after
+    assert vh.OURS in edited.reports[0].ops_after
     _check(out, eager, "changed source")

@@ -73,8 +73,8 @@ def test_split_form_rewritten(split_run):
     assert before[AF_SHRINK] == 2 and before[AF_EXPAND] == 2
     assert AF_SHRINK not in after and AF_EXPAND not in after
     assert after["aten.mm.default"] == before["aten.mm.default"] - 2   # qkv and z mm gone ...
-    assert after["fx_passes.qkvz_gemm.default"] == 1                      # ... replaced by one GEMM
-    assert after[AF_OURS] == 1
+    assert after[vh.OURS] == 1                                            # ... one GEMM + LoRA op
+    assert AF_OURS not in after and "fx_passes.qkvz_gemm.default" not in after
     assert not report.skipped, report.to_text()
 
 
@@ -185,19 +185,19 @@ def test_fused_form_rewritten(fused_run):
     (layer,) = report.rewritten
     assert not report.skipped, report.to_text()
     assert layer.layer == "layer" and layer.identified_by == "module_path+vllm_lora_fused"
-    assert layer.kernel == "vllm mm + fx_passes.qkvz_lora_"
+    assert layer.kernel == "fx_passes.qkvz_gemm_lora"
     assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL]
     assert layer.qkv_node == layer.z_node and layer.qkv_node.startswith("mm")
     assert layer.shared_a is False          # 4 stacked A tensors (slot 1 differs per slice): 4 groups
     before, after = report.ops_before, report.ops_after
     assert before[AF_SHRINK] == 1 and before[AF_EXPAND] == 1
     assert AF_SHRINK not in after and AF_EXPAND not in after
-    assert after["aten.mm.default"] == before["aten.mm.default"] == 2   # qkvz + ba: the GEMM stays
-    assert "fx_passes.qkvz_gemm.default" not in after
-    assert after[AF_OURS] == 1
+    assert before["aten.mm.default"] == 2 and after["aten.mm.default"] == 1   # qkvz mm -> our op; ba stays
+    assert "fx_passes.qkvz_gemm.default" not in after and AF_OURS not in after
+    assert after[vh.OURS] == 1
     assert "aten.empty.memory_format" not in after                     # the shrink buffer is gone
     (call,) = fusion.calls[0]
-    assert call["out_target"] == "aten.mm.default"
+    assert call["op"] == "gemm_lora" and call["weights"] == ["aten.slice.Tensor"] * 2   # row views of W_qkvz
     assert call["slice_start"] == [0, vh.KEY, 2 * vh.KEY, 2 * vh.KEY + vh.VAL]
     assert call["slice_a"] == [0, 1, 2, 3] and call["n_lora_a"] == 4 and call["scale"] == 1.0
 
@@ -230,4 +230,28 @@ def test_fused_outside_user_leaves_graph_unchanged(fused_run):
         {k: v for k, v in report.ops_before.items() if k != "aten.sum.default"}
     for i, (e, o) in enumerate(zip(eager, out)):
         _close(o, e, f"unfused[{i}] vs vLLM eager")
+    torch._dynamo.reset()
+
+
+def test_fused_form_two_op_config():
+    """QkvzFusionConfig(gemm_lora_op=False): vLLM's qkvz mm stays, one qkvz_lora_ adds into it."""
+    from fx_passes import QkvzFusionConfig
+
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    block, pw = vh.build_fused_block()
+    x = torch.randn(len(TOKENS), vh.H, dtype=torch.float16)
+    fusion = vh.make_recording_pass(QkvzFusionConfig(gemm_lora_op=False))
+    runs = vh.run_mappings(block, pw, vh.compile_with_pass(block, fusion), x, FUSED_MAPPINGS[:1])
+    (report,) = fusion.reports
+    (layer,) = report.rewritten
+    assert layer.kernel == "vllm mm + fx_passes.qkvz_lora_"
+    before, after = report.ops_before, report.ops_after
+    assert after["aten.mm.default"] == before["aten.mm.default"] == 2 and after[AF_OURS] == 1
+    assert vh.OURS not in after and AF_SHRINK not in after and AF_EXPAND not in after
+    (call,) = fusion.calls[0]
+    assert call["op"] == "lora_" and call["out_target"] == "aten.mm.default"
+    for eager, out, _ in runs:
+        for i, (e, o) in enumerate(zip(eager, out)):
+            _close(o, e, f"two-op form output {i} vs vLLM eager")
     torch._dynamo.reset()

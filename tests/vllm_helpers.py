@@ -243,7 +243,8 @@ def compile_with_pass(module, user_pass, use_pass_manager=True, dynamic=False, c
 
 AF_SHRINK = "auto_functionalized(lora_shrink.default)"
 AF_EXPAND = "auto_functionalized(lora_expand.default)"
-AF_OURS = "auto_functionalized(qkvz_lora_.default)"
+AF_OURS = "auto_functionalized(qkvz_lora_.default)"        # QkvzFusionConfig(gemm_lora_op=False)
+OURS = "fx_passes.qkvz_gemm_lora.default"                  # the default: GEMM + LoRA in one op
 
 
 def close(a, b, what=""):
@@ -252,17 +253,26 @@ def close(a, b, what=""):
 
 
 def qkvz_lora_calls(graph):
-    """The ``auto_functionalized(fx_passes.qkvz_lora_)`` nodes of a graph, as plain data."""
+    """Our LoRA nodes of a graph, as plain data: ``fx_passes.qkvz_gemm_lora`` calls (``op`` = "gemm_lora",
+    ``weights`` = targets of its two weight args) and ``auto_functionalized(fx_passes.qkvz_lora_)``
+    nodes (``op`` = "lora_", ``out_target`` = target of the GEMM it adds into)."""
+    import torch
     from torch._higher_order_ops.auto_functionalize import auto_functionalized
 
     calls = []
     for node in graph.nodes:
-        if node.target is auto_functionalized and "qkvz_lora_" in str(node.args[0]):
-            kw = node.kwargs
-            calls.append(dict(
-                out_target=str(kw["out"].target), slice_a=list(kw["slice_a"]),
-                slice_start=list(kw["slice_start"]), n_lora_a=len(kw["lora_a"]), scale=kw["scale"],
-                tokens=kw["x"].meta["val"].shape[0]))
+        if node.target is torch.ops.fx_passes.qkvz_gemm_lora.default:
+            x, w_qkv, w_z = node.args[:3]
+            call = dict(op="gemm_lora", weights=[str(w_qkv.target), str(w_z.target)])
+        elif node.target is auto_functionalized and "qkvz_lora_" in str(node.args[0]):
+            x = node.kwargs["x"]
+            call = dict(op="lora_", out_target=str(node.kwargs["out"].target))
+        else:
+            continue
+        kw = node.kwargs
+        call.update(slice_a=list(kw["slice_a"]), slice_start=list(kw["slice_start"]), n_lora_a=len(kw["lora_a"]),
+                    scale=kw["scale"], tokens=x.meta["val"].shape[0])
+        calls.append(call)
     return calls
 
 

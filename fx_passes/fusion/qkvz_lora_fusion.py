@@ -17,6 +17,11 @@ Fused::
                                                                      # shrink of A_qkv runs once
     qkv = slice(y', 1, 0, 2k + v)   z = slice(y', 1, 2k + v, 2k + 2v)   (views, reshaped as before)
 
+With ``QkvzFusionConfig.gemm_lora_op`` (the default) a layer with exactly one LoRA op gets the two as
+ONE functional op, ``y' = fx_passes.qkvz_gemm_lora(x2d, W_qkv, W_z, lora_a=..., lora_b=..., ...)``,
+whose CUDA kernel at decode runs the LoRA expand in the GEMM's epilogue. Several LoRA ops per layer
+(several active adapters, or per-projection tensor scales under ``dynamic=True``) keep the two-op form.
+
 A layer is rewritten only when every condition below holds; otherwise it stays as it was and
 the failed condition (with its node) is recorded in the :class:`~fx_passes.report.LayerMatch`:
 
@@ -62,6 +67,7 @@ logger = logging.getLogger("fx_passes")
 aten = torch.ops.aten
 QKVZ_GEMM_OP = torch.ops.fx_passes.qkvz_gemm.default
 QKVZ_LORA_OP = torch.ops.fx_passes.qkvz_lora_.default
+QKVZ_GEMM_LORA_OP = torch.ops.fx_passes.qkvz_gemm_lora.default
 SPLIT_OPS = (aten.split_with_sizes.default, aten.split.Tensor)
 SLICE_NAMES = ("q", "k", "v", "z")
 
@@ -182,11 +188,14 @@ class QkvzLoraFusionPass(CustomGraphPass):
         result.slice_sizes = [key_dim, key_dim, value_dim, value_dim]
         result.weights_packed = weights_are_packed(fake_value(qkv.base.weight), fake_value(z.base.weight))
         old_nodes = set(graph.nodes)
-        _emit(graph, qkv, z, key_dim, groups, result)
+        _emit(graph, qkv, z, key_dim, groups, result, self.config.gemm_lora_op)
         result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
         result.removed_nodes = _erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
         result.rewritten = True
-        result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in groups)
+        if self.config.gemm_lora_op and len(groups) == 1:
+            result.kernel = "fx_passes.qkvz_gemm_lora"
+        else:
+            result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in groups)
         return result
 
     def _match_projection(self, cand: _Candidate, base_node: Node, proj_name: str) -> _Projection:
@@ -386,7 +395,7 @@ def _call(graph: Graph, target: Any, args: tuple, kwargs: Optional[dict] = None)
 
 
 def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: list[_LoraOp],
-          result: LayerMatch) -> None:
+          result: LayerMatch, one_op: bool) -> None:
     n_qkv = qkv.base.out_features
     n_total = n_qkv + z.base.out_features
     users = [u for end in (qkv.chain.end, z.chain.end) for u in end.users]
@@ -394,7 +403,9 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
     anchor = min(users, key=order.__getitem__) if users else qkv.chain.end.next
     x2d = qkv.base.x2d
     with graph.inserting_before(anchor):
-        fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+        one_op = one_op and len(ops) == 1
+        if not one_op:
+            fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
         for op in ops:
             lora_a, lora_b, slice_a, slice_start, names = [], [], [], [], []
             if op.qkv is not None:
@@ -413,11 +424,15 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
                 names.append("z")
             scale_leaf = op.qkv or op.z
             tensor_scale = scale_leaf.scale if isinstance(scale_leaf.scale, Node) else None
-            functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
-                out=fused, x=x2d, lora_a=lora_a, lora_b=lora_b, slice_a=slice_a, slice_start=slice_start,
-                token_lora_ids=None, lora_scales=tensor_scale,
-                scale=1.0 if tensor_scale is not None else float(scale_leaf.scale)))
-            fused = _call(graph, operator.getitem, (functional, 1))
+            lora_kwargs = dict(lora_a=lora_a, lora_b=lora_b, slice_a=slice_a, slice_start=slice_start,
+                               token_lora_ids=None, lora_scales=tensor_scale,
+                               scale=1.0 if tensor_scale is not None else float(scale_leaf.scale))
+            if one_op:  # GEMM + LoRA in one functional op (decode: the expand in the GEMM epilogue)
+                fused = _call(graph, QKVZ_GEMM_LORA_OP, (x2d, qkv.base.weight, z.base.weight), lora_kwargs)
+            else:
+                functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
+                    out=fused, x=x2d, **lora_kwargs))
+                fused = _call(graph, operator.getitem, (functional, 1))
             result.adapters.append(op.adapter)
             result.lora_slices.append(names)
         for proj, lo, hi in ((qkv, 0, n_qkv), (z, n_qkv, n_total)):
@@ -460,4 +475,4 @@ def _graph_code(graph: Graph) -> str:
     return str(graph)
 
 
-__all__ = ["QkvzLoraFusionPass", "QKVZ_GEMM_OP", "QKVZ_LORA_OP", "rewrite_source_files"]
+__all__ = ["QkvzLoraFusionPass", "QKVZ_GEMM_OP", "QKVZ_GEMM_LORA_OP", "QKVZ_LORA_OP", "rewrite_source_files"]

@@ -21,8 +21,7 @@ Two layouts of a Qwen3.5 GatedDeltaNet layer, both rewritten:
 (1 slice) -- the block above twice, both reading x::
 
     mm_qkv + shrink/expand(3 slices)        mm_z + shrink/expand(1 slice)
-        ->  y  = fx_passes.qkvz_gemm(x, W_qkv, W_z)                  # one GEMM, [T, 2k + 2v]
-            y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x, <LoRA args>)[1]
+        ->  y' = fx_passes.qkvz_gemm_lora(x, W_qkv, W_z, <LoRA args>)   # one GEMM + the 4-slice LoRA
             qkv = slice(y', 1, 0, 2k + v);  z = slice(y', 1, 2k + v, 2k + 2v)
 
 **Fused** (vLLM >= 0.21, PR #37912): one ``in_proj_qkvz`` = MergedColumnParallelLinear
@@ -30,8 +29,14 @@ Two layouts of a Qwen3.5 GatedDeltaNet layer, both rewritten:
 above once. The GEMM is already one; only the LoRA ops change::
 
     mm_qkvz + shrink/expand(4 slices)
-        ->  y  = mm(x, permute(W_qkvz, [1, 0]))                      # kept as it is
-            y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x, <LoRA args>)[1]
+        ->  y' = fx_passes.qkvz_gemm_lora(x, slice(W_qkvz, 0, 0, 2k + v), slice(W_qkvz, 0, 2k + v, 2k + 2v),
+                                          <LoRA args>)     # the same one GEMM (row views of one weight)
+
+With ``QkvzFusionConfig(gemm_lora_op=False)`` both forms keep the GEMM as its own op (split:
+``fx_passes.qkvz_gemm``; fused: vLLM's ``mm``) followed by
+``y' = auto_functionalized(fx_passes.qkvz_lora_, out=y, x=x, <LoRA args>)[1]``.
+On CUDA at decode ``qkvz_gemm_lora`` runs the LoRA expand in the GEMM's epilogue (see
+:mod:`fx_passes.ops.qkvz_gemm_lora`).
 
 LoRA args, both forms::
 
@@ -62,7 +67,7 @@ import collections
 import logging
 import operator
 import re
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
@@ -185,8 +190,9 @@ class VllmLoraFusion:
     """
 
     def __init__(self, qkv_name: str = "in_proj_qkv", z_name: str = "in_proj_z",
-                 qkvz_name: str = "in_proj_qkvz"):
+                 qkvz_name: str = "in_proj_qkvz", gemm_lora_op: bool = True):
         self.qkv_name, self.z_name, self.qkvz_name = qkv_name, z_name, qkvz_name
+        self.gemm_lora_op = gemm_lora_op
 
     def __call__(self, graph: Graph) -> list[LayerMatch]:
         # longest name first: "in_proj_qkv" must not claim "...in_proj_qkvz"
@@ -258,14 +264,16 @@ class VllmLoraFusion:
         x2d = qkv.base.x2d
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
-            gemm = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+            weights = (qkv.base.weight, z.base.weight)
+            gemm = weights if self.gemm_lora_op else _call(graph, QKVZ_GEMM_OP, (x2d, *weights))
             fused, groups = _emit_lora(graph, gemm, x2d, qkv.lora_a + z.lora_a, qkv.lora_b + z.lora_b,
                                        sizes, qkv.mapping, qkv.no_lora_flag, qkv.scaling)
             qkv.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv)))
             z.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z)))
         _finish(graph, result, old, removed - {qkv.mapping}, sizes, groups)
         result.weights_packed = weights_are_packed(wq, wz)
-        result.kernel = "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
+        result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else \
+            "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
 
     def _rewrite_fused(self, graph: Graph, qkvz: _VllmProjection, result: LayerMatch) -> None:
         from fx_passes.fusion.qkvz_lora_fusion import _call
@@ -277,17 +285,23 @@ class VllmLoraFusion:
             # e.g. Qwen3-Next's interleaved GQA layout: one [k, k, v, v]-interleaved slice
             raise NoMatch(qkvz.expand, f"{self.qkvz_name} LoRA slices {sizes} are not [k, k, v, v]")
         _check_dtypes(qkvz, fake_value(qkvz.base.weight))
-        removed = qkvz.lora_nodes()
+        # one op: the mm goes too (the op's GEMM reads W_qkvz through two row views); else it stays
+        removed = qkvz.nodes() if self.gemm_lora_op else qkvz.lora_nodes()
         _check_users_inside(removed, keep={qkvz.mapping}, outputs={qkvz.out})
         anchor = _anchor(graph, [qkvz.out], qkvz.mapping)
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
-            fused, groups = _emit_lora(graph, qkvz.mm, qkvz.base.x2d, qkvz.lora_a, qkvz.lora_b, sizes,
+            gemm = qkvz.mm
+            if self.gemm_lora_op:
+                n_qkv, n = sum(sizes[:3]), sum(sizes)
+                gemm = (_call(graph, aten.slice.Tensor, (qkvz.base.weight, 0, 0, n_qkv)),
+                        _call(graph, aten.slice.Tensor, (qkvz.base.weight, 0, n_qkv, n)))
+            fused, groups = _emit_lora(graph, gemm, qkvz.base.x2d, qkvz.lora_a, qkvz.lora_b, sizes,
                                        qkvz.mapping, qkvz.no_lora_flag, qkvz.scaling)
             qkvz.out.replace_all_uses_with(fused)
         _finish(graph, result, old, removed - {qkvz.mapping}, sizes, groups)
         result.weights_packed = True   # one weight, one GEMM
-        result.kernel = "vllm mm + fx_passes.qkvz_lora_"
+        result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else "vllm mm + fx_passes.qkvz_lora_"
 
 
 # ---------------------------------------------------------------- shared by both forms
@@ -326,11 +340,13 @@ def _anchor(graph: Graph, outs: list[Node], mapping: Node) -> Node:
     return anchor
 
 
-def _emit_lora(graph: Graph, out: Node, x2d: Node, lora_a: list[Node], lora_b: list[Node], sizes: list[int],
-               mapping: Node, no_lora_flag: Node, scaling: float) -> tuple[Node, int]:
-    """One ``auto_functionalized(fx_passes.qkvz_lora_)`` adding every slice into ``out``; returns
-    (its getitem, number of A groups)."""
-    from fx_passes.fusion.qkvz_lora_fusion import QKVZ_LORA_OP, _call
+def _emit_lora(graph: Graph, out: Union[Node, tuple[Node, Node]], x2d: Node, lora_a: list[Node],
+               lora_b: list[Node], sizes: list[int], mapping: Node, no_lora_flag: Node,
+               scaling: float) -> tuple[Node, int]:
+    """The LoRA of every slice: ``out`` a GEMM result node -> one ``auto_functionalized(fx_passes.qkvz_lora_)``
+    adding into it; ``out`` a ``(w_qkv, w_z)`` pair -> one ``fx_passes.qkvz_gemm_lora(x2d, w_qkv, w_z, ...)``
+    doing GEMM and LoRA. Returns (the block's result node, number of A groups)."""
+    from fx_passes.fusion.qkvz_lora_fusion import QKVZ_GEMM_LORA_OP, QKVZ_LORA_OP, _call
 
     groups: dict[Node, int] = {}
     a_views, b_views, slice_a, slice_start = [], [], [], []
@@ -350,9 +366,11 @@ def _emit_lora(graph: Graph, out: Node, x2d: Node, lora_a: list[Node], lora_b: l
     mv = fake_value(mapping)
     minus_one = _call(graph, aten.scalar_tensor.default, (-1,), dict(dtype=mv.dtype, device=mv.device))
     ids = _call(graph, aten.where.self, (flag, minus_one, mapping))
-    functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
-        out=out, x=x2d, lora_a=a_views, lora_b=b_views, slice_a=slice_a, slice_start=slice_start,
-        token_lora_ids=ids, lora_scales=None, scale=scaling))
+    lora_kwargs = dict(lora_a=a_views, lora_b=b_views, slice_a=slice_a, slice_start=slice_start,
+                       token_lora_ids=ids, lora_scales=None, scale=scaling)
+    if isinstance(out, tuple):
+        return _call(graph, QKVZ_GEMM_LORA_OP, (x2d, *out), lora_kwargs), len(a_views)
+    functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(out=out, x=x2d, **lora_kwargs))
     return _call(graph, operator.getitem, (functional, 1)), len(a_views)
 
 

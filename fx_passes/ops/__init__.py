@@ -6,8 +6,12 @@ Importing this package registers them:
   sibling projection weights (see :mod:`fx_passes.ops.qkvz_gemm`).
 * ``torch.ops.fx_passes.qkvz_lora_(out, x, lora_a, lora_b, ...)`` — batched multi-slice
   LoRA (shrink + expand) added in place into ``out`` (see :mod:`fx_passes.ops.qkvz_lora`).
+* ``torch.ops.fx_passes.qkvz_gemm_lora(x, w_qkv, w_z, lora_a, lora_b, ...) -> Tensor`` — both in
+  one functional op; at decode on CUDA the LoRA expand runs in the GEMM's epilogue (see
+  :mod:`fx_passes.ops.qkvz_gemm_lora`).
 """
 from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed
 from fx_passes.ops.qkvz_lora import qkvz_lora_, qkvz_lora_reference
+from fx_passes.ops.qkvz_gemm_lora import qkvz_gemm_lora
 
-__all__ = ["qkvz_gemm", "qkvz_lora_", "qkvz_lora_reference", "weights_are_packed"]
+__all__ = ["qkvz_gemm", "qkvz_gemm_lora", "qkvz_lora_", "qkvz_lora_reference", "weights_are_packed"]

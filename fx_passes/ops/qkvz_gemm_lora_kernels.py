@@ -1,0 +1,352 @@
+"""Small-T qkvz GEMM with the LoRA expand in its epilogue (Triton), the decode path of
+``fx_passes::qkvz_gemm_lora`` (semantics: :mod:`fx_passes.ops.qkvz_gemm_lora`).
+
+Why: at decode the base GEMM streams W (50-168 MB, 12-40 us on an H200) and a LoRA op after it costs
+two more dependent launches (shrink, expand: +4.6 to +10.9 us measured, benchmarks/RESULTS.md), which
+the 1.15x target cannot absorb on Qwen3.5-35B-A3B (base 14.9 us). Here the LoRA costs one tiny launch
+that runs *concurrently* with the GEMM:
+
+1. ``_qkvz_lora_shrink_kernel`` (from :mod:`fx_passes.ops.qkvz_lora_kernels`, split-K over H) starts
+   after ``x``'s producer like any kernel and immediately allows its dependent to launch
+   (``griddepcontrol.launch_dependents``).
+2. ``_qkvz_gemm_lora_kernel``, launched with programmatic dependent launch, streams W for its column
+   tile (``acc^T = W_tile @ x^T``, swap-AB so the wide W tile is the MMA's M side and a handful of
+   tokens its N side), then waits for the shrink (``griddepcontrol.wait``) and adds
+   ``B_tile @ s^T * scale`` to the fp32 accumulator before the one store. W is read once, ``out`` is
+   written once, nothing is read back.
+
+Output columns are cut into *segments*: runs of columns that come from one weight (``w_qkv`` rows or
+``w_z`` rows) and have at most one LoRA slice; the grid walks the column tiles of all segments
+(each tile inside one segment), so the two weights need no packing.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
+
+from fx_passes.ops.qkvz_lora_kernels import _adapter_stride, _qkvz_lora_shrink_kernel, _token_adapters, plan
+
+MAX_SEGMENTS = 4
+_NO_TILE = 2**30
+
+
+@triton.jit
+def _segment_tile(
+    x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+    w_ptr, stride_wn, b_ptr, stride_bl, stride_bn, n, col_start, g, rank,
+    tile_n, pid_t,
+    T, K, L, KSPLIT,
+    stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
+    SEG_LORA: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    n_mask = offs_n < n
+    t_mask = offs_t < T
+    t64 = offs_t.to(tl.int64)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]     # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + t64[None, :] * stride_xt + offs_k[:, None]                      # [BLOCK_K, BLOCK_T]
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    b_tile = offs_n[:, None] * stride_bn + offs_r[None, :]                              # [BLOCK_N, BLOCK_R]
+    b_mask = n_mask[:, None] & r_mask[None, :]
+    if SEG_LORA:
+        if not HAS_IDS:
+            # B does not depend on the shrink: load it before the main loop, so its DRAM latency
+            # hides under the W stream instead of adding to the epilogue (one adapter only: with
+            # token ids the adapters present are known only per tile)
+            b0 = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
+    acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + offs_k) < K
+        w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(x_ptrs, mask=k_mask[:, None] & t_mask[None, :], other=0.0)
+        acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+
+    if USE_PDL:
+        # Every program waits (also those without LoRA), so this grid's completion implies the
+        # shrink's: the s buffer is freed to the caching allocator right after the launch.
+        gdc_wait()
+    if SEG_LORA:
+        ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)
+        row_ok = (ids >= 0) & (ids < L)
+        s_ptrs = s_ptr + g * stride_sg + t64[None, :] * stride_st + offs_r[:, None]   # [BLOCK_R, BLOCK_T] = s^T
+        s_mask = r_mask[:, None] & row_ok[None, :]   # rows without a valid adapter were never written
+        st = tl.load(s_ptrs, mask=s_mask, other=0.0).to(tl.float32)
+        for ks in range(1, KSPLIT):
+            st += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0).to(tl.float32)
+        st = st.to(b_ptr.dtype.element_ty)   # PEFT/vLLM round the shrink to B's dtype
+        if HAS_IDS:
+            for l in range(0, L):
+                in_l = ids == l
+                if tl.max(in_l.to(tl.int32), axis=0) > 0:   # skip adapters absent from this token tile
+                    b = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
+                    d = tl.dot(b, st, input_precision=DOT_PRECISION)
+                    if HAS_SCALES:
+                        scale_l = tl.load(scales_ptr + l * stride_scales).to(tl.float32) * scale
+                    else:
+                        scale_l = scale
+                    acc += tl.where(in_l[None, :], d * scale_l, 0.0)
+        else:
+            if HAS_SCALES:
+                scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
+            else:
+                scale_0 = scale
+            acc += tl.dot(b0, st, input_precision=DOT_PRECISION) * scale_0
+
+    o_ptrs = out_ptr + t64[None, :] * stride_ot + (col_start + offs_n)[:, None]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=n_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _qkvz_gemm_lora_kernel(
+    x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+    w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
+    w1_ptr, w1_stride, b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
+    w2_ptr, w2_stride, b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
+    w3_ptr, w3_stride, b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
+    tile_off1, tile_off2, tile_off3,
+    T, K, L, KSPLIT,
+    stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
+    NUM_SEGMENTS: tl.constexpr,
+    LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr, LORA3: tl.constexpr,
+    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # grid: (column tiles of all segments, token tiles)
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    seg = (pid_n >= tile_off1).to(tl.int32) + (pid_n >= tile_off2).to(tl.int32) \
+        + (pid_n >= tile_off3).to(tl.int32)
+    # The weights and B slices are separate pointers: branch on the segment, one call per branch.
+    if seg == 0:
+        _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+                      w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0, pid_n, pid_t,
+                      T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
+                      LORA0, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION, BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+    if NUM_SEGMENTS > 1:
+        if seg == 1:
+            _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+                          w1_ptr, w1_stride, b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
+                          pid_n - tile_off1, pid_t,
+                          T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
+                          scale, LORA1, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+    if NUM_SEGMENTS > 2:
+        if seg == 2:
+            _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+                          w2_ptr, w2_stride, b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
+                          pid_n - tile_off2, pid_t,
+                          T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
+                          scale, LORA2, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+    if NUM_SEGMENTS > 3:
+        if seg == 3:
+            _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
+                          w3_ptr, w3_stride, b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
+                          pid_n - tile_off3, pid_t,
+                          T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
+                          scale, LORA3, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+
+
+# --------------------------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Segment:
+    """Output columns [start, start + n) computed from ``w`` (rows of one weight) plus, when
+    ``lora_slice`` is set, that LoRA slice's ``b`` (rows of its B, same columns)."""
+    start: int
+    n: int
+    w: torch.Tensor
+    lora_slice: Optional[int] = None
+    b: Optional[torch.Tensor] = None
+
+
+def plan_segments(w_qkv: torch.Tensor, w_z: torch.Tensor, lora_b: Sequence[torch.Tensor],
+                  slice_start: Sequence[int]) -> Optional[list[Segment]]:
+    """Cut the output columns at the weight boundary and at every LoRA slice boundary.
+
+    Returns None when that takes more than :data:`MAX_SEGMENTS` segments (the caller then runs the
+    two-op path). Slices are known not to overlap (checked by ``check_qkvz_lora_args``).
+    """
+    n_qkv, n = w_qkv.shape[0], w_qkv.shape[0] + w_z.shape[0]
+    spans = sorted((int(s), int(s) + b.shape[-2], i) for i, (s, b) in enumerate(zip(slice_start, lora_b)))
+    cuts = sorted({0, n_qkv, n} | {c for s, e, _ in spans for c in (s, e)})
+    segments = []
+    for c0, c1 in zip(cuts, cuts[1:]):
+        if c1 <= c0:
+            continue
+        w = w_qkv[c0:c1] if c1 <= n_qkv else w_z[c0 - n_qkv:c1 - n_qkv]
+        owner = next((i for s, e, i in spans if s <= c0 and c1 <= e), None)
+        b = None
+        if owner is not None:
+            s0 = int(slice_start[owner])
+            b = lora_b[owner].narrow(-2, c0 - s0, c1 - c0)
+        segments.append(Segment(c0, c1 - c0, w, owner, b))
+    return segments if len(segments) <= MAX_SEGMENTS else None
+
+
+# Tuned on an H200 (torch 2.11, triton 3.6) by benchmarks/sweep_fused_decode.py, GEMM + LoRA timed together
+# (r 16/64, 1 and 4 adapters): (K, N, BLOCK_T) -> (BLOCK_N, BLOCK_K, num_stages, num_warps) for the three
+# Qwen3.5 GDN projection shapes. The best configuration is shape-specific (397B-A17B at T = 64: 128 x 64
+# tiles 1.08x base vs 1.20x with 35B-A3B's 64 x 128; 35B-A3B: 1.29x GEMM-alone with 397B's).
+_TUNED_BLOCKS = {
+    (2048, 12288, 16): (128, 128, 4, 8),    # Qwen3.5-35B-A3B
+    (2048, 12288, 64): (64, 128, 3, 4),
+    (5120, 16384, 16): (128, 128, 4, 8),    # Qwen3.5-27B
+    (5120, 16384, 64): (64, 128, 3, 4),
+    (4096, 20480, 16): (64, 128, 3, 4),     # Qwen3.5-397B-A17B
+    (4096, 20480, 64): (128, 64, 4, 4),
+}
+# Shapes not in the table: the configuration that was best or within ~3 % on most measured shapes.
+_DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
+# The GEMM's epilogue re-reads the shrink's split-K partials (fp32) once per column tile: at T = 64 with
+# KSPLIT = 4 that is 64 KB per program, 12 MB of L2 traffic on 35B-A3B. The shrink overlaps the GEMM
+# (PDL), so a slower shrink with fewer partials costs nothing: cap KSPLIT * T at this many rows.
+_MAX_PARTIAL_ROWS = 64
+
+
+def default_blocks(T: int, K: int, N: int) -> dict:
+    """Launch shape of the fused kernel (memory-bound at small T: it streams W once)."""
+    block_t = max(16, min(64, triton.next_power_of_2(T)))
+    tuned_t = 16 if block_t <= 16 else 64   # 17..32 tokens: the 64-token configuration, 32-token tiles
+    bn, bk, stages, warps = _TUNED_BLOCKS.get((K, N, tuned_t), _DEFAULT_BLOCKS[block_t])
+    return dict(BLOCK_N=bn, BLOCK_T=block_t, BLOCK_K=bk, num_stages=stages, num_warps=warps)
+
+
+def shrink_ksplit(T: int) -> int:
+    return max(1, _MAX_PARTIAL_ROWS // max(T, 1))
+
+
+def qkvz_gemm_lora_triton(
+    x: torch.Tensor,
+    w_qkv: torch.Tensor,
+    w_z: torch.Tensor,
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    slice_a: Sequence[int],
+    slice_start: Sequence[int],
+    token_lora_ids: Optional[torch.Tensor] = None,
+    lora_scales: Optional[torch.Tensor] = None,
+    scale: float = 1.0,
+    *,
+    adapters: int = 1,
+    segments: Optional[list[Segment]] = None,
+    block_n: Optional[int] = None,
+    block_t: Optional[int] = None,
+    block_k: Optional[int] = None,
+    num_stages: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    pdl: bool = True,
+    with_lora: bool = True,
+) -> torch.Tensor:
+    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
+
+    Arguments are assumed checked (``fx_passes.ops.qkvz_gemm_lora`` does it). ``with_lora=False``
+    runs the GEMM alone (the benchmark's measure of the GEMM part).
+    """
+    T, K = x.shape
+    out = x.new_empty((T, w_qkv.shape[0] + w_z.shape[0]))
+    if T == 0:
+        return out
+    if segments is None:
+        segments = plan_segments(w_qkv, w_z, lora_b, slice_start)
+        if segments is None:
+            raise ValueError("qkvz_gemm_lora_triton: more than 4 column segments")
+    cfg = default_blocks(T, K, out.shape[1])
+    BLOCK_N = block_n or cfg["BLOCK_N"]
+    BLOCK_T = block_t or cfg["BLOCK_T"]
+    BLOCK_K = block_k or cfg["BLOCK_K"]
+    launch_opts = dict(num_stages=num_stages or cfg["num_stages"], num_warps=num_warps or cfg["num_warps"])
+    has_ids = token_lora_ids is not None
+    with_lora = with_lora and any(seg.lora_slice is not None for seg in segments)
+
+    used_groups = sorted(set(int(g) for g in slice_a))
+    compact = {g: i for i, g in enumerate(used_groups)}
+    groups = [lora_a[g] for g in used_groups]
+    ranks = [a.shape[-2] for a in groups]
+    shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids)
+    if shrink_cfg["KSPLIT"] > shrink_ksplit(T):
+        shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids,
+                          ksplit=shrink_ksplit(T))
+    BLOCK_R, KSPLIT = shrink_cfg["BLOCK_R"], shrink_cfg["KSPLIT"]
+    b_dtype = lora_b[0].dtype
+    dot_precision = "ieee" if b_dtype == torch.float32 else "tf32"
+    pdl = bool(pdl) and with_lora and x.device.type == "cuda"
+
+    has_scales = False
+    scales_arg, stride_scales = x, 0
+    if lora_scales is not None:
+        if lora_scales.numel() == 1 and lora_scales.device.type == "cpu":
+            scale = float(torch.tensor(scale, dtype=torch.float32) * lora_scales.reshape(()).float())
+        else:
+            scales_arg = lora_scales.reshape(-1)
+            if scales_arg.device != x.device:
+                scales_arg = scales_arg.to(x.device)  # [L] on the host: an H2D copy, not graph-capturable
+            stride_scales = 0 if scales_arg.numel() == 1 else scales_arg.stride(0)
+            has_scales = True
+    ids_arg = token_lora_ids if has_ids else x
+
+    device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with device_ctx:
+        if with_lora:
+            s_dtype = b_dtype if KSPLIT == 1 and b_dtype in (torch.float16, torch.bfloat16) else torch.float32
+            s_buf = torch.empty((KSPLIT, len(groups), T, BLOCK_R), dtype=s_dtype, device=x.device)
+            a_args = []
+            for i in range(4):
+                a = groups[min(i, len(groups) - 1)]
+                a_args += [a, _adapter_stride(a), a.stride(-2), a.shape[-2]]
+            l_grid = shrink_cfg["L_GRID"]
+            # Not launched as a PDL dependent (x comes from the kernel before it), but it lets the
+            # GEMM launch at once (USE_PDL: launch_dependents at entry; its final wait is a no-op).
+            _qkvz_lora_shrink_kernel[(triton.cdiv(T, shrink_cfg["SHRINK_BM"]), len(groups) * l_grid, KSPLIT)](
+                x, ids_arg, s_buf, *a_args, T, K, l_grid, shrink_cfg["K_PER_SPLIT"],
+                x.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2),
+                NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=pdl,
+                BLOCK_M=shrink_cfg["SHRINK_BM"], BLOCK_R=BLOCK_R, BLOCK_K=shrink_cfg["BLOCK_K"],
+            )
+            s_strides = (s_buf.stride(0), s_buf.stride(1), s_buf.stride(2))
+        else:
+            s_buf, s_strides = x, (0, 0, 0)
+
+        seg_args, tile_offs, lora_flags, n_tiles = [], [], [], 0
+        for i in range(4):
+            seg = segments[min(i, len(segments) - 1)]
+            has_lora = with_lora and seg.lora_slice is not None
+            b = seg.b if has_lora else seg.w
+            g = compact[int(slice_a[seg.lora_slice])] if has_lora else 0
+            rank = b.shape[-1] if has_lora else 0
+            seg_args += [seg.w, seg.w.stride(0), b, _adapter_stride(b) if has_lora else 0, b.stride(-2),
+                         seg.n, seg.start, g, rank]
+            lora_flags.append(has_lora)
+            if i < len(segments):
+                tile_offs.append(n_tiles)
+                n_tiles += triton.cdiv(seg.n, BLOCK_N)
+            else:
+                tile_offs.append(_NO_TILE)
+        if pdl:
+            launch_opts["launch_pdl"] = True
+        _qkvz_gemm_lora_kernel[(n_tiles, triton.cdiv(T, BLOCK_T))](
+            x, out, s_buf, ids_arg, scales_arg, *seg_args,
+            tile_offs[1], tile_offs[2], tile_offs[3],
+            T, K, adapters, KSPLIT if with_lora else 1,
+            x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),
+            NUM_SEGMENTS=len(segments), LORA0=lora_flags[0], LORA1=lora_flags[1], LORA2=lora_flags[2],
+            LORA3=lora_flags[3], HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
+            DOT_PRECISION=dot_precision, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
+            **launch_opts,
+        )
+    return out

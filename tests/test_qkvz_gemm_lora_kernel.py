@@ -1,0 +1,151 @@
+"""``fx_passes::qkvz_gemm_lora``: the op (opcheck, errors, agreement with qkvz_gemm + qkvz_lora_) and its
+small-T Triton kernel (GEMM with the LoRA expand in the epilogue) against the plain-torch reference.
+
+The kernel runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is
+imported; fp32 and fp16 -- the interpreter has no bf16), called directly on CPU tensors with small
+blocks so that every case has several column tiles per segment, several token tiles and K chunks.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fx_passes.ops  # noqa: E402,F401
+from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton  # noqa: E402
+from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
+
+# relative to max |ref|: a wrong slice, segment, adapter, scale or dropped K chunk is O(1) off
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
+KEY, VALUE, HIDDEN = 16, 24, 40            # H = 40: K chunks of 16 leave a masked tail
+N_QKV = 2 * KEY + VALUE
+SMALL = dict(block_n=16, block_k=16, block_t=16, num_stages=2, num_warps=4)
+
+# which projections carry LoRA -> (lora_b row ranges of B_qkv / B_z, slice_a, slice_start)
+LAYOUTS = {
+    "qkvz": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE)],
+             [0, 0, 0, 1], [0, KEY, 2 * KEY, N_QKV]),
+    "qkv_only": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV)], [0, 0, 0], [0, KEY, 2 * KEY]),
+    "z_only": ([("z", 0, VALUE)], [1], [N_QKV]),
+    "four_groups": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE)],
+                    [0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV]),   # vLLM: a distinct A per slice
+}
+
+
+def _case(T, layout, dtype, *, adapters=None, rank=8, ab_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ab_dtype = ab_dtype or dtype
+    lead = () if adapters is None else (adapters,)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, generator=g) * scale).to(dt)
+
+    x = rnd(T, HIDDEN)
+    w_qkv, w_z = rnd(N_QKV, HIDDEN, scale=HIDDEN ** -0.5), rnd(VALUE, HIDDEN, scale=HIDDEN ** -0.5)
+    spans, slice_a, slice_start = LAYOUTS[layout]
+    n_groups = max(slice_a) + 1
+    lora_a = [rnd(*lead, rank, HIDDEN, scale=HIDDEN ** -0.5, dt=ab_dtype) for _ in range(n_groups)]
+    b_qkv, b_z = rnd(*lead, N_QKV, rank, scale=rank ** -0.5, dt=ab_dtype), rnd(*lead, VALUE, rank, dt=ab_dtype)
+    lora_b = [(b_qkv if which == "qkv" else b_z)[..., lo:hi, :] for which, lo, hi in spans]
+    ids = scales = None
+    if adapters is not None:
+        ids = torch.randint(-1, adapters, (T,), generator=g)
+        ids[0] = adapters - 1        # at least one token with the last adapter ...
+        if T > 1:
+            ids[-1] = -1             # ... and one without any
+        scales = torch.rand(adapters, generator=g) + 0.5
+    return x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales
+
+
+def _reference(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales, scale):
+    """fp32 base product + the LoRA reference, rounded once (what the fused kernel computes)."""
+    out = torch.cat([x.float() @ w_qkv.float().t(), x.float() @ w_z.float().t()], 1)
+    qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, ids, scales, scale)
+    return out
+
+
+def _assert_close(got, want, dtype):
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < TOL[dtype], f"max error {err:.2e} (relative to max |ref|)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("T", [1, 7, 33])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_fused_kernel_matches_reference(T, layout, dtype):
+    args = _case(T, layout, dtype)
+    got = qkvz_gemm_lora_triton(*args, 0.75, **SMALL)
+    assert got.shape == (T, N_QKV + VALUE) and got.dtype == dtype
+    _assert_close(got, _reference(*args, 0.75), dtype)
+
+
+@pytest.mark.parametrize("T", [1, 20])
+@pytest.mark.parametrize("rank", [8, 64])
+def test_fused_kernel_mixed_adapters(T, rank):
+    args = _case(T, "qkvz", torch.float16, adapters=3, rank=rank, seed=T)
+    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=3, **SMALL)
+    _assert_close(got, _reference(*args, 1.5), torch.float16)
+    no_adapter = (args[7] == -1).nonzero().flatten()   # tokens with id -1: exactly the base product
+    if no_adapter.numel() == 0:
+        return
+    base = torch.cat([args[0].float() @ args[1].float().t(), args[0].float() @ args[2].float().t()], 1)
+    _assert_close(got[no_adapter], base[no_adapter], torch.float16)
+
+
+def test_fused_kernel_fp32_adapters_on_fp16_base():
+    """PEFT's default on a 16-bit base: fp32 A/B, fp16 x and W; the output stays fp16."""
+    args = _case(5, "qkvz", torch.float16, ab_dtype=torch.float32)
+    got = qkvz_gemm_lora_triton(*args, 2.0, **SMALL)
+    assert got.dtype == torch.float16
+    _assert_close(got, _reference(*args, 2.0), torch.float16)
+
+
+def test_fused_kernel_default_launch_config():
+    args = _case(3, "qkvz", torch.float32)
+    _assert_close(qkvz_gemm_lora_triton(*args, 1.0), _reference(*args, 1.0), torch.float32)
+
+
+def test_plan_segments_cuts_at_weight_and_slice_boundaries():
+    x, w_qkv, w_z, _, lora_b, _, starts, _, _ = _case(1, "z_only", torch.float32)
+    segments = plan_segments(w_qkv, w_z, lora_b, starts)
+    assert [(s.start, s.n, s.lora_slice) for s in segments] == [(0, N_QKV, None), (N_QKV, VALUE, 0)]
+    # a slice straddling the W_qkv / W_z boundary is split in two segments with matching B rows
+    b = torch.randn(2 * VALUE, 4)
+    segments = plan_segments(w_qkv, w_z, [b], [N_QKV - VALUE])
+    assert [(s.start, s.n, s.lora_slice) for s in segments] == [
+        (0, N_QKV - VALUE, None), (N_QKV - VALUE, VALUE, 0), (N_QKV, VALUE, 0)]
+    assert segments[2].b.data_ptr() == b[VALUE:].data_ptr()
+    # five segments do not fit the kernel: the op falls back to GEMM + qkvz_lora_
+    small = [torch.randn(4, 4)] * 4
+    assert plan_segments(w_qkv, w_z, small, [2, 10, 20, 30]) is None
+
+
+# ------------------------------------------------------------------------------------------ the op
+def test_op_equals_qkvz_gemm_then_qkvz_lora():
+    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(6, "qkvz", torch.float32, adapters=2)
+    got = torch.ops.fx_passes.qkvz_gemm_lora(x, w_qkv, w_z, a, b, slice_a, starts, ids, scales, 0.5)
+    want = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)
+    torch.ops.fx_passes.qkvz_lora_(want, x, a, b, slice_a, starts, ids, scales, 0.5)
+    torch.testing.assert_close(got, want)
+    assert (got - torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)).abs().max() > 1e-2   # the LoRA is not a no-op
+
+
+@pytest.mark.parametrize("adapters", [None, 2])
+def test_opcheck_qkvz_gemm_lora(adapters):
+    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(5, "qkvz", torch.float32, adapters=adapters)
+    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_lora.default,
+                          (x, w_qkv, w_z, a, b, slice_a, starts, ids, scales, 2.0))
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda a: a.__setitem__(1, a[1].double()), "dtypes differ"),
+    (lambda a: a.__setitem__(0, a[0][:, :-1]), "hidden size mismatch"),
+    (lambda a: a.__setitem__(6, [0, KEY, 2 * KEY, N_QKV + 1]), "outside out's"),
+    (lambda a: a.__setitem__(5, [0, 0, 0, 2]), "names no lora_a"),
+])
+def test_op_bad_input_raises_clear_error(mutate, message):
+    args = list(_case(4, "qkvz", torch.float32))
+    mutate(args)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fx_passes.qkvz_gemm_lora(*args, 1.0)
