@@ -52,10 +52,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
     p.add_argument("--T", default="1,64")
-    p.add_argument("--top", type=int, default=3, help="GEMM configs per (shape, T) tried with LoRA")
+    p.add_argument("--top", type=int, default=3, help="GEMM configs per (shape, T) tried with LoRA (0: none)")
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new work after this")
     p.add_argument("--rep", type=float, default=20.0)
     p.add_argument("--large", action="store_true", help="prefill-size configs (LARGE_CONFIGS), e.g. --T 4096")
+    p.add_argument("--ksplit", default=None, help="comma list of shrink split-K caps timed with the default blocks")
+    p.add_argument("--adapter-fp32", action="store_true", help="fp32 A/B on the bf16 base (PEFT's default)")
     p.add_argument("--lora", default="16x1,64x1,16x4,64x4", help="rank x adapters combos tried with LoRA")
     args = p.parse_args()
     t_start = time.time()
@@ -82,7 +84,7 @@ def main():
             row = dict(shape=name, T=T, base=timer(lambda: prob.base(x, None, None)))
             ref_gemm = (x.float() @ prob.Wcat.float().t())
             gemm = {}
-            for c in (LARGE_CONFIGS if args.large else GEMM_CONFIGS):
+            for c in (LARGE_CONFIGS if args.large else GEMM_CONFIGS) if args.top else []:   # --top 0: no GEMM sweep
                 if time.time() - t_start > args.budget_s:
                     break
                 fn = lambda c=c: qkvz_gemm_lora_triton(x, prob.Wqkv, prob.Wz, prob.lora_a, prob.lora_b,  # noqa: E731
@@ -103,11 +105,26 @@ def main():
                     break
                 seed += 1
                 prob_l = Problem(H, Dk, Dv, r, L, torch.bfloat16, "cuda", seed)
+                if args.adapter_fp32:
+                    for name_ in ("Aqkv", "Az", "Bqkv", "Bz", "Acat"):
+                        setattr(prob_l, name_, getattr(prob_l, name_).float())
+                    d = prob_l.Dk
+                    prob_l.lora_a = [prob_l.Aqkv, prob_l.Az]
+                    prob_l.lora_b = [prob_l.Bqkv[..., :d, :], prob_l.Bqkv[..., d:2 * d, :], prob_l.Bqkv[..., 2 * d:, :],
+                                     prob_l.Bz]
                 x_l, ids, _ = prob_l.inputs(T, seed)
                 ref = prob_l.reference(x_l, ids)
                 base_l = timer(lambda: prob_l.base(x_l, None, None))
                 ours_op = timer(lambda: prob_l.ours(x_l, ids, None))   # the registered op, default dispatch
-                cells = {"base": base_l, "ours_op": ours_op}
+                cells = {"base": base_l, "ours_op": ours_op,
+                         "ours_2op": timer(lambda: prob_l.ours_2op(x_l, ids, None))}
+                for ks in ([int(v) for v in args.ksplit.split(",")] if args.ksplit else []):
+                    fn = lambda ks=ks: qkvz_gemm_lora_triton(  # noqa: E731
+                        x_l, prob_l.Wqkv, prob_l.Wz, prob_l.lora_a, prob_l.lora_b, prob_l.slice_a,
+                        prob_l.slice_start, ids, prob_l.scales_t, SCALE_1 if L == 1 else 1.0, adapters=L,
+                        shrink_ksplit_max=ks)
+                    cells[f"err_ks{ks}"] = rel_err(fn(), ref)
+                    cells[f"ks{ks}"] = timer(fn)
                 for k, (_, _, c) in ranked[: args.top]:
                     fn = lambda c=c: qkvz_gemm_lora_triton(  # noqa: E731
                         x_l, prob_l.Wqkv, prob_l.Wz, prob_l.lora_a, prob_l.lora_b, prob_l.slice_a,
@@ -123,9 +140,9 @@ def main():
                         pdl=False, **c)
                     cells[f"{k}_nopdl"] = timer(fn2)
                 row["fused"][f"r{r}_L{L}"] = cells
-                print(f"   r={r} L={L} base={base_l:.4f} op={ours_op / base_l:.3f}x  " + "  ".join(
+                print(f"   r={r} L={L} base={base_l:.4f} op={ours_op / base_l:.3f}x 2op={cells['ours_2op'] / base_l:.3f}x  " + "  ".join(
                     f"{k}={v / base_l:.3f}x" for k, v in cells.items()
-                    if not k.startswith("err_") and k not in ("base", "ours_op")) + "  err " + " ".join(
+                    if not k.startswith("err_") and k not in ("base", "ours_op", "ours_2op")) + "  err " + " ".join(
                     f"{v:.1e}" for k, v in cells.items() if k.startswith("err_")), flush=True)
                 del prob_l
             results.append(row)

@@ -51,11 +51,28 @@ def test_pass_object_through_inductor_options():
         torch.testing.assert_close(g, w)
 
 
+def test_two_op_form_when_gemm_lora_op_is_off():
+    """QkvzFusionConfig(gemm_lora_op=False): qkvz_gemm + an in-place qkvz_lora_ instead of one qkvz_gemm_lora."""
+    fusion_pass = QkvzLoraFusionPass(QkvzFusionConfig(gemm_lora_op=False))
+    model, x = _projections(), torch.randn(6, 64)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, options={"post_grad_custom_post_pass": fusion_pass})(x)
+    assert fusion_pass.matched_count == 1
+    after = fusion_pass.reports[0].ops_after
+    assert after.get("fx_passes.qkvz_gemm.default") == 1 and "fx_passes.qkvz_gemm_lora.default" not in after
+    assert after.get("auto_functionalized(qkvz_lora_.default)") == 1
+    assert fusion_pass.reports[0].layers[0].kernel == "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_uuid_covers_every_source_file_and_the_config(tmp_path, monkeypatch):
     files = qkvz_lora_fusion.rewrite_source_files()
     names = {f.split("fx_passes/")[-1] for f in files}
     assert {"fusion/matcher.py", "fusion/qkvz_lora_fusion.py", "ops/qkvz_lora.py", "ops/qkvz_gemm.py",
-            "ops/qkvz_lora_kernels.py", "config.py"} <= names
+            "ops/qkvz_lora_kernels.py", "ops/qkvz_gemm_lora.py", "ops/qkvz_gemm_lora_kernels.py",
+            "config.py"} <= names
     base = QkvzLoraFusionPass().uuid()
     assert base == QkvzLoraFusionPass().uuid()
     assert base != QkvzLoraFusionPass(QkvzFusionConfig(fuse_without_lora=False)).uuid()

@@ -215,7 +215,13 @@ _TUNED_BLOCKS = {
 _DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
 # The GEMM's epilogue re-reads the shrink's split-K partials (fp32) once per column tile: at T = 64 with
 # KSPLIT = 4 that is 64 KB per program, 12 MB of L2 traffic on 35B-A3B. The shrink overlaps the GEMM
-# (PDL), so a slower shrink with fewer partials costs nothing: cap KSPLIT * T at this many rows.
+# (PDL), so a slower shrink with fewer partials is free as long as it ends before the GEMM's epilogues:
+# with 16-bit adapters cap KSPLIT * T at this many rows (H200, T = 64, bf16, r 16/64, 1 and 4 adapters:
+# KSPLIT 1 was best on 35B-A3B, 397B-A17B and 27B r64, e.g. 35B r64 1.30x vs 1.51x with KSPLIT 4; 27B r16
+# is the exception, 1.37x vs 1.12x with KSPLIT 4). fp32 adapters (PEFT's default on a bf16 base) shrink
+# on the CUDA cores (an exact fp32 dot), 16x16x5120 FMAs per program on 27B: there the cap made the
+# shrink outlast the GEMM (27B T = 64: 2.9x base with KSPLIT 1, 1.42x with 8), so it keeps the
+# split-K of ``plan``.
 _MAX_PARTIAL_ROWS = 64
 
 
@@ -227,7 +233,10 @@ def default_blocks(T: int, K: int, N: int) -> dict:
     return dict(BLOCK_N=bn, BLOCK_T=block_t, BLOCK_K=bk, num_stages=stages, num_warps=warps)
 
 
-def shrink_ksplit(T: int) -> int:
+def shrink_ksplit(T: int, adapter_dtype: torch.dtype) -> Optional[int]:
+    """Cap of the shrink's split-K factor (None: plan's default)."""
+    if adapter_dtype == torch.float32:
+        return None
     return max(1, _MAX_PARTIAL_ROWS // max(T, 1))
 
 
@@ -252,6 +261,7 @@ def qkvz_gemm_lora_triton(
     num_warps: Optional[int] = None,
     pdl: bool = True,
     with_lora: bool = True,
+    shrink_ksplit_max: Optional[int] = None,
 ) -> torch.Tensor:
     """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
 
@@ -279,9 +289,10 @@ def qkvz_gemm_lora_triton(
     groups = [lora_a[g] for g in used_groups]
     ranks = [a.shape[-2] for a in groups]
     shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids)
-    if shrink_cfg["KSPLIT"] > shrink_ksplit(T):
+    ksplit_max = shrink_ksplit_max or shrink_ksplit(T, lora_a[0].dtype)
+    if ksplit_max is not None and shrink_cfg["KSPLIT"] > ksplit_max:
         shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids,
-                          ksplit=shrink_ksplit(T))
+                          ksplit=ksplit_max)
     BLOCK_R, KSPLIT = shrink_cfg["BLOCK_R"], shrink_cfg["KSPLIT"]
     b_dtype = lora_b[0].dtype
     dot_precision = "ieee" if b_dtype == torch.float32 else "tf32"
