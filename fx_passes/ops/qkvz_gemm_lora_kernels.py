@@ -30,7 +30,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from fx_passes.ops.qkvz_lora_kernels import _adapter_stride, _qkvz_lora_shrink_kernel, _token_adapters, plan
+from fx_passes.ops.qkvz_lora_kernels import (
+    _adapter_stride, _qkvz_lora_shrink_kernel, _token_adapters, plan, scale_args,
+)
 
 MAX_SEGMENTS = 4
 _NO_TILE = 2**30
@@ -298,17 +300,7 @@ def qkvz_gemm_lora_triton(
     dot_precision = "ieee" if b_dtype == torch.float32 else "tf32"
     pdl = bool(pdl) and with_lora and x.device.type == "cuda"
 
-    has_scales = False
-    scales_arg, stride_scales = x, 0
-    if lora_scales is not None:
-        if lora_scales.numel() == 1 and lora_scales.device.type == "cpu":
-            scale = float(torch.tensor(scale, dtype=torch.float32) * lora_scales.reshape(()).float())
-        else:
-            scales_arg = lora_scales.reshape(-1)
-            if scales_arg.device != x.device:
-                scales_arg = scales_arg.to(x.device)  # [L] on the host: an H2D copy, not graph-capturable
-            stride_scales = 0 if scales_arg.numel() == 1 else scales_arg.stride(0)
-            has_scales = True
+    scale, scales_arg, stride_scales, has_scales = scale_args(lora_scales, scale, x)
     ids_arg = token_lora_ids if has_ids else x
 
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

@@ -334,6 +334,20 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tensor):
+    """Kernel arguments of the per-token scale ``scale * lora_scales[l]``: (scale, scales tensor,
+    its stride, HAS_SCALES). A one-element CPU tensor is read on the host (no device sync) and folded
+    into ``scale``; anything else is read by the kernel (``x`` stands in when there is none)."""
+    if lora_scales is None:
+        return scale, x, 0, False
+    if lora_scales.numel() == 1 and lora_scales.device.type == "cpu":
+        return float(torch.tensor(scale, dtype=torch.float32) * lora_scales.reshape(()).float()), x, 0, False
+    scales = lora_scales.reshape(-1)
+    if scales.device != x.device:
+        scales = scales.to(x.device)  # [L] on the host: an H2D copy, not graph-capturable
+    return scale, scales, 0 if scales.numel() == 1 else scales.stride(0), True
+
+
 def plan(T: int, H: int, n_groups: int, max_rank: int, max_n: int, device: torch.device, *,
          adapters: int = 1, has_ids: bool = False,
          block_m: Optional[int] = None, block_n: Optional[int] = None, block_k: Optional[int] = None,
@@ -425,20 +439,7 @@ def qkvz_lora_triton_(
     if PDL:
         launch_opts["launch_pdl"] = True
 
-    # Per-token scale = scale * lora_scales[l]; a one-element CPU tensor is read on the host
-    # (no device sync), anything else is read by the kernel.
-    has_scales = False
-    scales_arg, stride_scales = x, 0
-    if lora_scales is not None:
-        if lora_scales.numel() == 1 and lora_scales.device.type == "cpu":
-            scale = float(torch.tensor(scale, dtype=torch.float32) * lora_scales.reshape(()).float())
-        else:
-            scales_arg = lora_scales.reshape(-1)
-            if scales_arg.device != x.device:
-                scales_arg = scales_arg.to(x.device)  # [L] on the host: an H2D copy, not graph-capturable
-            stride_scales = 0 if scales_arg.numel() == 1 else scales_arg.stride(0)
-            has_scales = True
-
+    scale, scales_arg, stride_scales, has_scales = scale_args(lora_scales, scale, x)
     ids_arg = token_lora_ids if has_ids else x
 
     if FUSE:
