@@ -5,7 +5,7 @@ Shared by the demo, the tests and the benchmarks so that all three exercise the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

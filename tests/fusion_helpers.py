@@ -101,4 +101,26 @@ def assert_unchanged(run: FusionRun) -> None:
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-5)
 
 
-__all__ = ["DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]
+class GdnProjections(torch.nn.Module):
+    """A real PEFT-wrapped GDN layer's two projections called on a 2-D input (as vLLM does): the small
+    graph of the entry-point, dump and addmm-form tests. ``z_input_offset`` != 0 gives z another input."""
+
+    def __init__(self, gdn, z_input_offset: float = 0.0):
+        super().__init__()
+        self.linear_attn = gdn
+        self.z_input_offset = z_input_offset
+
+    def forward(self, x):
+        z_in = x + self.z_input_offset if self.z_input_offset else x
+        return self.linear_attn.in_proj_qkv(x).relu(), self.linear_attn.in_proj_z(z_in).sigmoid()
+
+
+def gdn_projections(z_input_offset: float = 0.0) -> GdnProjections:
+    """GdnProjections over layer 0 of a 2-layer tiny Qwen3.5 with PEFT LoRA on in_proj_qkv + in_proj_z."""
+    from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35
+
+    model = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2)))
+    return GdnProjections(model.base_model.model.model.layers[0].linear_attn, z_input_offset)
+
+
+__all__ = ["GdnProjections", "gdn_projections", "DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]

@@ -17,6 +17,7 @@ from fx_passes.config import DUMP_ENV
 from fx_passes.dump import depyf_dump, dump_compile
 from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35, example_inputs
 from fx_passes.packing import pack_qkvz_weights
+from fusion_helpers import gdn_projections
 
 SPEC = TinyQwen35Spec(num_layers=2)          # one GDN layer: base_model.model.model.layers.0.linear_attn
 LAYER = "layers.0.linear_attn"
@@ -138,26 +139,12 @@ def test_cli_dump_reports_skip_reason_without_depyf(tmp_path, monkeypatch, capsy
         (out / "graph_000_after.py").read_text().split("\n", 1)[1]          # unchanged graph
 
 
-def _projections():
-    gdn = add_lora(build_tiny_qwen35(SPEC)).base_model.model.model.layers[0].linear_attn
-
-    class Projections(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear_attn = gdn
-
-        def forward(self, x):
-            return self.linear_attn.in_proj_qkv(x) * 2, self.linear_attn.in_proj_z(x) + 1
-
-    return Projections()
-
-
 def test_env_switch_dumps_every_graph_of_every_pass_instance(tmp_path, monkeypatch):
     """FX_PASSES_DUMP_DIR alone (read when the pass is made): two backends = two pass instances, both
     numbering their graph 0, write into one folder without colliding; report.json holds both."""
     out = tmp_path / "switch"
     monkeypatch.setenv(DUMP_ENV, str(out))
-    model, x = _projections(), torch.randn(6, SPEC.hidden_size)
+    model, x = gdn_projections(), torch.randn(6, SPEC.hidden_size)
     with torch.no_grad():
         for _ in range(2):
             torch._dynamo.reset()

@@ -10,28 +10,14 @@ import torch
 import fx_passes
 from fx_passes import QkvzFusionConfig, QkvzLoraFusionPass
 from fx_passes.fusion import qkvz_lora_fusion
-from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35
-
-
-def _projections():
-    gdn = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2))).base_model.model.model.layers[0].linear_attn
-
-    class Projections(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.linear_attn = gdn
-
-        def forward(self, x):
-            return self.linear_attn.in_proj_qkv(x) * 2, self.linear_attn.in_proj_z(x) + 1
-
-    return Projections()
+from fusion_helpers import gdn_projections
 
 
 def test_backend_is_registered_by_name_and_entry_point():
     assert "fx_passes" in torch._dynamo.list_backends()
     points = importlib.metadata.entry_points(group="torch_dynamo_backends")
     assert any(p.name == "fx_passes" and p.value == "fx_passes.backend:fx_passes_backend" for p in points)
-    model, x = _projections(), torch.randn(6, 64)
+    model, x = gdn_projections(), torch.randn(6, 64)
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model, backend="fx_passes")(x)
@@ -41,7 +27,7 @@ def test_backend_is_registered_by_name_and_entry_point():
 
 def test_pass_object_through_inductor_options():
     fusion_pass = QkvzLoraFusionPass()
-    model, x = _projections(), torch.randn(6, 64)
+    model, x = gdn_projections(), torch.randn(6, 64)
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model, options={"post_grad_custom_post_pass": fusion_pass})(x)
@@ -54,7 +40,7 @@ def test_pass_object_through_inductor_options():
 def test_two_op_form_when_gemm_lora_op_is_off():
     """QkvzFusionConfig(gemm_lora_op=False): qkvz_gemm + an in-place qkvz_lora_ instead of one qkvz_gemm_lora."""
     fusion_pass = QkvzLoraFusionPass(QkvzFusionConfig(gemm_lora_op=False))
-    model, x = _projections(), torch.randn(6, 64)
+    model, x = gdn_projections(), torch.randn(6, 64)
     with torch.no_grad():
         want = model(x)
         got = torch.compile(model, options={"post_grad_custom_post_pass": fusion_pass})(x)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35, example_inputs
-from fusion_helpers import RecordingPass, assert_fused, assert_unchanged, compile_with_pass
+from fusion_helpers import RecordingPass, assert_fused, assert_unchanged, compile_with_pass, gdn_projections
 
 SPEC = TinyQwen35Spec()            # 4 decoder layers, 2 of them GDN
 GDN = SPEC.num_gdn_layers
@@ -99,25 +99,8 @@ def test_llama_lora_on_qkv_is_left_alone():
 
 # ------------------------------------------------------------------ 2-D projections: the addmm form
 
-class _Projections(torch.nn.Module):
-    """Calls a real PEFT-wrapped GDN layer's two projections on a 2-D input (as vLLM does)."""
-
-    def __init__(self, gdn, z_input_offset: float = 0.0):
-        super().__init__()
-        self.linear_attn = gdn
-        self.z_input_offset = z_input_offset
-
-    def forward(self, x):
-        z_in = x + self.z_input_offset if self.z_input_offset else x
-        return self.linear_attn.in_proj_qkv(x).relu(), self.linear_attn.in_proj_z(z_in).sigmoid()
-
-
-def _gdn_layer():
-    return add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2))).base_model.model.model.layers[0].linear_attn
-
-
 def test_inductor_addmm_form():
-    run = compile_with_pass(_Projections(_gdn_layer()), torch.randn(8, SPEC.hidden_size))
+    run = compile_with_pass(gdn_projections(), torch.randn(8, SPEC.hidden_size))
     assert run.op_count("aten.addmm.default", "before") == 2   # Inductor folded each base GEMM + LoRA add
     assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4)
     assert run.op_count("aten.addmm.default") == 0
@@ -174,7 +157,7 @@ def test_float64_is_not_rewritten():
 
 
 def test_different_inputs_are_not_rewritten():
-    run = compile_with_pass(_Projections(_gdn_layer(), z_input_offset=1.0), torch.randn(8, SPEC.hidden_size))
+    run = compile_with_pass(gdn_projections(z_input_offset=1.0), torch.randn(8, SPEC.hidden_size))
     assert_unchanged(run)
     (layer,) = run.layers
     assert not layer.rewritten and "different inputs" in layer.reason

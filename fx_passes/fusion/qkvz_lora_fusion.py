@@ -44,7 +44,7 @@ import logging
 import operator
 import os
 import re
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 import torch.utils._pytree as pytree
@@ -57,7 +57,7 @@ from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.matcher import (
     ADDMM_OPS, FLOAT_DTYPES, MM_OPS, VIEW_OPS, CAST_OPS, LinearLeaf, LoraLeaf, NoMatch, SumMatch,
     check_users_inside, decompose_sum, fake_value, forward_chain, is_call, match_linear,
-    match_linear_operands, module_path, module_stack, strip_views,
+    match_linear_operands, module_path, strip_views,
 )
 from fx_passes.ops.qkvz_gemm import weights_are_packed
 from fx_passes.report import GraphReport, LayerMatch, count_ops
