@@ -119,6 +119,10 @@ def test_plan_segments_cuts_at_weight_and_slice_boundaries():
     # five segments do not fit the kernel: the op falls back to GEMM + qkvz_lora_
     small = [torch.randn(4, 4)] * 4
     assert plan_segments(w_qkv, w_z, small, [2, 10, 20, 30]) is None
+    # nor does a weight whose K dim is strided (the kernel assumes unit stride along K)
+    w_t = torch.randn(HIDDEN, N_QKV).t()
+    assert w_t.shape == w_qkv.shape and w_t.stride(1) != 1
+    assert plan_segments(w_t, w_z, lora_b, starts) is None
 
 
 # ------------------------------------------------------------------------------------------ the op

@@ -181,9 +181,12 @@ def plan_segments(w_qkv: torch.Tensor, w_z: torch.Tensor, lora_b: Sequence[torch
                   slice_start: Sequence[int]) -> Optional[list[Segment]]:
     """Cut the output columns at the weight boundary and at every LoRA slice boundary.
 
-    Returns None when that takes more than :data:`MAX_SEGMENTS` segments (the caller then runs the
-    two-op path). Slices are known not to overlap (checked by ``check_qkvz_lora_args``).
+    Returns None when that takes more than :data:`MAX_SEGMENTS` segments, or when a weight's last dim
+    is not contiguous (the kernel walks K with unit stride); the caller then runs the two-op path, whose
+    library GEMM takes any strides. Slices are known not to overlap (checked by ``check_qkvz_lora_args``).
     """
+    if w_qkv.stride(1) != 1 or w_z.stride(1) != 1:
+        return None
     n_qkv, n = w_qkv.shape[0], w_qkv.shape[0] + w_z.shape[0]
     spans = sorted((int(s), int(s) + b.shape[-2], i) for i, (s, b) in enumerate(zip(slice_start, lora_b)))
     cuts = sorted({0, n_qkv, n} | {c for s, e, _ in spans for c in (s, e)})
