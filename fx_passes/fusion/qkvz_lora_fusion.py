@@ -192,10 +192,6 @@ class QkvzLoraFusionPass(CustomGraphPass):
         result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
         result.removed_nodes = _erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
         result.rewritten = True
-        if self.config.gemm_lora_op and len(groups) == 1:
-            result.kernel = "fx_passes.qkvz_gemm_lora"
-        else:
-            result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in groups)
         return result
 
     def _match_projection(self, cand: _Candidate, base_node: Node, proj_name: str) -> _Projection:
@@ -404,8 +400,11 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
     x2d = qkv.base.x2d
     with graph.inserting_before(anchor):
         one_op = one_op and len(ops) == 1
-        if not one_op:
+        if one_op:
+            result.kernel = "fx_passes.qkvz_gemm_lora"
+        else:
             fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+            result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in ops)
         for op in ops:
             lora_a, lora_b, slice_a, slice_start, names = [], [], [], [], []
             if op.qkv is not None:

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
-    _adapter_stride, _qkvz_lora_shrink_kernel, _token_adapters, plan, scale_args,
+    _adapter_stride, _token_adapters, alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
 )
 
 MAX_SEGMENTS = 4
@@ -289,9 +289,7 @@ def qkvz_gemm_lora_triton(
     has_ids = token_lora_ids is not None
     with_lora = with_lora and any(seg.lora_slice is not None for seg in segments)
 
-    used_groups = sorted(set(int(g) for g in slice_a))
-    compact = {g: i for i, g in enumerate(used_groups)}
-    groups = [lora_a[g] for g in used_groups]
+    groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
     shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids)
     ksplit_max = shrink_ksplit_max or shrink_ksplit(T, lora_a[0].dtype)
@@ -309,21 +307,11 @@ def qkvz_gemm_lora_triton(
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
         if with_lora:
-            s_dtype = b_dtype if KSPLIT == 1 and b_dtype in (torch.float16, torch.bfloat16) else torch.float32
-            s_buf = torch.empty((KSPLIT, len(groups), T, BLOCK_R), dtype=s_dtype, device=x.device)
-            a_args = []
-            for i in range(4):
-                a = groups[min(i, len(groups) - 1)]
-                a_args += [a, _adapter_stride(a), a.stride(-2), a.shape[-2]]
-            l_grid = shrink_cfg["L_GRID"]
+            s_buf = alloc_shrink_buffer(T, len(groups), shrink_cfg, b_dtype, x.device)
             # Not launched as a PDL dependent (x comes from the kernel before it), but it lets the
             # GEMM launch at once (USE_PDL: launch_dependents at entry; its final wait is a no-op).
-            _qkvz_lora_shrink_kernel[(triton.cdiv(T, shrink_cfg["SHRINK_BM"]), len(groups) * l_grid, KSPLIT)](
-                x, ids_arg, s_buf, *a_args, T, K, l_grid, shrink_cfg["K_PER_SPLIT"],
-                x.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2),
-                NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=pdl,
-                BLOCK_M=shrink_cfg["SHRINK_BM"], BLOCK_R=BLOCK_R, BLOCK_K=shrink_cfg["BLOCK_K"],
-            )
+            launch_shrink(x, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids, dot_precision=dot_precision,
+                          use_pdl=pdl)
             s_strides = (s_buf.stride(0), s_buf.stride(1), s_buf.stride(2))
         else:
             s_buf, s_strides = x, (0, 0, 0)

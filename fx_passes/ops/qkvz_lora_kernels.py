@@ -334,6 +334,36 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def shrink_groups(lora_a: Sequence[torch.Tensor], slice_a: Sequence[int]):
+    """The A groups some slice uses, each shrunk exactly once: (groups, {index in lora_a: index in groups})."""
+    used = sorted(set(int(g) for g in slice_a))
+    return [lora_a[g] for g in used], {g: i for i, g in enumerate(used)}
+
+
+def alloc_shrink_buffer(T: int, n_groups: int, cfg: dict, b_dtype: torch.dtype, device) -> torch.Tensor:
+    """``[KSPLIT, G, T, BLOCK_R]``. With one K chunk the shrink stores s already rounded to B's 16-bit
+    dtype (what the expand does anyway), halving the re-reads of s; split-K partials stay fp32."""
+    s_dtype = b_dtype if cfg["KSPLIT"] == 1 and b_dtype in (torch.float16, torch.bfloat16) else torch.float32
+    return torch.empty((cfg["KSPLIT"], n_groups, T, cfg["BLOCK_R"]), dtype=s_dtype, device=device)
+
+
+def launch_shrink(x: torch.Tensor, ids_arg: torch.Tensor, s_buf: torch.Tensor, groups: Sequence[torch.Tensor],
+                  cfg: dict, *, has_ids: bool, dot_precision: str, use_pdl: bool, **launch_opts) -> None:
+    """``_qkvz_lora_shrink_kernel`` over the (token tile, group x adapter, K chunk) grid of ``cfg``."""
+    a_args = []
+    for i in range(4):
+        a = groups[min(i, len(groups) - 1)]
+        a_args += [a, _adapter_stride(a), a.stride(-2), a.shape[-2]]
+    T, H = x.shape
+    l_grid = cfg["L_GRID"]
+    _qkvz_lora_shrink_kernel[(triton.cdiv(T, cfg["SHRINK_BM"]), len(groups) * l_grid, cfg["KSPLIT"])](
+        x, ids_arg, s_buf, *a_args, T, H, l_grid, cfg["K_PER_SPLIT"],
+        x.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2),
+        NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=use_pdl,
+        BLOCK_M=cfg["SHRINK_BM"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], **launch_opts,
+    )
+
+
 def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tensor):
     """Kernel arguments of the per-token scale ``scale * lora_scales[l]``: (scale, scales tensor,
     its stride, HAS_SCALES). A one-element CPU tensor is read on the host (no device sync) and folded
@@ -420,10 +450,7 @@ def qkvz_lora_triton_(
     if T == 0:
         return
 
-    # Only the groups some slice uses are shrunk; each exactly once.
-    used_groups = sorted(set(int(g) for g in slice_a))
-    compact = {g: i for i, g in enumerate(used_groups)}
-    groups = [lora_a[g] for g in used_groups]
+    groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
 
     has_ids = token_lora_ids is not None
@@ -445,17 +472,8 @@ def qkvz_lora_triton_(
     if FUSE:
         s_buf, s_strides = x, (0, 0, 0)  # no shrink buffer; s_ptr is never read
     else:
-        # One K chunk: the shrink stores s already rounded to B's dtype (what the expand does anyway),
-        # halving the expand's re-reads of s; split-K partials stay fp32 until summed.
-        b_dtype = lora_b[0].dtype
-        s_dtype = b_dtype if KSPLIT == 1 and b_dtype in (torch.float16, torch.bfloat16) else torch.float32
-        s_buf = torch.empty((KSPLIT, len(groups), T, BLOCK_R), dtype=s_dtype, device=x.device)
+        s_buf = alloc_shrink_buffer(T, len(groups), cfg, lora_b[0].dtype, x.device)
         s_strides = (s_buf.stride(0), s_buf.stride(1), s_buf.stride(2))
-
-    a_args = []
-    for i in range(4):
-        a = groups[min(i, len(groups) - 1)]
-        a_args += [a, _adapter_stride(a), a.stride(-2), a.shape[-2]]
 
     b_args, tile_offs, n_tiles = [], [], 0
     for i in range(4):
@@ -475,14 +493,8 @@ def qkvz_lora_triton_(
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
         if not FUSE:
-            l_grid = cfg["L_GRID"]
-            _qkvz_lora_shrink_kernel[(triton.cdiv(T, SHRINK_BM), len(groups) * l_grid, KSPLIT)](
-                x, ids_arg, s_buf, *a_args,
-                T, H, l_grid, cfg["K_PER_SPLIT"],
-                x.stride(0), *s_strides,
-                NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=PDL,
-                BLOCK_M=SHRINK_BM, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, **launch_opts,
-            )
+            launch_shrink(x, ids_arg, s_buf, groups, cfg, has_ids=has_ids, dot_precision=dot_precision,
+                          use_pdl=PDL, **launch_opts)
         _qkvz_lora_expand_kernel[(triton.cdiv(T, BLOCK_M), n_tiles)](
             out, s_buf, ids_arg, scales_arg, x, *b_args,
             tile_offs[1], tile_offs[2], tile_offs[3],
