@@ -13,7 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
+from fx_passes.ops.qkvz_gemm import weights_are_packed  # noqa: E402
+from fx_passes.ops.qkvz_gemm_lora import qkvz_gemm_lora_prefill  # noqa: E402
 from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton  # noqa: E402
+from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
 
 # relative to max |ref|: a wrong slice, segment, adapter, scale or dropped K chunk is O(1) off
@@ -80,11 +83,12 @@ def test_fused_kernel_matches_reference(T, layout, dtype):
     _assert_close(got, _reference(*args, 0.75), dtype)
 
 
+@pytest.mark.parametrize("adapters", [3, 6])   # 6: more adapters than one batch of B loads (4)
 @pytest.mark.parametrize("T", [1, 20])
 @pytest.mark.parametrize("rank", [8, 64])
-def test_fused_kernel_mixed_adapters(T, rank):
-    args = _case(T, "qkvz", torch.float16, adapters=3, rank=rank, seed=T)
-    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=3, **SMALL)
+def test_fused_kernel_mixed_adapters(T, rank, adapters):
+    args = _case(T, "qkvz", torch.float16, adapters=adapters, rank=rank, seed=T)
+    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters, **SMALL)
     _assert_close(got, _reference(*args, 1.5), torch.float16)
     no_adapter = (args[7] == -1).nonzero().flatten()   # tokens with id -1: exactly the base product
     if no_adapter.numel() == 0:
@@ -123,6 +127,43 @@ def test_plan_segments_cuts_at_weight_and_slice_boundaries():
     w_t = torch.randn(HIDDEN, N_QKV).t()
     assert w_t.shape == w_qkv.shape and w_t.stride(1) != 1
     assert plan_segments(w_t, w_z, lora_b, starts) is None
+
+
+# ----------------------------------------------------------------------------- large-T (prefill) path
+def _packed(w_qkv, w_z):
+    buf = torch.cat([w_qkv, w_z])
+    return buf[:w_qkv.shape[0]], buf[w_qkv.shape[0]:]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("layout, adapters", [("qkvz", None), ("qkvz", 3), ("four_groups", 2), ("qkv_only", 2)])
+def test_prefill_path_matches_reference(layout, adapters, packed):
+    """Full column coverage: LoRA delta written first, then the GEMM accumulates (beta = 1); qkv_only
+    leaves the z columns without LoRA, so it takes the GEMM-then-add-LoRA form. Same result either way."""
+    x, w_qkv, w_z, *rest = _case(70, layout, torch.float32, adapters=adapters, seed=3)
+    if packed:
+        w_qkv, w_z = _packed(w_qkv, w_z)
+        assert weights_are_packed(w_qkv, w_z)
+    args = (x, w_qkv, w_z, *rest)
+    got = qkvz_gemm_lora_prefill(*args, 1.25)
+    _assert_close(got, _reference(*args, 1.25), torch.float32)
+    if adapters is not None:   # tokens with id -1 get exactly the base product (their delta rows are 0)
+        rows = (rest[-2] == -1).nonzero().flatten()
+        base = torch.cat([x @ w_qkv.t(), x @ w_z.t()], 1)
+        _assert_close(got[rows], base[rows], torch.float32)
+
+
+@pytest.mark.parametrize("adapters", [None, 3])
+def test_lora_kernel_write_mode_stores_delta_without_reading_out(adapters):
+    """``accumulate=False``: every row of the slices' columns is written (0 without an adapter); the
+    NaNs the output held are never read."""
+    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(37, "qkvz", torch.float32, adapters=adapters)
+    out = torch.full((37, N_QKV + VALUE), float("nan"))
+    qkvz_lora_triton_(out, x, a, b, slice_a, starts, ids, scales, 0.5, accumulate=False)
+    want = torch.zeros_like(out)
+    qkvz_lora_reference(want, x, a, b, slice_a, starts, ids, scales, 0.5)
+    assert not out.isnan().any()
+    _assert_close(out, want, torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ the op

@@ -73,6 +73,17 @@ def qkvz_gemm(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.
     return out
 
 
+def qkvz_gemm_accumulate_(out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> None:
+    """``out += x @ [w_qkv; w_z]^T`` by the library GEMM itself (beta = 1: it reads ``out`` in its
+    epilogue): one GEMM over packed weights, else one per weight into ``out``'s column blocks."""
+    if weights_are_packed(w_qkv, w_z):
+        out.addmm_(x, _packed_view(w_qkv, w_z).t())
+        return
+    n_qkv = w_qkv.shape[0]
+    out[:, :n_qkv].addmm_(x, w_qkv.t())
+    out[:, n_qkv:].addmm_(x, w_z.t())
+
+
 @qkvz_gemm.register_fake
 def _qkvz_gemm_fake(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.Tensor:
     _check_inputs(x, w_qkv, w_z)

@@ -31,11 +31,23 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
-    _adapter_stride, _token_adapters, alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
+    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _present, _token_adapters, alloc_shrink_buffer,
+    launch_shrink, plan, scale_args, shrink_groups,
 )
 
 MAX_SEGMENTS = 4
 _NO_TILE = 2**30
+
+
+@triton.jit
+def _epilogue_adapter(acc, b, st, ids, l, L, scales_ptr, stride_scales, scale,
+                      HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc`` plus ``scale_l * (b @ st)`` in the token columns of adapter ``l`` ([BLOCK_N, BLOCK_T])."""
+    if _present(ids, l, L):
+        d = tl.dot(b, st, input_precision=DOT_PRECISION)
+        acc += tl.where((ids == l)[None, :], d * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
+                        0.0)
+    return acc
 
 
 @triton.jit
@@ -62,10 +74,12 @@ def _segment_tile(
     b_tile = offs_n[:, None] * stride_bn + offs_r[None, :]                              # [BLOCK_N, BLOCK_R]
     b_mask = n_mask[:, None] & r_mask[None, :]
     if SEG_LORA:
-        if not HAS_IDS:
+        if HAS_IDS:
+            ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)
+        else:
             # B does not depend on the shrink: load it before the main loop, so its DRAM latency
             # hides under the W stream instead of adding to the epilogue (one adapter only: with
-            # token ids the adapters present are known only per tile)
+            # token ids it would take a tile per adapter present, held in registers through the loop)
             b0 = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
     acc = tl.zeros((BLOCK_N, BLOCK_T), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -76,12 +90,21 @@ def _segment_tile(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
+    if SEG_LORA:
+        if HAS_IDS:
+            # B tiles of the first ADAPTER_BATCH adapters present, issued together and before waiting
+            # for the shrink (they do not depend on it)
+            b_0 = _adapter_tile(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
+            b_1 = _adapter_tile(b_ptr, 1, L, stride_bl, b_tile, b_mask, ids)
+            b_2 = _adapter_tile(b_ptr, 2, L, stride_bl, b_tile, b_mask, ids)
+            b_3 = _adapter_tile(b_ptr, 3, L, stride_bl, b_tile, b_mask, ids)
     if USE_PDL:
         # Every program waits (also those without LoRA), so this grid's completion implies the
         # shrink's: the s buffer is freed to the caching allocator right after the launch.
         gdc_wait()
     if SEG_LORA:
-        ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)
+        if not HAS_IDS:
+            ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)   # rows < T: adapter 0
         row_ok = (ids >= 0) & (ids < L)
         s_ptrs = s_ptr + g * stride_sg + t64[None, :] * stride_st + offs_r[:, None]   # [BLOCK_R, BLOCK_T] = s^T
         s_mask = r_mask[:, None] & row_ok[None, :]   # rows without a valid adapter were never written
@@ -90,16 +113,27 @@ def _segment_tile(
             st += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0).to(tl.float32)
         st = st.to(b_ptr.dtype.element_ty)   # PEFT/vLLM round the shrink to B's dtype
         if HAS_IDS:
-            for l in range(0, L):
-                in_l = ids == l
-                if tl.max(in_l.to(tl.int32), axis=0) > 0:   # skip adapters absent from this token tile
-                    b = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                    d = tl.dot(b, st, input_precision=DOT_PRECISION)
-                    if HAS_SCALES:
-                        scale_l = tl.load(scales_ptr + l * stride_scales).to(tl.float32) * scale
-                    else:
-                        scale_l = scale
-                    acc += tl.where(in_l[None, :], d * scale_l, 0.0)
+            acc = _epilogue_adapter(acc, b_0, st, ids, 0, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            acc = _epilogue_adapter(acc, b_1, st, ids, 1, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            acc = _epilogue_adapter(acc, b_2, st, ids, 2, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            acc = _epilogue_adapter(acc, b_3, st, ids, 3, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            for l0 in range(ADAPTER_BATCH, L, ADAPTER_BATCH):   # more than 4 adapters
+                b_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+                b_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
+                b_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
+                acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale,
+                                        HAS_SCALES, DOT_PRECISION)
+                acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
+                                        HAS_SCALES, DOT_PRECISION)
+                acc = _epilogue_adapter(acc, b_2, st, ids, l0 + 2, L, scales_ptr, stride_scales, scale,
+                                        HAS_SCALES, DOT_PRECISION)
+                acc = _epilogue_adapter(acc, b_3, st, ids, l0 + 3, L, scales_ptr, stride_scales, scale,
+                                        HAS_SCALES, DOT_PRECISION)
         else:
             if HAS_SCALES:
                 scale_0 = tl.load(scales_ptr).to(tl.float32) * scale

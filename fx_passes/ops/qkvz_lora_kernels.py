@@ -59,6 +59,48 @@ def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
     return ids
 
 
+# Mixed-adapter tiles: the B tiles of up to ADAPTER_BATCH adapters are loaded together before their
+# dots, so a tile holding 4 adapters waits for one memory latency, not 4 in a row (the loop before
+# loaded, multiplied and accumulated one adapter at a time).
+ADAPTER_BATCH: tl.constexpr = 4
+
+
+@triton.jit
+def _present(ids, l, L):
+    """Whether some row of the tile uses adapter ``l`` (a valid one: ``l < L``)."""
+    return (tl.max((ids == l).to(tl.int32), axis=0) > 0) & ((tl.zeros((), tl.int32) + l) < L)
+
+
+@triton.jit
+def _adapter_tile(ptr, l, L, stride_l, tile, mask, ids):
+    """Adapter ``l``'s tile of B (``ptr + l * stride_l + tile``); zeros, with no memory traffic, when
+    no row of the tile uses ``l``."""
+    # tl.where, not `mask & present`: the Triton interpreter turns a 2-D & 0-d bool into int32
+    return tl.load(ptr + tl.cast(l, tl.int64) * stride_l + tile, mask=tl.where(_present(ids, l, L), mask, False),
+                   other=0.0)
+
+
+@triton.jit
+def _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES: tl.constexpr):
+    """``scale * lora_scales[l]`` (fp32)."""
+    if HAS_SCALES:
+        return tl.load(scales_ptr + l * stride_scales, mask=(tl.zeros((), tl.int32) + l) < L,
+                       other=0.0).to(tl.float32) * scale
+    else:
+        return scale
+
+
+@triton.jit
+def _expand_adapter(delta, s, bt, ids, l, L, scales_ptr, stride_scales, scale,
+                    HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``delta`` with the rows of adapter ``l`` set to ``scale_l * (s @ bt)`` ([BLOCK_M, BLOCK_N])."""
+    if _present(ids, l, L):
+        d = tl.dot(s, bt, input_precision=DOT_PRECISION)
+        delta = tl.where((ids == l)[:, None], d * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
+                         delta)
+    return delta
+
+
 @triton.jit
 def _shrink_acc(
     x_ptr, in_l, rows64, a_base, stride_ar, rank, k_lo, k_hi, stride_xt,
@@ -190,7 +232,7 @@ def _expand_slice_tile(
     stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale,
     pid_m,
     HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,11 +256,14 @@ def _expand_slice_tile(
     if USE_PDL:
         gdc_wait()  # the shrink (and, through it, the GEMM writing out) has completed
 
-    # ids == -1 or >= L: the row belongs to no adapter and is left untouched
+    # ids == -1 or >= L: the row belongs to no adapter: left untouched (ACCUMULATE) or set to 0
     row_ok = (ids >= 0) & (ids < L)
-    o_mask = row_ok[:, None] & n_mask[None, :]
     o_ptrs = out_ptr + rows64[:, None] * stride_ot + (col_start + offs_n)[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    if ACCUMULATE:
+        o_mask = row_ok[:, None] & n_mask[None, :]
+        o = tl.load(o_ptrs, mask=o_mask, other=0.0)
+    else:
+        o_mask = (offs_m < T)[:, None] & n_mask[None, :]
     if not FUSE_SHRINK:  # sum the split-K partials written by the shrink kernel
         s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :]
         s_mask = row_ok[:, None] & r_mask[None, :]  # rows without a valid adapter were never written
@@ -229,16 +274,19 @@ def _expand_slice_tile(
 
     if HAS_IDS:
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for l in range(0, L):
-            in_l = ids == l
-            if tl.max(in_l.to(tl.int32), axis=0) > 0:  # skip adapters absent from this tile
-                bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                d = tl.dot(s, bt, input_precision=DOT_PRECISION)
-                if HAS_SCALES:
-                    scale_l = tl.load(scales_ptr + l * stride_scales).to(tl.float32) * scale
-                else:
-                    scale_l = scale
-                delta = tl.where(in_l[:, None], d * scale_l, delta)
+        for l0 in range(0, L, ADAPTER_BATCH):
+            bt_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+            bt_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+            bt_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
+            bt_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
+            delta = _expand_adapter(delta, s, bt_0, ids, l0, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_1, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_2, ids, l0 + 2, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_3, ids, l0 + 3, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
     else:
         if HAS_SCALES:
             scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
@@ -246,7 +294,10 @@ def _expand_slice_tile(
             scale_0 = scale
         delta = tl.dot(s, bt0, input_precision=DOT_PRECISION) * scale_0
 
-    tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+    if ACCUMULATE:
+        tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        tl.store(o_ptrs, delta.to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -260,7 +311,7 @@ def _qkvz_lora_expand_kernel(
     T, H, L, KSPLIT,
     stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr, USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr, USE_PDL: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -273,7 +324,7 @@ def _qkvz_lora_expand_kernel(
                            b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank, pid_n,
                            a0_ptr, a0_stride_l, a0_stride_r, T, H, L, KSPLIT,
                            stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
-                           HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                           HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
                            BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 1:
         if sl == 1:
@@ -282,7 +333,7 @@ def _qkvz_lora_expand_kernel(
                                pid_n - tile_off1,
                                a1_ptr, a1_stride_l, a1_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
                            BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 2:
         if sl == 2:
@@ -291,7 +342,7 @@ def _qkvz_lora_expand_kernel(
                                pid_n - tile_off2,
                                a2_ptr, a2_stride_l, a2_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
                            BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 3:
         if sl == 3:
@@ -300,7 +351,7 @@ def _qkvz_lora_expand_kernel(
                                pid_n - tile_off3,
                                a3_ptr, a3_stride_l, a3_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
-                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL,
+                               HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
                            BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
 
 
@@ -435,8 +486,14 @@ def qkvz_lora_triton_(
     fuse: Optional[bool] = None,
     pdl: Optional[bool] = None,
     num_warps: Optional[int] = None,
+    accumulate: bool = True,
 ) -> None:
     """Adds the multi-slice LoRA of ``x`` into ``out`` in place (one or two Triton launches).
+
+    ``accumulate=False`` (two launches only) *writes* the LoRA delta instead: every row of the slices'
+    columns is stored (0 for rows without an adapter) and ``out`` is never read, for a caller that lets
+    the base GEMM accumulate into it afterwards. The shrink is then a plain launch (it may be the first
+    kernel after ``x``'s producer, so it must not start early under PDL).
 
     Tuning knobs (all optional; defaults come from :func:`plan`): ``block_m`` / ``block_n`` /
     ``block_k`` tile sizes (powers of two >= 16; ``block_m`` also sets the shrink's token tile unless
@@ -490,17 +547,21 @@ def qkvz_lora_triton_(
     if n_tiles == 0:
         return
 
+    torch._check(accumulate or not FUSE, lambda: "qkvz_lora_: accumulate=False needs the two-launch form")
+    shrink_opts = dict(launch_opts)
+    if not accumulate:
+        shrink_opts.pop("launch_pdl", None)
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
         if not FUSE:
             launch_shrink(x, ids_arg, s_buf, groups, cfg, has_ids=has_ids, dot_precision=dot_precision,
-                          use_pdl=PDL, **launch_opts)
+                          use_pdl=PDL, **shrink_opts)
         _qkvz_lora_expand_kernel[(triton.cdiv(T, BLOCK_M), n_tiles)](
             out, s_buf, ids_arg, scales_arg, x, *b_args,
             tile_offs[1], tile_offs[2], tile_offs[3],
             T, H, adapters, KSPLIT,
             out.stride(0), x.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b), HAS_IDS=has_ids, HAS_SCALES=has_scales, DOT_PRECISION=dot_precision,
-            FUSE_SHRINK=FUSE, USE_PDL=PDL, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            FUSE_SHRINK=FUSE, USE_PDL=PDL, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
             **launch_opts,
         )
