@@ -62,7 +62,7 @@ def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
 # Mixed-adapter tiles: the B tiles of up to ADAPTER_BATCH adapters are loaded together before their
 # dots, so a tile holding 4 adapters waits for one memory latency, not 4 in a row (the loop before
 # loaded, multiplied and accumulated one adapter at a time).
-ADAPTER_BATCH: tl.constexpr = 4
+ADAPTER_BATCH = tl.constexpr(4)  # a constexpr object: the compiler rejects annotated globals (the interpreter does not)
 
 
 @triton.jit

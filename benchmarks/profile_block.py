@@ -1,0 +1,75 @@
+"""Per-kernel CUDA time of the qkvz block (issue #3): where the time of ``ours`` goes, kernel by kernel.
+
+For each (shape, T, rank, adapters) it runs, under ``torch.profiler``, ``base`` (one cuBLAS GEMM over the
+packed weights), ``ours`` (``fx_passes.qkvz_gemm_lora``, default dispatch) and ``ours_2op`` (``qkvz_gemm``
++ ``qkvz_lora_`` in place) ``--iters`` times each, rotating over weight sets that cover 2x the L2, and
+prints every kernel's mean CUDA time per call. The kernels are summed back-to-back time, not the
+overlapped wall time of a CUDA-graph replay (``bench_qkvz_lora.py`` measures that).
+
+    python benchmarks/profile_block.py --shapes 35B-A3B,27B --T 4096 --rank 16,64 --adapters 1,4
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_qkvz_lora import SHAPES, Problem  # noqa: E402
+
+L2_BYTES = 60 * 2**20
+
+
+def kernel_times(fn, iters: int) -> dict[str, float]:
+    """Mean CUDA time per call (us) of every kernel ``fn`` launches."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    times = collections.defaultdict(float)
+    for evt in prof.events():
+        if evt.device_type == torch.autograd.DeviceType.CUDA:
+            times[evt.name[:60]] += evt.device_time / iters
+    return dict(sorted(times.items(), key=lambda kv: -kv[1]))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
+    p.add_argument("--T", default="4096")
+    p.add_argument("--rank", default="16,64")
+    p.add_argument("--adapters", default="1,4")
+    p.add_argument("--iters", type=int, default=20)
+    args = p.parse_args()
+    print(f"torch {torch.__version__} device {torch.cuda.get_device_name()}", flush=True)
+    seed = 7
+    for name in args.shapes.split(","):
+        H, Dk, Dv = SHAPES[name]
+        for r in (int(v) for v in args.rank.split(",")):
+            for L in (int(v) for v in args.adapters.split(",")):
+                seed += 1
+                w_bytes = (2 * Dk + 2 * Dv) * H * 2
+                n_sets = max(1, -(-2 * L2_BYTES // w_bytes))   # W never served from L2
+                probs = [Problem(H, Dk, Dv, r, L, torch.bfloat16, "cuda", seed + i) for i in range(n_sets)]
+                for T in (int(v) for v in args.T.split(",")):
+                    x, ids, idxs = probs[0].inputs(T, seed)
+                    for variant in ("base", "ours", "ours_2op"):
+                        def run(variant=variant):
+                            for pr in probs:
+                                getattr(pr, variant)(x, ids, idxs)
+                        times = kernel_times(run, args.iters)
+                        total = sum(times.values()) / len(probs)
+                        print(f"{name} r={r} L={L} T={T} {variant:9s} total {total:8.1f} us | " + " | ".join(
+                            f"{k} {v / len(probs):.1f}" for k, v in times.items()), flush=True)
+                del probs
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
