@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_qkvz_lora import SHAPES, Problem  # noqa: E402
 
+from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
+
 L2_BYTES = 60 * 2**20
 
 
@@ -46,6 +48,8 @@ def main():
     p.add_argument("--rank", default="16,64")
     p.add_argument("--adapters", default="1,4")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--shrink-bm", default=None,
+                   help="comma list: also profile the large-T LoRA delta (write mode) with these shrink token tiles")
     args = p.parse_args()
     print(f"torch {torch.__version__} device {torch.cuda.get_device_name()}", flush=True)
     seed = 7
@@ -67,6 +71,16 @@ def main():
                         total = sum(times.values()) / len(probs)
                         print(f"{name} r={r} L={L} T={T} {variant:9s} total {total:8.1f} us | " + " | ".join(
                             f"{k} {v / len(probs):.1f}" for k, v in times.items()), flush=True)
+                    for bm in ([int(v) for v in args.shrink_bm.split(",")] if args.shrink_bm else []):
+                        pr = probs[0]
+                        out = x.new_empty((T, pr.N))
+
+                        def delta(bm=bm, pr=pr, out=out):
+                            qkvz_lora_triton_(out, x, pr.lora_a, pr.lora_b, pr.slice_a, pr.slice_start, ids,
+                                              pr.scales_t, 1.0, accumulate=False, shrink_block_m=bm)
+                        times = kernel_times(delta, args.iters)
+                        print(f"{name} r={r} L={L} T={T} delta shrink_bm={bm}: " + " | ".join(
+                            f"{k} {v:.1f}" for k, v in times.items()), flush=True)
                 del probs
                 torch.cuda.empty_cache()
 

@@ -254,14 +254,22 @@ _TUNED_BLOCKS = {
 _DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
 # The GEMM's epilogue re-reads the shrink's split-K partials (fp32) once per column tile: at T = 64 with
 # KSPLIT = 4 that is 64 KB per program, 12 MB of L2 traffic on 35B-A3B. The shrink overlaps the GEMM
-# (PDL), so a slower shrink with fewer partials is free as long as it ends before the GEMM's epilogues:
-# with 16-bit adapters cap KSPLIT * T at this many rows (H200, T = 64, bf16, r 16/64, 1 and 4 adapters:
-# KSPLIT 1 was best on 35B-A3B, 397B-A17B and 27B r64, e.g. 35B r64 1.30x vs 1.51x with KSPLIT 4; 27B r16
-# is the exception, 1.37x vs 1.12x with KSPLIT 4). fp32 adapters (PEFT's default on a bf16 base) shrink
-# on the CUDA cores (an exact fp32 dot), 16x16x5120 FMAs per program on 27B: there the cap made the
-# shrink outlast the GEMM (27B T = 64: 2.9x base with KSPLIT 1, 1.42x with 8), so it keeps the
-# split-K of ``plan``.
+# (PDL), so a slower shrink with fewer partials is free as long as it ends before the GEMM's epilogues.
+# With 16-bit adapters the default caps KSPLIT * T at this many rows (H200, T = 64: KSPLIT 1 best on
+# 35B-A3B and 397B-A17B, e.g. 35B r64 1.23x vs 1.43x with KSPLIT 4). fp32 adapters (PEFT's default on a
+# bf16 base) shrink on the CUDA cores (an exact fp32 dot): there the cap made the shrink outlast the GEMM
+# (27B T = 64: 2.9x base with KSPLIT 1, 1.41x with 4-8), so they keep the split-K of ``plan``.
 _MAX_PARTIAL_ROWS = 64
+# Measured exceptions (H200, bf16 adapters, sweep_fused_decode.py --ksplit 1,2,4,8, session 3), per
+# (H, N, T bucket, rank bucket (<= 16 or more), several adapters): the best cap where it beat the
+# default by more than the ~2 % noise. Qwen3.5-27B (H = 5120, the longest shrink) at T = 64, r 16:
+# 1.37x base with KSPLIT 1, 1.11x with 4; its r 64 wants 1 (1.06x vs 1.19x with 4). Why r 16 and r 64
+# differ this much is not understood (same shrink grid and K walk).
+_TUNED_KSPLIT = {
+    (5120, 16384, 16, 16, False): 2, (5120, 16384, 16, 64, False): 2, (5120, 16384, 16, 16, True): 8,
+    (5120, 16384, 64, 16, False): 4, (5120, 16384, 64, 16, True): 2,
+    (2048, 12288, 16, 16, False): 2, (2048, 12288, 16, 64, False): 2,
+}
 
 
 def default_blocks(T: int, K: int, N: int) -> dict:
@@ -272,10 +280,14 @@ def default_blocks(T: int, K: int, N: int) -> dict:
     return dict(BLOCK_N=bn, BLOCK_T=block_t, BLOCK_K=bk, num_stages=stages, num_warps=warps)
 
 
-def shrink_ksplit(T: int, adapter_dtype: torch.dtype) -> Optional[int]:
+def shrink_ksplit(T: int, K: int, N: int, rank: int, adapters: int, adapter_dtype: torch.dtype) -> Optional[int]:
     """Cap of the shrink's split-K factor (None: plan's default)."""
     if adapter_dtype == torch.float32:
         return None
+    if T >= 8:   # T < 8: a handful of partial rows, the default split is cheap
+        tuned = _TUNED_KSPLIT.get((K, N, 16 if T <= 16 else 64, 16 if rank <= 16 else 64, adapters > 1))
+        if tuned is not None:
+            return tuned
     return max(1, _MAX_PARTIAL_ROWS // max(T, 1))
 
 
@@ -326,7 +338,7 @@ def qkvz_gemm_lora_triton(
     groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
     shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids)
-    ksplit_max = shrink_ksplit_max or shrink_ksplit(T, lora_a[0].dtype)
+    ksplit_max = shrink_ksplit_max or shrink_ksplit(T, K, out.shape[1], max(ranks), adapters, lora_a[0].dtype)
     if ksplit_max is not None and shrink_cfg["KSPLIT"] > ksplit_max:
         shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids,
                           ksplit=ksplit_max)
