@@ -83,12 +83,13 @@ def test_fused_kernel_matches_reference(T, layout, dtype):
     _assert_close(got, _reference(*args, 0.75), dtype)
 
 
+@pytest.mark.parametrize("block_t", [16, 32])    # epilogue: B of 4 adapters batched (<= 16) / one by one
 @pytest.mark.parametrize("adapters", [3, 6])   # 6: more adapters than one batch of B loads (4)
 @pytest.mark.parametrize("T", [1, 20])
 @pytest.mark.parametrize("rank", [8, 64])
-def test_fused_kernel_mixed_adapters(T, rank, adapters):
+def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t):
     args = _case(T, "qkvz", torch.float16, adapters=adapters, rank=rank, seed=T)
-    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters, **SMALL)
+    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters, **dict(SMALL, block_t=block_t))
     _assert_close(got, _reference(*args, 1.5), torch.float16)
     no_adapter = (args[7] == -1).nonzero().flatten()   # tokens with id -1: exactly the base product
     if no_adapter.numel() == 0:
