@@ -59,75 +59,25 @@ def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
     return ids
 
 
-# Mixed adapters (token ids): the adapters a tile uses are applied as ONE dot over a K dim that stacks
-# BLOCK_L adapters' ranks (stacked row k = adapter l0 + k // BLOCK_R, rank index k % BLOCK_R). Each
-# token's s row sits in its own adapter's block (zeros elsewhere) and the B rows of the BLOCK_L adapters
-# are one tile, so a tile holding 4 adapters costs one load and one MMA, not a load -> dot -> select
-# chain per adapter (those chains, after the GEMM's main loop, were +3 us of 15.7 us on 35B-A3B T = 64).
-# Since a token's row is zero outside its block, the sum over the stacked K is that adapter's product.
-_MAX_STACKED_K = 64   # stacked rows per dot (4 adapters at r 16): the tile stays as small as 4 r-16 tiles
-
-
-def stacked_adapters(adapters: int, block_r: int) -> int:
-    """BLOCK_L: adapters per stacked dot (a power of 2)."""
-    return max(1, min(triton.next_power_of_2(max(adapters, 1)), _MAX_STACKED_K // block_r))
+# Mixed-adapter tiles: the B tiles of up to ADAPTER_BATCH adapters are loaded together before their
+# dots, so a tile holding 4 adapters waits for one memory latency, not 4 in a row (the loop before
+# loaded, multiplied and accumulated one adapter at a time).
+ADAPTER_BATCH = tl.constexpr(4)  # a constexpr object: the compiler rejects annotated globals (the interpreter does not)
 
 
 @triton.jit
-def _stacked_rows(l0, L, rank, ids, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Adapter, rank index and "B row needed" of each stacked K row; rows of adapters no token of the
-    tile uses (or ids >= L, padded ranks) are not loaded."""
-    kk = tl.arange(0, BLOCK_L * BLOCK_R)
-    lk = l0 + kk // BLOCK_R
-    rk = kk % BLOCK_R
-    used = tl.max((ids[None, :] == lk[:, None]).to(tl.int32), axis=1) > 0
-    return lk, rk, used & (lk < L) & (rk < rank)
+def _present(ids, l, L):
+    """Whether some row of the tile uses adapter ``l`` (a valid one: ``l < L``)."""
+    return (tl.max((ids == l).to(tl.int32), axis=0) > 0) & ((tl.zeros((), tl.int32) + l) < L)
 
 
 @triton.jit
-def _token_scales(scales_ptr, ids, L, stride_scales, scale, HAS_SCALES: tl.constexpr):
-    """``scale * lora_scales[id]`` per token (fp32; rows without a valid adapter: 0 or ``scale``, their
-    LoRA product is 0 anyway)."""
-    if HAS_SCALES:
-        ok = (ids >= 0) & (ids < L)
-        return tl.load(scales_ptr + tl.where(ok, ids, 0) * stride_scales, mask=ok, other=0.0).to(tl.float32) * scale
-    else:
-        return tl.zeros(ids.shape, dtype=tl.float32) + scale
-
-
-@triton.jit
-def _stacked_lora(s_ptr, b_ptr, ids, rows64, offs_n, n_mask, g, rank, L, KSPLIT,
-                  stride_bl, stride_bn, stride_sk, stride_sg, stride_st,
-                  TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """Unscaled LoRA products of a tile whose tokens (``ids``, ``rows64``) use several adapters:
-    ``s @ B^T`` per token with its own adapter, [BLOCK_ROWS, BLOCK_N] (the expand), or its transpose
-    ``B @ s^T`` [BLOCK_N, BLOCK_ROWS] with ``TRANSPOSED`` (the GEMM's epilogue: swap-AB tiles)."""
-    if TRANSPOSED:
-        lora = tl.zeros((BLOCK_N, BLOCK_ROWS), dtype=tl.float32)
-    else:
-        lora = tl.zeros((BLOCK_ROWS, BLOCK_N), dtype=tl.float32)
-    for l0 in range(0, L, BLOCK_L):
-        lk, rk, b_ok = _stacked_rows(l0, L, rank, ids, BLOCK_L, BLOCK_R)
-        if TRANSPOSED:
-            b = tl.load(b_ptr + lk[None, :].to(tl.int64) * stride_bl + offs_n[:, None] * stride_bn + rk[None, :],
-                        mask=n_mask[:, None] & b_ok[None, :], other=0.0)                 # [BLOCK_N, KL]
-            s_ptrs = s_ptr + g * stride_sg + rows64[None, :] * stride_st + rk[:, None]   # [KL, BLOCK_ROWS]
-            s_mask = (ids[None, :] == lk[:, None]) & b_ok[:, None]   # the token's own adapter block only
-        else:
-            b = tl.load(b_ptr + lk[:, None].to(tl.int64) * stride_bl + offs_n[None, :] * stride_bn + rk[:, None],
-                        mask=b_ok[:, None] & n_mask[None, :], other=0.0)                 # [KL, BLOCK_N] = B^T
-            s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + rk[None, :]   # [BLOCK_ROWS, KL]
-            s_mask = (ids[:, None] == lk[None, :]) & b_ok[None, :]
-        st = tl.load(s_ptrs, mask=s_mask, other=0.0)
-        for ks in range(1, KSPLIT):   # split-K partials (fp32)
-            st += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0)
-        st = st.to(b_ptr.dtype.element_ty)   # PEFT/vLLM round the shrink to B's dtype
-        if TRANSPOSED:
-            lora = tl.dot(b, st, lora, input_precision=DOT_PRECISION)
-        else:
-            lora = tl.dot(st, b, lora, input_precision=DOT_PRECISION)
-    return lora
+def _adapter_tile(ptr, l, L, stride_l, tile, mask, ids):
+    """Adapter ``l``'s tile of B (``ptr + l * stride_l + tile``); zeros, with no memory traffic, when
+    no row of the tile uses ``l``."""
+    # tl.where, not `mask & present`: the Triton interpreter turns a 2-D & 0-d bool into int32
+    return tl.load(ptr + tl.cast(l, tl.int64) * stride_l + tile, mask=tl.where(_present(ids, l, L), mask, False),
+                   other=0.0)
 
 
 @triton.jit
@@ -283,7 +233,7 @@ def _expand_slice_tile(
     pid_m,
     HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr,
     USE_PDL: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,32 +264,35 @@ def _expand_slice_tile(
         o = tl.load(o_ptrs, mask=o_mask, other=0.0)
     else:
         o_mask = (offs_m < T)[:, None] & n_mask[None, :]
-    if HAS_IDS and not FUSE_SHRINK:
-        delta = _stacked_lora(s_ptr, b_ptr, ids, rows64, offs_n, n_mask, g, rank, L, KSPLIT,
-                              stride_bl, stride_bn, stride_sk, stride_sg, stride_st,
-                              False, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_L)
-        delta = delta * _token_scales(scales_ptr, ids, L, stride_scales, scale, HAS_SCALES)[:, None]
+    if not FUSE_SHRINK:  # sum the split-K partials written by the shrink kernel
+        s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :]
+        s_mask = row_ok[:, None] & r_mask[None, :]  # rows without a valid adapter were never written
+        s = tl.load(s_ptrs, mask=s_mask, other=0.0)
+        for ks in range(1, KSPLIT):
+            s += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0)
+    s = s.to(b_ptr.dtype.element_ty)  # PEFT/vLLM round the shrink to B's dtype
+
+    if HAS_IDS:
+        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for l0 in range(0, L, ADAPTER_BATCH):
+            bt_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+            bt_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+            bt_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
+            bt_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
+            delta = _expand_adapter(delta, s, bt_0, ids, l0, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_1, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_2, ids, l0 + 2, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
+            delta = _expand_adapter(delta, s, bt_3, ids, l0 + 3, L, scales_ptr, stride_scales, scale,
+                                    HAS_SCALES, DOT_PRECISION)
     else:
-        if not FUSE_SHRINK:  # sum the split-K partials written by the shrink kernel
-            s_ptrs = s_ptr + g * stride_sg + rows64[:, None] * stride_st + offs_r[None, :]
-            s_mask = row_ok[:, None] & r_mask[None, :]  # rows without a valid adapter were never written
-            s = tl.load(s_ptrs, mask=s_mask, other=0.0)
-            for ks in range(1, KSPLIT):
-                s += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0)
-        s = s.to(b_ptr.dtype.element_ty)  # PEFT/vLLM round the shrink to B's dtype
-        if HAS_IDS:   # one launch (s in registers): one adapter at a time
-            delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for l in range(0, L):
-                if _present(ids, l, L):
-                    bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                    delta = _expand_adapter(delta, s, bt, ids, l, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
+        if HAS_SCALES:
+            scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
         else:
-            if HAS_SCALES:
-                scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
-            else:
-                scale_0 = scale
-            delta = tl.dot(s, bt0, input_precision=DOT_PRECISION) * scale_0
+            scale_0 = scale
+        delta = tl.dot(s, bt0, input_precision=DOT_PRECISION) * scale_0
 
     if ACCUMULATE:
         tl.store(o_ptrs, (o.to(tl.float32) + delta).to(out_ptr.dtype.element_ty), mask=o_mask)
@@ -359,7 +312,7 @@ def _qkvz_lora_expand_kernel(
     stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FUSE_SHRINK: tl.constexpr, USE_PDL: tl.constexpr, ACCUMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -372,7 +325,7 @@ def _qkvz_lora_expand_kernel(
                            a0_ptr, a0_stride_l, a0_stride_r, T, H, L, KSPLIT,
                            stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
                            HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
-                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, BLOCK_L)
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 1:
         if sl == 1:
             _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
@@ -381,7 +334,7 @@ def _qkvz_lora_expand_kernel(
                                a1_ptr, a1_stride_l, a1_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
                                HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
-                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, BLOCK_L)
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 2:
         if sl == 2:
             _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
@@ -390,7 +343,7 @@ def _qkvz_lora_expand_kernel(
                                a2_ptr, a2_stride_l, a2_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
                                HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
-                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, BLOCK_L)
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
     if NUM_SLICES > 3:
         if sl == 3:
             _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr, x_ptr,
@@ -399,7 +352,7 @@ def _qkvz_lora_expand_kernel(
                                a3_ptr, a3_stride_l, a3_stride_r, T, H, L, KSPLIT,
                                stride_ot, stride_xt, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
                                HAS_IDS, HAS_SCALES, DOT_PRECISION, FUSE_SHRINK, USE_PDL, ACCUMULATE,
-                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K, BLOCK_L)
+                           BLOCK_M, BLOCK_N, BLOCK_R, BLOCK_K)
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,5 +563,5 @@ def qkvz_lora_triton_(
             out.stride(0), x.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b), HAS_IDS=has_ids, HAS_SCALES=has_scales, DOT_PRECISION=dot_precision,
             FUSE_SHRINK=FUSE, USE_PDL=PDL, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-            BLOCK_L=stacked_adapters(adapters, BLOCK_R), **launch_opts,
+            **launch_opts,
         )
