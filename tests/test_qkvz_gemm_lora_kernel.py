@@ -13,8 +13,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
-from fx_passes.ops.qkvz_gemm import weights_are_packed  # noqa: E402
-from fx_passes.ops.qkvz_gemm_lora import qkvz_gemm_lora_prefill  # noqa: E402
+import importlib  # noqa: E402
+from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_, weights_are_packed  # noqa: E402
+from fx_passes.ops.qkvz_gemm_lora import ACCUMULATE_MIN_T, qkvz_gemm_lora_prefill  # noqa: E402
 from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton  # noqa: E402
 from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
@@ -141,17 +142,24 @@ def _packed(w_qkv, w_z):
     return buf[:w_qkv.shape[0]], buf[w_qkv.shape[0]:]
 
 
+@pytest.mark.parametrize("T", [70, ACCUMULATE_MIN_T + 3])
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("layout, adapters", [("qkvz", None), ("qkvz", 3), ("four_groups", 2), ("qkv_only", 2)])
-def test_prefill_path_matches_reference(layout, adapters, packed):
-    """Full column coverage: LoRA delta written first, then the GEMM accumulates (beta = 1); qkv_only
-    leaves the z columns without LoRA, so it takes the GEMM-then-add-LoRA form. Same result either way."""
-    x, w_qkv, w_z, *rest = _case(70, layout, torch.float32, adapters=adapters, seed=3)
+def test_prefill_path_matches_reference(layout, adapters, packed, T, monkeypatch):
+    """From ACCUMULATE_MIN_T tokens with full column coverage: LoRA delta written first, then the GEMM
+    accumulates (beta = 1). Fewer tokens, or qkv_only (z columns without LoRA): GEMM, then the LoRA
+    added. Same result either way."""
+    accumulated = []
+    # the module, not the op of the same name that fx_passes.ops exports
+    monkeypatch.setattr(importlib.import_module("fx_passes.ops.qkvz_gemm_lora"), "qkvz_gemm_accumulate_",
+                        lambda *a: accumulated.append(1) or qkvz_gemm_accumulate_(*a))
+    x, w_qkv, w_z, *rest = _case(T, layout, torch.float32, adapters=adapters, seed=3)
     if packed:
         w_qkv, w_z = _packed(w_qkv, w_z)
         assert weights_are_packed(w_qkv, w_z)
     args = (x, w_qkv, w_z, *rest)
     got = qkvz_gemm_lora_prefill(*args, 1.25)
+    assert bool(accumulated) == (T >= ACCUMULATE_MIN_T and layout != "qkv_only")
     _assert_close(got, _reference(*args, 1.25), torch.float32)
     if adapters is not None:   # tokens with id -1 get exactly the base product (their delta rows are 0)
         rows = (rest[-2] == -1).nonzero().flatten()

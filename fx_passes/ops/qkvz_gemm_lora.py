@@ -8,13 +8,13 @@ functional op, so the implementation may compute the base product and the LoRA t
 * CUDA, ``T <= FUSED_MAX_T`` (decode): a shrink launch plus our Triton GEMM with the LoRA expand in its
   epilogue, overlapped by programmatic dependent launch (:mod:`fx_passes.ops.qkvz_gemm_lora_kernels`).
   The base product and the LoRA delta are summed in fp32 and rounded once.
-* CUDA, larger T (prefill), when the LoRA slices cover every output column (q, k, v and z all carry
-  LoRA): the LoRA delta is *written* into the fresh output first (shrink + expand, 0 for rows without
+* CUDA, ``T >= ACCUMULATE_MIN_T`` (prefill), when the LoRA slices cover every output column (q, k, v
+  and z all carry LoRA): the LoRA delta is *written* into the fresh output first (shrink + expand, 0 for rows without
   an adapter), then the library GEMM accumulates the base product into it (``addmm_``, beta = 1). The
   GEMM is compute-bound there, so reading ``out`` in its epilogue is nearly free, while a LoRA added
   afterwards must read and re-write all of ``out`` (2 T N bytes: 42 us of a 274 us GEMM on
   Qwen3.5-35B-A3B at T = 4096, H200).
-* otherwise (CPU, partial column coverage, column layouts needing more than 4 segments at small T):
+* otherwise (CPU, T between the two, partial column coverage, more than 4 column segments at small T):
   ``qkvz_gemm`` (one cuBLAS GEMM over packed weights) then ``qkvz_lora_`` in place; the base product is
   rounded to the output dtype before the LoRA is added (what PEFT computes).
 
@@ -35,6 +35,12 @@ from fx_passes.ops.qkvz_lora import check_qkvz_lora_args, qkvz_lora_reference
 # Measured on an H200 (benchmarks/RESULTS.md): the fused kernel beats cuBLAS + the two-launch LoRA up
 # to T = 64; above, the two-launch path's cuBLAS GEMM wins.
 FUSED_MAX_T = 64
+# Writing the LoRA delta first and letting cuBLAS accumulate (beta = 1) pays once the GEMM is
+# compute-bound: H200, same run (session 3 call 4), T = 1024: 1.05-1.10x base vs 1.09-1.17x for
+# GEMM-then-add on 27B / 397B-A17B (equal on 35B-A3B); T = 4096, 35B-A3B: 1.09x vs 1.13-1.18x. At
+# T = 256 the GEMM still streams W and reading `out` in its epilogue costs more than it saves
+# (35B-A3B 1.34x vs 1.31x, 397B r 64 1.27x vs 1.20x), so below this many tokens the LoRA is added after.
+ACCUMULATE_MIN_T = 512
 
 
 def _check(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales) -> int:
@@ -51,13 +57,14 @@ def lora_covers_all_columns(lora_b: Sequence[torch.Tensor], n: int) -> bool:
 
 def qkvz_gemm_lora_prefill(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None,
                            lora_scales=None, scale=1.0) -> torch.Tensor:
-    """The large-T path (arguments checked by the caller): LoRA delta written first, library GEMM
-    accumulating into it; the two-op form (GEMM, then the LoRA added in place) when some column has
-    no LoRA slice (the delta kernel only writes the slices' columns)."""
+    """The path above ``FUSED_MAX_T`` (arguments checked by the caller): from ``ACCUMULATE_MIN_T`` tokens
+    the LoRA delta is written first and the library GEMM accumulates into it; below that, or when some
+    column has no LoRA slice (the delta kernel only writes the slices' columns), the two-op form (GEMM,
+    then the LoRA added in place)."""
     from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_
 
     n = w_qkv.shape[0] + w_z.shape[0]
-    if not lora_covers_all_columns(lora_b, n):
+    if x.shape[0] < ACCUMULATE_MIN_T or not lora_covers_all_columns(lora_b, n):
         out = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)
         qkvz_lora_triton_(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale)
         return out
