@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
-    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _present, _token_adapters, alloc_shrink_buffer,
+    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tiles, _present, _token_adapters, alloc_shrink_buffer,
     launch_shrink, plan, scale_args, shrink_groups,
 )
 
@@ -47,6 +47,17 @@ def _epilogue_adapter(acc, b, st, ids, l, L, scales_ptr, stride_scales, scale,
         d = tl.dot(b, st, input_precision=DOT_PRECISION)
         acc += tl.where((ids == l)[None, :], d * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
                         0.0)
+    return acc
+
+
+@triton.jit
+def _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales, scale,
+                       HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """:func:`_epilogue_adapter` for adapters ``l0 .. l0 + 3`` (tiles from ``_adapter_tiles``)."""
+    acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
+    acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
+    acc = _epilogue_adapter(acc, b_2, st, ids, l0 + 2, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
+    acc = _epilogue_adapter(acc, b_3, st, ids, l0 + 3, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
     return acc
 
 
@@ -97,10 +108,7 @@ def _segment_tile(
     # 1.14x -> 1.24x), so there one adapter at a time is loaded and applied.
     if SEG_LORA:
         if HAS_IDS and BLOCK_T <= 16:
-            b_0 = _adapter_tile(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
-            b_1 = _adapter_tile(b_ptr, 1, L, stride_bl, b_tile, b_mask, ids)
-            b_2 = _adapter_tile(b_ptr, 2, L, stride_bl, b_tile, b_mask, ids)
-            b_3 = _adapter_tile(b_ptr, 3, L, stride_bl, b_tile, b_mask, ids)
+            b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
     if USE_PDL:
         # Every program waits (also those without LoRA), so this grid's completion implies the
         # shrink's: the s buffer is freed to the caching allocator right after the launch.
@@ -117,27 +125,12 @@ def _segment_tile(
         st = st.to(b_ptr.dtype.element_ty)   # PEFT/vLLM round the shrink to B's dtype
         if HAS_IDS:
             if BLOCK_T <= 16:
-                acc = _epilogue_adapter(acc, b_0, st, ids, 0, L, scales_ptr, stride_scales, scale,
-                                        HAS_SCALES, DOT_PRECISION)
-                acc = _epilogue_adapter(acc, b_1, st, ids, 1, L, scales_ptr, stride_scales, scale,
-                                        HAS_SCALES, DOT_PRECISION)
-                acc = _epilogue_adapter(acc, b_2, st, ids, 2, L, scales_ptr, stride_scales, scale,
-                                        HAS_SCALES, DOT_PRECISION)
-                acc = _epilogue_adapter(acc, b_3, st, ids, 3, L, scales_ptr, stride_scales, scale,
-                                        HAS_SCALES, DOT_PRECISION)
+                acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, 0, L, scales_ptr, stride_scales, scale,
+                                         HAS_SCALES, DOT_PRECISION)
                 for l0 in range(ADAPTER_BATCH, L, ADAPTER_BATCH):   # more than 4 adapters
-                    b_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
-                    b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
-                    b_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
-                    b_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
-                    acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
-                    acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
-                    acc = _epilogue_adapter(acc, b_2, st, ids, l0 + 2, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
-                    acc = _epilogue_adapter(acc, b_3, st, ids, l0 + 3, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
+                    b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                    acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales,
+                                             scale, HAS_SCALES, DOT_PRECISION)
             else:
                 for l in range(0, L):
                     if _present(ids, l, L):

@@ -62,7 +62,8 @@ def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
 # Mixed-adapter tiles: the B tiles of up to ADAPTER_BATCH adapters are loaded together before their
 # dots, so a tile holding 4 adapters waits for one memory latency, not 4 in a row (the loop before
 # loaded, multiplied and accumulated one adapter at a time).
-ADAPTER_BATCH = tl.constexpr(4)  # a constexpr object: the compiler rejects annotated globals (the interpreter does not)
+# A tl.constexpr object: the compiler rejects a global annotated `: tl.constexpr` (the interpreter accepts it).
+ADAPTER_BATCH = tl.constexpr(4)
 
 
 @triton.jit
@@ -78,6 +79,15 @@ def _adapter_tile(ptr, l, L, stride_l, tile, mask, ids):
     # tl.where, not `mask & present`: the Triton interpreter turns a 2-D & 0-d bool into int32
     return tl.load(ptr + tl.cast(l, tl.int64) * stride_l + tile, mask=tl.where(_present(ids, l, L), mask, False),
                    other=0.0)
+
+
+@triton.jit
+def _adapter_tiles(ptr, l0, L, stride_l, tile, mask, ids):
+    """The tiles of adapters ``l0 .. l0 + 3`` (ADAPTER_BATCH), loads issued together."""
+    return (_adapter_tile(ptr, l0, L, stride_l, tile, mask, ids),
+            _adapter_tile(ptr, l0 + 1, L, stride_l, tile, mask, ids),
+            _adapter_tile(ptr, l0 + 2, L, stride_l, tile, mask, ids),
+            _adapter_tile(ptr, l0 + 3, L, stride_l, tile, mask, ids))
 
 
 @triton.jit
@@ -275,10 +285,7 @@ def _expand_slice_tile(
     if HAS_IDS:
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for l0 in range(0, L, ADAPTER_BATCH):
-            bt_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
-            bt_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
-            bt_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
-            bt_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
+            bt_0, bt_1, bt_2, bt_3 = _adapter_tiles(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
             delta = _expand_adapter(delta, s, bt_0, ids, l0, L, scales_ptr, stride_scales, scale,
                                     HAS_SCALES, DOT_PRECISION)
             delta = _expand_adapter(delta, s, bt_1, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
@@ -562,6 +569,6 @@ def qkvz_lora_triton_(
             T, H, adapters, KSPLIT,
             out.stride(0), x.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b), HAS_IDS=has_ids, HAS_SCALES=has_scales, DOT_PRECISION=dot_precision,
-            FUSE_SHRINK=FUSE, USE_PDL=PDL, ACCUMULATE=bool(accumulate), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-            **launch_opts,
+            FUSE_SHRINK=FUSE, USE_PDL=PDL, ACCUMULATE=bool(accumulate),
+            BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, **launch_opts,
         )
