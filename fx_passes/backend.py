@@ -27,6 +27,10 @@ class FxPassesBackend:
         from torch._inductor.compile_fx import compile_fx
 
         patches = {**self.inductor_options, "post_grad_custom_post_pass": self.fusion_pass}
+        if self.fusion_pass.config.dump_dir:
+            # A cache hit (AOTAutograd's or the FX graph cache's) skips the post-grad pass, so a dumping
+            # run would write nothing for a graph compiled before: compile it for real.
+            patches["force_disable_caches"] = True
         return compile_fx(gm, example_inputs, config_patches=patches)
 
 

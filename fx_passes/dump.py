@@ -25,10 +25,12 @@ The folder::
 instances or processes (vLLM workers) writing into one folder never collide; ``report.json`` /
 ``report.txt`` are rebuilt under a file lock after every graph.
 
-Inductor skips a post-grad pass on an FX-graph-cache hit, and ``uuid()`` ignores ``dump_dir``: with the
-env switch and a warm cache nothing is written. ``dump`` / ``dump_compile`` therefore reset Dynamo and
-compile with ``force_disable_caches=True``; with the switch, also set ``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1``
-(under vLLM also ``VLLM_DISABLE_COMPILE_CACHE=1``). The folder accumulates: delete it to start afresh.
+Inductor skips a post-grad pass on an FX-graph-cache or AOTAutograd-cache hit, and ``uuid()`` ignores
+``dump_dir``: with a warm cache nothing would be written. ``dump`` / ``dump_compile`` therefore reset Dynamo
+and compile with ``force_disable_caches=True``, and so does the ``fx_passes`` backend whenever its pass has a
+dump folder (the env switch included). A pass handed to Inductor's options or to vLLM directly needs
+``TORCHINDUCTOR_FORCE_DISABLE_CACHES=1`` (under vLLM also ``VLLM_DISABLE_COMPILE_CACHE=1``). The folder
+accumulates: delete it to start afresh.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from fx_passes import FxPassesBackend
 from fx_passes.config import DUMP_ENV
@@ -141,17 +142,22 @@ def test_cli_dump_reports_skip_reason_without_depyf(tmp_path, monkeypatch, capsy
 
 def test_env_switch_dumps_every_graph_of_every_pass_instance(tmp_path, monkeypatch):
     """FX_PASSES_DUMP_DIR alone (read when the pass is made): two backends = two pass instances, both
-    numbering their graph 0, write into one folder without colliding; report.json holds both."""
+    numbering their graph 0, write into one folder without colliding; report.json holds both. Caches are
+    ON for the user's compile: the second compile of the same graph would be an AOTAutograd / FX graph
+    cache hit that skips the pass, but a dumping backend compiles with caches off, so both graphs run it."""
     out = tmp_path / "switch"
     monkeypatch.setenv(DUMP_ENV, str(out))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     model, x = gdn_projections(), torch.randn(6, SPEC.hidden_size)
-    with torch.no_grad():
+    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False):
         for _ in range(2):
             torch._dynamo.reset()
+            counters.clear()
             backend = FxPassesBackend()                       # made after the env var is set
             assert backend.fusion_pass.config.dump_dir == str(out)
             torch.compile(model, backend=backend)(x)
             assert backend.fusion_pass.matched_count == 1
+            assert not counters["inductor"]["fxgraph_cache_hit"] and not counters["aot_autograd"]["autograd_cache_hit"]
 
     names = sorted(os.listdir(out))
     for i in range(2):
