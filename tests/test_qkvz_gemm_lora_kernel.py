@@ -16,7 +16,7 @@ import fx_passes.ops  # noqa: E402,F401
 import importlib  # noqa: E402
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_, weights_are_packed  # noqa: E402
 from fx_passes.ops.qkvz_gemm_lora import ACCUMULATE_MIN_T, qkvz_gemm_lora_prefill  # noqa: E402
-from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton  # noqa: E402
+from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton, shrink_ksplit  # noqa: E402
 from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
 
@@ -178,6 +178,19 @@ def test_lora_kernel_write_mode_stores_delta_without_reading_out(adapters):
     qkvz_lora_reference(want, x, a, b, slice_a, starts, ids, scales, 0.5)
     assert not out.isnan().any()
     _assert_close(out, want, torch.float32)
+
+
+def test_shrink_split_k_choice():
+    """The decode shrink's split-K cap: measured exceptions per (shape, T bucket, rank bucket, several
+    adapters), the partial-rows rule otherwise, none for fp32 adapters (their shrink is the slow part)."""
+    bf16 = torch.bfloat16
+    assert shrink_ksplit(64, 5120, 16384, 16, 1, bf16) == 4      # Qwen3.5-27B r16 T = 64: 1.37x -> 1.11x
+    assert shrink_ksplit(33, 5120, 16384, 8, 1, bf16) == 4       # same buckets (T 17..64, r <= 16)
+    assert shrink_ksplit(64, 5120, 16384, 64, 1, bf16) == 1      # r64: default rule, 64 rows / 64 tokens
+    assert shrink_ksplit(16, 5120, 16384, 16, 4, bf16) == 8      # several adapters: their own entry
+    assert shrink_ksplit(4, 5120, 16384, 16, 1, bf16) == 16      # T < 8: the default rule
+    assert shrink_ksplit(64, 1024, 4096, 16, 1, bf16) == 1       # a shape outside the table
+    assert shrink_ksplit(64, 5120, 16384, 16, 1, torch.float32) is None
 
 
 # ------------------------------------------------------------------------------------------ the op
