@@ -1,0 +1,232 @@
+"""Experiment for issue #3's prefill target (T = 4096 <= 1.05x base): a Hopper GEMM with the LoRA in its epilogue.
+
+Why (benchmarks/RESULTS.md, session 3): with the LoRA as kernels beside cuBLAS, the delta must be written
+(2 T N bytes) and read back by the GEMM (beta = 1), a floor of 1.05-1.10x of the GEMM on the Qwen3.5
+shapes. Only an expand inside the GEMM's epilogue avoids both, and that needs a GEMM at cuBLAS's rate:
+the swap-AB decode kernel of ``qkvz_gemm_lora_kernels.py`` runs at 1.52-1.66x of cuBLAS at T = 4096.
+
+This script builds the candidate and measures it; it is not wired into ``fx_passes.qkvz_gemm_lora``:
+
+* ``_prefill_gemm_lora_kernel``: persistent grid (one program per SM), grouped tile order (GROUP_M),
+  TMA loads through device-side tensor descriptors (``tl.make_tensor_descriptor``; needs
+  ``triton.set_allocator``), optional warp specialization / loop flattening of the tile loop (Hopper
+  autoWS in triton >= 3.6), fp32 accumulator; epilogue: ``griddepcontrol.wait`` (the shrink, launched
+  just before with ``launch_dependents``, overlaps the first tiles), ``acc += (s_tile @ B_tile^T) * scale``
+  for the tile's A group (q, k, v: group 0; z: group 1), one TMA store.
+* the shrink is ``qkvz_lora_kernels.launch_shrink`` (the op's own), one K chunk (KSPLIT = 1).
+
+Printed per (shape, T, r): cuBLAS ``base`` (packed W, no LoRA), ``ours`` (the op's default dispatch), and
+per launch configuration the TMA GEMM alone and with the LoRA, as ratios to base (CUDA-graph replay
+medians, weights rotated over 2x the L2), plus the error of every LoRA result against fp32.
+
+    python benchmarks/sweep_prefill_gemm.py [--shapes 35B-A3B] [--T 4096] [--rank 16,64] [--budget-s 400]
+    python benchmarks/sweep_prefill_gemm.py --cpu-check     # tiny shapes, Triton interpreter, fp32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if "--cpu-check" in sys.argv:  # the interpreter must be chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.language.extra.cuda import gdc_wait  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err  # noqa: E402
+
+from fx_passes.ops.qkvz_lora_kernels import alloc_shrink_buffer, launch_shrink, plan  # noqa: E402
+
+L2_BYTES = 60 * 2**20
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten): the persistent TMA
+# configurations reported closest to cuBLAS on Hopper (triton tutorial 09, Inductor's persistent TMA
+# template, LoRAFusion's fused x@W^T + s@B^T kernel: 128 x 256 x 64, 3 stages, 8 warps, no flatten).
+CONFIGS = [
+    (128, 256, 64, 3, 8, False, False),
+    (128, 256, 64, 3, 8, True, False),
+    (128, 256, 64, 3, 8, False, True),
+    (128, 128, 64, 4, 8, False, False),
+    (128, 128, 64, 4, 8, True, False),
+    (128, 128, 128, 3, 8, False, False),
+    (256, 128, 64, 3, 8, False, False),
+    (128, 256, 128, 2, 8, False, False),
+]
+CPU_CONFIGS = [(16, 16, 32, 2, 4, False, False), (32, 16, 16, 2, 4, False, True)]
+
+
+@triton.jit
+def _tile_pids(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """Grouped order: GROUP_M row tiles sweep the column tiles together (their W tiles stay in L2)."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % size_m
+    pid_n = (tile % per_group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _prefill_gemm_lora_kernel(
+    x_ptr, w_ptr, out_ptr, s_ptr, b_ptr,
+    T, N, K, N_QKV, rank, stride_sg, stride_st, stride_bn, scale,
+    WITH_LORA: tl.constexpr, USE_PDL: tl.constexpr, NUM_SMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+):
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    o_desc = tl.make_tensor_descriptor(out_ptr, shape=[T, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_m = tl.cdiv(T, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = offs_r < rank
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_pids(tile, num_m, num_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+        if WITH_LORA:
+            if USE_PDL:
+                gdc_wait()   # the shrink has written s (a no-op after the first tile)
+            rows = off_m + tl.arange(0, BLOCK_M)
+            cols = off_n + tl.arange(0, BLOCK_N)
+            g = (off_n >= N_QKV).to(tl.int32)   # column tiles never straddle N_QKV (checked by the launcher)
+            s = tl.load(s_ptr + g * stride_sg + rows[:, None].to(tl.int64) * stride_st + offs_r[None, :],
+                        mask=(rows < T)[:, None] & r_mask[None, :], other=0.0)
+            bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
+                         mask=r_mask[:, None] & (cols < N)[None, :], other=0.0)            # [BLOCK_R, BLOCK_N]
+            acc += tl.dot(s.to(bt.dtype), bt) * scale
+        o_desc.store([off_m, off_n], acc.to(out_ptr.dtype.element_ty))
+
+
+def _alloc(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def prefill_gemm_lora(x, w, lora_a, b_cat, n_qkv, scale, cfg, *, with_lora=True, pdl=True, num_sms=None):
+    """``x @ w^T + scale * [s_0 | s_1] @ b_cat^T`` (s_g = x @ lora_a[g]^T; columns < n_qkv use group 0)."""
+    bm, bn, bk, stages, warps, ws, flatten = cfg
+    T, K = x.shape
+    N = w.shape[0]
+    assert n_qkv % bn == 0, "a column tile must not straddle the q|k|v / z boundary"
+    triton.set_allocator(_alloc)   # scratch for the device-side TMA descriptors
+    num_sms = num_sms or torch.cuda.get_device_properties(x.device).multi_processor_count
+    out = x.new_empty((T, N))
+    rank = lora_a[0].shape[-2]
+    on_gpu = x.device.type == "cuda"
+    use_pdl = bool(pdl and with_lora and on_gpu)
+    if with_lora:
+        scfg = plan(T, K, len(lora_a), rank, 64, x.device, ksplit=1)
+        s_buf = alloc_shrink_buffer(T, len(lora_a), scfg, b_cat.dtype, x.device)
+        launch_shrink(x, x, s_buf, lora_a, scfg, has_ids=False,
+                      dot_precision="ieee" if b_cat.dtype == torch.float32 else "tf32", use_pdl=use_pdl)
+        block_r, sg, st = scfg["BLOCK_R"], s_buf.stride(1), s_buf.stride(2)
+    else:
+        s_buf, block_r, sg, st = x, 16, 0, 0
+    tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
+    grid = (min(num_sms, tiles),)
+    _prefill_gemm_lora_kernel[grid](
+        x, w, out, s_buf, b_cat, T, N, K, n_qkv, rank, sg, st, b_cat.stride(0), float(scale),
+        WITH_LORA=with_lora, USE_PDL=use_pdl, NUM_SMS=grid[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_R=block_r, GROUP_M=8, WARP_SPECIALIZE=ws, FLATTEN=flatten,
+        num_stages=stages, num_warps=warps, **({"launch_pdl": True} if use_pdl else {}),
+    )
+    return out
+
+
+def cfg_name(c):
+    bm, bn, bk, st, w, ws, fl = c
+    return f"m{bm}n{bn}k{bk}s{st}w{w}" + ("_ws" if ws else "") + ("_flat" if fl else "")
+
+
+def _lora_args(prob):
+    """(lora_a groups, B of all N columns) of a one-adapter Problem."""
+    return [prob.Aqkv, prob.Az], torch.cat([prob.Bqkv, prob.Bz])
+
+
+def cpu_check() -> list[tuple[str, float]]:
+    """Tiny shapes under the Triton interpreter (fp32): every CPU config, with and without LoRA."""
+    results = []
+    for i, cfg in enumerate(CPU_CONFIGS):
+        prob = Problem(64, 16, 16, 8, 1, torch.float32, "cpu", seed=11 + i)   # N_qkv 48, N_z 16
+        x, _, _ = prob.inputs(37, seed=5)
+        lora_a, b_cat = _lora_args(prob)
+        got = prefill_gemm_lora(x, prob.Wcat, lora_a, b_cat, prob.nqkv, SCALE_1, cfg, num_sms=3)
+        results.append((cfg_name(cfg), rel_err(got, prob.reference(x, None))))
+        base = prefill_gemm_lora(x, prob.Wcat, lora_a, b_cat, prob.nqkv, SCALE_1, cfg, with_lora=False, num_sms=3)
+        results.append((cfg_name(cfg) + "_nolora", rel_err(base, x @ prob.Wcat.t())))
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
+    p.add_argument("--T", default="4096")
+    p.add_argument("--rank", default="16,64")
+    p.add_argument("--rep", type=float, default=20.0)
+    p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this")
+    p.add_argument("--cpu-check", action="store_true")
+    args = p.parse_args()
+    if args.cpu_check:
+        for name, err in cpu_check():
+            print(f"{name}: rel err {err:.1e}")
+        return
+    t0 = time.time()
+    timer = Timer("cuda", args.rep)
+    print(f"torch {torch.__version__} triton {triton.__version__} device {torch.cuda.get_device_name()}", flush=True)
+    rows, out_dir, seed = [], os.environ.get("OUT"), 200
+    for name in args.shapes.split(","):
+        H, Dk, Dv = SHAPES[name]
+        for r in (int(v) for v in args.rank.split(",")):
+            seed += 1
+            w_bytes = (2 * Dk + 2 * Dv) * H * 2
+            probs = [Problem(H, Dk, Dv, r, 1, torch.bfloat16, "cuda", seed + i)
+                     for i in range(max(1, -(-2 * L2_BYTES // w_bytes)))]   # W never served from L2
+            for T in (int(v) for v in args.T.split(",")):
+                if time.time() - t0 > args.budget_s:
+                    print("budget reached", flush=True)
+                    break
+                x, _, _ = probs[0].inputs(T, seed)
+                ref = probs[0].reference(x, None)
+                row = dict(shape=name, r=r, T=T,
+                           base=timer(lambda: [pr.base(x, None, None) for pr in probs]),
+                           ours=timer(lambda: [pr.ours(x, None, None) for pr in probs]))
+                for cfg in CONFIGS:
+                    if time.time() - t0 > args.budget_s:
+                        break
+                    lora = [_lora_args(pr) for pr in probs]
+                    try:
+                        y = prefill_gemm_lora(x, probs[0].Wcat, *lora[0], probs[0].nqkv, SCALE_1, cfg)
+                        row[f"err_{cfg_name(cfg)}"] = rel_err(y, ref)
+                        row[f"gemm_{cfg_name(cfg)}"] = timer(lambda cfg=cfg: [
+                            prefill_gemm_lora(x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg, with_lora=False)
+                            for pr, la in zip(probs, lora)])
+                        row[f"lora_{cfg_name(cfg)}"] = timer(lambda cfg=cfg: [
+                            prefill_gemm_lora(x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg) for pr, la in zip(probs, lora)])
+                    except Exception as e:   # e.g. over the shared-memory limit, or autoWS not applicable
+                        print(f"  {cfg_name(cfg)}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
+                rows.append(row)
+                base = row["base"]
+                print(f"{name} r={r} T={T} base={base:.4f} ms ours={row['ours'] / base:.3f}x | " + "  ".join(
+                    f"{k[5:]}: gemm {row[k] / base:.3f}x lora {row['lora_' + k[5:]] / base:.3f}x "
+                    f"err {row['err_' + k[5:]]:.1e}" for k in row if k.startswith("gemm_")), flush=True)
+                if out_dir:
+                    with open(os.path.join(out_dir, "sweep_prefill_gemm.json"), "w") as f:
+                        json.dump(rows, f, indent=1)
+            del probs
+            torch.cuda.empty_cache()
+    print(f"done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
