@@ -121,6 +121,14 @@ class Timer:
         return (time.perf_counter() - t0) * 1e3
 
 
+def rotation_sets(w_bytes: int, device: str) -> int:
+    """How many weight sets a timed call rotates over so that W is never served from L2 (in a model,
+    other layers' weights evict it): enough to cover twice the L2 cache; 1 on the CPU."""
+    if device != "cuda":
+        return 1
+    return max(1, math.ceil(2 * torch.cuda.get_device_properties().L2_cache_size / w_bytes))
+
+
 def measure_ceilings(device: str):
     if device != "cuda":
         return 1e11, 1e12  # placeholders for --cpu-check
@@ -357,7 +365,7 @@ def main(argv=None):
                 # (35B-A3B's packed W is 50 MB, under the H200's 60 MB L2: without rotation its base GEMM
                 # partly ran from L2, 0.0117-0.0150 ms across calls, below the DRAM floor on one row.)
                 probe = Problem(H, Dk, Dv, r, L, dtype, device, seed)
-                n_sets = 1 if cpu else max(1, math.ceil(2 * l2_bytes / probe.Wcat.numel() / probe.Wcat.element_size()))
+                n_sets = rotation_sets(probe.Wcat.numel() * probe.Wcat.element_size(), device)
                 probs = [probe] + [Problem(H, Dk, Dv, r, L, dtype, device, seed + 7919 * i) for i in range(1, n_sets)]
                 prob = probe
                 all_fns = []

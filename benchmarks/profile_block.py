@@ -19,11 +19,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_qkvz_lora import SHAPES, Problem  # noqa: E402
+from bench_qkvz_lora import SHAPES, Problem, rotation_sets  # noqa: E402
 
 from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
-
-L2_BYTES = 60 * 2**20
 
 
 def kernel_times(fn, iters: int) -> dict[str, float]:
@@ -58,8 +56,7 @@ def main():
         for r in (int(v) for v in args.rank.split(",")):
             for L in (int(v) for v in args.adapters.split(",")):
                 seed += 1
-                w_bytes = (2 * Dk + 2 * Dv) * H * 2
-                n_sets = max(1, -(-2 * L2_BYTES // w_bytes))   # W never served from L2
+                n_sets = rotation_sets((2 * Dk + 2 * Dv) * H * 2, "cuda")   # W never served from L2
                 probs = [Problem(H, Dk, Dv, r, L, torch.bfloat16, "cuda", seed + i) for i in range(n_sets)]
                 for T in (int(v) for v in args.T.split(",")):
                     x, ids, idxs = probs[0].inputs(T, seed)

@@ -40,11 +40,10 @@ from triton.language.extra.cuda import gdc_wait  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err  # noqa: E402
+from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err, rotation_sets  # noqa: E402
 
 from fx_passes.ops.qkvz_lora_kernels import alloc_shrink_buffer, launch_shrink, plan  # noqa: E402
 
-L2_BYTES = 60 * 2**20
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten): the persistent TMA
 # configurations reported closest to cuBLAS on Hopper (triton tutorial 09, Inductor's persistent TMA
 # template, LoRAFusion's fused x@W^T + s@B^T kernel: 128 x 256 x 64, 3 stages, 8 warps, no flatten).
@@ -189,9 +188,8 @@ def main():
         H, Dk, Dv = SHAPES[name]
         for r in (int(v) for v in args.rank.split(",")):
             seed += 1
-            w_bytes = (2 * Dk + 2 * Dv) * H * 2
-            probs = [Problem(H, Dk, Dv, r, 1, torch.bfloat16, "cuda", seed + i)
-                     for i in range(max(1, -(-2 * L2_BYTES // w_bytes)))]   # W never served from L2
+            probs = [Problem(H, Dk, Dv, r, 1, torch.bfloat16, "cuda", seed + i)   # W never served from L2
+                     for i in range(rotation_sets((2 * Dk + 2 * Dv) * H * 2, "cuda"))]
             for T in (int(v) for v in args.T.split(",")):
                 if time.time() - t0 > args.budget_s:
                     print("budget reached", flush=True)

@@ -67,9 +67,15 @@ ADAPTER_BATCH = tl.constexpr(4)
 
 
 @triton.jit
+def _valid_adapter(l, L):
+    """``l < L`` as a tensor (``l`` may be a Python int: the interpreter needs a tensor mask)."""
+    return (tl.zeros((), tl.int32) + l) < L
+
+
+@triton.jit
 def _present(ids, l, L):
     """Whether some row of the tile uses adapter ``l`` (a valid one: ``l < L``)."""
-    return (tl.max((ids == l).to(tl.int32), axis=0) > 0) & ((tl.zeros((), tl.int32) + l) < L)
+    return (tl.max((ids == l).to(tl.int32), axis=0) > 0) & _valid_adapter(l, L)
 
 
 @triton.jit
@@ -94,8 +100,7 @@ def _adapter_tiles(ptr, l0, L, stride_l, tile, mask, ids):
 def _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES: tl.constexpr):
     """``scale * lora_scales[l]`` (fp32)."""
     if HAS_SCALES:
-        return tl.load(scales_ptr + l * stride_scales, mask=(tl.zeros((), tl.int32) + l) < L,
-                       other=0.0).to(tl.float32) * scale
+        return tl.load(scales_ptr + l * stride_scales, mask=_valid_adapter(l, L), other=0.0).to(tl.float32) * scale
     else:
         return scale
 
@@ -523,6 +528,7 @@ def qkvz_lora_triton_(
                shrink_block_m=shrink_block_m, ksplit=ksplit, fuse=fuse, pdl=pdl)
     BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_R"]
     KSPLIT, FUSE, PDL, SHRINK_BM = cfg["KSPLIT"], cfg["FUSE"], cfg["PDL"], cfg["SHRINK_BM"]
+    torch._check(accumulate or not FUSE, lambda: "qkvz_lora_: accumulate=False needs the two-launch form")
     for blk in (BLOCK_M, BLOCK_N, BLOCK_K, SHRINK_BM):
         torch._check(blk >= 16 and blk & (blk - 1) == 0, lambda: f"qkvz_lora_: block {blk} is not a power of 2 >= 16")
     dot_precision = "ieee" if lora_a[0].dtype == torch.float32 else "tf32"  # ignored for 16-bit dots
@@ -554,7 +560,6 @@ def qkvz_lora_triton_(
     if n_tiles == 0:
         return
 
-    torch._check(accumulate or not FUSE, lambda: "qkvz_lora_: accumulate=False needs the two-launch form")
     shrink_opts = dict(launch_opts)
     if not accumulate:
         shrink_opts.pop("launch_pdl", None)
