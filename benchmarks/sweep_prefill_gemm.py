@@ -47,17 +47,19 @@ from fx_passes.ops.qkvz_lora_kernels import alloc_shrink_buffer, launch_shrink, 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten): the persistent TMA
 # configurations reported closest to cuBLAS on Hopper (triton tutorial 09, Inductor's persistent TMA
 # template, LoRAFusion's fused x@W^T + s@B^T kernel: 128 x 256 x 64, 3 stages, 8 warps, no flatten).
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten, lora_mode). Session 4 runs 1-2:
+# k128 s2 and s4 exceed the shared memory at 128 x 256; flatten ran 6.7x with the LoRA; 128 x 128 and
+# 256 x 128 stayed >= 1.06x of cuBLAS for the GEMM alone, 128 x 256 x 64 s3 w8 0.96-1.06x.
 CONFIGS = [
-    (128, 256, 64, 3, 8, False, False),
-    (128, 256, 64, 3, 8, True, False),
-    (128, 256, 64, 3, 8, False, True),
-    (128, 128, 64, 4, 8, False, False),
-    (128, 128, 64, 4, 8, True, False),
-    (128, 128, 128, 3, 8, False, False),
-    (256, 128, 64, 3, 8, False, False),
-    (128, 256, 128, 2, 8, False, False),
+    (128, 256, 64, 3, 8, False, False, 0),
+    (128, 256, 64, 3, 8, False, False, 1),
+    (128, 256, 64, 3, 8, False, False, 2),
+    (128, 256, 64, 3, 8, True, False, 1),
+    (256, 128, 64, 3, 8, False, False, 1),
+    (128, 256, 64, 3, 8, False, False, 3),
 ]
-CPU_CONFIGS = [(16, 16, 32, 2, 4, False, False), (32, 16, 16, 2, 4, False, True)]
+CPU_CONFIGS = [(16, 16, 32, 2, 4, False, False, 0), (32, 16, 16, 2, 4, False, True, 1),
+               (16, 16, 16, 2, 4, False, False, 2), (16, 16, 32, 2, 4, False, False, 3)]
 
 
 @triton.jit
@@ -77,11 +79,21 @@ def _prefill_gemm_lora_kernel(
     T, N, K, N_QKV, rank, stride_sg, stride_st, stride_bn, scale,
     WITH_LORA: tl.constexpr, USE_PDL: tl.constexpr, NUM_SMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+    GROUP_M: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, LORA_MODE: tl.constexpr,
 ):
+    """LORA_MODE 0: s and B through pointer loads after the K loop, scale applied to s in registers.
+    1: s and B through TMA after the K loop (B pre-scaled by the caller). 2: as 1, but every tile after
+    a program's first does the LoRA dot before its K loop (the first tile waits for the shrink). 3: as 0,
+    but tiles after a program's first issue the s and B loads before the K loop (a load stalls only at its
+    first use)."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[T, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
     w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
     o_desc = tl.make_tensor_descriptor(out_ptr, shape=[T, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    # s: [G * T, BLOCK_R] rows (group 0's rows past T read group 1's: they land in rows the store clips)
+    s_desc = tl.make_tensor_descriptor(s_ptr, shape=[2 * T, rank], strides=[stride_st, 1],
+                                       block_shape=[BLOCK_M, BLOCK_R])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, rank], strides=[stride_bn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_R])
     num_m = tl.cdiv(T, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -91,20 +103,43 @@ def _prefill_gemm_lora_kernel(
         pid_m, pid_n = _tile_pids(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        g = (off_n >= N_QKV).to(tl.int32)   # column tiles never straddle N_QKV (checked by the launcher)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        lora_first = WITH_LORA and LORA_MODE == 2 and tile >= NUM_SMS
+        if lora_first:
+            acc = tl.dot(s_desc.load([g * T + off_m, 0]), b_desc.load([off_n, 0]).T, acc)
+        rows = off_m + tl.arange(0, BLOCK_M)
+        cols = off_n + tl.arange(0, BLOCK_N)
+        s_ptrs = s_ptr + g * stride_sg + rows[:, None].to(tl.int64) * stride_st + offs_r[None, :]
+        s_mask = (rows < T)[:, None] & r_mask[None, :]
+        b_ptrs = b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_r[:, None]
+        b_mask = r_mask[:, None] & (cols < N)[None, :]
+        if WITH_LORA and LORA_MODE == 3:
+            # prefetch: the loads are issued here and only waited for after the K loop (a program's first
+            # tile may not read s before the shrink is done: masked off here, loaded after the wait)
+            prefetch = tile >= NUM_SMS
+            sv = tl.load(s_ptrs, mask=s_mask & prefetch, other=0.0)
+            bt = tl.load(b_ptrs, mask=b_mask & prefetch, other=0.0)
         for k0 in range(0, K, BLOCK_K):
             acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
-        if WITH_LORA:
-            if USE_PDL:
-                gdc_wait()   # the shrink has written s (a no-op after the first tile)
-            rows = off_m + tl.arange(0, BLOCK_M)
-            cols = off_n + tl.arange(0, BLOCK_N)
-            g = (off_n >= N_QKV).to(tl.int32)   # column tiles never straddle N_QKV (checked by the launcher)
-            s = tl.load(s_ptr + g * stride_sg + rows[:, None].to(tl.int64) * stride_st + offs_r[None, :],
-                        mask=(rows < T)[:, None] & r_mask[None, :], other=0.0)
-            bt = tl.load(b_ptr + cols[None, :].to(tl.int64) * stride_bn + offs_r[:, None],
-                         mask=r_mask[:, None] & (cols < N)[None, :], other=0.0)            # [BLOCK_R, BLOCK_N]
-            acc += tl.dot(s.to(bt.dtype), bt) * scale
+        if WITH_LORA and not lora_first:
+            if LORA_MODE == 3:
+                if tile < NUM_SMS:
+                    if USE_PDL:
+                        gdc_wait()
+                    sv = tl.load(s_ptrs, mask=s_mask, other=0.0)
+                    bt = tl.load(b_ptrs, mask=b_mask, other=0.0)
+                acc = tl.dot((sv * scale).to(bt.dtype), bt, acc)
+            elif LORA_MODE == 0:   # one accumulator: a 2nd 128 x 256 fp32 tile spilled (1.30-1.56x, run 1)
+                if USE_PDL:
+                    gdc_wait()   # the shrink has written s (a no-op after the first tile)
+                sv = tl.load(s_ptrs, mask=s_mask, other=0.0)
+                bt = tl.load(b_ptrs, mask=b_mask, other=0.0)            # [BLOCK_R, BLOCK_N]
+                acc = tl.dot((sv * scale).to(bt.dtype), bt, acc)
+            else:
+                if USE_PDL:
+                    gdc_wait()
+                acc = tl.dot(s_desc.load([g * T + off_m, 0]), b_desc.load([off_n, 0]).T, acc)
         o_desc.store([off_m, off_n], acc.to(out_ptr.dtype.element_ty))
 
 
@@ -112,9 +147,11 @@ def _alloc(size: int, alignment: int, stream):
     return torch.empty(size, dtype=torch.int8, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
-def prefill_gemm_lora(x, w, lora_a, b_cat, n_qkv, scale, cfg, *, with_lora=True, pdl=True, num_sms=None):
-    """``x @ w^T + scale * [s_0 | s_1] @ b_cat^T`` (s_g = x @ lora_a[g]^T; columns < n_qkv use group 0)."""
-    bm, bn, bk, stages, warps, ws, flatten = cfg
+def prefill_gemm_lora(x, w, lora_a, b_cat, n_qkv, scale, cfg, *, with_lora=True, pdl=True, num_sms=None,
+                      s_given=None, shrink_only=False):
+    """``x @ w^T + scale * [s_0 | s_1] @ b_cat^T`` (s_g = x @ lora_a[g]^T; columns < n_qkv use group 0).
+    LoRA modes 1 and 2 (``cfg[7]``) expect ``b_cat`` already multiplied by ``scale``."""
+    bm, bn, bk, stages, warps, ws, flatten, lora_mode = cfg
     T, K = x.shape
     N = w.shape[0]
     assert n_qkv % bn == 0, "a column tile must not straddle the q|k|v / z boundary"
@@ -126,31 +163,37 @@ def prefill_gemm_lora(x, w, lora_a, b_cat, n_qkv, scale, cfg, *, with_lora=True,
     use_pdl = bool(pdl and with_lora and on_gpu)
     if with_lora:
         scfg = plan(T, K, len(lora_a), rank, 64, x.device, ksplit=1)
-        s_buf = alloc_shrink_buffer(T, len(lora_a), scfg, b_cat.dtype, x.device)
-        launch_shrink(x, x, s_buf, lora_a, scfg, has_ids=False,
-                      dot_precision="ieee" if b_cat.dtype == torch.float32 else "tf32", use_pdl=use_pdl)
+        if s_given is None:   # s_given: s of an earlier call (the decomposition: epilogue cost without the shrink)
+            s_buf = alloc_shrink_buffer(T, len(lora_a), scfg, b_cat.dtype, x.device)
+            launch_shrink(x, x, s_buf, lora_a, scfg, has_ids=False,
+                          dot_precision="ieee" if b_cat.dtype == torch.float32 else "tf32", use_pdl=use_pdl)
+            if shrink_only:
+                return s_buf
+        else:
+            s_buf, use_pdl = s_given, False
         block_r, sg, st = scfg["BLOCK_R"], s_buf.stride(1), s_buf.stride(2)
     else:
-        s_buf, block_r, sg, st = x, 16, 0, 0
+        s_buf, block_r, sg, st = x, 16, 0, K
     tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
     grid = (min(num_sms, tiles),)
     _prefill_gemm_lora_kernel[grid](
         x, w, out, s_buf, b_cat, T, N, K, n_qkv, rank, sg, st, b_cat.stride(0), float(scale),
         WITH_LORA=with_lora, USE_PDL=use_pdl, NUM_SMS=grid[0], BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        BLOCK_R=block_r, GROUP_M=8, WARP_SPECIALIZE=ws, FLATTEN=flatten,
+        BLOCK_R=block_r, GROUP_M=8, WARP_SPECIALIZE=ws, FLATTEN=flatten, LORA_MODE=lora_mode,
         num_stages=stages, num_warps=warps, **({"launch_pdl": True} if use_pdl else {}),
     )
     return out
 
 
 def cfg_name(c):
-    bm, bn, bk, st, w, ws, fl = c
-    return f"m{bm}n{bn}k{bk}s{st}w{w}" + ("_ws" if ws else "") + ("_flat" if fl else "")
+    bm, bn, bk, st, w, ws, fl, mode = c
+    return f"m{bm}n{bn}k{bk}s{st}w{w}" + ("_ws" if ws else "") + ("_flat" if fl else "") + f"_L{mode}"
 
 
-def _lora_args(prob):
-    """(lora_a groups, B of all N columns) of a one-adapter Problem."""
-    return [prob.Aqkv, prob.Az], torch.cat([prob.Bqkv, prob.Bz])
+def _lora_args(prob, cfg):
+    """(lora_a groups, B of all N columns; times the scale for LoRA modes 1, 2) of a one-adapter Problem."""
+    b_cat = torch.cat([prob.Bqkv, prob.Bz])
+    return [prob.Aqkv, prob.Az], (b_cat * SCALE_1 if cfg[7] in (1, 2) else b_cat)
 
 
 def cpu_check() -> list[tuple[str, float]]:
@@ -159,7 +202,7 @@ def cpu_check() -> list[tuple[str, float]]:
     for i, cfg in enumerate(CPU_CONFIGS):
         prob = Problem(64, 16, 16, 8, 1, torch.float32, "cpu", seed=11 + i)   # N_qkv 48, N_z 16
         x, _, _ = prob.inputs(37, seed=5)
-        lora_a, b_cat = _lora_args(prob)
+        lora_a, b_cat = _lora_args(prob, cfg)
         got = prefill_gemm_lora(x, prob.Wcat, lora_a, b_cat, prob.nqkv, SCALE_1, cfg, num_sms=3)
         results.append((cfg_name(cfg), rel_err(got, prob.reference(x, None))))
         base = prefill_gemm_lora(x, prob.Wcat, lora_a, b_cat, prob.nqkv, SCALE_1, cfg, with_lora=False, num_sms=3)
@@ -175,6 +218,8 @@ def main():
     p.add_argument("--rep", type=float, default=20.0)
     p.add_argument("--budget-s", type=float, default=420.0, help="stop starting new work after this")
     p.add_argument("--cpu-check", action="store_true")
+    p.add_argument("--decompose", action="store_true",
+                   help="CONFIGS[0] only, 3 interleaved rounds: GEMM, GEMM+LoRA, GEMM+LoRA with s given, shrink")
     args = p.parse_args()
     if args.cpu_check:
         for name, err in cpu_check():
@@ -199,10 +244,39 @@ def main():
                 row = dict(shape=name, r=r, T=T,
                            base=timer(lambda: [pr.base(x, None, None) for pr in probs]),
                            ours=timer(lambda: [pr.ours(x, None, None) for pr in probs]))
+                if args.decompose:
+                    fns = dict(base=lambda: [pr.base(x, None, None) for pr in probs],
+                               ours=lambda: [pr.ours(x, None, None) for pr in probs])
+                    for cfg in (CONFIGS[0], CONFIGS[-1]):
+                        lora = [_lora_args(pr, cfg) for pr in probs]
+                        s_bufs = [prefill_gemm_lora(x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg, shrink_only=True)
+                                  for pr, la in zip(probs, lora)]
+                        tag = f"L{cfg[7]}"
+                        if cfg is CONFIGS[0]:
+                            fns["gemm"] = lambda cfg=cfg, lora=lora: [prefill_gemm_lora(
+                                x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg, with_lora=False) for pr, la in zip(probs, lora)]
+                            fns["shrink"] = lambda cfg=cfg, lora=lora: [prefill_gemm_lora(
+                                x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg, shrink_only=True) for pr, la in zip(probs, lora)]
+                        fns["lora_" + tag] = lambda cfg=cfg, lora=lora: [prefill_gemm_lora(
+                            x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg) for pr, la in zip(probs, lora)]
+                        fns["s_given_" + tag] = lambda cfg=cfg, lora=lora, s_bufs=s_bufs: [prefill_gemm_lora(
+                            x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg, s_given=sb) for pr, la, sb in zip(probs, lora, s_bufs)]
+                        y = prefill_gemm_lora(x, probs[0].Wcat, *lora[0], probs[0].nqkv, SCALE_1, cfg)
+                        print(f"  {tag} err {rel_err(y, ref):.1e}", flush=True)
+                    times = {k: [] for k in fns}
+                    for _ in range(3):
+                        for k, fn in fns.items():
+                            times[k].append(timer(fn))
+                    med = {k: sorted(v)[1] for k, v in times.items()}
+                    print(f"{name} r={r} T={T} base={med['base']:.4f} ms (rounds " +
+                          "/".join(f"{v:.4f}" for v in times["base"]) + ") | " + "  ".join(
+                              f"{k} {v / med['base']:.3f}x" for k, v in med.items() if k != "base"), flush=True)
+                    rows.append(dict(shape=name, r=r, T=T, **{k: v for k, v in times.items()}))
+                    continue
                 for cfg in CONFIGS:
                     if time.time() - t0 > args.budget_s:
                         break
-                    lora = [_lora_args(pr) for pr in probs]
+                    lora = [_lora_args(pr, cfg) for pr in probs]
                     try:
                         y = prefill_gemm_lora(x, probs[0].Wcat, *lora[0], probs[0].nqkv, SCALE_1, cfg)
                         row[f"err_{cfg_name(cfg)}"] = rel_err(y, ref)

@@ -8,7 +8,10 @@ functional op, so the implementation may compute the base product and the LoRA t
 * CUDA, ``T <= FUSED_MAX_T`` (decode): a shrink launch plus our Triton GEMM with the LoRA expand in its
   epilogue, overlapped by programmatic dependent launch (:mod:`fx_passes.ops.qkvz_gemm_lora_kernels`).
   The base product and the LoRA delta are summed in fp32 and rounded once.
-* CUDA, ``T >= ACCUMULATE_MIN_T`` (prefill), when the LoRA slices cover every output column (q, k, v
+* CUDA, ``T >= PREFILL_FUSED_MIN_T`` (prefill), Hopper+, packed weights, 16-bit x / W / adapters of one
+  dtype: a shrink launch plus a persistent TMA GEMM with the LoRA expand in its epilogue
+  (:mod:`fx_passes.ops.qkvz_prefill_kernels`); like the decode kernel, one fp32 sum rounded once.
+* else CUDA, ``T >= ACCUMULATE_MIN_T``, when the LoRA slices cover every output column (q, k, v
   and z all carry LoRA): the LoRA delta is *written* into the fresh output first (shrink + expand, 0 for
   rows without an adapter), then the library GEMM accumulates the base product into it (``addmm_``,
   beta = 1). The GEMM is compute-bound there, so reading ``out`` in its epilogue costs little (+13 us
@@ -30,7 +33,7 @@ import torch
 from fx_passes.ops.library import LIB_NAMESPACE
 from fx_passes.ops.qkvz_gemm import _check_inputs as _check_gemm_inputs
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_
-from fx_passes.ops.qkvz_lora import check_qkvz_lora_args, qkvz_lora_reference
+from fx_passes.ops.qkvz_lora import _num_adapters, check_qkvz_lora_args, qkvz_lora_reference
 
 # Measured on an H200 (benchmarks/RESULTS.md): the fused kernel beats cuBLAS + the two-launch LoRA up
 # to T = 64; above, the two-launch path's cuBLAS GEMM wins.
@@ -41,6 +44,11 @@ FUSED_MAX_T = 64
 # T = 256 the GEMM still streams W and reading `out` in its epilogue costs more than it saves
 # (35B-A3B 1.34x vs 1.31x, 397B r 64 1.27x vs 1.20x), so below this many tokens the LoRA is added after.
 ACCUMULATE_MIN_T = 512
+# The persistent TMA GEMM with the expand in its epilogue, H200 (session 4, sweep_prefill_gemm.py
+# --decompose, same run): T = 1024 0.997-1.17x base vs 1.02-1.26x for the form above, T = 4096
+# 1.03-1.12x vs 1.05-1.15x. 128-row tiles leave SMs idle below ~1024 tokens (T = 256: 96 tiles for
+# 132 SMs on 35B-A3B); smaller T was not measured with it.
+PREFILL_FUSED_MIN_T = 1024
 
 
 def _check(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales) -> int:
@@ -57,12 +65,17 @@ def lora_covers_all_columns(lora_b: Sequence[torch.Tensor], n: int) -> bool:
 
 def qkvz_gemm_lora_prefill(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None,
                            lora_scales=None, scale=1.0) -> torch.Tensor:
-    """The path above ``FUSED_MAX_T`` (arguments checked by the caller): from ``ACCUMULATE_MIN_T`` tokens
-    the LoRA delta is written first and the library GEMM accumulates into it; below that, or when some
+    """The path above ``FUSED_MAX_T`` (arguments checked by the caller): from ``PREFILL_FUSED_MIN_T``
+    tokens the fused prefill kernel when ``prefill_fusable``; else from ``ACCUMULATE_MIN_T`` tokens the
+    LoRA delta is written first and the library GEMM accumulates into it; below that, or when some
     column has no LoRA slice (the delta kernel only writes the slices' columns), the two-op form (GEMM,
     then the LoRA added in place)."""
     from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_
+    from fx_passes.ops.qkvz_prefill_kernels import prefill_fusable, qkvz_prefill_triton
 
+    if x.shape[0] >= PREFILL_FUSED_MIN_T and prefill_fusable(x, w_qkv, w_z, lora_a, lora_b):
+        return qkvz_prefill_triton(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids,
+                                   lora_scales, scale, adapters=_num_adapters(lora_a[0]))
     n = w_qkv.shape[0] + w_z.shape[0]
     if x.shape[0] < ACCUMULATE_MIN_T or not lora_covers_all_columns(lora_b, n):
         out = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)
