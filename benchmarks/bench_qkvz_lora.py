@@ -17,7 +17,9 @@ and with 4 adapters mixed in the batch:
                torch.ops.fx_passes.qkvz_lora_ in place (what the pass emits with several LoRA ops);
 * ours_nopdl   ours_2op without programmatic dependent launch (the default uses it up to T = 256);
 * ours_v0      the same kernels forced to the first version's launch configuration (no split-K, one token
-               tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run.
+               tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run;
+* ours_prefill the op's prefill kernel (persistent TMA GEMM, LoRA in its epilogue) forced at any T
+               (the op dispatches it from PREFILL_FUSED_MIN_T tokens), to place that threshold.
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median, ms), bf16, fresh random
 (non-zero) data per row. Each replay calls the variant once per weight set, rotating over enough sets
@@ -71,7 +73,7 @@ N_ADAPTERS_MIXED = 4
 SCALE_1 = 2.0                                  # lora_alpha / r of the single adapter
 SCALES_4 = (1.0, 0.5, 2.0, 1.5)                # per-adapter scales of the mixed batch
 ERR_LIMIT = 1e-2                               # bf16 output: expect ~2e-3
-MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0")
+MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill")
 DEFAULT_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op")
 
 
@@ -267,6 +269,14 @@ class Problem:
                                      self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
                                      adapters=self.L)
 
+    def ours_prefill(self, x, ids, idxs):
+        """The prefill kernel of qkvz_gemm_lora (persistent TMA GEMM + LoRA epilogue) at any T."""
+        from fx_passes.ops.qkvz_prefill_kernels import qkvz_prefill_triton
+
+        return qkvz_prefill_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+                                   self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
+                                   adapters=self.L)
+
     def ours_cfg(self, cfg):
         """Our block with an explicit launch configuration (direct kernel call, same kernels)."""
         def fn(x, ids, idxs):
@@ -375,7 +385,7 @@ def main(argv=None):
                         compiled = torch.compile(pr.unfused_eager, dynamic=True)
                     fns = {"base": pr.base, "unfused": compiled, "torch_fused": pr.torch_fused,
                            "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
-                           "ours_v0": None}
+                           "ours_v0": None, "ours_prefill": pr.ours_prefill}
                     if cpu:  # torch.ops on CPU runs the plain-torch reference: run the Triton kernels instead
                         fns["ours"] = pr.ours_fused_triton
                         fns["ours_2op"] = pr.ours_cfg({})

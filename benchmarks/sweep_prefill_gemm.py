@@ -5,15 +5,19 @@ Why (benchmarks/RESULTS.md, session 3): with the LoRA as kernels beside cuBLAS, 
 shapes. Only an expand inside the GEMM's epilogue avoids both, and that needs a GEMM at cuBLAS's rate:
 the swap-AB decode kernel of ``qkvz_gemm_lora_kernels.py`` runs at 1.52-1.66x of cuBLAS at T = 4096.
 
-This script builds the candidate and measures it; it is not wired into ``fx_passes.qkvz_gemm_lora``:
+This script is where the op's prefill kernel (``fx_passes/ops/qkvz_prefill_kernels.py``) was found
+(session 4, logs in ``benchmarks/results/session4/``); it keeps the variants that lost:
 
 * ``_prefill_gemm_lora_kernel``: persistent grid (one program per SM), grouped tile order (GROUP_M),
   TMA loads through device-side tensor descriptors (``tl.make_tensor_descriptor``; needs
   ``triton.set_allocator``), optional warp specialization / loop flattening of the tile loop (Hopper
   autoWS in triton >= 3.6), fp32 accumulator; epilogue: ``griddepcontrol.wait`` (the shrink, launched
-  just before with ``launch_dependents``, overlaps the first tiles), ``acc += (s_tile @ B_tile^T) * scale``
-  for the tile's A group (q, k, v: group 0; z: group 1), one TMA store.
+  just before with ``launch_dependents``), then the LoRA of the tile's A group (q, k, v: group 0; z:
+  group 1) chained into the accumulator, one TMA store. ``LORA_MODE`` 0: s and B by pointer loads (the
+  winner); 1: by TMA (B pre-scaled); 2: TMA, before the K loop on a program's later tiles; 3: pointer
+  loads issued before the K loop on later tiles (prefetch).
 * the shrink is ``qkvz_lora_kernels.launch_shrink`` (the op's own), one K chunk (KSPLIT = 1).
+* ``--decompose``: the winner's cost split (GEMM alone, + LoRA with s precomputed, + the shrink).
 
 Printed per (shape, T, r): cuBLAS ``base`` (packed W, no LoRA), ``ours`` (the op's default dispatch), and
 per launch configuration the TMA GEMM alone and with the LoRA, as ratios to base (CUDA-graph replay
@@ -43,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err, rotation_sets  # noqa: E402
 
 from fx_passes.ops.qkvz_lora_kernels import alloc_shrink_buffer, launch_shrink, plan  # noqa: E402
+from fx_passes.ops.qkvz_prefill_kernels import _tile_pids  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten): the persistent TMA
 # configurations reported closest to cuBLAS on Hopper (triton tutorial 09, Inductor's persistent TMA
@@ -60,17 +65,6 @@ CONFIGS = [
 ]
 CPU_CONFIGS = [(16, 16, 32, 2, 4, False, False, 0), (32, 16, 16, 2, 4, False, True, 1),
                (16, 16, 16, 2, 4, False, False, 2), (16, 16, 32, 2, 4, False, False, 3)]
-
-
-@triton.jit
-def _tile_pids(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """Grouped order: GROUP_M row tiles sweep the column tiles together (their W tiles stay in L2)."""
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % per_group) % size_m
-    pid_n = (tile % per_group) // size_m
-    return pid_m, pid_n
 
 
 @triton.jit

@@ -44,11 +44,13 @@ FUSED_MAX_T = 64
 # T = 256 the GEMM still streams W and reading `out` in its epilogue costs more than it saves
 # (35B-A3B 1.34x vs 1.31x, 397B r 64 1.27x vs 1.20x), so below this many tokens the LoRA is added after.
 ACCUMULATE_MIN_T = 512
-# The persistent TMA GEMM with the expand in its epilogue, H200 (session 4, sweep_prefill_gemm.py
-# --decompose, same run): T = 1024 0.997-1.17x base vs 1.02-1.26x for the form above, T = 4096
-# 1.03-1.12x vs 1.05-1.15x. 128-row tiles leave SMs idle below ~1024 tokens (T = 256: 96 tiles for
-# 132 SMs on 35B-A3B); smaller T was not measured with it.
-PREFILL_FUSED_MIN_T = 1024
+# The persistent TMA GEMM with the expand in its epilogue, H200 (session 4). T >= 1024 (call 7, full
+# table): better than the write-then-accumulate form in 22 / 24 rows of call 6 vs session 3's call 4.
+# Threshold (call 9, `bench_qkvz_lora.py --variants base,ours,ours_prefill`, same run): T = 512 fused
+# better or equal in 10 / 12 rows (4 adapters 6 / 6: e.g. 397B-A17B r16 1.17x vs 1.36x; misses 27B r64
+# 1.25x vs 1.18x); T = 256 mixed (397B-A17B 1.50x vs 1.18x: 128-row tiles leave SMs idle, 2 x 80 tiles
+# for 132 SMs), so from 512 tokens.
+PREFILL_FUSED_MIN_T = 512
 
 
 def _check(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales) -> int:
