@@ -32,8 +32,8 @@ from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_gemm import _packed_view, weights_are_packed
 from fx_passes.ops.qkvz_lora_kernels import (
-    _adapter_scale, _adapter_stride, _interpreting, _present, _token_adapters, alloc_shrink_buffer, launch_shrink,
-    plan, scale_args, shrink_groups,
+    _adapter_scale, _adapter_stride, _interpreting, _num_sms, _present, _token_adapters, alloc_shrink_buffer,
+    launch_shrink, plan, scale_args, shrink_groups,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the best of benchmarks/sweep_prefill_gemm.py on an
@@ -219,7 +219,7 @@ def qkvz_prefill_triton(
                        compact[int(slice_a[j])], b.shape[-1]]
     tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
     if num_programs is None:   # the interpreter runs programs one after another: any count is correct
-        num_programs = torch.cuda.get_device_properties(x.device).multi_processor_count if on_gpu else 4
+        num_programs = _num_sms(x.device.type, x.device.index) if on_gpu else 4
     programs = min(tiles, num_programs)
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
