@@ -93,6 +93,8 @@ def parse_args(argv=None):
     p.add_argument("--adapters", default=None, help="comma list of adapter modes: 1 and/or 4")
     p.add_argument("--variants", default=None, help=f"comma list of {list(MAIN_VARIANTS)}")
     p.add_argument("--no-inductor", action="store_true", help="skip the Inductor-compiled unfused graph")
+    p.add_argument("--ids", default="random", choices=["random", "runs"],
+                   help="4-adapter token ids: random per token (default) or sorted into one run per adapter")
     p.add_argument("--sweep", action="store_true", help="also time launch-config alternatives of our kernel")
     p.add_argument("--rep", type=float, default=20.0, help="do_bench_cudagraph rep (ms)")
     p.add_argument("--rounds", type=int, default=2, help="timing rounds, variants interleaved; median")
@@ -183,7 +185,10 @@ class Problem:
         self.slice_start = [0, Dk_, 2 * Dk_, nqkv]
 
     # ---- inputs of one row ----
-    def inputs(self, T, seed):
+    def inputs(self, T, seed, ids_layout="random"):
+        """x and, with several adapters, the token -> adapter ids: ``random`` per token (the worst case:
+        every tile holds every adapter) or ``runs`` (the same ids sorted: contiguous runs per adapter,
+        as when a batch holds each request's tokens together)."""
         g = torch.Generator(device="cpu").manual_seed(seed)
         x = torch.randn(T, self.H, generator=g).to(dtype=self.dtype, device=self.device)
         if self.L == 1:
@@ -192,6 +197,8 @@ class Problem:
         ids[torch.rand(T, generator=g) < 0.1] = -1  # some tokens without adapter
         if T == 1:
             ids[0] = 1
+        if ids_layout == "runs":
+            ids = ids.sort().values
         idxs = [(ids == l).nonzero().flatten().to(self.device) for l in range(self.L)]  # PEFT's sub-batches
         return x, ids.to(device=self.device, dtype=torch.int32), idxs
 
@@ -393,7 +400,7 @@ def main(argv=None):
                 fns = all_fns[0]
                 for T in Ts:
                     seed += 1
-                    x, ids, idxs = prob.inputs(T, seed)
+                    x, ids, idxs = prob.inputs(T, seed, args.ids)
                     ref = prob.reference(x, ids)
                     byts, flops = prob.bytes_flops(T)
                     floor = max(byts / bw, flops / peak) * 1e3
