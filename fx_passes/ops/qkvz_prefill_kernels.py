@@ -1,7 +1,7 @@
 """Large-T qkvz GEMM with the LoRA expand in its epilogue (Triton, Hopper TMA), the prefill path of
 ``fx_passes::qkvz_gemm_lora`` (semantics: :mod:`fx_passes.ops.qkvz_gemm_lora`).
 
-Why: at T >= 1024 the GEMM is compute-bound and a LoRA kernel beside it has a floor of 1.05-1.10x of
+Why: from ~1024 tokens the GEMM is compute-bound and a LoRA kernel beside it has a floor of 1.05-1.10x of
 the GEMM (the delta is written, 2 T N bytes, and read back by the GEMM's beta = 1 epilogue; the shrink
 reads x again). Only an expand inside a GEMM running at cuBLAS's rate avoids that (benchmarks/RESULTS.md,
 session 4: this GEMM alone 0.98-1.06x cuBLAS on the Qwen3.5 shapes at T = 4096, H200).
@@ -12,9 +12,9 @@ session 4: this GEMM alone 0.98-1.06x cuBLAS on the Qwen3.5 shapes at T = 4096, 
    the packed W and a TMA store of out, fp32 accumulator. After a tile's K loop it waits for the
    shrink (``griddepcontrol.wait``, a no-op after the first tile) and chains ``s_slice @ B_slice^T``
    into the same accumulator for every LoRA slice the column tile overlaps, one dot per adapter
-   present in the tile's rows. The scale multiplies s before its 16-bit rounding: a second
-   ``[128, 256]`` fp32 accumulator (``acc += dot(s, B) * scale``) spilled registers and cost
-   1.30-1.56x base (session 4, run 1).
+   present in the tile's rows. The scale multiplies s before its 16-bit rounding (PEFT rounds s, then
+   scales the product: one bf16 rounding of s either way): a second ``[128, 256]`` fp32 accumulator
+   (``acc += dot(s, B) * scale``) spilled registers and cost 1.30-1.56x base (session 4, run 1).
 
 Conditions (:func:`prefill_fusable`): CUDA with TMA (sm90+), packed weights (one descriptor),
 16-bit x / W / adapters of one dtype, 16-byte aligned rows. Otherwise the op keeps its other paths.
