@@ -57,34 +57,32 @@ def _tile_pids(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, cols, scales_ptr,
+def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                     b_ptr, stride_bl, stride_bn, n, start, g, rank,
                     L, stride_sg, stride_st, stride_scales, scale,
-                    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_R: tl.constexpr):
-    """``acc`` plus this slice's LoRA in its columns of the tile (B rows outside them load as 0)."""
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = offs_r < rank
-    s = tl.load(s_ptr + g * stride_sg + rows[:, None].to(tl.int64) * stride_st + offs_r[None, :],
-                mask=row_ok[:, None] & r_mask[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
-    local = cols - start
-    b_tile = local[None, :].to(tl.int64) * stride_bn + offs_r[:, None]                 # [BLOCK_R, BLOCK_N] = B^T
-    b_mask = r_mask[:, None] & ((local >= 0) & (local < n))[None, :]
-    if HAS_IDS:
-        for l in range(0, L):
-            if _present(ids, l, L):
-                bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                s_l = tl.where((ids == l)[:, None], s * _adapter_scale(scales_ptr, l, L, stride_scales, scale,
-                                                                        HAS_SCALES), 0.0)
-                acc = tl.dot(s_l.to(bt.dtype), bt, acc)
-    else:
-        bt = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
-        acc = tl.dot((s * _adapter_scale(scales_ptr, 0, L, stride_scales, scale, HAS_SCALES)).to(bt.dtype), bt, acc)
+                    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc`` plus this slice's LoRA in its columns of the tile (B rows outside them load as 0);
+    ``acc`` unchanged when the tile's columns miss the slice ``[start, start + n)``."""
+    if (off_n < start + n) & (off_n + BLOCK_N > start):
+        offs_r = tl.arange(0, BLOCK_R)
+        r_mask = offs_r < rank
+        s = tl.load(s_ptr + g * stride_sg + rows[:, None].to(tl.int64) * stride_st + offs_r[None, :],
+                    mask=row_ok[:, None] & r_mask[None, :], other=0.0).to(tl.float32)   # [BLOCK_M, BLOCK_R]
+        local = off_n - start + tl.arange(0, BLOCK_N)
+        b_tile = local[None, :].to(tl.int64) * stride_bn + offs_r[:, None]                 # [BLOCK_R, BLOCK_N] = B^T
+        b_mask = r_mask[:, None] & ((local >= 0) & (local < n))[None, :]
+        if HAS_IDS:
+            for l in range(0, L):
+                if _present(ids, l, L):
+                    bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
+                    s_l = tl.where((ids == l)[:, None],
+                                   s * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES), 0.0)
+                    acc = tl.dot(s_l.to(bt.dtype), bt, acc)
+        else:
+            bt = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
+            s_0 = s * _adapter_scale(scales_ptr, 0, L, stride_scales, scale, HAS_SCALES)
+            acc = tl.dot(s_0.to(bt.dtype), bt, acc)
     return acc
-
-
-@triton.jit
-def _overlaps(off_n, start, n, BLOCK_N: tl.constexpr):
-    return (off_n < start + n) & (off_n + BLOCK_N > start)
 
 
 @triton.jit
@@ -114,31 +112,27 @@ def _qkvz_prefill_kernel(
                 # the caching allocator right after the launch). A no-op after a program's first tile.
                 gdc_wait()
             rows = off_m + tl.arange(0, BLOCK_M)
-            cols = off_n + tl.arange(0, BLOCK_N)
             ids = _token_adapters(ids_ptr, rows, T, HAS_IDS)
             row_ok = (ids >= 0) & (ids < L)   # rows without a valid adapter were never written by the shrink
-            if _overlaps(off_n, start0, n0, BLOCK_N):
-                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, cols, scales_ptr,
-                                      b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
-                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_R)
+            # one call per slice (separate pointers); each returns acc unchanged when the tile misses it
+            acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
+                                  b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
+                                  L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N, BLOCK_R)
             if NUM_SLICES > 1:
-                if _overlaps(off_n, start1, n1, BLOCK_N):
-                    acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, cols, scales_ptr,
-                                          b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
-                                          L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES,
-                                          BLOCK_R)
+                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
+                                      b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
+                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
+                                      BLOCK_R)
             if NUM_SLICES > 2:
-                if _overlaps(off_n, start2, n2, BLOCK_N):
-                    acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, cols, scales_ptr,
-                                          b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
-                                          L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES,
-                                          BLOCK_R)
+                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
+                                      b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
+                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
+                                      BLOCK_R)
             if NUM_SLICES > 3:
-                if _overlaps(off_n, start3, n3, BLOCK_N):
-                    acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, cols, scales_ptr,
-                                          b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-                                          L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES,
-                                          BLOCK_R)
+                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
+                                      b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
+                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
+                                      BLOCK_R)
         o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
