@@ -39,6 +39,12 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def _variant(pr: Problem, name: str):
+    """The block of ``bench_qkvz_lora.py``'s variant ``name`` for problem ``pr``."""
+    token_orders = {"unsorted": "as_is", "gathered": "sorted_gather"}
+    return pr.prefill_token_order(token_orders[name]) if name in token_orders else getattr(pr, name)
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
@@ -46,6 +52,9 @@ def main():
     p.add_argument("--rank", default="16,64")
     p.add_argument("--adapters", default="1,4")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--variants", default="base,ours,ours_2op",
+                   help="comma list: base, ours, ours_2op, ours_prefill, unsorted, gathered (bench_qkvz_lora.py)")
+    p.add_argument("--ids", default="random", choices=["random", "runs"], help="token -> adapter layout (L > 1)")
     p.add_argument("--shrink-bm", default=None,
                    help="comma list: also profile the large-T LoRA delta (write mode) with these shrink token tiles")
     args = p.parse_args()
@@ -59,11 +68,13 @@ def main():
                 n_sets = rotation_sets((2 * Dk + 2 * Dv) * H * 2, "cuda")   # W never served from L2
                 probs = [Problem(H, Dk, Dv, r, L, torch.bfloat16, "cuda", seed + i) for i in range(n_sets)]
                 for T in (int(v) for v in args.T.split(",")):
-                    x, ids, idxs = probs[0].inputs(T, seed)
-                    for variant in ("base", "ours", "ours_2op"):
-                        def run(variant=variant):
-                            for pr in probs:
-                                getattr(pr, variant)(x, ids, idxs)
+                    x, ids, idxs = probs[0].inputs(T, seed, args.ids)
+                    for variant in args.variants.split(","):
+                        fns = [_variant(pr, variant) for pr in probs]
+
+                        def run(fns=fns):
+                            for fn in fns:
+                                fn(x, ids, idxs)
                         times = kernel_times(run, args.iters)
                         total = sum(times.values()) / len(probs)
                         print(f"{name} r={r} L={L} T={T} {variant:9s} total {total:8.1f} us | " + " | ".join(

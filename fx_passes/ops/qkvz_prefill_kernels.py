@@ -41,6 +41,7 @@ from fx_passes.ops.qkvz_lora_kernels import (
 # cuBLAS; 128 x 128 (1.06-1.22x) and 256 x 128 (1.04-1.14x) slower, 4 stages over the shared memory,
 # Hopper warp specialization and loop flattening slower with the LoRA.
 PREFILL_BLOCKS = (128, 256, 64, 3, 8)
+MIXED_TOKEN_ORDER = "sorted"   # provisional: to be measured (session 5)
 GROUP_M = 8   # row tiles that sweep the column tiles together (their W tiles are reused from L2)
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -86,32 +87,74 @@ def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
 
 
 @triton.jit
+def _token_bucket(ids_ptr, offs, T, L, BLOCK_B: tl.constexpr):
+    """Sort key of each token: its adapter, ``L`` without a valid one (-1, >= L), ``BLOCK_B`` (no
+    bucket) past ``T``."""
+    ids = tl.load(ids_ptr + offs, mask=offs < T, other=-1).to(tl.int32)
+    bucket = tl.where((ids >= 0) & (ids < L), ids, L)
+    return tl.where(offs < T, bucket, BLOCK_B)
+
+
+@triton.jit
+def _sort_tokens_kernel(ids_ptr, perm_ptr, sorted_ids_ptr, T, L, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
+    """One program: a stable counting sort of the tokens by adapter (adapters 0 .. L-1, then the tokens
+    without one). ``perm[i]`` = the token at sorted position i, ``sorted_ids[i]`` = its adapter (-1: none)."""
+    buckets = tl.arange(0, BLOCK_B)
+    counts = tl.zeros((BLOCK_B,), tl.int32)
+    for t0 in range(0, T, BLOCK):
+        bucket = _token_bucket(ids_ptr, t0 + tl.arange(0, BLOCK), T, L, BLOCK_B)
+        counts += tl.sum((bucket[:, None] == buckets[None, :]).to(tl.int32), axis=0)
+    starts = tl.cumsum(counts, axis=0) - counts      # first sorted position of each bucket
+    for t0 in range(0, T, BLOCK):
+        offs = t0 + tl.arange(0, BLOCK)
+        bucket = _token_bucket(ids_ptr, offs, T, L, BLOCK_B)
+        onehot = (bucket[:, None] == buckets[None, :]).to(tl.int32)                  # [BLOCK, BLOCK_B]
+        # position = the bucket's next free slot + how many earlier tokens of this block share the bucket
+        pos = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1 + starts[None, :]), axis=1)
+        tl.store(perm_ptr + pos, offs, mask=offs < T)
+        tl.store(sorted_ids_ptr + pos, tl.where(bucket < L, bucket, -1), mask=offs < T)
+        starts += tl.sum(onehot, axis=0)
+
+
+@triton.jit
 def _qkvz_prefill_kernel(
-    x_desc, w_desc, o_desc, s_ptr, ids_ptr, scales_ptr,
+    x_desc, w_desc, o_desc, x_ptr, out_ptr, perm_ptr, s_ptr, ids_ptr, scales_ptr,
     b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
     b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
     b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
     b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-    T, N, K, L, stride_sg, stride_st, stride_scales, scale,
+    T, N, K, L, stride_xt, stride_ot, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr,
+    SORTED: tl.constexpr, GATHER_X: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
 ):
+    # SORTED: tile rows are positions in the adapter-sorted token order (ids and s are in that order);
+    # row i is token perm[i] of x and of out. x comes pre-gathered (x_desc) or, with GATHER_X, is
+    # gathered here through perm; out rows are scattered through perm.
     num_m = tl.cdiv(T, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
         pid_m, pid_n = _tile_pids(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
+        rows = off_m + tl.arange(0, BLOCK_M)
+        if SORTED:
+            tokens = tl.load(perm_ptr + rows, mask=rows < T, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+            if GATHER_X:
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x_tile = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :],
+                                 mask=(rows < T)[:, None] & (ks < K)[None, :], other=0.0)
+            else:
+                x_tile = x_desc.load([off_m, k0])
+            acc = tl.dot(x_tile, w_desc.load([off_n, k0]).T, acc)
         if NUM_SLICES > 0:
             if USE_PDL:
                 # Every program waits, so this grid's completion implies the shrink's (s is freed to
                 # the caching allocator right after the launch). A no-op after a program's first tile.
                 gdc_wait()
-            rows = off_m + tl.arange(0, BLOCK_M)
             ids = _token_adapters(ids_ptr, rows, T, HAS_IDS)
             row_ok = (ids >= 0) & (ids < L)   # rows without a valid adapter were never written by the shrink
             # one call per slice (separate pointers); each returns acc unchanged when the tile misses it
@@ -133,7 +176,12 @@ def _qkvz_prefill_kernel(
                                       b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
                                       L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
                                       BLOCK_R)
-        o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+        if SORTED:
+            cols = off_n + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                     mask=(rows < T)[:, None] & (cols < N)[None, :])
+        else:
+            o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +211,30 @@ def prefill_fusable(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor,
     return _tma_ok(x) and _tma_ok(_packed_view(w_qkv, w_z))
 
 
+# How the tokens enter the tiles when several adapters are mixed (``token_lora_ids``, L > 1):
+# "as_is": in the caller's order (with random ids every 128-row tile holds every adapter: one B load and
+# one masked dot per adapter per tile, and the shrink runs once per adapter per token tile);
+# "sorted": sorted by adapter (one launch), x gathered once into that order (index_select), out rows
+# scattered by the epilogue; "sorted_gather": the same, x rows gathered inside the GEMM's K loop.
+TOKEN_ORDERS = ("as_is", "sorted", "sorted_gather")
+
+
+def sort_tokens_by_adapter(ids: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(perm, sorted_ids), int32 [T]: a stable sort of the tokens by adapter, tokens without a valid
+    adapter (-1 or >= ``adapters``) last with id -1. One single-program launch, no host sync."""
+    T = ids.shape[0]
+    perm = torch.empty(T, dtype=torch.int32, device=ids.device)
+    sorted_ids = torch.empty(T, dtype=torch.int32, device=ids.device)
+    if T == 0:
+        return perm, sorted_ids
+    block_b = triton.next_power_of_2(adapters + 1)
+    block = max(16, min(1024, 8192 // block_b, triton.next_power_of_2(T)))
+    device_ctx = torch.cuda.device(ids.device) if ids.device.type == "cuda" else contextlib.nullcontext()
+    with device_ctx:
+        _sort_tokens_kernel[(1,)](ids, perm, sorted_ids, T, adapters, BLOCK=block, BLOCK_B=block_b, num_warps=4)
+    return perm, sorted_ids
+
+
 def qkvz_prefill_triton(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
@@ -180,8 +252,11 @@ def qkvz_prefill_triton(
     num_programs: Optional[int] = None,
     pdl: bool = True,
     with_lora: bool = True,
+    token_order: Optional[str] = None,
 ) -> torch.Tensor:
-    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand).
+    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand),
+    plus, for mixed adapters, the token sort of ``token_order`` (one of :data:`TOKEN_ORDERS`; default
+    :data:`MIXED_TOKEN_ORDER` with token ids and several adapters, else "as_is").
 
     Arguments are assumed checked (``fx_passes.ops.qkvz_gemm_lora``) and :func:`prefill_fusable`.
     ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); ``num_programs`` overrides the
@@ -204,6 +279,12 @@ def qkvz_prefill_triton(
     pdl = bool(pdl) and with_lora and on_gpu
     scale, scales_arg, stride_scales, has_scales = scale_args(lora_scales, scale, x)
     ids_arg = token_lora_ids if has_ids else x
+    if token_order is None:
+        token_order = MIXED_TOKEN_ORDER if has_ids and adapters > 1 and with_lora else "as_is"
+    if token_order not in TOKEN_ORDERS:
+        raise ValueError(f"qkvz_prefill_triton: token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
+    sort = token_order != "as_is" and has_ids
+    gather = sort and token_order == "sorted_gather"
 
     slice_args = []
     for i in range(4):
@@ -217,21 +298,26 @@ def qkvz_prefill_triton(
     programs = min(tiles, num_programs)
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
+        perm, x_tiles = ids_arg, x   # perm: unused unless sorted; x_tiles: x in the tiles' row order
+        if sort:
+            perm, ids_arg = sort_tokens_by_adapter(token_lora_ids, adapters)
+            if not gather:
+                x_tiles = x.index_select(0, perm)
         if with_lora:
             s_buf = alloc_shrink_buffer(T, len(groups), shrink_cfg, lora_b[0].dtype, x.device)
             # Not a PDL dependent itself (x comes from the kernel before it); USE_PDL makes it let the
             # GEMM launch at once.
-            launch_shrink(x, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids, dot_precision="tf32",
-                          use_pdl=pdl)
+            launch_shrink(x if gather else x_tiles, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids,
+                          dot_precision="tf32", use_pdl=pdl, perm=perm if gather else None)
             s_strides = (s_buf.stride(1), s_buf.stride(2))
         else:
             s_buf, s_strides = x, (0, 0)
         _qkvz_prefill_kernel[(programs,)](
-            TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-            TensorDescriptor.from_tensor(out, [bm, bn]), s_buf, ids_arg, scales_arg, *slice_args,
-            T, N, K, adapters, *s_strides, stride_scales, float(scale),
+            TensorDescriptor.from_tensor(x_tiles, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+            TensorDescriptor.from_tensor(out, [bm, bn]), x, out, perm, s_buf, ids_arg, scales_arg, *slice_args,
+            T, N, K, adapters, x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b) if with_lora else 0, HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
-            NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=shrink_cfg["BLOCK_R"],
+            SORTED=sort, GATHER_X=gather, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=shrink_cfg["BLOCK_R"],
             GROUP_M=GROUP_M, num_stages=stages, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
         )
     return out
