@@ -20,8 +20,8 @@ and with 4 adapters mixed in the batch:
                tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run;
 * ours_prefill the op's prefill kernel (persistent TMA GEMM, LoRA in its epilogue) forced at any T
                (the op dispatches it from PREFILL_FUSED_MIN_T tokens), to place that threshold;
-* unsorted / gathered  that prefill kernel with mixed adapters in the caller's token order / sorted by
-               adapter with x gathered in the GEMM's K loop (``ours`` sorts with x copied: token_order).
+* tiles1/2/4   that prefill kernel with the B tiles of 1 / 2 / 4 adapters loaded together in a
+               mixed-adapter epilogue (``adapter_tiles``).
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median, ms), bf16, fresh random
 (non-zero) data per row. Each replay calls the variant once per weight set, rotating over enough sets
@@ -76,7 +76,7 @@ SCALE_1 = 2.0                                  # lora_alpha / r of the single ad
 SCALES_4 = (1.0, 0.5, 2.0, 1.5)                # per-adapter scales of the mixed batch
 ERR_LIMIT = 1e-2                               # bf16 output: expect ~2e-3
 MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill",
-                 "unsorted", "gathered")
+                 "tiles1", "tiles2", "tiles4")
 DEFAULT_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op")
 
 
@@ -279,16 +279,17 @@ class Problem:
                                      self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
                                      adapters=self.L)
 
-    def ours_prefill(self, x, ids, idxs, token_order=None):
+    def ours_prefill(self, x, ids, idxs, **kwargs):
         """The prefill kernel of qkvz_gemm_lora (persistent TMA GEMM + LoRA epilogue) at any T."""
         from fx_passes.ops.qkvz_prefill_kernels import qkvz_prefill_triton
 
         return qkvz_prefill_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
                                    self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
-                                   adapters=self.L, token_order=token_order)
+                                   adapters=self.L, **kwargs)
 
-    def prefill_token_order(self, token_order):
-        return lambda x, ids, idxs: self.ours_prefill(x, ids, idxs, token_order)
+    def prefill_with(self, **kwargs):
+        """:meth:`ours_prefill` with explicit kernel options."""
+        return lambda x, ids, idxs: self.ours_prefill(x, ids, idxs, **kwargs)
 
     def ours_cfg(self, cfg):
         """Our block with an explicit launch configuration (direct kernel call, same kernels)."""
@@ -399,8 +400,7 @@ def main(argv=None):
                     fns = {"base": pr.base, "unfused": compiled, "torch_fused": pr.torch_fused,
                            "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
                            "ours_v0": None, "ours_prefill": pr.ours_prefill,
-                           "unsorted": pr.prefill_token_order("as_is"),
-                           "gathered": pr.prefill_token_order("sorted_gather")}
+                           **{f"tiles{n}": pr.prefill_with(adapter_tiles=n) for n in (1, 2, 4)}}
                     if cpu:  # torch.ops on CPU runs the plain-torch reference: run the Triton kernels instead
                         fns["ours"] = pr.ours_fused_triton
                         fns["ours_2op"] = pr.ours_cfg({})

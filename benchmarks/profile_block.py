@@ -39,12 +39,6 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
-def _variant(pr: Problem, name: str):
-    """The block of ``bench_qkvz_lora.py``'s variant ``name`` for problem ``pr``."""
-    token_orders = {"unsorted": "as_is", "gathered": "sorted_gather"}
-    return pr.prefill_token_order(token_orders[name]) if name in token_orders else getattr(pr, name)
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
@@ -53,7 +47,7 @@ def main():
     p.add_argument("--adapters", default="1,4")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--variants", default="base,ours,ours_2op",
-                   help="comma list: base, ours, ours_2op, ours_prefill, unsorted, gathered (bench_qkvz_lora.py)")
+                   help="comma list of bench_qkvz_lora.Problem methods: base, ours, ours_2op, ours_prefill")
     p.add_argument("--ids", default="random", choices=["random", "runs"], help="token -> adapter layout (L > 1)")
     p.add_argument("--shrink-bm", default=None,
                    help="comma list: also profile the large-T LoRA delta (write mode) with these shrink token tiles")
@@ -70,7 +64,7 @@ def main():
                 for T in (int(v) for v in args.T.split(",")):
                     x, ids, idxs = probs[0].inputs(T, seed, args.ids)
                     for variant in args.variants.split(","):
-                        fns = [_variant(pr, variant) for pr in probs]
+                        fns = [getattr(pr, variant) for pr in probs]
 
                         def run(fns=fns):
                             for fn in fns:

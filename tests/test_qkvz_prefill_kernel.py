@@ -16,9 +16,7 @@ import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops.qkvz_gemm_lora import PREFILL_FUSED_MIN_T, qkvz_gemm_lora_prefill  # noqa: E402
-from fx_passes.ops.qkvz_prefill_kernels import (  # noqa: E402
-    TOKEN_ORDERS, prefill_fusable, qkvz_prefill_triton, sort_tokens_by_adapter,
-)
+from fx_passes.ops.qkvz_prefill_kernels import prefill_fusable, qkvz_prefill_triton  # noqa: E402
 from test_qkvz_gemm_lora_kernel import LAYOUTS, TOL, _assert_close, _case, _packed, _reference  # noqa: E402
 
 SMALL = dict(blocks=(16, 16, 16, 2, 4), num_programs=3)
@@ -39,52 +37,14 @@ def test_prefill_kernel_matches_reference(layout, adapters, T):
     _assert_close(got, _reference(*args, 1.5), torch.float16)
 
 
+@pytest.mark.parametrize("adapter_tiles", [1, 2, 4])
 @pytest.mark.parametrize("blocks", [(32, 32, 16, 2, 4), (16, 64, 32, 2, 4)])
-def test_prefill_kernel_other_tiles_and_rank(blocks):
-    """Tiles spanning several slices (32 / 64 columns), rank 24 (BLOCK_R 32, masked), 5 adapters."""
+def test_prefill_kernel_other_tiles_and_rank(blocks, adapter_tiles):
+    """Tiles spanning several slices (32 / 64 columns), rank 24 (BLOCK_R 32, masked), 5 adapters whose B
+    tiles are loaded 1, 2 or 4 at a time (the last batch partly past L)."""
     args = _packed_case(29, "four_groups", adapters=5, rank=24, seed=4)
-    got = qkvz_prefill_triton(*args, 0.5, adapters=5, blocks=blocks, num_programs=2)
+    got = qkvz_prefill_triton(*args, 0.5, adapters=5, blocks=blocks, num_programs=2, adapter_tiles=adapter_tiles)
     _assert_close(got, _reference(*args, 0.5), torch.float16)
-
-
-@pytest.mark.parametrize("T", [1, 37, 1500])
-@pytest.mark.parametrize("adapters", [1, 3, 9])
-def test_sort_tokens_by_adapter_is_a_stable_sort(adapters, T):
-    """Adapters 0 .. L-1 in order, then every token without a valid adapter (-1 or >= L: id -1);
-    equal keys keep their order. T = 1500 takes two 1024-token blocks (L <= 7) or several (L = 9)."""
-    g = torch.Generator().manual_seed(T + adapters)
-    ids = torch.randint(-1, adapters + 2, (T,), generator=g)
-    perm, sorted_ids = sort_tokens_by_adapter(ids, adapters)
-    key = torch.where((ids >= 0) & (ids < adapters), ids, adapters)
-    expected = torch.sort(key, stable=True).indices
-    assert perm.dtype == sorted_ids.dtype == torch.int32
-    assert torch.equal(perm.long(), expected)
-    assert torch.equal(sorted_ids.long(), torch.where(key == adapters, -1, key)[expected])
-
-
-@pytest.mark.parametrize("T", [5, 37])
-@pytest.mark.parametrize("layout", ["qkvz", "four_groups"])
-@pytest.mark.parametrize("token_order", TOKEN_ORDERS)
-def test_prefill_kernel_token_orders(token_order, layout, T):
-    """Mixed adapters in the caller's order, sorted with x copied, sorted with x gathered in the K
-    loop: all equal the reference (the sorted forms scatter the output rows back)."""
-    args = _packed_case(T, layout, adapters=4, seed=11)
-    got = qkvz_prefill_triton(*args, 0.75, adapters=4, token_order=token_order, **SMALL)
-    _assert_close(got, _reference(*args, 0.75), torch.float16)
-
-
-@pytest.mark.parametrize("adapters, sorts", [(None, False), (1, False), (3, True)])
-def test_prefill_kernel_sorts_only_mixed_adapters(adapters, sorts, monkeypatch):
-    module = importlib.import_module("fx_passes.ops.qkvz_prefill_kernels")
-    calls = []
-    real = module.sort_tokens_by_adapter
-    monkeypatch.setattr(module, "sort_tokens_by_adapter", lambda *a: calls.append(1) or real(*a))
-    args = _packed_case(21, "qkvz", adapters=adapters, seed=5)
-    got = qkvz_prefill_triton(*args, 1.0, adapters=adapters or 1, **SMALL)
-    assert bool(calls) == (sorts and module.MIXED_TOKEN_ORDER != "as_is")
-    _assert_close(got, _reference(*args, 1.0), torch.float16)
-    with pytest.raises(ValueError, match="token_order"):
-        qkvz_prefill_triton(*args, 1.0, adapters=adapters or 1, token_order="random", **SMALL)
 
 
 def test_prefill_kernel_rows_without_adapter_get_the_base_product():
@@ -125,3 +85,9 @@ def test_op_prefill_path_dispatches_the_fused_kernel(T, fused, monkeypatch):
     got = qkvz_gemm_lora_prefill(*args, 1.25)
     assert bool(calls) == fused
     _assert_close(got, _reference(*args, 1.25), torch.float16)
+
+
+def test_prefill_kernel_rejects_bad_adapter_tiles():
+    args = _packed_case(8, "qkvz", adapters=2)
+    with pytest.raises(ValueError, match="adapter_tiles must be 1, 2 or 4"):
+        qkvz_prefill_triton(*args, 1.0, adapters=2, adapter_tiles=3, **SMALL)

@@ -122,7 +122,7 @@ def _shrink_acc(
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``x[rows64 in_l, k_lo:k_hi] @ A[:, k_lo:k_hi].T`` for one adapter's A (``a_base``), fp32."""
+    """``x[rows in_l, k_lo:k_hi] @ A[:, k_lo:k_hi].T`` for one adapter's A (``a_base``), fp32."""
     offs_r = tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     r_mask = offs_r < rank
@@ -165,15 +165,14 @@ def _shrink_group(
     a_ptr, stride_al, stride_ar, rank, g, l,
     T, H, k_per_split,
     stride_xt, stride_sk, stride_sg, stride_st,
-    pid_m, pid_k, perm_ptr,
-    HAS_IDS: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    pid_m, pid_k,
+    HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One program: the rows of adapter ``l`` in token tile ``pid_m``, group ``g``, K chunk ``pid_k``.
 
     Only those rows of the partial-shrink buffer are written; rows of other adapters belong to other
     programs and rows without a valid adapter are never written (the expand never stores them).
-    ``HAS_PERM``: row i of the tile (and of s) is row ``perm[i]`` of x (tokens sorted by adapter).
     """
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -183,11 +182,7 @@ def _shrink_group(
     if tl.max(in_l.to(tl.int32), axis=0) > 0:  # adapter absent from this tile: nothing to do
         k_lo = pid_k * k_per_split
         k_hi = tl.minimum(k_lo + k_per_split, H)
-        if HAS_PERM:
-            x_rows64 = tl.load(perm_ptr + offs_m, mask=in_l, other=0).to(tl.int64)
-        else:
-            x_rows64 = rows64
-        acc = _shrink_acc(x_ptr, in_l, x_rows64, a_ptr + tl.cast(l, tl.int64) * stride_al, stride_ar, rank,
+        acc = _shrink_acc(x_ptr, in_l, rows64, a_ptr + tl.cast(l, tl.int64) * stride_al, stride_ar, rank,
                           k_lo, k_hi, stride_xt, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
         s_ptrs = s_ptr + pid_k.to(tl.int64) * stride_sk + g * stride_sg + rows64[:, None] * stride_st \
             + offs_r[None, :]
@@ -202,9 +197,9 @@ def _qkvz_lora_shrink_kernel(
     a2_ptr, a2_stride_l, a2_stride_r, a2_rank,
     a3_ptr, a3_stride_l, a3_stride_r, a3_rank,
     T, H, L_GRID, k_per_split,
-    stride_xt, stride_sk, stride_sg, stride_st, perm_ptr,
-    NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, HAS_PERM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_xt, stride_sk, stride_sg, stride_st,
+    NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # grid: (token tiles, groups x adapters, K chunks)
     pid_m = tl.program_id(0)
@@ -218,22 +213,22 @@ def _qkvz_lora_shrink_kernel(
     if g == 0:
         _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0, l,
                       T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                      perm_ptr, HAS_IDS, HAS_PERM, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+                      HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 1:
         if g == 1:
             _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1, l,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                          perm_ptr, HAS_IDS, HAS_PERM, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+                          HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 2:
         if g == 2:
             _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2, l,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                          perm_ptr, HAS_IDS, HAS_PERM, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+                          HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 3:
         if g == 3:
             _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3, l,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                          perm_ptr, HAS_IDS, HAS_PERM, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
+                          HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if USE_PDL:
         # The shrink did not need the GEMM before it, but the expand only waits for THIS grid: make its
         # completion imply the GEMM's (every program reaches this line).
@@ -416,11 +411,8 @@ def alloc_shrink_buffer(T: int, n_groups: int, cfg: dict, b_dtype: torch.dtype, 
 
 
 def launch_shrink(x: torch.Tensor, ids_arg: torch.Tensor, s_buf: torch.Tensor, groups: Sequence[torch.Tensor],
-                  cfg: dict, *, has_ids: bool, dot_precision: str, use_pdl: bool,
-                  perm: Optional[torch.Tensor] = None, **launch_opts) -> None:
-    """``_qkvz_lora_shrink_kernel`` over the (token tile, group x adapter, K chunk) grid of ``cfg``.
-
-    ``perm``: row i of s is computed from row ``perm[i]`` of x (``ids_arg`` is then in s's row order)."""
+                  cfg: dict, *, has_ids: bool, dot_precision: str, use_pdl: bool, **launch_opts) -> None:
+    """``_qkvz_lora_shrink_kernel`` over the (token tile, group x adapter, K chunk) grid of ``cfg``."""
     a_args = []
     for i in range(4):
         a = groups[min(i, len(groups) - 1)]
@@ -429,9 +421,8 @@ def launch_shrink(x: torch.Tensor, ids_arg: torch.Tensor, s_buf: torch.Tensor, g
     l_grid = cfg["L_GRID"]
     _qkvz_lora_shrink_kernel[(triton.cdiv(T, cfg["SHRINK_BM"]), len(groups) * l_grid, cfg["KSPLIT"])](
         x, ids_arg, s_buf, *a_args, T, H, l_grid, cfg["K_PER_SPLIT"],
-        x.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2), perm if perm is not None else ids_arg,
-        NUM_GROUPS=len(groups), HAS_IDS=has_ids, HAS_PERM=perm is not None, DOT_PRECISION=dot_precision,
-        USE_PDL=use_pdl,
+        x.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2),
+        NUM_GROUPS=len(groups), HAS_IDS=has_ids, DOT_PRECISION=dot_precision, USE_PDL=use_pdl,
         BLOCK_M=cfg["SHRINK_BM"], BLOCK_R=cfg["BLOCK_R"], BLOCK_K=cfg["BLOCK_K"], **launch_opts,
     )
 

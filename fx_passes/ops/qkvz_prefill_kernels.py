@@ -32,7 +32,7 @@ from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_gemm import _packed_view, weights_are_packed
 from fx_passes.ops.qkvz_lora_kernels import (
-    _adapter_scale, _adapter_stride, _interpreting, _num_sms, _present, _token_adapters, alloc_shrink_buffer,
+    _adapter_scale, _adapter_stride, _adapter_tile, _interpreting, _num_sms, _present, _token_adapters, alloc_shrink_buffer,
     launch_shrink, plan, scale_args, shrink_groups,
 )
 
@@ -41,7 +41,6 @@ from fx_passes.ops.qkvz_lora_kernels import (
 # cuBLAS; 128 x 128 (1.06-1.22x) and 256 x 128 (1.04-1.14x) slower, 4 stages over the shared memory,
 # Hopper warp specialization and loop flattening slower with the LoRA.
 PREFILL_BLOCKS = (128, 256, 64, 3, 8)
-MIXED_TOKEN_ORDER = "sorted"   # provisional: to be measured (session 5)
 GROUP_M = 8   # row tiles that sweep the column tiles together (their W tiles are reused from L2)
 _16BIT = (torch.float16, torch.bfloat16)
 
@@ -58,10 +57,21 @@ def _tile_pids(tile, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _chain_adapter(acc, s, bt, ids, l, L, scales_ptr, stride_scales, scale, HAS_SCALES: tl.constexpr):
+    """``acc + (scale_l * s in the rows of adapter l) @ bt`` (``acc`` unchanged when no row uses ``l``)."""
+    if _present(ids, l, L):
+        s_l = tl.where((ids == l)[:, None], s * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
+                       0.0)
+        acc = tl.dot(s_l.to(bt.dtype), bt, acc)
+    return acc
+
+
+@triton.jit
 def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                     b_ptr, stride_bl, stride_bn, n, start, g, rank,
                     L, stride_sg, stride_st, stride_scales, scale,
-                    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                    HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                    ADAPTER_TILES: tl.constexpr):
     """``acc`` plus this slice's LoRA in its columns of the tile (B rows outside them load as 0);
     ``acc`` unchanged when the tile's columns miss the slice ``[start, start + n)``."""
     if (off_n < start + n) & (off_n + BLOCK_N > start):
@@ -73,12 +83,21 @@ def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
         b_tile = local[None, :].to(tl.int64) * stride_bn + offs_r[:, None]                 # [BLOCK_R, BLOCK_N] = B^T
         b_mask = r_mask[:, None] & ((local >= 0) & (local < n))[None, :]
         if HAS_IDS:
-            for l in range(0, L):
-                if _present(ids, l, L):
-                    bt = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                    s_l = tl.where((ids == l)[:, None],
-                                   s * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES), 0.0)
-                    acc = tl.dot(s_l.to(bt.dtype), bt, acc)
+            # ADAPTER_TILES adapters at a time: their B tiles are loaded together (one L2 latency, not
+            # one per adapter; a tile of an adapter absent from the rows costs no traffic), then chained.
+            for l0 in range(0, L, ADAPTER_TILES):
+                bt_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                if ADAPTER_TILES > 1:
+                    bt_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+                if ADAPTER_TILES > 2:
+                    bt_2 = _adapter_tile(b_ptr, l0 + 2, L, stride_bl, b_tile, b_mask, ids)
+                    bt_3 = _adapter_tile(b_ptr, l0 + 3, L, stride_bl, b_tile, b_mask, ids)
+                acc = _chain_adapter(acc, s, bt_0, ids, l0, L, scales_ptr, stride_scales, scale, HAS_SCALES)
+                if ADAPTER_TILES > 1:
+                    acc = _chain_adapter(acc, s, bt_1, ids, l0 + 1, L, scales_ptr, stride_scales, scale, HAS_SCALES)
+                if ADAPTER_TILES > 2:
+                    acc = _chain_adapter(acc, s, bt_2, ids, l0 + 2, L, scales_ptr, stride_scales, scale, HAS_SCALES)
+                    acc = _chain_adapter(acc, s, bt_3, ids, l0 + 3, L, scales_ptr, stride_scales, scale, HAS_SCALES)
         else:
             bt = tl.load(b_ptr + b_tile, mask=b_mask, other=0.0)
             s_0 = s * _adapter_scale(scales_ptr, 0, L, stride_scales, scale, HAS_SCALES)
@@ -87,106 +106,67 @@ def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
 
 
 @triton.jit
-def _token_bucket(ids_ptr, offs, T, L, BLOCK_B: tl.constexpr):
-    """Sort key of each token: its adapter, ``L`` without a valid one (-1, >= L), ``BLOCK_B`` (no
-    bucket) past ``T``."""
-    ids = tl.load(ids_ptr + offs, mask=offs < T, other=-1).to(tl.int32)
-    bucket = tl.where((ids >= 0) & (ids < L), ids, L)
-    return tl.where(offs < T, bucket, BLOCK_B)
-
-
-@triton.jit
-def _sort_tokens_kernel(ids_ptr, perm_ptr, sorted_ids_ptr, T, L, BLOCK: tl.constexpr, BLOCK_B: tl.constexpr):
-    """One program: a stable counting sort of the tokens by adapter (adapters 0 .. L-1, then the tokens
-    without one). ``perm[i]`` = the token at sorted position i, ``sorted_ids[i]`` = its adapter (-1: none)."""
-    buckets = tl.arange(0, BLOCK_B)
-    counts = tl.zeros((BLOCK_B,), tl.int32)
-    for t0 in range(0, T, BLOCK):
-        bucket = _token_bucket(ids_ptr, t0 + tl.arange(0, BLOCK), T, L, BLOCK_B)
-        counts += tl.sum((bucket[:, None] == buckets[None, :]).to(tl.int32), axis=0)
-    starts = tl.cumsum(counts, axis=0) - counts      # first sorted position of each bucket
-    for t0 in range(0, T, BLOCK):
-        offs = t0 + tl.arange(0, BLOCK)
-        bucket = _token_bucket(ids_ptr, offs, T, L, BLOCK_B)
-        onehot = (bucket[:, None] == buckets[None, :]).to(tl.int32)                  # [BLOCK, BLOCK_B]
-        # position = the bucket's next free slot + how many earlier tokens of this block share the bucket
-        pos = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1 + starts[None, :]), axis=1)
-        tl.store(perm_ptr + pos, offs, mask=offs < T)
-        tl.store(sorted_ids_ptr + pos, tl.where(bucket < L, bucket, -1), mask=offs < T)
-        starts += tl.sum(onehot, axis=0)
-
-
-@triton.jit
 def _qkvz_prefill_kernel(
-    x_desc, w_desc, o_desc, x_ptr, out_ptr, perm_ptr, s_ptr, ids_ptr, scales_ptr,
+    x_desc, w_desc, o_desc, s_ptr, ids_ptr, scales_ptr,
     b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
     b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
     b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
     b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-    T, N, K, L, stride_xt, stride_ot, stride_sg, stride_st, stride_scales, scale,
+    T, N, K, L, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr,
-    SORTED: tl.constexpr, GATHER_X: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr, ADAPTER_TILES: tl.constexpr,
 ):
-    # SORTED: tile rows are positions in the adapter-sorted token order (ids and s are in that order);
-    # row i is token perm[i] of x and of out. x comes pre-gathered (x_desc) or, with GATHER_X, is
-    # gathered here through perm; out rows are scattered through perm.
     num_m = tl.cdiv(T, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
         pid_m, pid_n = _tile_pids(tile, num_m, num_n, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        rows = off_m + tl.arange(0, BLOCK_M)
-        if SORTED:
-            tokens = tl.load(perm_ptr + rows, mask=rows < T, other=0).to(tl.int64)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if GATHER_X:
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x_tile = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :],
-                                 mask=(rows < T)[:, None] & (ks < K)[None, :], other=0.0)
-            else:
-                x_tile = x_desc.load([off_m, k0])
-            acc = tl.dot(x_tile, w_desc.load([off_n, k0]).T, acc)
+            acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
         if NUM_SLICES > 0:
             if USE_PDL:
                 # Every program waits, so this grid's completion implies the shrink's (s is freed to
                 # the caching allocator right after the launch). A no-op after a program's first tile.
                 gdc_wait()
+            rows = off_m + tl.arange(0, BLOCK_M)
             ids = _token_adapters(ids_ptr, rows, T, HAS_IDS)
             row_ok = (ids >= 0) & (ids < L)   # rows without a valid adapter were never written by the shrink
             # one call per slice (separate pointers); each returns acc unchanged when the tile misses it
             acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                                   b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
-                                  L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N, BLOCK_R)
+                                  L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N, BLOCK_R,
+                                  ADAPTER_TILES)
             if NUM_SLICES > 1:
                 acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                                       b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
                                       L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
+                                      BLOCK_R, ADAPTER_TILES)
             if NUM_SLICES > 2:
                 acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                                       b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
                                       L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
+                                      BLOCK_R, ADAPTER_TILES)
             if NUM_SLICES > 3:
                 acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
                                       b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
                                       L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
-        if SORTED:
-            cols = off_n + tl.arange(0, BLOCK_N)
-            tl.store(out_ptr + tokens[:, None] * stride_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-                     mask=(rows < T)[:, None] & (cols < N)[None, :])
-        else:
-            o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+                                      BLOCK_R, ADAPTER_TILES)
+        o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
 # --------------------------------------------------------------------------------------------
 # Launcher
 # --------------------------------------------------------------------------------------------
+# B tiles a mixed-adapter epilogue loads together. H200, session 5 call D (4 random adapters, T 1024 / 4096,
+# 3 rounds, ratio to cuBLAS base): 2 at a time best or within 2 % in 11 / 12 rows (35B-A3B r16 T 1024:
+# 1.33x one at a time, 1.28x two, 1.26x four; 27B r16 T 1024: 1.10 / 1.05 / 1.08; r64 35B-A3B T 1024:
+# 1.64 / 1.54 / 1.57); 4 tiles of [BLOCK_R, 256] next to the [128, 256] fp32 accumulator gain nothing more.
+MIXED_ADAPTER_TILES = 2
+
+
 @functools.lru_cache(maxsize=None)
 def _has_tma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
@@ -211,30 +191,6 @@ def prefill_fusable(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor,
     return _tma_ok(x) and _tma_ok(_packed_view(w_qkv, w_z))
 
 
-# How the tokens enter the tiles when several adapters are mixed (``token_lora_ids``, L > 1):
-# "as_is": in the caller's order (with random ids every 128-row tile holds every adapter: one B load and
-# one masked dot per adapter per tile, and the shrink runs once per adapter per token tile);
-# "sorted": sorted by adapter (one launch), x gathered once into that order (index_select), out rows
-# scattered by the epilogue; "sorted_gather": the same, x rows gathered inside the GEMM's K loop.
-TOKEN_ORDERS = ("as_is", "sorted", "sorted_gather")
-
-
-def sort_tokens_by_adapter(ids: torch.Tensor, adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(perm, sorted_ids), int32 [T]: a stable sort of the tokens by adapter, tokens without a valid
-    adapter (-1 or >= ``adapters``) last with id -1. One single-program launch, no host sync."""
-    T = ids.shape[0]
-    perm = torch.empty(T, dtype=torch.int32, device=ids.device)
-    sorted_ids = torch.empty(T, dtype=torch.int32, device=ids.device)
-    if T == 0:
-        return perm, sorted_ids
-    block_b = triton.next_power_of_2(adapters + 1)
-    block = max(16, min(1024, 8192 // block_b, triton.next_power_of_2(T)))
-    device_ctx = torch.cuda.device(ids.device) if ids.device.type == "cuda" else contextlib.nullcontext()
-    with device_ctx:
-        _sort_tokens_kernel[(1,)](ids, perm, sorted_ids, T, adapters, BLOCK=block, BLOCK_B=block_b, num_warps=4)
-    return perm, sorted_ids
-
-
 def qkvz_prefill_triton(
     x: torch.Tensor,
     w_qkv: torch.Tensor,
@@ -252,15 +208,15 @@ def qkvz_prefill_triton(
     num_programs: Optional[int] = None,
     pdl: bool = True,
     with_lora: bool = True,
-    token_order: Optional[str] = None,
+    adapter_tiles: Optional[int] = None,
 ) -> torch.Tensor:
-    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand),
-    plus, for mixed adapters, the token sort of ``token_order`` (one of :data:`TOKEN_ORDERS`; default
-    :data:`MIXED_TOKEN_ORDER` with token ids and several adapters, else "as_is").
+    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand).
 
     Arguments are assumed checked (``fx_passes.ops.qkvz_gemm_lora``) and :func:`prefill_fusable`.
     ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps); ``num_programs`` overrides the
-    persistent grid (one program per SM); ``with_lora=False`` runs the GEMM alone (benchmarks).
+    persistent grid (one program per SM); ``with_lora=False`` runs the GEMM alone (benchmarks);
+    ``adapter_tiles`` (1, 2 or 4): how many adapters' B tiles a mixed-adapter epilogue loads together
+    (default :data:`MIXED_ADAPTER_TILES`).
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -271,6 +227,9 @@ def qkvz_prefill_triton(
     if T == 0:
         return out
     bm, bn, bk, stages, warps = blocks or PREFILL_BLOCKS
+    adapter_tiles = adapter_tiles or MIXED_ADAPTER_TILES
+    if adapter_tiles not in (1, 2, 4):
+        raise ValueError(f"qkvz_prefill_triton: adapter_tiles must be 1, 2 or 4, got {adapter_tiles}")
     has_ids = token_lora_ids is not None
     groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
@@ -279,12 +238,6 @@ def qkvz_prefill_triton(
     pdl = bool(pdl) and with_lora and on_gpu
     scale, scales_arg, stride_scales, has_scales = scale_args(lora_scales, scale, x)
     ids_arg = token_lora_ids if has_ids else x
-    if token_order is None:
-        token_order = MIXED_TOKEN_ORDER if has_ids and adapters > 1 and with_lora else "as_is"
-    if token_order not in TOKEN_ORDERS:
-        raise ValueError(f"qkvz_prefill_triton: token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
-    sort = token_order != "as_is" and has_ids
-    gather = sort and token_order == "sorted_gather"
 
     slice_args = []
     for i in range(4):
@@ -298,26 +251,22 @@ def qkvz_prefill_triton(
     programs = min(tiles, num_programs)
     device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     with device_ctx:
-        perm, x_tiles = ids_arg, x   # perm: unused unless sorted; x_tiles: x in the tiles' row order
-        if sort:
-            perm, ids_arg = sort_tokens_by_adapter(token_lora_ids, adapters)
-            if not gather:
-                x_tiles = x.index_select(0, perm)
         if with_lora:
             s_buf = alloc_shrink_buffer(T, len(groups), shrink_cfg, lora_b[0].dtype, x.device)
             # Not a PDL dependent itself (x comes from the kernel before it); USE_PDL makes it let the
             # GEMM launch at once.
-            launch_shrink(x if gather else x_tiles, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids,
-                          dot_precision="tf32", use_pdl=pdl, perm=perm if gather else None)
+            launch_shrink(x, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids, dot_precision="tf32",
+                          use_pdl=pdl)
             s_strides = (s_buf.stride(1), s_buf.stride(2))
         else:
             s_buf, s_strides = x, (0, 0)
         _qkvz_prefill_kernel[(programs,)](
-            TensorDescriptor.from_tensor(x_tiles, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
-            TensorDescriptor.from_tensor(out, [bm, bn]), x, out, perm, s_buf, ids_arg, scales_arg, *slice_args,
-            T, N, K, adapters, x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),
+            TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk]),
+            TensorDescriptor.from_tensor(out, [bm, bn]), s_buf, ids_arg, scales_arg, *slice_args,
+            T, N, K, adapters, *s_strides, stride_scales, float(scale),
             NUM_SLICES=len(lora_b) if with_lora else 0, HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
-            SORTED=sort, GATHER_X=gather, NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=shrink_cfg["BLOCK_R"],
-            GROUP_M=GROUP_M, num_stages=stages, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
+            NUM_PROGRAMS=programs, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=shrink_cfg["BLOCK_R"],
+            GROUP_M=GROUP_M, ADAPTER_TILES=adapter_tiles,
+            num_stages=stages, num_warps=warps, **({"launch_pdl": True} if pdl else {}),
         )
     return out
