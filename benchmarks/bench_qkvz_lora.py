@@ -20,8 +20,9 @@ and with 4 adapters mixed in the batch:
                tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run;
 * ours_prefill the op's prefill kernel (persistent TMA GEMM, LoRA in its epilogue) forced at any T
                (the op dispatches it from PREFILL_FUSED_MIN_T tokens), to place that threshold;
-* tiles1/2/4   that prefill kernel with the B tiles of 1 / 2 / 4 adapters loaded together in a
-               mixed-adapter epilogue (``adapter_tiles``).
+* tiles1/2/4   our fused kernel for this T (the decode kernel up to FUSED_MAX_T tokens, else the prefill
+               kernel) with the B tiles of 1 / 2 / 4 adapters loaded together in a mixed-adapter
+               epilogue (``adapter_tiles``).
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median, ms), bf16, fresh random
 (non-zero) data per row. Each replay calls the variant once per weight set, rotating over enough sets
@@ -287,9 +288,19 @@ class Problem:
                                    self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
                                    adapters=self.L, **kwargs)
 
-    def prefill_with(self, **kwargs):
-        """:meth:`ours_prefill` with explicit kernel options."""
-        return lambda x, ids, idxs: self.ours_prefill(x, ids, idxs, **kwargs)
+    def fused_with(self, **kwargs):
+        """Our fused kernel for the row's T (decode kernel up to FUSED_MAX_T, else the prefill kernel)
+        with explicit kernel options."""
+        from fx_passes.ops.qkvz_gemm_lora import FUSED_MAX_T
+        from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton
+
+        def fn(x, ids, idxs):
+            if x.shape[0] > FUSED_MAX_T:
+                return self.ours_prefill(x, ids, idxs, **kwargs)
+            return qkvz_gemm_lora_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+                                         self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
+                                         adapters=self.L, **kwargs)
+        return fn
 
     def ours_cfg(self, cfg):
         """Our block with an explicit launch configuration (direct kernel call, same kernels)."""
@@ -400,7 +411,7 @@ def main(argv=None):
                     fns = {"base": pr.base, "unfused": compiled, "torch_fused": pr.torch_fused,
                            "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
                            "ours_v0": None, "ours_prefill": pr.ours_prefill,
-                           **{f"tiles{n}": pr.prefill_with(adapter_tiles=n) for n in (1, 2, 4)}}
+                           **{f"tiles{n}": pr.fused_with(adapter_tiles=n) for n in (1, 2, 4)}}
                     if cpu:  # torch.ops on CPU runs the plain-torch reference: run the Triton kernels instead
                         fns["ours"] = pr.ours_fused_triton
                         fns["ours_2op"] = pr.ours_cfg({})

@@ -84,16 +84,19 @@ def test_fused_kernel_matches_reference(T, layout, dtype):
     _assert_close(got, _reference(*args, 0.75), dtype)
 
 
-@pytest.mark.parametrize("block_t", [16, 32])    # epilogue: B of 4 adapters batched (<= 16) / one by one
-@pytest.mark.parametrize("adapters", [3, 6])   # 6: more adapters than one batch of B loads (4)
+# epilogue: the B tiles of 4 adapters loaded before the shrink wait (the default at <= 16 tokens), of
+# 2 at a time (the default above), one by one
+@pytest.mark.parametrize("block_t, adapter_tiles", [(16, 4), (32, 2), (32, 1), (16, 2)])
+@pytest.mark.parametrize("adapters", [3, 6])   # 3 / 6: the last batch of B loads partly past L
 @pytest.mark.parametrize("T", [1, 20])
 @pytest.mark.parametrize("rank", [8, 64])
-def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t):
+def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t, adapter_tiles):
     args = _case(T, "qkvz", torch.float16, adapters=adapters, rank=rank, seed=T)
     ids = args[7]
     if T > 2:
         ids[1] = adapters + 1    # an id >= L: no adapter, nothing read out of bounds
-    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters, **dict(SMALL, block_t=block_t))
+    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters,
+                                **dict(SMALL, block_t=block_t, adapter_tiles=adapter_tiles))
     ref_args = list(args)
     ref_args[7] = torch.where(ids >= adapters, -1, ids)   # the CPU op rejects such ids; the kernel skips them
     _assert_close(got, _reference(*ref_args, 1.5), torch.float16)

@@ -31,7 +31,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
-    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tiles, _present, _token_adapters, alloc_shrink_buffer,
+    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _adapter_tiles, _present, _token_adapters, alloc_shrink_buffer,
     launch_shrink, plan, scale_args, shrink_groups,
 )
 
@@ -71,6 +71,7 @@ def _segment_tile(
     SEG_LORA: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ADAPTER_TILES: tl.constexpr,
 ):
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -101,13 +102,13 @@ def _segment_tile(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
-    # Mixed adapters: with BLOCK_T <= 16 the B tiles of the first ADAPTER_BATCH adapters present are
-    # issued together, before waiting for the shrink (they do not depend on it); measured on an H200
-    # (r 16, 4 adapters): T = 16 1.32x -> 1.24x base on 35B-A3B. With 64-token tiles the 4 tiles held
-    # next to the [BLOCK_N, 64] accumulator cost more than the latency they hide (397B-A17B T = 64:
-    # 1.14x -> 1.24x), so there one adapter at a time is loaded and applied.
+    # Mixed adapters, ADAPTER_TILES = 4 (default with BLOCK_T <= 16): the B tiles of the first
+    # ADAPTER_BATCH adapters present are issued together, before waiting for the shrink (they do not
+    # depend on it); measured on an H200 (r 16, 4 adapters): T = 16 1.32x -> 1.24x base on 35B-A3B. With
+    # 64-token tiles the 4 tiles held next to the [BLOCK_N, 64] accumulator cost more than the latency
+    # they hide (397B-A17B T = 64: 1.14x -> 1.24x): there 1 or 2 adapters at a time (ADAPTER_TILES).
     if SEG_LORA:
-        if HAS_IDS and BLOCK_T <= 16:
+        if HAS_IDS and ADAPTER_TILES == 4:
             b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
     if USE_PDL:
         # Every program waits (also those without LoRA), so this grid's completion implies the
@@ -124,13 +125,21 @@ def _segment_tile(
             st += tl.load(s_ptrs + ks * stride_sk, mask=s_mask, other=0.0).to(tl.float32)
         st = st.to(b_ptr.dtype.element_ty)   # PEFT/vLLM round the shrink to B's dtype
         if HAS_IDS:
-            if BLOCK_T <= 16:
+            if ADAPTER_TILES == 4:
                 acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, 0, L, scales_ptr, stride_scales, scale,
                                          HAS_SCALES, DOT_PRECISION)
                 for l0 in range(ADAPTER_BATCH, L, ADAPTER_BATCH):   # more than 4 adapters
                     b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
                     acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales,
                                              scale, HAS_SCALES, DOT_PRECISION)
+            elif ADAPTER_TILES == 2:
+                for l0 in range(0, L, 2):
+                    b_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                    b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+                    acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale,
+                                            HAS_SCALES, DOT_PRECISION)
+                    acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
+                                            HAS_SCALES, DOT_PRECISION)
             else:
                 for l in range(0, L):
                     if _present(ids, l, L):
@@ -162,6 +171,7 @@ def _qkvz_gemm_lora_kernel(
     LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr, LORA3: tl.constexpr,
     HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ADAPTER_TILES: tl.constexpr,
 ):
     # grid: (column tiles of all segments, token tiles)
     pid_n = tl.program_id(0)
@@ -173,7 +183,8 @@ def _qkvz_gemm_lora_kernel(
         _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
                       w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0, pid_n, pid_t,
                       T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
-                      LORA0, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION, BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+                      LORA0, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION, BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R,
+                      ADAPTER_TILES)
     if NUM_SEGMENTS > 1:
         if seg == 1:
             _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
@@ -181,7 +192,7 @@ def _qkvz_gemm_lora_kernel(
                           pid_n - tile_off1, pid_t,
                           T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
                           scale, LORA1, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
-                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
     if NUM_SEGMENTS > 2:
         if seg == 2:
             _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
@@ -189,7 +200,7 @@ def _qkvz_gemm_lora_kernel(
                           pid_n - tile_off2, pid_t,
                           T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
                           scale, LORA2, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
-                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
     if NUM_SEGMENTS > 3:
         if seg == 3:
             _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
@@ -197,7 +208,7 @@ def _qkvz_gemm_lora_kernel(
                           pid_n - tile_off3, pid_t,
                           T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
                           scale, LORA3, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
-                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R)
+                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
 
 
 # --------------------------------------------------------------------------------------------
@@ -283,6 +294,14 @@ def default_blocks(T: int, K: int, N: int) -> dict:
     return dict(BLOCK_N=bn, BLOCK_T=block_t, BLOCK_K=bk, num_stages=stages, num_warps=warps)
 
 
+def default_adapter_tiles(block_t: int) -> int:
+    """B tiles a mixed-adapter epilogue loads together: 4 before the shrink wait with <= 16-token tiles,
+    else 2 at a time. H200, session 5 call H (4 random adapters, 3 rounds): at T = 32 / 64, 2 was better
+    than 1 in 8 / 12 rows and never worse by more than 1 % (e.g. 35B-A3B r16 T 64 1.37x -> 1.36x, 27B r64
+    T 64 1.49x -> 1.47x); 4 lost up to 0.1x (397B-A17B T 32 / 64)."""
+    return 4 if block_t <= 16 else 2
+
+
 def shrink_ksplit(T: int, K: int, N: int, rank: int, adapters: int, adapter_dtype: torch.dtype) -> Optional[int]:
     """Cap of the shrink's split-K factor (None: plan's default)."""
     if adapter_dtype == torch.float32:
@@ -316,11 +335,14 @@ def qkvz_gemm_lora_triton(
     pdl: bool = True,
     with_lora: bool = True,
     shrink_ksplit_max: Optional[int] = None,
+    adapter_tiles: Optional[int] = None,
 ) -> torch.Tensor:
     """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
 
     Arguments are assumed checked (``fx_passes.ops.qkvz_gemm_lora`` does it). ``with_lora=False``
-    runs the GEMM alone (the benchmark's measure of the GEMM part).
+    runs the GEMM alone (the benchmark's measure of the GEMM part). ``adapter_tiles`` (1, 2 or 4): B
+    tiles of how many adapters a mixed-adapter epilogue loads together (default
+    :func:`default_adapter_tiles`).
     """
     T, K = x.shape
     out = x.new_empty((T, w_qkv.shape[0] + w_z.shape[0]))
@@ -337,6 +359,9 @@ def qkvz_gemm_lora_triton(
     launch_opts = dict(num_stages=num_stages or cfg["num_stages"], num_warps=num_warps or cfg["num_warps"])
     has_ids = token_lora_ids is not None
     with_lora = with_lora and any(seg.lora_slice is not None for seg in segments)
+    adapter_tiles = adapter_tiles or default_adapter_tiles(BLOCK_T)
+    if adapter_tiles not in (1, 2, 4):
+        raise ValueError(f"qkvz_gemm_lora_triton: adapter_tiles must be 1, 2 or 4, got {adapter_tiles}")
 
     groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
@@ -390,6 +415,6 @@ def qkvz_gemm_lora_triton(
             NUM_SEGMENTS=len(segments), LORA0=lora_flags[0], LORA1=lora_flags[1], LORA2=lora_flags[2],
             LORA3=lora_flags[3], HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
             DOT_PRECISION=dot_precision, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-            **launch_opts,
+            ADAPTER_TILES=adapter_tiles, **launch_opts,
         )
     return out
