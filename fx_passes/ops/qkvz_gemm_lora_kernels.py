@@ -296,9 +296,9 @@ def default_blocks(T: int, K: int, N: int) -> dict:
 
 def default_adapter_tiles(block_t: int) -> int:
     """B tiles a mixed-adapter epilogue loads together: 4 before the shrink wait with <= 16-token tiles,
-    else 2 at a time. H200, session 5 call H (4 random adapters, 3 rounds): at T = 32 / 64, 2 was better
-    than 1 in 8 / 12 rows and never worse by more than 1 % (e.g. 35B-A3B r16 T 64 1.37x -> 1.36x, 27B r64
-    T 64 1.49x -> 1.47x); 4 lost up to 0.1x (397B-A17B T 32 / 64)."""
+    else 2 at a time. H200, session 5 call H (4 random adapters, 3 rounds): at T = 32 / 64, 2 at a time
+    was at or below 1 at a time in 12 / 12 rows, by 0.001-0.05x (e.g. 35B-A3B r16 T 32 1.29x -> 1.24x,
+    27B r64 T 64 1.49x -> 1.47x); 4 lost up to 0.1x (397B-A17B T 32 / 64)."""
     return 4 if block_t <= 16 else 2
 
 
