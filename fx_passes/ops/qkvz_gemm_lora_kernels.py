@@ -31,8 +31,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
-    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _adapter_tiles, _present, _token_adapters, alloc_shrink_buffer,
-    launch_shrink, plan, scale_args, shrink_groups,
+    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _adapter_tiles, _present, _token_adapters,
+    alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
 )
 
 MAX_SEGMENTS = 4

@@ -32,8 +32,8 @@ from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_gemm import _packed_view, weights_are_packed
 from fx_passes.ops.qkvz_lora_kernels import (
-    _adapter_scale, _adapter_stride, _adapter_tile, _interpreting, _num_sms, _present, _token_adapters, alloc_shrink_buffer,
-    launch_shrink, plan, scale_args, shrink_groups,
+    _adapter_scale, _adapter_stride, _adapter_tile, _interpreting, _num_sms, _present, _token_adapters,
+    alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the best of benchmarks/sweep_prefill_gemm.py on an
