@@ -87,7 +87,7 @@ def test_fused_kernel_matches_reference(T, layout, dtype):
 # epilogue: the B tiles of 4 adapters loaded before the shrink wait (the default at <= 16 tokens), of
 # 2 at a time (the default above), one by one
 @pytest.mark.parametrize("block_t, adapter_tiles", [(16, 4), (32, 2), (32, 1), (16, 2)])
-@pytest.mark.parametrize("adapters", [3, 6])   # 3 / 6: the last batch of B loads partly past L
+@pytest.mark.parametrize("adapters", [1, 3, 6])   # 1 / 3 / 6: the last batch of B loads partly past L
 @pytest.mark.parametrize("T", [1, 20])
 @pytest.mark.parametrize("rank", [8, 64])
 def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t, adapter_tiles):

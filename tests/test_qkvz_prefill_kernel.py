@@ -28,7 +28,7 @@ def _packed_case(T, layout, *, adapters=None, rank=8, seed=0):
 
 
 @pytest.mark.parametrize("T", [5, 37])
-@pytest.mark.parametrize("adapters", [None, 3])
+@pytest.mark.parametrize("adapters", [None, 1, 3])   # 1: token ids with a single adapter (vLLM, max_loras 1)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_prefill_kernel_matches_reference(layout, adapters, T):
     args = _packed_case(T, layout, adapters=adapters)
