@@ -32,7 +32,7 @@ from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.qkvz_lora_kernels import (
     ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _adapter_tiles, _present, _token_adapters,
-    alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
+    alloc_shrink_buffer, check_adapter_tiles, launch_shrink, plan, scale_args, shrink_groups,
 )
 
 MAX_SEGMENTS = 4
@@ -132,19 +132,15 @@ def _segment_tile(
                     b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
                     acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales,
                                              scale, HAS_SCALES, DOT_PRECISION)
-            elif ADAPTER_TILES == 2:
-                for l0 in range(0, L, 2):
+            else:   # 1 or 2 adapters at a time (a tile of an absent adapter costs no traffic)
+                for l0 in range(0, L, ADAPTER_TILES):
                     b_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
-                    b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+                    if ADAPTER_TILES == 2:
+                        b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
                     acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale,
                                             HAS_SCALES, DOT_PRECISION)
-                    acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
-                                            HAS_SCALES, DOT_PRECISION)
-            else:
-                for l in range(0, L):
-                    if _present(ids, l, L):
-                        b = tl.load(b_ptr + tl.cast(l, tl.int64) * stride_bl + b_tile, mask=b_mask, other=0.0)
-                        acc = _epilogue_adapter(acc, b, st, ids, l, L, scales_ptr, stride_scales, scale,
+                    if ADAPTER_TILES == 2:
+                        acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
                                                 HAS_SCALES, DOT_PRECISION)
         else:
             if HAS_SCALES:
@@ -359,9 +355,7 @@ def qkvz_gemm_lora_triton(
     launch_opts = dict(num_stages=num_stages or cfg["num_stages"], num_warps=num_warps or cfg["num_warps"])
     has_ids = token_lora_ids is not None
     with_lora = with_lora and any(seg.lora_slice is not None for seg in segments)
-    adapter_tiles = adapter_tiles or default_adapter_tiles(BLOCK_T)
-    if adapter_tiles not in (1, 2, 4):
-        raise ValueError(f"qkvz_gemm_lora_triton: adapter_tiles must be 1, 2 or 4, got {adapter_tiles}")
+    adapter_tiles = check_adapter_tiles(adapter_tiles or default_adapter_tiles(BLOCK_T), "qkvz_gemm_lora_triton")
 
     groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]

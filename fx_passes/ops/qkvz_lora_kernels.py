@@ -427,6 +427,13 @@ def launch_shrink(x: torch.Tensor, ids_arg: torch.Tensor, s_buf: torch.Tensor, g
     )
 
 
+def check_adapter_tiles(adapter_tiles: int, where: str) -> int:
+    """A fused kernel's ``adapter_tiles``: how many adapters' B tiles a mixed-adapter epilogue loads together."""
+    if adapter_tiles not in (1, 2, 4):
+        raise ValueError(f"{where}: adapter_tiles must be 1, 2 or 4, got {adapter_tiles}")
+    return adapter_tiles
+
+
 def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tensor):
     """Kernel arguments of the per-token scale ``scale * lora_scales[l]``: (scale, scales tensor,
     its stride, HAS_SCALES). A one-element CPU tensor is read on the host (no device sync) and folded

@@ -33,7 +33,7 @@ from triton.language.extra.cuda import gdc_wait
 from fx_passes.ops.qkvz_gemm import _packed_view, weights_are_packed
 from fx_passes.ops.qkvz_lora_kernels import (
     _adapter_scale, _adapter_stride, _adapter_tile, _interpreting, _num_sms, _present, _token_adapters,
-    alloc_shrink_buffer, launch_shrink, plan, scale_args, shrink_groups,
+    alloc_shrink_buffer, check_adapter_tiles, launch_shrink, plan, scale_args, shrink_groups,
 )
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps): the best of benchmarks/sweep_prefill_gemm.py on an
@@ -227,9 +227,7 @@ def qkvz_prefill_triton(
     if T == 0:
         return out
     bm, bn, bk, stages, warps = blocks or PREFILL_BLOCKS
-    adapter_tiles = adapter_tiles or MIXED_ADAPTER_TILES
-    if adapter_tiles not in (1, 2, 4):
-        raise ValueError(f"qkvz_prefill_triton: adapter_tiles must be 1, 2 or 4, got {adapter_tiles}")
+    adapter_tiles = check_adapter_tiles(adapter_tiles or MIXED_ADAPTER_TILES, "qkvz_prefill_triton")
     has_ids = token_lora_ids is not None
     groups, compact = shrink_groups(lora_a, slice_a)
     ranks = [a.shape[-2] for a in groups]
