@@ -13,6 +13,9 @@ and with 4 adapters mixed in the batch:
                (lora_a = [A_qkv, A_z], lora_b = 4 row-slice views, slice_a = [0, 0, 0, 1]): at T <= 64 a
                shrink + our Triton GEMM with the LoRA expand in its epilogue (PDL-overlapped), above
                that the two-op path below;
+* base_unpacked / ours_unpacked  base (torch.ops.fx_passes.qkvz_gemm) and ours with W_qkv and W_z in two
+               separate allocations (what a model gets without packing: two cuBLAS GEMMs for the base,
+               the decode kernel's two weight segments, no prefill kernel), to price the packing;
 * ours_2op     torch.ops.fx_passes.qkvz_gemm over the packed weights (one cuBLAS GEMM) +
                torch.ops.fx_passes.qkvz_lora_ in place (what the pass emits with several LoRA ops);
 * ours_nopdl   ours_2op without programmatic dependent launch (the default uses it up to T = 256);
@@ -76,7 +79,7 @@ N_ADAPTERS_MIXED = 4
 SCALE_1 = 2.0                                  # lora_alpha / r of the single adapter
 SCALES_4 = (1.0, 0.5, 2.0, 1.5)                # per-adapter scales of the mixed batch
 ERR_LIMIT = 1e-2                               # bf16 output: expect ~2e-3
-MAIN_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill",
+MAIN_VARIANTS = ("base", "base_unpacked", "ours_unpacked", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill",
                  "tiles1", "tiles2", "tiles4")
 DEFAULT_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op")
 
@@ -175,6 +178,7 @@ class Problem:
         self.Wcat = rnd(self.N, H, std=H ** -0.5)
         self.Wqkv, self.Wz = self.Wcat[: self.nqkv], self.Wcat[self.nqkv:]
         assert weights_are_packed(self.Wqkv, self.Wz)
+        self.Wqkv_u, self.Wz_u = None, None   # separate allocations, made on first use (unpacked variants)
         lead = () if L == 1 else (L,)
         self.Aqkv, self.Az = rnd(*lead, r, H, std=H ** -0.5), rnd(*lead, r, H, std=H ** -0.5)
         self.Bqkv, self.Bz = rnd(*lead, self.nqkv, r, std=r ** -0.5), rnd(*lead, self.nz, r, std=r ** -0.5)
@@ -263,6 +267,20 @@ class Problem:
 
     def ours(self, x, ids, idxs):
         return torch.ops.fx_passes.qkvz_gemm_lora(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+                                                  self.slice_start, ids, self.scales_t,
+                                                  SCALE_1 if self.L == 1 else 1.0)
+
+    def _unpacked(self):
+        if self.Wqkv_u is None:
+            self.Wqkv_u, self.Wz_u = self.Wqkv.clone(), self.Wz.clone()
+            assert not weights_are_packed(self.Wqkv_u, self.Wz_u)
+        return self.Wqkv_u, self.Wz_u
+
+    def base_unpacked(self, x, ids, idxs):
+        return torch.ops.fx_passes.qkvz_gemm(x, *self._unpacked())
+
+    def ours_unpacked(self, x, ids, idxs):
+        return torch.ops.fx_passes.qkvz_gemm_lora(x, *self._unpacked(), self.lora_a, self.lora_b, self.slice_a,
                                                   self.slice_start, ids, self.scales_t,
                                                   SCALE_1 if self.L == 1 else 1.0)
 
@@ -408,7 +426,8 @@ def main(argv=None):
                     compiled = None
                     if "unfused" in variants:
                         compiled = torch.compile(pr.unfused_eager, dynamic=True)
-                    fns = {"base": pr.base, "unfused": compiled, "torch_fused": pr.torch_fused,
+                    fns = {"base": pr.base, "base_unpacked": pr.base_unpacked, "ours_unpacked": pr.ours_unpacked,
+                           "unfused": compiled, "torch_fused": pr.torch_fused,
                            "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
                            "ours_v0": None, "ours_prefill": pr.ours_prefill,
                            **{f"tiles{n}": pr.fused_with(adapter_tiles=n) for n in (1, 2, 4)}}
@@ -438,7 +457,7 @@ def main(argv=None):
                                 if round_ == 0:
                                     t0 = time.perf_counter()
                                     y = fn(x, ids, idxs)  # first call: compiles (Inductor / Triton)
-                                    if v != "base":
+                                    if not v.startswith("base"):   # the base variants have no LoRA
                                         row[f"err_{v}"] = rel_err(y, ref)
                                     row[f"first_call_s_{v}"] = time.perf_counter() - t0
                                     for f in all_fns[1:]:

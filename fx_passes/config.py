@@ -22,6 +22,9 @@ class QkvzFusionConfig:
     structural_fallback: where the graph carries no ``nn_module_stack``, find GDN layers by
         structure (shared input, ``N_qkv = 2 * key_dim + N_z``, and a ``[key, key, value]``
         split of the qkv output downstream); never used for nodes that do carry module paths.
+    pack_weights: the ``fx_passes`` backend packs each layer's W_qkv / W_z into one buffer
+        (memory-neutral, only where safe; :mod:`fx_passes.packing`) so the fused GEMM is one
+        launch. Off: the weights stay as they are (two GEMM launches unless packed by the user).
     dump_dir: write before/after graphs and the match report of every graph here
         (``None``: read the ``FX_PASSES_DUMP_DIR`` environment variable when the pass is made).
     """
@@ -32,6 +35,7 @@ class QkvzFusionConfig:
     fuse_without_lora: bool = True
     gemm_lora_op: bool = True
     structural_fallback: bool = True
+    pack_weights: bool = True
     dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
 
     def cache_key(self) -> str:

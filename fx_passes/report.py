@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import re
 from typing import Optional
 
 import torch
@@ -26,7 +27,8 @@ class LayerMatch:
     adapters: list[str] = dataclasses.field(default_factory=list)      # one entry per LoRA op emitted
     lora_slices: list[list[str]] = dataclasses.field(default_factory=list)  # slices each LoRA op covers
     shared_a: bool = False                  # q, k, v share one A: their shrink runs once
-    weights_packed: Optional[bool] = None   # W_qkv, W_z adjacent in one buffer at compile time
+    weights_packed: Optional[bool] = None   # W_qkv, W_z adjacent in one buffer when the graph runs
+    packing: Optional[str] = None           # who packed them, or why they stay unpacked
     kernel: Optional[str] = None            # which ops the layer now runs
     removed_nodes: list[str] = dataclasses.field(default_factory=list)
     new_nodes: list[str] = dataclasses.field(default_factory=list)
@@ -34,6 +36,8 @@ class LayerMatch:
     def line(self) -> str:
         if self.rewritten:
             packed = {True: "packed", False: "NOT packed (2 GEMM launches)", None: "unknown"}[self.weights_packed]
+            if self.packing:
+                packed += f" ({self.packing})"
             return (f"REWRITTEN {self.layer}: {self.qkv_node} + {self.z_node} -> {self.kernel}; "
                     f"slices {self.slice_sizes}; LoRA {self.lora_slices or 'none'}; "
                     f"shared A for q,k,v: {self.shared_a}; weights {packed}")
@@ -54,13 +58,51 @@ def count_ops(graph: torch.fx.Graph) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+# The ops a rewritten layer runs; each rewritten layer emits exactly one qkvz_gemm or qkvz_gemm_lora.
+FUSED_OPS = ("qkvz_gemm_lora", "qkvz_gemm", "qkvz_lora_")
+_LAYER_OPS = ("qkvz_gemm_lora", "qkvz_gemm")
+# A call of one of our ops in Inductor's output code: the Python wrapper's `torch.ops.fx_passes.<op>.default(`
+# or the C++ wrapper's "fx_passes::<op>" (comment lines, which name source nodes, are skipped).
+_CALL_RE = re.compile(r"torch\.ops\.fx_passes\.(\w+)\.default\(|\"fx_passes::(\w+)\"")
+
+PASS_RAN = "pass"
+FROM_CACHE = "fx_graph_cache"
+NOT_RUN = "pass_not_run"
+
+
+def count_op_calls(source_code: str) -> dict[str, int]:
+    """Calls of fx_passes ops in a compiled graph's output code, by op name."""
+    counts: collections.Counter = collections.Counter()
+    for line in source_code.splitlines():
+        if line.lstrip().startswith(("#", "//")):
+            continue
+        for match in _CALL_RE.finditer(line):
+            counts[match.group(1) or match.group(2)] += 1
+    return dict(sorted(counts.items()))
+
+
 @dataclasses.dataclass
 class GraphReport:
+    """One compiled graph. ``source`` says where its code came from: ``"pass"`` (the pass ran on it:
+    ``layers`` and the op counts are filled), ``"fx_graph_cache"`` (Inductor served the compiled code
+    from its cache, so the pass did not run; ``code_op_calls`` counts our ops in that code) or
+    ``"pass_not_run"`` (compiled, but the pass was not called in this process)."""
+
     pass_name: str
     graph_index: int
     layers: list[LayerMatch] = dataclasses.field(default_factory=list)
     ops_before: dict[str, int] = dataclasses.field(default_factory=dict)
     ops_after: dict[str, int] = dataclasses.field(default_factory=dict)
+    source: str = PASS_RAN
+    code_op_calls: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def fused_layers(self) -> int:
+        """GDN layers that run fused in this graph: rewritten ones, or for a graph served from a cache
+        the qkvz_gemm / qkvz_gemm_lora calls in its code (one per rewritten layer)."""
+        if self.source == PASS_RAN:
+            return len(self.rewritten)
+        return sum(self.code_op_calls.get(op, 0) for op in _LAYER_OPS)
 
     @property
     def rewritten(self) -> list[LayerMatch]:
@@ -71,6 +113,11 @@ class GraphReport:
         return [layer for layer in self.layers if not layer.rewritten]
 
     def summary(self) -> str:
+        if self.source != PASS_RAN:
+            calls = ", ".join(f"{n} fx_passes.{op}" for op, n in self.code_op_calls.items()) or "no fx_passes op"
+            why = ("served from Inductor's FX graph cache, the pass did not run" if self.source == FROM_CACHE
+                   else "the pass was not called for it in this process")
+            return f"{self.pass_name} graph {self.graph_index}: {why}; its compiled code calls {calls}"
         return (f"{self.pass_name} graph {self.graph_index}: {len(self.layers)} GDN layer(s) found, "
                 f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped")
 
@@ -89,7 +136,7 @@ class GraphReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self) | {"summary": self.summary()}
+        return dataclasses.asdict(self) | {"summary": self.summary(), "fused_layers": self.fused_layers}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)

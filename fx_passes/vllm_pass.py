@@ -19,7 +19,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.qkvz_lora_fusion import QkvzLoraFusionPass
 from fx_passes.fusion.vllm_lora_fusion import VllmLoraFusion, feeds_vllm_lora
-from fx_passes.report import count_ops
+from fx_passes.report import GraphReport
 
 try:  # vLLM >= 0.21 keeps passes in vllm.compilation.passes
     from vllm.compilation.passes.inductor_pass import InductorPass as _InductorPassBase
@@ -48,21 +48,18 @@ class QkvzLoraFusionVllmPass(QkvzLoraFusionPass, _InductorPassBase):
         return [c for c in QkvzLoraFusionPass._find_candidates(self, graph, report)
                 if not (feeds_vllm_lora(c.qkv) or feeds_vllm_lora(c.z))]
 
-    def __call__(self, graph) -> None:
-        """First vLLM's punica LoRA forms (split in_proj_qkv / in_proj_z, or fused in_proj_qkvz,
-        with vllm::lora_shrink / lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then
-        the HF/PEFT form. Both land in one GraphReport."""
-        ops_before = count_ops(graph)
+    def match_and_rewrite(self, graph, report) -> None:
+        """vLLM's punica LoRA forms first (split in_proj_qkv / in_proj_z, or fused in_proj_qkvz, with
+        vllm::lora_shrink / lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then the
+        HF/PEFT form on what is left. The base pass's lifecycle does the rest (one report, log, dump:
+        the dump's before graph is the graph vLLM handed over)."""
         cfg = self.config
         vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name, cfg.gemm_lora_op)(graph)
-        QkvzLoraFusionPass.__call__(self, graph)
-        if vllm_layers:
-            report = self.reports[-1]
-            seen = {layer.layer for layer in vllm_layers}
-            # the HF matcher also sees the vLLM layers' base GEMMs (as "no LoRA"): keep only our entry
-            report.layers[:] = vllm_layers + [layer for layer in report.layers if layer.layer not in seen]
-            report.ops_before = ops_before
-            self.matched_count += sum(layer.rewritten for layer in vllm_layers)
+        report.layers.extend(vllm_layers)
+        seen = {layer.layer for layer in vllm_layers}
+        hf = GraphReport(report.pass_name, report.graph_index)
+        QkvzLoraFusionPass.match_and_rewrite(self, graph, hf)
+        report.layers.extend(layer for layer in hf.layers if layer.layer not in seen)
 
 
 __all__ = ["QkvzLoraFusionVllmPass", "VLLM_AVAILABLE"]

@@ -70,7 +70,8 @@ def test_dump_writes_graphs_and_report(main_dump):
     assert "graph_000_before.py -> graph_000_after.py" in text
 
     data = json.load(open(os.path.join(out, "report.json")))
-    assert data["totals"] == {"graphs": 1, "layers": 1, "rewritten": 1, "skipped": 0}
+    assert data["totals"] == {"graphs": 1, "layers": 1, "rewritten": 1, "skipped": 0, "graphs_from_cache": 0,
+                              "fused_layers": 1}
     report = data["graphs"][0]["report"]
     layer, = report["layers"]
     assert layer["layer"].endswith(LAYER) and layer["rewritten"] and layer["weights_packed"] is True

@@ -9,6 +9,8 @@ through Inductor with vLLM's PostGradPassManager; see tests/vllm_notes.md. Dynam
 tests/test_vllm_dynamic.py; compile cache: tests/test_vllm_cache.py.
 """
 import importlib.util
+import json
+import os
 
 import pytest
 
@@ -22,6 +24,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from fx_passes import QkvzFusionConfig  # noqa: E402
 from fx_passes.fusion.matcher import module_path  # noqa: E402
 from fx_passes.vllm_pass import QkvzLoraFusionVllmPass  # noqa: E402
 
@@ -31,8 +34,8 @@ _close = vh.close
 
 
 @pytest.fixture(scope="module")
-def split_run():
-    """One compile for the module: eager vLLM outputs, compiled outputs, the pass."""
+def split_run(tmp_path_factory):
+    """One compile for the module: eager vLLM outputs, compiled outputs, the pass (dumping)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     block, pw = vh.build_split_block()
@@ -40,7 +43,8 @@ def split_run():
     vh.set_tokens(pw, TOKENS)
     eager = [t.clone() for t in block(x)]
     base = [x.float() @ m.base_layer.weight.float().T for m in (block.layer.in_proj_qkv, block.layer.in_proj_z)]
-    fusion = QkvzLoraFusionVllmPass()
+    dump_dir = str(tmp_path_factory.mktemp("vllm_dump"))
+    fusion = QkvzLoraFusionVllmPass(QkvzFusionConfig(dump_dir=dump_dir))
     compiled = vh.compile_with_pass(block, fusion)
     from vllm.config import set_current_vllm_config
     with set_current_vllm_config(vh.init_vllm_cpu()):
@@ -57,7 +61,7 @@ def split_run():
         out3 = [t.clone() for t in compiled(x)]
     torch._dynamo.reset()
     return dict(block=block, x=x, eager=eager, out=out, eager2=eager2, out2=out2, eager3=eager3, out3=out3,
-                base=base, fusion=fusion)
+                base=base, fusion=fusion, dump_dir=dump_dir)
 
 
 def test_split_form_rewritten(split_run):
@@ -76,6 +80,22 @@ def test_split_form_rewritten(split_run):
     assert after[vh.OURS] == 1                                            # ... one GEMM + LoRA op
     assert AF_OURS not in after and "fx_passes.qkvz_gemm.default" not in after
     assert not report.skipped, report.to_text()
+
+
+def test_vllm_dump_holds_the_graph_vllm_handed_over(split_run):
+    """The dump's before graph is vLLM's (punica ops in place), the after graph ours; report.txt /
+    report.json list the vLLM layer (the pass's one lifecycle: match, then log and dump)."""
+    dump_dir = split_run["dump_dir"]
+    before = open(os.path.join(dump_dir, "graph_000_before.py")).read()
+    after = open(os.path.join(dump_dir, "graph_000_after.py")).read()
+    assert before.count("torch.ops.vllm.lora_expand.default") == 2 and "fx_passes.qkvz_gemm_lora" not in before
+    assert "torch.ops.vllm.lora_expand.default" not in after and after.count("fx_passes.qkvz_gemm_lora.default") == 1
+    data = json.load(open(os.path.join(dump_dir, "report.json")))
+    assert data["totals"]["layers"] == 1 and data["totals"]["rewritten"] == 1, data["totals"]
+    (layer,) = data["graphs"][0]["report"]["layers"]
+    assert layer["layer"] == "layer" and layer["identified_by"] == "module_path+vllm_lora"
+    text = open(os.path.join(dump_dir, "report.txt")).read()
+    assert "1 GDN layer(s) found, 1 rewritten" in text and "REWRITTEN layer:" in text
 
 
 def test_split_form_matches_vllm_eager(split_run):

@@ -36,7 +36,6 @@ the failed condition (with its node) is recorded in the :class:`~fx_passes.repor
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -47,12 +46,13 @@ import re
 from typing import Any, Optional
 
 import torch
-import torch.utils._pytree as pytree
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch._inductor.custom_graph_pass import CustomGraphPass
 from torch.fx import Graph, Node
 
-import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
+from fx_passes.fusion.fx_utils import (
+    QKVZ_GEMM_LORA_OP, QKVZ_GEMM_OP, QKVZ_LORA_OP, SLICE_NAMES, emit, erase_dead, finish_rewrite, graph_code,
+)
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.matcher import (
     ADDMM_OPS, FLOAT_DTYPES, MM_OPS, VIEW_OPS, CAST_OPS, LinearLeaf, LoraLeaf, NoMatch, SumMatch,
@@ -60,16 +60,12 @@ from fx_passes.fusion.matcher import (
     match_linear_operands, module_path, strip_views,
 )
 from fx_passes.ops.qkvz_gemm import weights_are_packed
-from fx_passes.report import GraphReport, LayerMatch, count_ops
+from fx_passes.report import GraphReport, LayerMatch, count_op_calls, count_ops
 
 logger = logging.getLogger("fx_passes")
 
 aten = torch.ops.aten
-QKVZ_GEMM_OP = torch.ops.fx_passes.qkvz_gemm.default
-QKVZ_LORA_OP = torch.ops.fx_passes.qkvz_lora_.default
-QKVZ_GEMM_LORA_OP = torch.ops.fx_passes.qkvz_gemm_lora.default
 SPLIT_OPS = (aten.split_with_sizes.default, aten.split.Tensor)
-SLICE_NAMES = ("q", "k", "v", "z")
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,6 +105,9 @@ class QkvzLoraFusionPass(CustomGraphPass):
         self.config = config or QkvzFusionConfig()
         self.matched_count = 0
         self.reports: list[GraphReport] = []
+        # layer -> (packed, note), set by the fx_passes backend for the graph it compiles: the weight
+        # pairs it will pack once the compile succeeded (the graph's fake tensors still show them apart)
+        self.packing_notes: dict[str, tuple[bool, str]] = {}
 
     # ------------------------------------------------------------ CustomGraphPass
     def uuid(self) -> str:
@@ -119,26 +118,44 @@ class QkvzLoraFusionPass(CustomGraphPass):
         return digest.hexdigest()
 
     def __call__(self, graph: Graph) -> None:
+        """One graph: report -> match + rewrite (:meth:`match_and_rewrite`) -> sort / lint / recompile ->
+        count -> log -> dump. Subclasses add forms by overriding :meth:`match_and_rewrite` only."""
         report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports))
         report.ops_before = count_ops(graph)
-        before = _graph_code(graph) if self.config.dump_dir else None
-        for candidate in self._find_candidates(graph, report):
-            report.layers.append(self._rewrite_layer(graph, candidate))
+        before = graph_code(graph) if self.config.dump_dir else None
+        self.match_and_rewrite(graph, report)
         if report.rewritten:
-            _stable_topological_sort(graph)
-            graph.lint()
-            if graph.owning_module is not None:
-                graph.owning_module.recompile()
+            finish_rewrite(graph)
         report.ops_after = count_ops(graph)
+        self._record(report, before, graph_code(graph) if self.config.dump_dir else None)
+
+    def record_compiled_elsewhere(self, source: str, source_code: Optional[str]) -> GraphReport:
+        """A graph Inductor compiled without calling this pass (``source``: ``report.FROM_CACHE``, the code
+        came from its FX graph cache; ``report.NOT_RUN``, otherwise): reported with the fx_passes op calls
+        its compiled code holds, so a warm cache is never a silent nothing."""
+        report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports), source=source,
+                             code_op_calls=count_op_calls(source_code or ""))
+        self._record(report, None, source_code)
+        return report
+
+    def _record(self, report: GraphReport, before: Optional[str], after: Optional[str]) -> None:
         self.matched_count += len(report.rewritten)
         self.reports.append(report)
-        logger.info(report.summary())
+        # the report rides on the log record too: a logging.Handler gets it without holding this pass
+        # (the registered "fx_passes" backend makes a fresh pass per graph)
+        logger.info(report.summary(), extra={"fx_passes_report": report.to_dict()})
         for layer in report.layers:
             logger.debug("%s", layer.line())
         if self.config.dump_dir:
-            from fx_passes.dump import write_pass_dump
+            from fx_passes.dump_files import write_pass_dump
 
-            write_pass_dump(self.config.dump_dir, report, before, _graph_code(graph))
+            write_pass_dump(self.config.dump_dir, report, before, after)
+
+    def match_and_rewrite(self, graph: Graph, report: GraphReport) -> None:
+        """Find the GDN layers of ``graph`` and rewrite each one that is safe; one LayerMatch per
+        candidate goes into ``report.layers`` (rewritten, or the node and condition that failed)."""
+        for candidate in self._find_candidates(graph, report):
+            report.layers.append(self._rewrite_layer(graph, candidate))
 
     # ------------------------------------------------------------ find
     def _find_candidates(self, graph: Graph, report: GraphReport) -> list[_Candidate]:
@@ -187,10 +204,12 @@ class QkvzLoraFusionPass(CustomGraphPass):
             return result
         result.slice_sizes = [key_dim, key_dim, value_dim, value_dim]
         result.weights_packed = weights_are_packed(fake_value(qkv.base.weight), fake_value(z.base.weight))
+        if not result.weights_packed and cand.prefix in self.packing_notes:
+            result.weights_packed, result.packing = self.packing_notes[cand.prefix]
         old_nodes = set(graph.nodes)
         _emit(graph, qkv, z, key_dim, groups, result, self.config.gemm_lora_op)
         result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
-        result.removed_nodes = _erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
+        result.removed_nodes = erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
         result.rewritten = True
         return result
 
@@ -378,18 +397,6 @@ def _has_split_downstream(node: Node, sizes: list[int], max_nodes: int = 64) -> 
 
 # ---------------------------------------------------------------- rewrite helpers
 
-def _call(graph: Graph, target: Any, args: tuple, kwargs: Optional[dict] = None) -> Node:
-    """Create a call_function node and its ``meta['val']`` from the inputs' fake values."""
-    kwargs = kwargs or {}
-    node = graph.call_function(target, args, kwargs)
-    fake_args, fake_kwargs = torch.fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
-    tensors = [v for v in pytree.tree_leaves((fake_args, fake_kwargs)) if isinstance(v, torch.Tensor)]
-    mode = torch._guards.detect_fake_mode(tensors)
-    with mode if mode is not None else contextlib.nullcontext():
-        node.meta["val"] = target(*fake_args, **fake_kwargs)
-    return node
-
-
 def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: list[_LoraOp],
           result: LayerMatch, one_op: bool) -> None:
     n_qkv = qkv.base.out_features
@@ -403,14 +410,14 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
         if one_op:
             result.kernel = "fx_passes.qkvz_gemm_lora"
         else:
-            fused = _call(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+            fused = emit(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
             result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in ops)
         for op in ops:
             lora_a, lora_b, slice_a, slice_start, names = [], [], [], [], []
             if op.qkv is not None:
                 lora_a.append(op.qkv.lora_a)
                 for i, (lo, hi) in enumerate(((0, key_dim), (key_dim, 2 * key_dim), (2 * key_dim, n_qkv))):
-                    lora_b.append(_call(graph, aten.slice.Tensor, (op.qkv.lora_b, 0, lo, hi)))
+                    lora_b.append(emit(graph, aten.slice.Tensor, (op.qkv.lora_b, 0, lo, hi)))
                     slice_a.append(0)
                     slice_start.append(lo)
                     names.append(SLICE_NAMES[i])
@@ -427,17 +434,17 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
                                token_lora_ids=None, lora_scales=tensor_scale,
                                scale=1.0 if tensor_scale is not None else float(scale_leaf.scale))
             if one_op:  # GEMM + LoRA in one functional op (decode: the expand in the GEMM epilogue)
-                fused = _call(graph, QKVZ_GEMM_LORA_OP, (x2d, qkv.base.weight, z.base.weight), lora_kwargs)
+                fused = emit(graph, QKVZ_GEMM_LORA_OP, (x2d, qkv.base.weight, z.base.weight), lora_kwargs)
             else:
-                functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
+                functional = emit(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
                     out=fused, x=x2d, **lora_kwargs))
-                fused = _call(graph, operator.getitem, (functional, 1))
+                fused = emit(graph, operator.getitem, (functional, 1))
             result.adapters.append(op.adapter)
             result.lora_slices.append(names)
         for proj, lo, hi in ((qkv, 0, n_qkv), (z, n_qkv, n_total)):
-            value = _call(graph, aten.slice.Tensor, (fused, 1, lo, hi))
+            value = emit(graph, aten.slice.Tensor, (fused, 1, lo, hi))
             if proj.out_shape_arg is not None:
-                value = _call(graph, aten.reshape.default, (value, proj.out_shape_arg))
+                value = emit(graph, aten.reshape.default, (value, proj.out_shape_arg))
             proj.chain.end.replace_all_uses_with(value)
 
 
@@ -446,32 +453,6 @@ def _pattern_nodes(proj: _Projection) -> set[Node]:
     for lora in proj.chain.loras:
         nodes |= _input_nodes(lora.x2d) | {lora.x2d}
     return {n for n in nodes if n.op == "call_function"}
-
-
-def _erase_dead(graph: Graph, candidates: set[Node]) -> list[str]:
-    removed, changed = [], True
-    while changed:
-        changed = False
-        for node in reversed(list(graph.nodes)):
-            if node in candidates and not node.users:
-                removed.append(node.name)
-                candidates.discard(node)
-                graph.erase_node(node)
-                changed = True
-    return removed
-
-
-def _stable_topological_sort(graph: Graph) -> None:
-    from torch._inductor.pattern_matcher import stable_topological_sort
-
-    stable_topological_sort(graph)
-
-
-def _graph_code(graph: Graph) -> str:
-    module = graph.owning_module
-    if module is not None:
-        return module.print_readable(print_output=False)
-    return str(graph)
 
 
 __all__ = ["QkvzLoraFusionPass", "QKVZ_GEMM_OP", "QKVZ_GEMM_LORA_OP", "QKVZ_LORA_OP", "rewrite_source_files"]

@@ -73,15 +73,17 @@ import torch
 from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch.fx import Graph, Node
 
-from fx_passes.fusion.matcher import FLOAT_DTYPES, NoMatch, fake_value, match_linear, module_path
+from fx_passes.fusion.fx_utils import QKVZ_GEMM_LORA_OP, QKVZ_GEMM_OP, QKVZ_LORA_OP, SLICE_NAMES, emit, erase_dead
+from fx_passes.fusion.matcher import FLOAT_DTYPES, NoMatch, check_users_inside, fake_value, match_linear, module_path
+from fx_passes.ops.qkvz_gemm import weights_are_packed
 from fx_passes.report import LayerMatch
+
 
 logger = logging.getLogger("fx_passes")
 
 aten = torch.ops.aten
 SHRINK_NAME = "vllm.lora_shrink.default"
 EXPAND_NAME = "vllm.lora_expand.default"
-SLICE_NAMES = ("q", "k", "v", "z")
 
 
 def _af_op_name(node: Node) -> Optional[str]:
@@ -195,6 +197,8 @@ class VllmLoraFusion:
         self.gemm_lora_op = gemm_lora_op
 
     def __call__(self, graph: Graph) -> list[LayerMatch]:
+        """Rewrite every vLLM GDN layer of ``graph`` it can prove safe (the caller sorts and lints
+        the graph afterwards); one LayerMatch per layer found."""
         # longest name first: "in_proj_qkv" must not claim "...in_proj_qkvz"
         names = sorted({self.qkv_name, self.z_name, self.qkvz_name}, key=len, reverse=True)
         proj = re.compile(rf"^(?:(.*)\.)?({'|'.join(map(re.escape, names))})$")
@@ -227,20 +231,10 @@ class VllmLoraFusion:
                 result.reason, result.node = miss.reason, miss.node_name
                 logger.debug("%s not rewritten: %s", result.layer, miss)
             results.append(result)
-        if any(r.rewritten for r in results):
-            from torch._inductor.pattern_matcher import stable_topological_sort
-
-            stable_topological_sort(graph)
-            graph.lint()
-            if graph.owning_module is not None:
-                graph.owning_module.recompile()
         return results
 
     # ------------------------------------------------------------ the two forms
     def _rewrite_split(self, graph: Graph, qkv: _VllmProjection, z: _VllmProjection, result: LayerMatch) -> None:
-        from fx_passes.fusion.qkvz_lora_fusion import QKVZ_GEMM_OP, _call
-        from fx_passes.ops.qkvz_gemm import weights_are_packed
-
         result.qkv_node, result.z_node = qkv.mm.name, z.mm.name
         if qkv.base.x2d is not z.base.x2d:
             raise NoMatch(z.mm, f"{qkv.mm.name} and {z.mm.name} read different inputs")
@@ -259,25 +253,23 @@ class VllmLoraFusion:
         if not (sizes[0] == sizes[1] and sizes[2] == sizes[3]):
             raise NoMatch(qkv.expand, f"slices {sizes} are not [k, k, v, v]")
         removed = qkv.nodes() | z.nodes()
-        _check_users_inside(removed, keep={qkv.mapping}, outputs={qkv.out, z.out})
+        check_users_inside([n for n in removed if n not in (qkv.out, z.out)], removed, keep={qkv.mapping})
         anchor = _anchor(graph, [qkv.out, z.out], qkv.mapping)
         x2d = qkv.base.x2d
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
             weights = (qkv.base.weight, z.base.weight)
-            gemm = weights if self.gemm_lora_op else _call(graph, QKVZ_GEMM_OP, (x2d, *weights))
+            gemm = weights if self.gemm_lora_op else emit(graph, QKVZ_GEMM_OP, (x2d, *weights))
             fused, groups = _emit_lora(graph, gemm, x2d, qkv.lora_a + z.lora_a, qkv.lora_b + z.lora_b,
                                        sizes, qkv.mapping, qkv.no_lora_flag, qkv.scaling)
-            qkv.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv)))
-            z.out.replace_all_uses_with(_call(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z)))
+            qkv.out.replace_all_uses_with(emit(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv)))
+            z.out.replace_all_uses_with(emit(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z)))
         _finish(graph, result, old, removed - {qkv.mapping}, sizes, groups)
         result.weights_packed = weights_are_packed(wq, wz)
         result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else \
             "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
 
     def _rewrite_fused(self, graph: Graph, qkvz: _VllmProjection, result: LayerMatch) -> None:
-        from fx_passes.fusion.qkvz_lora_fusion import _call
-
         # the GEMM stays: in the fused layout it is already the one qkvz GEMM
         result.qkv_node = result.z_node = qkvz.mm.name
         sizes = qkvz.slice_sizes
@@ -287,15 +279,15 @@ class VllmLoraFusion:
         _check_dtypes(qkvz, fake_value(qkvz.base.weight))
         # one op: the mm goes too (the op's GEMM reads W_qkvz through two row views); else it stays
         removed = qkvz.nodes() if self.gemm_lora_op else qkvz.lora_nodes()
-        _check_users_inside(removed, keep={qkvz.mapping}, outputs={qkvz.out})
+        check_users_inside([n for n in removed if n is not qkvz.out], removed, keep={qkvz.mapping})
         anchor = _anchor(graph, [qkvz.out], qkvz.mapping)
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
             gemm = qkvz.mm
             if self.gemm_lora_op:
                 n_qkv, n = sum(sizes[:3]), sum(sizes)
-                gemm = (_call(graph, aten.slice.Tensor, (qkvz.base.weight, 0, 0, n_qkv)),
-                        _call(graph, aten.slice.Tensor, (qkvz.base.weight, 0, n_qkv, n)))
+                gemm = (emit(graph, aten.slice.Tensor, (qkvz.base.weight, 0, 0, n_qkv)),
+                        emit(graph, aten.slice.Tensor, (qkvz.base.weight, 0, n_qkv, n)))
             fused, groups = _emit_lora(graph, gemm, qkvz.base.x2d, qkvz.lora_a, qkvz.lora_b, sizes,
                                        qkvz.mapping, qkvz.no_lora_flag, qkvz.scaling)
             qkvz.out.replace_all_uses_with(fused)
@@ -320,16 +312,6 @@ def _check_dtypes(proj: _VllmProjection, weight, extra: Optional[tuple] = None) 
         raise NoMatch(projs[-1].expand, f"LoRA weights have mixed dtypes {lora_dtypes}")
 
 
-def _check_users_inside(removed: set[Node], keep: set[Node], outputs: set[Node]) -> None:
-    """Every node to be removed is used only inside the pattern (outputs: their uses get replaced)."""
-    for node in removed:
-        if node in keep or node in outputs:
-            continue
-        outside = [u for u in node.users if u not in removed]
-        if outside:
-            raise NoMatch(node, f"used outside the pattern by {', '.join(u.name for u in outside)}")
-
-
 def _anchor(graph: Graph, outs: list[Node], mapping: Node) -> Node:
     """Insert point: before the first user of any output (every input is defined by then)."""
     users = [u for out in outs for u in out.users]
@@ -346,40 +328,36 @@ def _emit_lora(graph: Graph, out: Union[Node, tuple[Node, Node]], x2d: Node, lor
     """The LoRA of every slice: ``out`` a GEMM result node -> one ``auto_functionalized(fx_passes.qkvz_lora_)``
     adding into it; ``out`` a ``(w_qkv, w_z)`` pair -> one ``fx_passes.qkvz_gemm_lora(x2d, w_qkv, w_z, ...)``
     doing GEMM and LoRA. Returns (the block's result node, number of A groups)."""
-    from fx_passes.fusion.qkvz_lora_fusion import QKVZ_GEMM_LORA_OP, QKVZ_LORA_OP, _call
-
     groups: dict[Node, int] = {}
     a_views, b_views, slice_a, slice_start = [], [], [], []
     start = 0
     for a, b, size in zip(lora_a, lora_b, sizes):
         if a not in groups:
             groups[a] = len(a_views)
-            a_views.append(_call(graph, aten.select.int, (a, 1, 0)))
+            a_views.append(emit(graph, aten.select.int, (a, 1, 0)))
         slice_a.append(groups[a])
-        b_views.append(_call(graph, aten.select.int, (b, 1, 0)))
+        b_views.append(emit(graph, aten.select.int, (b, 1, 0)))
         slice_start.append(start)
         start += size
     # vLLM does not refresh token_lora_mapping when no token has a LoRA (it sets no_lora_flag_cpu
     # and its kernels exit early): honour the flag by masking every id to -1
     # (flag as a 0-d tensor: a CPU scalar may meet a CUDA mapping in where)
-    flag = _call(graph, aten.select.int, (no_lora_flag, 0, 0))
+    flag = emit(graph, aten.select.int, (no_lora_flag, 0, 0))
     mv = fake_value(mapping)
-    minus_one = _call(graph, aten.scalar_tensor.default, (-1,), dict(dtype=mv.dtype, device=mv.device))
-    ids = _call(graph, aten.where.self, (flag, minus_one, mapping))
+    minus_one = emit(graph, aten.scalar_tensor.default, (-1,), dict(dtype=mv.dtype, device=mv.device))
+    ids = emit(graph, aten.where.self, (flag, minus_one, mapping))
     lora_kwargs = dict(lora_a=a_views, lora_b=b_views, slice_a=slice_a, slice_start=slice_start,
                        token_lora_ids=ids, lora_scales=None, scale=scaling)
     if isinstance(out, tuple):
-        return _call(graph, QKVZ_GEMM_LORA_OP, (x2d, *out), lora_kwargs), len(a_views)
-    functional = _call(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(out=out, x=x2d, **lora_kwargs))
-    return _call(graph, operator.getitem, (functional, 1)), len(a_views)
+        return emit(graph, QKVZ_GEMM_LORA_OP, (x2d, *out), lora_kwargs), len(a_views)
+    functional = emit(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(out=out, x=x2d, **lora_kwargs))
+    return emit(graph, operator.getitem, (functional, 1)), len(a_views)
 
 
 def _finish(graph: Graph, result: LayerMatch, old: set[Node], removed: set[Node], sizes: list[int],
             groups: int) -> None:
-    from fx_passes.fusion.qkvz_lora_fusion import _erase_dead
-
     result.new_nodes = [n.name for n in graph.nodes if n not in old]
-    result.removed_nodes = _erase_dead(graph, removed)
+    result.removed_nodes = erase_dead(graph, removed)
     result.slice_sizes = list(sizes)
     result.shared_a = groups < len(sizes)
     result.adapters = ["vllm_stacked"]

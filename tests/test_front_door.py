@@ -1,0 +1,115 @@
+"""The front door, as a user meets it: a fresh interpreter per run, ``torch.compile(model,
+backend="fx_passes", mode=..., options=..., dynamic=..., fullgraph=...)`` without importing the package
+first, the same script run twice on one machine (cold, then warm Inductor caches), and the demo twice.
+
+Every run asserts the rewrite (from the pass's reports on a cold cache; from the fused ops in the
+cached code on a warm one) and the logits against eager.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+GDN_LAYERS = 2
+TOL = 1e-4   # fp32 logits (|logits| ~ 1)
+
+CASES = [
+    dict(name="default"),
+    dict(name="reduce-overhead", kwargs=dict(mode="reduce-overhead")),
+    dict(name="max-autotune", kwargs=dict(mode="max-autotune")),
+    dict(name="max-autotune-no-cudagraphs", kwargs=dict(mode="max-autotune-no-cudagraphs")),
+    # options merged with ours (alone, {"triton.cudagraphs": True} is reduce-overhead's config: a cache hit)
+    dict(name="options", kwargs=dict(options={"triton.cudagraphs": True, "epilogue_fusion": False})),
+    dict(name="dynamic-fullgraph", kwargs=dict(dynamic=True, fullgraph=True)),
+    dict(name="user-post-pass", user_pass=True),
+]
+
+
+def _env(cache_dir: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TORCHINDUCTOR_", "FX_PASSES_"))}
+    env.update(TORCHINDUCTOR_CACHE_DIR=cache_dir, PYTHONPATH=ROOT)
+    env.pop("TRITON_INTERPRET", None)   # the CPU path of our ops is plain torch; Inductor's own code is C++
+    return env
+
+
+def _run(args: list[str], cache_dir: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    return done
+
+
+def _user_script(cases: list[dict], cache_dir: str, *extra: str) -> dict:
+    done = _run([os.path.join(HERE, "user_compile_script.py"), json.dumps(cases), *extra], cache_dir)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+def _check_case(case: dict, warm: bool) -> None:
+    name, reports = case["name"], case["reports"]
+    assert case["max_diff"] < TOL, (name, case["max_diff"])
+    assert reports, f"{name}: no report at all"
+    assert sum(r["fused_layers"] for r in reports) == GDN_LAYERS, (name, [r["summary"] for r in reports])
+    if warm:
+        # the cache served the code: said so, with what the code runs
+        assert all(r["source"] == "fx_graph_cache" for r in reports), (name, [r["summary"] for r in reports])
+        assert sum(r["code_op_calls"].get("qkvz_gemm_lora", 0) + r["code_op_calls"].get("qkvz_gemm", 0)
+                   for r in reports) == GDN_LAYERS
+        assert all("served from Inductor's FX graph cache" in r["summary"] for r in reports)
+        return
+    assert all(r["source"] == "pass" for r in reports), (name, [r["summary"] for r in reports])
+    layers = [layer for r in reports for layer in r["layers"]]
+    assert len(layers) == GDN_LAYERS and all(layer["rewritten"] for layer in layers), [r["summary"] for r in reports]
+    mm_removed = sum(r["ops_before"].get("aten.mm.default", 0) - r["ops_after"].get("aten.mm.default", 0)
+                     for r in reports)
+    assert mm_removed == 6 * GDN_LAYERS, (name, mm_removed)   # per layer: 2 base + 2 shrink + 2 expand mms
+    assert all(layer["weights_packed"] for layer in layers), [layer["packing"] for layer in layers]
+    if case["user_pass_calls"] is not None:   # the user's post pass ran, after ours
+        assert case["user_pass_calls"] and all(n >= GDN_LAYERS for n in case["user_pass_calls"]), case
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("inductor_cache"))
+
+
+@pytest.fixture(scope="module")
+def cold(cache_dir):
+    return _user_script(CASES, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def warm(cache_dir, cold):
+    return _user_script(CASES, cache_dir)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c["name"] for c in CASES])
+def test_backend_by_name_cold_cache(cold, index):
+    assert not cold["imported_before_compile"]          # torch found the backend through the entry point
+    _check_case(cold["cases"][index], warm=False)
+
+
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[c["name"] for c in CASES])
+def test_backend_by_name_warm_cache(warm, index):
+    _check_case(warm["cases"][index], warm=True)
+
+
+def test_backend_by_name_after_import(tmp_path):
+    result = _user_script(CASES[:1], str(tmp_path), "--import-first")
+    assert result["imported_before_compile"]
+    _check_case(result["cases"][0], warm=False)
+
+
+def test_demo_passes_twice_on_one_machine(tmp_path):
+    first = _run(["-m", "fx_passes", "demo"], str(tmp_path))
+    assert f"{GDN_LAYERS} GDN layer(s) found, {GDN_LAYERS} rewritten" in first.stdout, first.stdout
+    second = _run(["-m", "fx_passes", "demo"], str(tmp_path))
+    assert "served from Inductor's FX graph cache" in second.stdout, second.stdout
+    assert f"{GDN_LAYERS} fx_passes.qkvz_gemm_lora" in second.stdout, second.stdout
+    assert "ERROR" not in first.stdout + second.stdout

@@ -1,0 +1,93 @@
+"""A user's script, run by tests/test_front_door.py in a fresh interpreter (cold, then warm caches).
+
+What a user of HF + PEFT writes: a Qwen3.5 with LoRA, ``torch.compile(model, backend="fx_passes", ...)``
+with no ``import fx_passes`` (unless ``--import-first``). Reports reach the script the way they reach
+any user of the registered backend: on the ``fx_passes`` logger (each summary record carries the
+report as ``record.fx_passes_report``). Prints one ``RESULTS <json>`` line.
+
+    python user_compile_script.py '<json list of cases>' [--import-first]
+
+A case: ``{"name": str, "kwargs": {...torch.compile keyword arguments...}, "user_pass": bool}``.
+"""
+import json
+import logging
+import sys
+
+if "--import-first" in sys.argv:
+    import fx_passes  # noqa: F401
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports = []
+
+    def emit(self, record):
+        report = getattr(record, "fx_passes_report", None)
+        if report is not None:
+            self.reports.append(report)
+
+
+class SeesFusedOps(CustomGraphPass):
+    """The user's own post-grad pass: records whether it ran after ours (the graph holds our op)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, graph):
+        self.calls.append(sum(str(n.target).startswith("fx_passes.") for n in graph.nodes))
+
+    def uuid(self):
+        return "sees-fused-ops-1"
+
+
+def build_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(0)
+    config = Qwen3_5TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"] * 2, use_cache=False)
+    model = Qwen3_5ForCausalLM(config).eval()
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["in_proj_qkv", "in_proj_z"], init_lora_weights=False)
+    return get_peft_model(model, lora).eval()
+
+
+def main():
+    cases = json.loads(sys.argv[1])
+    collect = Collect()
+    logger = logging.getLogger("fx_passes")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(collect)
+    model = build_model()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+    imported_before = "fx_passes" in sys.modules
+    results = []
+    for case in cases:
+        torch._dynamo.reset()
+        collect.reports.clear()
+        kwargs = dict(case.get("kwargs", {}))
+        user_pass = None
+        if case.get("user_pass"):
+            user_pass = SeesFusedOps()
+            kwargs["options"] = {**kwargs.get("options", {}), "post_grad_custom_post_pass": user_pass}
+        compiled = torch.compile(model, backend="fx_passes", **kwargs)
+        with torch.no_grad():
+            outs = [compiled(input_ids=ids).logits for _ in range(3)]   # cudagraph trees record on call 2
+        results.append(dict(
+            name=case["name"], reports=list(collect.reports),
+            max_diff=max((out - eager).abs().max().item() for out in outs),
+            user_pass_calls=None if user_pass is None else user_pass.calls))
+    print("RESULTS " + json.dumps(dict(imported_before_compile=imported_before, cases=results)))
+
+
+if __name__ == "__main__":
+    main()
