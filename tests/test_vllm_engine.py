@@ -205,7 +205,6 @@ def _assert_compiled(run: dict) -> None:
     assert counters.get("stats", {}).get("unique_graphs", 0) >= 1, counters
     assert counters.get("aot_autograd", {}).get("ok", 0) >= 1, counters
     assert counters.get("inductor"), counters          # Inductor's post-grad passes / codegen ran
-    assert "Warming up model for the compilation" in run["log"]
 
 
 def test_engine_same_tokens_with_and_without_pass(engine_runs):

@@ -3,15 +3,19 @@
 What a user of HF + PEFT writes: a Qwen3.5 with LoRA, ``torch.compile(model, backend="fx_passes", ...)``
 with no ``import fx_passes`` (unless ``--import-first``). Reports reach the script the way they reach
 any user of the registered backend: on the ``fx_passes`` logger (each summary record carries the
-report as ``record.fx_passes_report``). Prints one ``RESULTS <json>`` line.
+report as ``record.fx_passes_report``). Prints a ``CASE <json>`` line per case as it finishes, then
+one ``RESULTS <json>`` line with all of them.
 
-    python user_compile_script.py '<json list of cases>' [--import-first]
+    python user_compile_script.py '<json list of cases>' [--import-first] [--cuda]
+
+(``--cuda``: bf16 on the GPU, for the GPU machine; the tests run it on the CPU in fp32.)
 
 A case: ``{"name": str, "kwargs": {...torch.compile keyword arguments...}, "user_pass": bool}``.
 """
 import json
 import logging
 import sys
+import time
 
 if "--import-first" in sys.argv:
     import fx_passes  # noqa: F401
@@ -44,6 +48,10 @@ class SeesFusedOps(CustomGraphPass):
         return "sees-fused-ops-1"
 
 
+CUDA = "--cuda" in sys.argv
+DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
+
+
 def build_model():
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
@@ -54,7 +62,7 @@ def build_model():
         num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=16,
         linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
         layer_types=["linear_attention", "full_attention"] * 2, use_cache=False)
-    model = Qwen3_5ForCausalLM(config).eval()
+    model = Qwen3_5ForCausalLM(config).to(device=DEVICE, dtype=DTYPE).eval()
     lora = LoraConfig(r=8, lora_alpha=16, target_modules=["in_proj_qkv", "in_proj_z"], init_lora_weights=False)
     return get_peft_model(model, lora).eval()
 
@@ -66,7 +74,7 @@ def main():
     logger.setLevel(logging.INFO)
     logger.addHandler(collect)
     model = build_model()
-    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         eager = model(input_ids=ids).logits
     imported_before = "fx_passes" in sys.modules
@@ -74,6 +82,7 @@ def main():
     for case in cases:
         torch._dynamo.reset()
         collect.reports.clear()
+        start = time.perf_counter()
         kwargs = dict(case.get("kwargs", {}))
         user_pass = None
         if case.get("user_pass"):
@@ -81,11 +90,12 @@ def main():
             kwargs["options"] = {**kwargs.get("options", {}), "post_grad_custom_post_pass": user_pass}
         compiled = torch.compile(model, backend="fx_passes", **kwargs)
         with torch.no_grad():
-            outs = [compiled(input_ids=ids).logits for _ in range(3)]   # cudagraph trees record on call 2
+            outs = [compiled(input_ids=ids).logits.clone() for _ in range(3)]   # cudagraph trees record on call 2
         results.append(dict(
             name=case["name"], reports=list(collect.reports),
-            max_diff=max((out - eager).abs().max().item() for out in outs),
-            user_pass_calls=None if user_pass is None else user_pass.calls))
+            max_diff=max((out.float() - eager.float()).abs().max().item() for out in outs),
+            user_pass_calls=None if user_pass is None else user_pass.calls, seconds=time.perf_counter() - start))
+        print("CASE " + json.dumps(results[-1]), flush=True)   # one line per case: a later hang loses none
     print("RESULTS " + json.dumps(dict(imported_before_compile=imported_before, cases=results)))
 
 
