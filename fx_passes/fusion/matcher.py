@@ -226,6 +226,7 @@ class SumMatch:
     linears: list[LinearLeaf]
     loras: list[LoraLeaf]
     interior: list[Node]  # adds, views and casts between the leaves and ``end`` (``end`` included)
+    biases: list[Node] = dataclasses.field(default_factory=list)   # 1-D addends (a linear's bias)
 
     def all_nodes(self) -> list[Node]:
         nodes = list(self.interior)
@@ -235,10 +236,11 @@ class SumMatch:
 
 
 def decompose_sum(end: Node) -> SumMatch:
-    """Split ``end`` into linear and LoRA addends through add / addmm / reshape / cast."""
+    """Split ``end`` into linear, LoRA and bias (1-D) addends through add / addmm / reshape / cast."""
     linears: list[LinearLeaf] = []
     loras: list[LoraLeaf] = []
     interior: list[Node] = []
+    biases: list[Node] = []
 
     def visit(node: Any) -> None:
         if not isinstance(node, Node):
@@ -265,6 +267,8 @@ def decompose_sum(end: Node) -> SumMatch:
             linears.append(leaf)
         elif is_call(node, MM_OPS):
             linears.append(match_linear(node))
+        elif fake_value(node) is not None and getattr(fake_value(node), "dim", lambda: -1)() == 1:
+            biases.append(node)
         else:
             try:
                 loras.append(match_lora_term(node))
@@ -272,7 +276,7 @@ def decompose_sum(end: Node) -> SumMatch:
                 raise NoMatch(lora_miss.node, f"addend is neither a linear nor a LoRA term ({lora_miss.reason})")
 
     visit(end)
-    return SumMatch(end=end, linears=linears, loras=loras, interior=interior)
+    return SumMatch(end=end, linears=linears, loras=loras, interior=interior, biases=biases)
 
 
 def _lora_from_addmm(node: Node) -> LoraLeaf:

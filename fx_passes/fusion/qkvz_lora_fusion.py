@@ -90,6 +90,10 @@ class _Projection:
     chain: SumMatch
     out_shape_arg: Optional[Any]   # shape of the reshape back to [B, S, n], if any
 
+    @property
+    def bias(self) -> Optional[Node]:
+        return self.chain.biases[0] if self.chain.biases else None
+
 
 class QkvzLoraFusionPass(CustomGraphPass):
     """Post-grad pass: one qkvz GEMM + one batched 4-slice LoRA op per Qwen3.5 GDN layer.
@@ -202,12 +206,24 @@ class QkvzLoraFusionPass(CustomGraphPass):
             result.reason, result.node = miss.reason, miss.node_name
             logger.debug("%s not rewritten: %s", cand.layer, miss)
             return result
+        except Exception as error:  # noqa: BLE001  (a matcher bug must not break the user's compile)
+            result.reason = f"internal error while matching (layer left as it was): {type(error).__name__}: {error}"
+            logger.warning("fx_passes: %s not rewritten: %s", cand.layer, result.reason)
+            return result
         result.slice_sizes = [key_dim, key_dim, value_dim, value_dim]
         result.weights_packed = weights_are_packed(fake_value(qkv.base.weight), fake_value(z.base.weight))
         if not result.weights_packed and cand.prefix in self.packing_notes:
             result.weights_packed, result.packing = self.packing_notes[cand.prefix]
         old_nodes = set(graph.nodes)
-        _emit(graph, qkv, z, key_dim, groups, result, self.config.gemm_lora_op)
+        try:
+            _emit(graph, qkv, z, key_dim, groups, result, self.config.gemm_lora_op)
+        except Exception as error:  # noqa: BLE001  (the op refused the layer: undo, keep the layer)
+            for node in reversed([n for n in graph.nodes if n not in old_nodes]):
+                graph.erase_node(node)
+            result.reason = f"the fused op does not take this layer: {type(error).__name__}: {error}"
+            result.node, result.kernel, result.adapters, result.lora_slices = None, None, [], []
+            logger.debug("%s not rewritten: %s", cand.layer, result.reason)
+            return result
         result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
         result.removed_nodes = erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
         result.rewritten = True
@@ -228,7 +244,8 @@ class QkvzLoraFusionPass(CustomGraphPass):
                 break
             except NoMatch as miss:
                 first_miss = first_miss or miss
-        assert chain is not None  # the base GEMM alone always decomposes
+        if chain is None:
+            raise first_miss
         if cand.prefix is not None:
             _check_no_lora_left_behind(base_node.graph, f"{cand.prefix}.{proj_name}.", chain, first_miss)
         return _Projection(base=base, chain=chain, out_shape_arg=_reshape_arg(chain, base))
@@ -249,12 +266,18 @@ def _validate_chain(chain: SumMatch, base: LinearLeaf, dtype: torch.dtype) -> Su
     for view in (node for node in chain.interior if is_call(node, VIEW_OPS)):
         if fake_value(view).shape[-1] != n:
             raise NoMatch(view, "a reshape in the sum mixes output columns")
+    if len(chain.biases) > 1:
+        raise NoMatch(chain.end, f"{len(chain.biases)} 1-D addends (one bias expected)")
+    for bias in chain.biases:
+        if tuple(fake_value(bias).shape) != (n,) or fake_value(bias).dtype != dtype:
+            raise NoMatch(bias, f"1-D addend {tuple(fake_value(bias).shape)} {fake_value(bias).dtype} is not a "
+                                f"[{n}] {dtype} bias")
     for lora in chain.loras:
         if lora.out_features != n:
             raise NoMatch(lora.top, f"LoRA B has {lora.out_features} rows, the projection {n}")
-        if not _reads_input(lora.x2d, base.x_source):
-            raise NoMatch(lora.shrink, "LoRA input is not the base GEMM's input (dropout active, or "
-                                       "another tensor)")
+        why = _input_mismatch(lora, base.x2d)
+        if why is not None:
+            raise NoMatch(lora.shrink, why)
         if fake_value(lora.lora_a).dtype not in FLOAT_DTYPES:
             raise NoMatch(lora.lora_a, f"LoRA weight dtype {fake_value(lora.lora_a).dtype} unsupported")
     removed = set(chain.all_nodes())
@@ -262,22 +285,82 @@ def _validate_chain(chain: SumMatch, base: LinearLeaf, dtype: torch.dtype) -> Su
     return chain
 
 
-def _reads_input(x2d: Node, source: Node) -> bool:
-    """``x2d`` is ``source`` up to reshapes and float casts (PEFT casts x to the adapter dtype)."""
-    node = x2d
+_DROPOUT_OPS = (aten.native_dropout.default, aten.bernoulli.p, aten.bernoulli.default)
+
+
+def _input_mismatch(lora: LoraLeaf, base_x2d: Node) -> Optional[str]:
+    """None when the LoRA shrink reads exactly the values the op will give it -- the base GEMM's input
+    cast to the adapters' dtype -- up to reshapes and float casts (PEFT casts x to its adapters'
+    dtype; autocast casts both GEMMs' input down alike); else why not."""
+    lora_chain, lora_root = _cast_chain(lora.x2d)
+    base_chain, base_root = _cast_chain(base_x2d)
+    if lora_root is not base_root:
+        if _has_dropout(lora.x2d):
+            return "LoRA input goes through dropout (training with lora_dropout > 0), the base GEMM's does not"
+        return (f"LoRA input ({strip_views(lora.x2d).name}) is another tensor than the base GEMM's "
+                f"({strip_views(base_x2d).name})")
+    root_dtype = fake_value(lora_root).dtype
+    adapter_dtype = fake_value(lora.lora_a).dtype
+    theirs = _roundings(root_dtype, lora_chain)
+    ours = _roundings(root_dtype, base_chain + [adapter_dtype])
+    if theirs != ours:
+        return (f"LoRA input is x rounded through {theirs or 'nothing'}, the fused op would give it x rounded "
+                f"through {ours or 'nothing'} (the base GEMM's input cast to the adapters' {adapter_dtype})")
+    return None
+
+
+def _cast_chain(node: Node) -> tuple[list[torch.dtype], Node]:
+    """The float dtypes cast to on the way from the root to ``node`` (views skipped), and the root."""
+    dtypes = []
     while True:
         node = strip_views(node)
-        if node is source:
-            return True
-        if not (is_call(node, CAST_OPS) and fake_value(node) is not None and fake_value(node).is_floating_point()):
-            return False
+        val = fake_value(node)
+        if not (is_call(node, CAST_OPS) and val is not None and val.is_floating_point()):
+            return dtypes[::-1], node
+        dtypes.append(val.dtype)
         node = node.args[0]
+
+
+def _roundings(start: torch.dtype, casts: list[torch.dtype]) -> list[torch.dtype]:
+    """The lossy roundings a value of dtype ``start`` goes through under ``casts``, in order: a cast to
+    fp32 loses nothing, a cast to the 16-bit dtype the value already fits loses nothing."""
+    fits = None if start == torch.float32 else start
+    lossy = []
+    for dtype in casts:
+        if dtype == torch.float32 or dtype == fits:
+            continue
+        lossy.append(dtype)
+        fits = dtype
+    return lossy
+
+
+def _same_values(a: Node, b: Node) -> bool:
+    """``a`` and ``b`` are one tensor cast alike (autocast casts x once per GEMM)."""
+    chain_a, root_a = _cast_chain(a)
+    chain_b, root_b = _cast_chain(b)
+    if root_a is not root_b or fake_value(a).dtype != fake_value(b).dtype:
+        return False
+    root_dtype = fake_value(root_a).dtype
+    return _roundings(root_dtype, chain_a) == _roundings(root_dtype, chain_b)
+
+
+def _has_dropout(node: Node, depth: int = 8) -> bool:
+    frontier = [node]
+    for _ in range(depth):
+        nxt = []
+        for n in frontier:
+            if is_call(n, _DROPOUT_OPS):
+                return True
+            nxt += [a for a in n.all_input_nodes if a.op == "call_function"]
+        frontier = nxt
+    return False
 
 
 def _check_no_lora_left_behind(graph: Graph, proj_prefix: str, chain: SumMatch, miss: Optional[NoMatch]) -> None:
     absorbed = set(chain.all_nodes())
     for lora in chain.loras:
-        absorbed |= _input_nodes(lora.x2d)
+        # the op reads A and B (and x) as they are: their casts (autocast) stay as its inputs
+        absorbed |= _input_nodes(lora.x2d) | _input_nodes(lora.lora_a) | _input_nodes(lora.lora_b)
     for node in graph.nodes:
         path = module_path(node) if node.op == "call_function" else None
         if path and path.startswith(proj_prefix + "lora_") and node not in absorbed:
@@ -307,7 +390,7 @@ def _reshape_arg(chain: SumMatch, base: LinearLeaf) -> Optional[Any]:
 
 def _check_layer(qkv: _Projection, z: _Projection) -> tuple[int, int]:
     xq, xz = qkv.base.x_source, z.base.x_source
-    if xq is not xz:
+    if xq is not xz and not _same_values(qkv.base.x2d, z.base.x2d):
         raise NoMatch(z.base.node, f"{qkv.base.node.name} and {z.base.node.name} read different inputs "
                                    f"({xq.name} vs {xz.name})")
     vq, vz = fake_value(qkv.base.x2d), fake_value(z.base.x2d)
@@ -441,10 +524,16 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
                 fused = emit(graph, operator.getitem, (functional, 1))
             result.adapters.append(op.adapter)
             result.lora_slices.append(names)
+        values = []
         for proj, lo, hi in ((qkv, 0, n_qkv), (z, n_qkv, n_total)):
             value = emit(graph, aten.slice.Tensor, (fused, 1, lo, hi))
+            if proj.bias is not None:   # Inductor fuses the add into the slice's consumers
+                value = emit(graph, aten.add.Tensor, (value, proj.bias))
             if proj.out_shape_arg is not None:
                 value = emit(graph, aten.reshape.default, (value, proj.out_shape_arg))
+            values.append(value)
+        # uses are replaced only once every new node exists: a failure above leaves the graph as it was
+        for proj, value in zip((qkv, z), values):
             proj.chain.end.replace_all_uses_with(value)
 
 

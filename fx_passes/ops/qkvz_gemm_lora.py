@@ -33,7 +33,7 @@ import torch
 from fx_passes.ops.library import LIB_NAMESPACE
 from fx_passes.ops.qkvz_gemm import _check_inputs as _check_gemm_inputs
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_
-from fx_passes.ops.qkvz_lora import _num_adapters, check_qkvz_lora_args, qkvz_lora_reference
+from fx_passes.ops.qkvz_lora import _num_adapters, check_qkvz_lora_args, kernel_calls, qkvz_lora_reference
 
 # Measured on an H200 (benchmarks/RESULTS.md): the fused kernel beats cuBLAS + the two-launch LoRA up
 # to T = 64; above, the two-launch path's cuBLAS GEMM wins.
@@ -121,9 +121,16 @@ def _qkvz_gemm_lora_fake(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, to
 def _qkvz_gemm_lora_cuda(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None,
                          lora_scales=None, scale=1.0):
     from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton
+    from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_
 
     adapters = _check(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    lora_a, lora_b, slice_a, slice_start = list(lora_a), list(lora_b), list(slice_a), list(slice_start)
+    calls = kernel_calls(lora_a, lora_b, slice_a, slice_start)
+    if len(calls) > 1:   # a rank above the kernels' limit: the GEMM, then the LoRA in rank chunks
+        out = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)
+        for a, b, sa, ss in calls:
+            qkvz_lora_triton_(out, x, a, b, sa, ss, token_lora_ids, lora_scales, scale)
+        return out
+    lora_a, lora_b, slice_a, slice_start = calls[0]   # strided adapters made contiguous
     if x.shape[0] <= FUSED_MAX_T:
         segments = plan_segments(w_qkv, w_z, lora_b, slice_start)
         if segments is not None:

@@ -87,7 +87,7 @@ def _segment_tile(
     b_mask = n_mask[:, None] & r_mask[None, :]
     if SEG_LORA:
         if HAS_IDS:
-            ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)
+            ids = _token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)
         else:
             # B does not depend on the shrink: load it before the main loop, so its DRAM latency
             # hides under the W stream instead of adding to the epilogue (one adapter only: with
@@ -116,7 +116,7 @@ def _segment_tile(
         gdc_wait()
     if SEG_LORA:
         if not HAS_IDS:
-            ids = _token_adapters(ids_ptr, offs_t, T, HAS_IDS)   # rows < T: adapter 0
+            ids = _token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)   # rows < T: adapter 0
         row_ok = (ids >= 0) & (ids < L)
         s_ptrs = s_ptr + g * stride_sg + t64[None, :] * stride_st + offs_r[:, None]   # [BLOCK_R, BLOCK_T] = s^T
         s_mask = r_mask[:, None] & row_ok[None, :]   # rows without a valid adapter were never written

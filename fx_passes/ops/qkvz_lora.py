@@ -1,7 +1,8 @@
 """Batched multi-slice LoRA, added in place: the q | k | v | z LoRA of one GDN layer in one op.
 
 Semantics (``fx_passes::qkvz_lora_``), for every token ``t`` with adapter ``l = token_lora_ids[t]``
-(``-1`` = no adapter; ``token_lora_ids=None`` = every token uses adapter 0) and every slice ``i``::
+(an id outside ``0..L-1``, ``-1`` among them, means no adapter; ``token_lora_ids=None`` = every token
+uses adapter 0) and every slice ``i``::
 
     s_i   = x[t] @ lora_a[slice_a[i]][l].T                  # shrink, fp32 accumulation
     out[t, slice_start[i] : slice_start[i] + n_i] += scale * lora_scales[l] * (s_i @ lora_b[i][l].T)
@@ -12,6 +13,11 @@ Semantics (``fx_passes::qkvz_lora_``), for every token ``t`` with adapter ``l = 
 * ``lora_a[g]`` ``[r_g, H]`` or stacked ``[L, r_g, H]``: one A per *group*. Slices that share an A
   (PEFT's in_proj_qkv: q, k and v) name the same group in ``slice_a``, so its shrink runs once.
 * ``lora_b[i]`` ``[n_i, r]`` or ``[L, n_i, r]``: one B per output slice (views of a bigger B are fine).
+* Any rank, any strides of A and B. (The CUDA kernels take ranks up to ``KERNEL_MAX_RANK`` and a
+  contiguous last dim: :func:`kernel_calls` splits a bigger rank into chunks whose LoRA terms add up,
+  and copies a strided adapter first -- same result, slower.)
+* ``token_lora_ids`` int32 or int64, compared at their own width (no id is truncated); out-of-range
+  ids are not an error anywhere (no host sync to check them): they select no adapter.
 * The shrink result is rounded to B's dtype before the expand when B is 16-bit (what PEFT and vLLM
   compute), the expand accumulates in fp32, and ``out`` is rounded once.
 * ``lora_scales`` ``[L]`` (or 0-d / ``[1]``, broadcast): per-adapter scale; ``None`` = 1.
@@ -31,7 +37,7 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 MAX_SLICES = 4
 MAX_GROUPS = 4
-MAX_RANK = 128
+KERNEL_MAX_RANK = 128   # the Triton kernels hold a whole rank in one register tile
 
 
 def _num_adapters(t: torch.Tensor) -> int:
@@ -74,11 +80,11 @@ def check_qkvz_lora_args(
     for g, a in enumerate(lora_a):
         torch._check(a.dim() in (2, 3), lambda: f"{name}: lora_a[{g}] must be [r, H] or [L, r, H], got {tuple(a.shape)}")
         torch._check(a.shape[-1] == hidden, lambda: f"{name}: lora_a[{g}] has H={a.shape[-1]}, x has H={hidden}")
-        torch._check(a.shape[-2] <= MAX_RANK, lambda: f"{name}: rank {a.shape[-2]} > {MAX_RANK}")
-        torch._check(a.stride(-1) == 1, lambda: f"{name}: lora_a[{g}] needs a contiguous last dim")
+        torch._check(a.shape[-2] >= 1, lambda: f"{name}: lora_a[{g}] has rank 0")
         torch._check(_num_adapters(a) == adapters, lambda: f"{name}: lora_a[{g}] has {_num_adapters(a)} adapters, expected {adapters}")
-        torch._check(a.dtype == ab_dtype and a.dtype in _FLOAT_DTYPES,
-                     lambda: f"{name}: lora_a[{g}] dtype {a.dtype}, expected {ab_dtype}")
+        torch._check(a.dtype in _FLOAT_DTYPES,
+                     lambda: f"{name}: lora_a[{g}] dtype {a.dtype} is not fp16 / bf16 / fp32")
+        torch._check(a.dtype == ab_dtype, lambda: f"{name}: lora_a[{g}] dtype {a.dtype}, lora_a[0] {ab_dtype}")
         torch._check(a.device == x.device, lambda: f"{name}: lora_a[{g}] on {a.device}, x on {x.device}")
     spans = []
     for i, b in enumerate(lora_b):
@@ -87,9 +93,8 @@ def check_qkvz_lora_args(
         torch._check(b.dim() in (2, 3), lambda: f"{name}: lora_b[{i}] must be [n, r] or [L, n, r], got {tuple(b.shape)}")
         torch._check(b.shape[-1] == lora_a[g].shape[-2],
                      lambda: f"{name}: lora_b[{i}] rank {b.shape[-1]} != lora_a[{g}] rank {lora_a[g].shape[-2]}")
-        torch._check(b.stride(-1) == 1, lambda: f"{name}: lora_b[{i}] needs a contiguous last dim")
         torch._check(_num_adapters(b) == adapters, lambda: f"{name}: lora_b[{i}] has {_num_adapters(b)} adapters, expected {adapters}")
-        torch._check(b.dtype == ab_dtype, lambda: f"{name}: lora_b[{i}] dtype {b.dtype}, expected {ab_dtype}")
+        torch._check(b.dtype == ab_dtype, lambda: f"{name}: lora_b[{i}] dtype {b.dtype}, lora_a {ab_dtype}")
         torch._check(b.device == x.device, lambda: f"{name}: lora_b[{i}] on {b.device}, x on {x.device}")
         start = slice_start[i]
         torch._check(0 <= start and start + b.shape[-2] <= out.shape[1],
@@ -112,6 +117,35 @@ def check_qkvz_lora_args(
     return adapters
 
 
+def kernel_calls(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
+                 slice_start: Sequence[int], max_rank: int = KERNEL_MAX_RANK) -> list[tuple[list, list, list, list]]:
+    """The op's LoRA as calls the Triton kernels take: ``(lora_a, lora_b, slice_a, slice_start)`` each
+    with ranks <= ``max_rank`` and contiguous last dims. ``s @ B.T`` over a rank is the sum of the same
+    over rank chunks (rows of A, columns of B), and the shrink's rounding to B's dtype is per element,
+    so the calls add up to the op's result. One call, the arguments themselves, in the common case."""
+    lora_a = [a if a.stride(-1) == 1 else a.contiguous() for a in lora_a]
+    lora_b = [b if b.stride(-1) == 1 else b.contiguous() for b in lora_b]
+    top = max(a.shape[-2] for a in lora_a)
+    if top <= max_rank:
+        return [(lora_a, lora_b, list(slice_a), list(slice_start))]
+    calls = []
+    for lo in range(0, top, max_rank):
+        hi = lo + max_rank
+        groups: dict[int, int] = {}
+        a_c, b_c, sa_c, ss_c = [], [], [], []
+        for b, g, start in zip(lora_b, slice_a, slice_start):
+            if lora_a[g].shape[-2] <= lo:
+                continue
+            if g not in groups:
+                groups[g] = len(a_c)
+                a_c.append(lora_a[g][..., lo:hi, :])
+            b_c.append(b[..., lo:hi])
+            sa_c.append(groups[g])
+            ss_c.append(int(start))
+        calls.append((a_c, b_c, sa_c, ss_c))
+    return calls
+
+
 def _as_stacked(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t
 
@@ -129,11 +163,6 @@ def qkvz_lora_reference(
 ) -> None:
     """Plain-torch implementation (the CPU kernel and the tests' reference)."""
     adapters = check_qkvz_lora_args(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    if token_lora_ids is not None:
-        bad = (token_lora_ids < -1) | (token_lora_ids >= adapters)
-        if bool(bad.any()):
-            raise ValueError(f"qkvz_lora_: token_lora_ids holds {token_lora_ids[bad][:4].tolist()}, "
-                             f"valid are -1 (no adapter) and 0..{adapters - 1}")
     ab_dtype = lora_a[0].dtype
     xa = x.to(ab_dtype)
     scales = torch.ones(adapters, dtype=torch.float32, device=x.device)
@@ -189,5 +218,5 @@ def _qkvz_lora_cuda(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids
     from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_
 
     check_qkvz_lora_args(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    qkvz_lora_triton_(out, x, list(lora_a), list(lora_b), list(slice_a), list(slice_start),
-                      token_lora_ids, lora_scales, scale)
+    for a, b, sa, ss in kernel_calls(lora_a, lora_b, slice_a, slice_start):
+        qkvz_lora_triton_(out, x, a, b, sa, ss, token_lora_ids, lora_scales, scale)

@@ -49,11 +49,13 @@ _NO_TILE = 2**30  # tile offset of an absent slice: no program id reaches it
 # Shrink: s[g] = x @ A_g[l].T
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _token_adapters(ids_ptr, offs_m, T, HAS_IDS: tl.constexpr):
-    """Adapter id of each row of the tile; -1 for rows >= T (and for -1 ids)."""
+def _token_adapters(ids_ptr, offs_m, T, L, HAS_IDS: tl.constexpr):
+    """Adapter id of each row of the tile; -1 (no adapter) for rows >= T and for every id outside
+    0..L-1, compared at the ids' own width (int64 ids are never truncated: 2**32 is not adapter 0)."""
     m_mask = offs_m < T
     if HAS_IDS:
-        ids = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1).to(tl.int32)
+        raw = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
+        ids = tl.where((raw >= 0) & (raw < L), raw, -1).to(tl.int32)
     else:
         ids = tl.where(m_mask, 0, -1)
     return ids
@@ -162,7 +164,7 @@ def _shrink_tile(
 @triton.jit
 def _shrink_group(
     x_ptr, ids_ptr, s_ptr,
-    a_ptr, stride_al, stride_ar, rank, g, l,
+    a_ptr, stride_al, stride_ar, rank, g, l, L,
     T, H, k_per_split,
     stride_xt, stride_sk, stride_sg, stride_st,
     pid_m, pid_k,
@@ -177,7 +179,7 @@ def _shrink_group(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     rows64 = offs_m.to(tl.int64)
-    ids = _token_adapters(ids_ptr, offs_m, T, HAS_IDS)
+    ids = _token_adapters(ids_ptr, offs_m, T, L, HAS_IDS)
     in_l = ids == l
     if tl.max(in_l.to(tl.int32), axis=0) > 0:  # adapter absent from this tile: nothing to do
         k_lo = pid_k * k_per_split
@@ -211,22 +213,22 @@ def _qkvz_lora_shrink_kernel(
         gdc_launch_dependents()  # let the expand get scheduled (it waits for us before reading s)
     # The A tensors are separate pointers: branch on the group, one helper call per branch.
     if g == 0:
-        _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0, l,
+        _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0, l, L_GRID,
                       T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                       HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 1:
         if g == 1:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1, l,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1, l, L_GRID,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 2:
         if g == 2:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2, l,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2, l, L_GRID,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if NUM_GROUPS > 3:
         if g == 3:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3, l,
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3, l, L_GRID,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if USE_PDL:
@@ -256,7 +258,7 @@ def _expand_slice_tile(
     n_mask = offs_n < n
     r_mask = offs_r < rank
     rows64 = offs_m.to(tl.int64)
-    ids = _token_adapters(ids_ptr, offs_m, T, HAS_IDS)
+    ids = _token_adapters(ids_ptr, offs_m, T, L, HAS_IDS)
     b_tile = offs_n[None, :] * stride_bn + offs_r[:, None]  # [BLOCK_R, BLOCK_N] = B^T
     b_mask = n_mask[None, :] & r_mask[:, None]
 

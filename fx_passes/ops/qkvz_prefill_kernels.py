@@ -132,7 +132,7 @@ def _qkvz_prefill_kernel(
                 # the caching allocator right after the launch). A no-op after a program's first tile.
                 gdc_wait()
             rows = off_m + tl.arange(0, BLOCK_M)
-            ids = _token_adapters(ids_ptr, rows, T, HAS_IDS)
+            ids = _token_adapters(ids_ptr, rows, T, L, HAS_IDS)
             row_ok = (ids >= 0) & (ids < L)   # rows without a valid adapter were never written by the shrink
             # one call per slice (separate pointers); each returns acc unchanged when the tile misses it
             acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
