@@ -154,3 +154,29 @@ def test_count_op_calls_reads_calls_not_comments():
         "    // fx_passes::qkvz_gemm in a C++ comment",
     ])
     assert count_op_calls(code) == {"qkvz_gemm": 1, "qkvz_gemm_lora": 2, "qkvz_lora_": 1}
+
+
+def test_packed_weights_save_once_and_deepcopy_repacks_on_compile(tmp_path):
+    """What packing means for saving and copying (README "Design"): a state dict holds the packed buffer
+    once (no byte more than the unpacked model); a single packed tensor is saved with its whole buffer
+    unless cloned; copy.deepcopy gives unpacked copies, which the backend packs again when compiling."""
+    import copy
+
+    model = gdn_projections()
+    unpacked = tmp_path / "unpacked.pt"
+    torch.save(model.state_dict(), unpacked)
+    assert pack_qkvz_weights(model.linear_attn) == 1
+    packed = tmp_path / "packed.pt"
+    torch.save(model.state_dict(), packed)
+    assert abs(packed.stat().st_size - unpacked.stat().st_size) < 4096      # pickling overhead only
+    w_qkv, w_z = _weights(model)
+    whole, own = tmp_path / "whole.pt", tmp_path / "own.pt"
+    torch.save(w_z, whole)
+    torch.save(w_z.clone(), own)
+    assert whole.stat().st_size - own.stat().st_size >= w_qkv.numel() * w_qkv.element_size()
+
+    clone = copy.deepcopy(model)
+    assert not weights_are_packed(*_weights(clone))
+    backend = FxPassesBackend()
+    _compile(backend, clone, torch.randn(6, 64))
+    assert weights_are_packed(*_weights(clone)) and backend.fusion_pass.matched_count == 1

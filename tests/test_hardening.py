@@ -103,3 +103,14 @@ def test_fp64_adapters_are_skipped_with_a_true_reason():
     assert not layer.rewritten
     assert "float64" in layer.reason and "expected torch.float64" not in layer.reason, layer.reason
     torch.testing.assert_close(got, eager)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_1_with_one_token_is_rewritten(dtype):
+    """One token and rank 1: Inductor turns the [1, H] x [H, 1] shrink into a dot product (mul + sum),
+    a second form of the shrink the matcher reads."""
+    model = _peft(build_tiny_qwen35(SPEC, dtype=dtype), r=1)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC, batch=1, seq=1), compare_unfused=True)
+    # 2 base GEMMs + 2 expands are mms; the 2 shrinks are the dot form
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=4 * GDN, dtype=dtype)
+    assert run.op_count("aten.sum.dim_IntList", "before") - run.op_count("aten.sum.dim_IntList", "after") == 2 * GDN

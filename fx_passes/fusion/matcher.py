@@ -187,6 +187,33 @@ def _split_scale(node: Node) -> tuple[Node, Union[float, Node], list[Node]]:
     raise NoMatch(node, "mul by something other than a number or a 0-d tensor")
 
 
+_SQUEEZE = (aten.squeeze.dim,)
+_SUM = (aten.sum.dim_IntList,)
+_UNSQUEEZE = (aten.unsqueeze.default,)
+
+
+def match_shrink(node: Any) -> tuple[Node, Node, list[Node]]:
+    """``x2d @ A.T`` -> (x2d, A, the nodes computing it). Two forms: ``mm(x2d, permute(A))``, and the
+    dot product Inductor makes of a [1, H] x [H, 1] mm (one token, rank 1):
+    ``unsqueeze(sum(mul(squeeze(x2d, 0), squeeze(permute(A), -1)), [0], True), 0)``."""
+    if is_call(node, MM_OPS):
+        lora_a = _transposed_weight(node.args[1])
+        if lora_a is None:
+            raise NoMatch(node, "LoRA shrink: second operand is not permute(A, [1, 0])")
+        return node.args[0], lora_a, [node, node.args[1]]
+    if is_call(node, _UNSQUEEZE) and node.args[1] == 0 and is_call(node.args[0], _SUM):
+        total = node.args[0]
+        product = total.args[0]
+        if list(total.args[1]) == [0] and (total.args[2] if len(total.args) > 2 else total.kwargs.get("keepdim")) \
+                and is_call(product, MUL_OPS) and "dtype" not in total.kwargs:
+            for xs, at in ((product.args[0], product.args[1]), (product.args[1], product.args[0])):
+                if is_call(xs, _SQUEEZE) and is_call(at, _SQUEEZE) and xs.args[1] == 0 and at.args[1] in (-1, 1):
+                    lora_a = _transposed_weight(at.args[0])
+                    if lora_a is not None and fake_value(lora_a).shape[0] == 1:
+                        return xs.args[0], lora_a, [node, total, product, xs, at, at.args[0]]
+    raise NoMatch(node, "LoRA expand input is not an mm(x, permute(A)) (nor its one-token rank-1 dot form)")
+
+
 def match_lora_term(node: Node) -> LoraLeaf:
     product, scale, interior = _split_scale(node)
     views: list[Node] = []
@@ -198,17 +225,12 @@ def match_lora_term(node: Node) -> LoraLeaf:
     if lora_b is None:
         raise NoMatch(expand, "LoRA expand: second operand is not permute(B, [1, 0])")
     shrink = expand.args[0]
-    if not is_call(shrink, MM_OPS):
-        raise NoMatch(shrink, "LoRA expand input is not an mm(x, permute(A))")
-    lora_a = _transposed_weight(shrink.args[1])
-    if lora_a is None:
-        raise NoMatch(shrink, "LoRA shrink: second operand is not permute(A, [1, 0])")
-    x2d = shrink.args[0]
+    x2d, lora_a, shrink_nodes = match_shrink(shrink)
     if not isinstance(x2d, Node) or fake_value(x2d) is None or fake_value(x2d).dim() != 2:
         raise NoMatch(shrink, "LoRA shrink input is not a 2-D tensor")
     if fake_value(lora_b).shape[1] != fake_value(lora_a).shape[0]:
         raise NoMatch(expand, "LoRA rank of A and B differ")
-    interior += [expand, expand.args[1], shrink, shrink.args[1]]
+    interior += [expand, expand.args[1], *shrink_nodes]
     adapter = None
     path = module_path(shrink) or ""
     found = re.search(r"\.lora_A\.([^.]+)$", path)
@@ -282,15 +304,12 @@ def decompose_sum(end: Node) -> SumMatch:
 def _lora_from_addmm(node: Node) -> LoraLeaf:
     lora_b = _transposed_weight(node.args[2])
     shrink = node.args[1]
-    if lora_b is None or not is_call(shrink, MM_OPS):
+    if lora_b is None:
         raise NoMatch(node, "addmm is neither base + linear nor base + LoRA expand")
-    lora_a = _transposed_weight(shrink.args[1])
-    if lora_a is None:
-        raise NoMatch(shrink, "LoRA shrink: second operand is not permute(A, [1, 0])")
-    x2d = shrink.args[0]
+    x2d, lora_a, shrink_nodes = match_shrink(shrink)
     found = re.search(r"\.lora_A\.([^.]+)$", module_path(shrink) or "")
     return LoraLeaf(top=node, x2d=x2d, x_source=strip_views_and_casts(x2d), lora_a=lora_a, lora_b=lora_b,
-                    scale=1.0, shrink=shrink, interior=[node, node.args[2], shrink, shrink.args[1]],
+                    scale=1.0, shrink=shrink, interior=[node, node.args[2], *shrink_nodes],
                     adapter=found.group(1) if found else None)
 
 
@@ -322,6 +341,6 @@ def check_users_inside(nodes: list[Node], allowed: set[Node], keep: set[Node]) -
 
 __all__ = [
     "NoMatch", "LinearLeaf", "LoraLeaf", "SumMatch", "decompose_sum", "forward_chain", "match_linear",
-    "match_lora_term", "module_path", "module_stack", "clean_module_path", "strip_views",
+    "match_lora_term", "match_shrink", "module_path", "module_stack", "clean_module_path", "strip_views",
     "strip_views_and_casts", "fake_value", "is_call", "check_users_inside",
 ]
