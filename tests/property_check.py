@@ -131,7 +131,8 @@ def check(cfg: Config) -> dict:
         model = build(cfg)
         kwargs = inputs(cfg)
         backend = FxPassesBackend(QkvzFusionConfig(pack_weights=cfg.pack))
-        with torch.no_grad():
+        # the FX graph cache off: two draws can give the same graph, and a hit would skip the pass
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
             eager = model(**kwargs).logits.float()
             torch._dynamo.reset()
             got = torch.compile(model, backend=backend)(**kwargs).logits.float()

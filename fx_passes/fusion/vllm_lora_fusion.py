@@ -215,6 +215,7 @@ class VllmLoraFusion:
             fused = bool(qkvz)
             result = LayerMatch(layer=prefix or "<root>", rewritten=False,
                                 identified_by="module_path+vllm_lora" + ("_fused" if fused else ""))
+            old_nodes = set(graph.nodes)
             try:
                 if fused:
                     if len(qkvz) != 1 or q or z:
@@ -230,6 +231,13 @@ class VllmLoraFusion:
             except NoMatch as miss:
                 result.reason, result.node = miss.reason, miss.node_name
                 logger.debug("%s not rewritten: %s", result.layer, miss)
+            except Exception as error:  # noqa: BLE001  (never break the compile: undo, keep the layer)
+                for node in reversed([n for n in graph.nodes if n not in old_nodes]):
+                    if not node.users:
+                        graph.erase_node(node)
+                result.rewritten, result.kernel = False, None
+                result.reason = f"internal error while rewriting (layer left as it was): {type(error).__name__}: {error}"
+                logger.warning("fx_passes: %s not rewritten: %s", result.layer, result.reason)
             results.append(result)
         return results
 
@@ -262,8 +270,10 @@ class VllmLoraFusion:
             gemm = weights if self.gemm_lora_op else emit(graph, QKVZ_GEMM_OP, (x2d, *weights))
             fused, groups = _emit_lora(graph, gemm, x2d, qkv.lora_a + z.lora_a, qkv.lora_b + z.lora_b,
                                        sizes, qkv.mapping, qkv.no_lora_flag, qkv.scaling)
-            qkv.out.replace_all_uses_with(emit(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv)))
-            z.out.replace_all_uses_with(emit(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z)))
+            qkv_value = emit(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv))
+            z_value = emit(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z))
+        qkv.out.replace_all_uses_with(qkv_value)   # only once every new node exists
+        z.out.replace_all_uses_with(z_value)
         _finish(graph, result, old, removed - {qkv.mapping}, sizes, groups)
         result.weights_packed = weights_are_packed(wq, wz)
         result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else \
