@@ -285,7 +285,8 @@ def _validate_chain(chain: SumMatch, base: LinearLeaf, dtype: torch.dtype) -> Su
     return chain
 
 
-_DROPOUT_OPS = (aten.native_dropout.default, aten.bernoulli.p, aten.bernoulli.default)
+# what dropout leaves in a graph: aten's ops before Inductor's post-grad passes, its random ops after them
+_RANDOM_OP_NAMES = ("dropout", "bernoulli", "inductor_random", "inductor_lookup_seed", "rand")
 
 
 def _input_mismatch(lora: LoraLeaf, base_x2d: Node) -> Optional[str]:
@@ -345,11 +346,12 @@ def _same_values(a: Node, b: Node) -> bool:
 
 
 def _has_dropout(node: Node, depth: int = 8) -> bool:
+    """A random op (a dropout mask) within ``depth`` producers of ``node``."""
     frontier = [node]
     for _ in range(depth):
         nxt = []
         for n in frontier:
-            if is_call(n, _DROPOUT_OPS):
+            if n.op == "call_function" and any(word in str(n.target) for word in _RANDOM_OP_NAMES):
                 return True
             nxt += [a for a in n.all_input_nodes if a.op == "call_function"]
         frontier = nxt

@@ -33,7 +33,8 @@ import torch
 from fx_passes.ops.library import LIB_NAMESPACE
 from fx_passes.ops.qkvz_gemm import _check_inputs as _check_gemm_inputs
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_
-from fx_passes.ops.qkvz_lora import _num_adapters, check_qkvz_lora_args, kernel_calls, qkvz_lora_reference
+from fx_passes.ops.lora_args import check_qkvz_lora_args, kernel_calls, num_adapters
+from fx_passes.ops.qkvz_lora import qkvz_lora_reference
 
 # Measured on an H200 (benchmarks/RESULTS.md): the fused kernel beats cuBLAS + the two-launch LoRA up
 # to T = 64; above, the two-launch path's cuBLAS GEMM wins.
@@ -77,7 +78,7 @@ def qkvz_gemm_lora_prefill(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, 
 
     if x.shape[0] >= PREFILL_FUSED_MIN_T and prefill_fusable(x, w_qkv, w_z, lora_a, lora_b):
         return qkvz_prefill_triton(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, token_lora_ids,
-                                   lora_scales, scale, adapters=_num_adapters(lora_a[0]))
+                                   lora_scales, scale, adapters=num_adapters(lora_a[0]))
     n = w_qkv.shape[0] + w_z.shape[0]
     if x.shape[0] < ACCUMULATE_MIN_T or not lora_covers_all_columns(lora_b, n):
         out = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)

@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from fx_passes.ops.qkvz_lora import check_qkvz_lora_args
+from fx_passes.ops.lora_args import check_qkvz_lora_args
 
 _NO_TILE = 2**30  # tile offset of an absent slice: no program id reaches it
 
