@@ -114,3 +114,17 @@ def test_rank_1_with_one_token_is_rewritten(dtype):
     # 2 base GEMMs + 2 expands are mms; the 2 shrinks are the dot form
     assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=4 * GDN, dtype=dtype)
     assert run.op_count("aten.sum.dim_IntList", "before") - run.op_count("aten.sum.dim_IntList", "after") == 2 * GDN
+
+
+def test_rank_1_expand_as_outer_product_is_rewritten():
+    """Rank 1 on in_proj_z, 8 tokens, z 16 wide (random configuration 286 of tests/property_check.py):
+    Inductor makes the [T, 1] x [1, N] expand an outer product, mul(shrink, B^T), the rank-1 form of the
+    expand the matcher reads. Before, the layer was skipped ("LoRA term: expected mm(shrink, permute(B))")."""
+    import property_check
+
+    cfg = property_check.draw(286)
+    assert cfg.z_rank == 1 and cfg.targets == ("in_proj_z",) and cfg.adapters == 2
+    run = compile_with_pass(property_check.build(cfg), **property_check.inputs(cfg), compare_unfused=True)
+    # mms: 2 base GEMMs + the 2 adapters' shrinks; the 2 expands are muls (2 more muls: the scales)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=4 * GDN)
+    assert run.op_count("aten.mul.Tensor", "before") - run.op_count("aten.mul.Tensor", "after") == 4 * GDN

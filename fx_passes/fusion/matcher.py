@@ -184,7 +184,7 @@ def _split_scale(node: Node) -> tuple[Node, Union[float, Node], list[Node]]:
         val = fake_value(scale)
         if isinstance(scale, Node) and val is not None and val.dim() == 0 and val.is_floating_point():
             return product, scale, [node]
-    raise NoMatch(node, "mul by something other than a number or a 0-d tensor")
+    return node, 1.0, []   # a product of two tensors: the rank-1 expand itself (see match_lora_term)
 
 
 _SQUEEZE = (aten.squeeze.dim,)
@@ -214,17 +214,30 @@ def match_shrink(node: Any) -> tuple[Node, Node, list[Node]]:
     raise NoMatch(node, "LoRA expand input is not an mm(x, permute(A)) (nor its one-token rank-1 dot form)")
 
 
+def _rank1_expand(node: Node) -> tuple[Node, Node]:
+    """Rank 1: Inductor makes the [T, 1] x [1, N] expand an outer product, ``mul(s, permute(B))``;
+    returns (B, s)."""
+    if is_call(node, MUL_OPS) and all(isinstance(a, Node) for a in node.args[:2]):
+        for s, bt in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            lora_b, sv = _transposed_weight(bt), fake_value(s)
+            if lora_b is not None and fake_value(lora_b).shape[1] == 1 and sv is not None and sv.dim() == 2 \
+                    and sv.shape[1] == 1:
+                return lora_b, s
+    raise NoMatch(node, "LoRA term: expected mm(shrink, permute(B)) (or its rank-1 outer-product form)")
+
+
 def match_lora_term(node: Node) -> LoraLeaf:
     product, scale, interior = _split_scale(node)
     views: list[Node] = []
     expand = strip_views(product, views)
     interior += views
-    if not is_call(expand, MM_OPS):
-        raise NoMatch(expand, "LoRA term: expected mm(shrink, permute(B))")
-    lora_b = _transposed_weight(expand.args[1])
-    if lora_b is None:
-        raise NoMatch(expand, "LoRA expand: second operand is not permute(B, [1, 0])")
-    shrink = expand.args[0]
+    if is_call(expand, MM_OPS):
+        lora_b = _transposed_weight(expand.args[1])
+        if lora_b is None:
+            raise NoMatch(expand, "LoRA expand: second operand is not permute(B, [1, 0])")
+        shrink = expand.args[0]
+    else:
+        lora_b, shrink = _rank1_expand(expand)
     x2d, lora_a, shrink_nodes = match_shrink(shrink)
     if not isinstance(x2d, Node) or fake_value(x2d) is None or fake_value(x2d).dim() != 2:
         raise NoMatch(shrink, "LoRA shrink input is not a 2-D tensor")
