@@ -4,9 +4,11 @@ Inductor with and without the fx_passes qkvz fusion.
 What is measured, per (preset, LoRA rank, adapter dtype, phase):
 
 * the model: ``Qwen3_5ForCausalLM`` built from a ``Qwen3_5TextConfig`` with the REAL layer sizes of a preset
-  (hidden size, GDN key/value heads and head dims, MLP width, attention heads) but only a few layers
-  (default 4: 3 GatedDeltaNet + 1 full attention), a small vocabulary (default 1024, so the LM head does not
-  dominate), random weights (HF init, std 0.02), bf16, eval, ``use_cache=False``;
+  (a row of ``benchmarks.common.SHAPES``: hidden size, GDN key/value heads and head dims, MLP width,
+  attention heads) but only a few layers (default 4: 3 GatedDeltaNet + 1 full attention), a small
+  vocabulary (default 1024, so the LM head does not dominate), random weights (HF init, std 0.02), bf16,
+  eval, ``use_cache=False``. Preset ``tiny`` (the CPU smoke test) is ``fx_passes.models.TinyQwen35Spec``
+  built by ``fx_passes.models.build_tiny_qwen35`` (alternating GDN / full-attention layers);
 * PEFT LoRA on ``in_proj_qkv`` + ``in_proj_z`` (r, alpha = 2r, no dropout) with RANDOM, non-zero B, so the
   LoRA path is real work; adapters in fp32 (PEFT's default ``autocast_adapter_dtype``: fp32 adapters on a
   bf16 base) or cast to bf16 (``--adapter-dtype bf16``);
@@ -39,14 +41,16 @@ launch overhead included). Both are recorded where possible: ``ms_graph`` and ``
 On the CPU (smoke test only): wall clock. Correctness: relative Frobenius error of each variant's logits
 against eager (no_lora against the eager base model); bf16 limit 2e-2.
 
-    python benchmarks/bench_model.py                       # 27b, r=16, fp32 adapters, decode:1, prefill:4096, decode:64
-    python benchmarks/bench_model.py --quick               # 27b, r=16, decode:16 + prefill:2048
-    python benchmarks/bench_model.py --preset 27b,397b --rank 16,64 --adapter-dtype fp32,bf16 \\
+    python -m benchmarks.bench_model                       # 27B, r=16, fp32 adapters, decode:1, prefill:4096, decode:64
+    python -m benchmarks.bench_model --quick               # 27B, r=16, decode:16 + prefill:2048
+    python -m benchmarks.bench_model --preset 27b,397b --rank 16,64 --adapter-dtype fp32,bf16 \\
         --phases decode:1,decode:16,decode:64,prefill:1024,prefill:4096
-    python benchmarks/bench_model.py --device cpu --preset tiny --phases decode:1 --reps 2   # CPU smoke test
+    python -m benchmarks.bench_model --device cpu --preset tiny --phases decode:1 --reps 2   # CPU smoke test
 
-With $OUT set, everything goes to $OUT/bench_model.json (rewritten after every row). The markdown table is
-printed last.
+With $OUT set (or --json), the rows go to $OUT/bench_model.json (rewritten after every row): a JSON list of
+data rows, one per (preset, rank, adapter dtype, phase), each stamped by ``benchmarks.common.environment``
+(GPU, torch / triton / transformers / peft versions, commit, UTC date, command) with the model's
+configuration (``config``) and one cell per variant. The markdown table is printed last.
 """
 from __future__ import annotations
 
@@ -54,13 +58,9 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import datetime
 import importlib.util
-import json
 import logging
 import math
-import os
-import statistics
 import sys
 import time
 import traceback
@@ -69,10 +69,12 @@ from unittest import mock
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from fx_passes.backend import FxPassesBackend  # noqa: E402
-from fx_passes.models import add_lora  # noqa: E402
-from fx_passes.packing import pack_qkvz_weights  # noqa: E402
+from fx_passes.backend import FxPassesBackend
+from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35
+from fx_passes.packing import pack_qkvz_weights
+
+from benchmarks.common import (SHAPES, TINY, Qwen35Shape, environment, json_path, rel_err, result_row,
+                               select_shapes, time_events, time_graph, time_wall, write_rows)
 
 logger = logging.getLogger("fx_passes")
 
@@ -87,47 +89,14 @@ QUICK_PHASES = "decode:16,prefill:2048"
 CPU_SMOKE_PHASES = "decode:1"
 
 
-@dataclasses.dataclass(frozen=True)
-class Preset:
-    """Text-model dimensions of one Qwen3.5 size (field names are Qwen3_5TextConfig's)."""
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    linear_num_key_heads: int
-    linear_num_value_heads: int
-    linear_key_head_dim: int = 128
-    linear_value_head_dim: int = 128
-    note: str = ""
-
-    @property
-    def key_dim(self) -> int:
-        return self.linear_num_key_heads * self.linear_key_head_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.linear_num_value_heads * self.linear_value_head_dim
+# Presets: the rows of benchmarks.common.SHAPES (names matched case-insensitively by prefix: 27b, 35b, 397b)
+# and "tiny" (fx_passes.models.TinyQwen35Spec, the CPU smoke test).
+PRESETS: dict[str, TinyQwen35Spec] = {**SHAPES, "tiny": TINY}
 
 
-PRESETS = {
-    # Qwen3.5-27B (dense): every field is the real one.
-    "27b": Preset(5120, 17408, 24, 4, 256, 16, 48,
-                  note="dense, real sizes"),
-    # The attention dims of the two MoE presets (heads x 256, 2 KV heads) are from their published configs as
-    # recalled, not re-checked here (no download); they shape only the one full-attention layer.
-    # Qwen3.5-35B-A3B is MoE (256 experts, 8 routed + 1 shared of width 512). The GDN layers (what the pass
-    # rewrites) have the real sizes; the MoE MLP is replaced by a dense MLP of width 6144, because a 256-expert
-    # HF MoE block under torch.compile is dominated by its routing loop / graph breaks, not by the projections.
-    "35b-a3b": Preset(2048, 6144, 16, 2, 256, 16, 32,
-                      note="MoE in reality: dense MLP 6144 stands in for the experts; GDN sizes real"),
-    # Qwen3.5-397B-A17B is MoE (512 experts, 10 routed + 1 shared of width 1024): dense MLP of width
-    # 11 * 1024 = 11264 (the active experts' width) stands in; GDN sizes real; attention 32 x 256, 2 KV heads.
-    "397b": Preset(4096, 11264, 32, 2, 256, 16, 64,
-                   note="MoE in reality: dense MLP 11264 (= active experts' width) stands in; GDN sizes real"),
-    # fx_passes.models.TinyQwen35Spec's sizes: the CPU smoke test.
-    "tiny": Preset(64, 128, 4, 2, 16, 2, 4, 16, 16, note="TinyQwen35Spec sizes (smoke test only)"),
-}
+def preset_names(text: str) -> list[str]:
+    """'27b,tiny' -> ['27B', 'tiny'] (exits on an unknown name)."""
+    return list(select_shapes(text, PRESETS))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--preset", default=None, help=f"comma list of {list(PRESETS)} (default 27b; cpu: tiny)")
+    p.add_argument("--preset", default=None,
+                   help=f"comma list of {list(PRESETS)}, case-insensitive prefixes (default 27B; cpu: tiny)")
     p.add_argument("--rank", default="16", help="comma list of LoRA ranks (alpha = 2r)")
     p.add_argument("--adapter-dtype", default="fp32",
                    help="comma list of fp32 (PEFT's default autocast_adapter_dtype) and/or bf16")
@@ -171,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     if args.preset is None:
-        args.preset = "tiny" if cpu else "27b"
+        args.preset = "tiny" if cpu else "27B"
     if args.phases is None:
         args.phases = CPU_SMOKE_PHASES if cpu else (QUICK_PHASES if args.quick else DEFAULT_PHASES)
     if args.quick:
@@ -195,19 +165,19 @@ def parse_phase(text: str) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------------------------
 # Model
 # ------------------------------------------------------------------------------------------------
-def layer_types(layers: int) -> list[str]:
-    """Qwen3.5's pattern: 3 linear-attention (GDN) layers, then 1 full-attention layer."""
-    return ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
-
-
-def build_base_model(preset: Preset, layers: int, vocab: int, dtype: torch.dtype, device: str) -> torch.nn.Module:
-    """A random Qwen3_5ForCausalLM with the preset's sizes, built directly on ``device`` in ``dtype``
-    (a real-size model initialised in fp32 on the host would take minutes)."""
+def build_base_model(preset: TinyQwen35Spec, layers: int, vocab: int, dtype: torch.dtype,
+                     device: str) -> torch.nn.Module:
+    """A random Qwen3_5ForCausalLM with the preset's sizes. A real size (``Qwen35Shape``) is built directly
+    on ``device`` in ``dtype`` (initialised in fp32 on the host it would take minutes); the tiny spec by
+    ``fx_passes.models.build_tiny_qwen35``."""
+    spec = dataclasses.replace(preset, num_layers=layers, vocab_size=vocab)
+    if not isinstance(preset, Qwen35Shape):
+        return build_tiny_qwen35(spec, dtype=dtype, device=device, seed=MODEL_SEED)
     from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
 
     config = Qwen3_5TextConfig(
         vocab_size=vocab, hidden_size=preset.hidden_size, intermediate_size=preset.intermediate_size,
-        num_hidden_layers=layers, layer_types=layer_types(layers),
+        num_hidden_layers=layers, layer_types=spec.layer_types(),
         num_attention_heads=preset.num_attention_heads, num_key_value_heads=preset.num_key_value_heads,
         head_dim=preset.head_dim, linear_num_key_heads=preset.linear_num_key_heads,
         linear_num_value_heads=preset.linear_num_value_heads, linear_key_head_dim=preset.linear_key_head_dim,
@@ -310,102 +280,26 @@ def gdn_core(core: str, decode_core: str) -> Iterator[None]:
         yield
 
 
-def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.float(), ref.float()
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 # ------------------------------------------------------------------------------------------------
-# Timing
+# Timing (timers: benchmarks.common)
 # ------------------------------------------------------------------------------------------------
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def _n_reps(first_ms: float, args) -> int:
-    """As many reps as fit in --rep-ms (at least 3), at most --reps."""
-    return int(max(1, min(args.reps, max(3, args.rep_ms / max(first_ms, 1e-3)))))
-
-
-def time_wall(fn: Callable, args) -> float:
-    """CPU: median wall clock over reps calls."""
-    for _ in range(args.warmup):
-        fn()
-    t0 = time.perf_counter()
-    fn()
-    n = _n_reps((time.perf_counter() - t0) * 1e3, args)
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def time_events(fn: Callable, args) -> float:
-    """CUDA events around each call: GPU time between the call's first and last kernel, so host launch
-    overhead shows wherever the host cannot keep the GPU busy (small decode steps)."""
-    for _ in range(args.warmup):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    n = _n_reps((time.perf_counter() - t0) * 1e3, args)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
-
-
-def time_graph(fn: Callable, ref: torch.Tensor, args) -> tuple[float, float]:
-    """Capture one call into a CUDA graph and time its replays (no host overhead).
-
-    Returns (median ms, rel. error of the replayed output against ``ref``, the plain call's output): a replay
-    that computes something else than the plain call (e.g. a host-side value frozen into the graph) must not
-    pass silently."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs recommends
-        for _ in range(max(2, args.warmup)):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            out = fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        err = rel_err(out, ref)
-        t0 = time.perf_counter()
-        graph.replay()
-        torch.cuda.synchronize()
-        n = _n_reps((time.perf_counter() - t0) * 1e3, args)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-        for start, end in events:
-            start.record()
-            graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return statistics.median(s.elapsed_time(e) for s, e in events), err
-    finally:
-        del graph
-        torch.cuda.synchronize()
+def _timing(args) -> dict:
+    return dict(reps=args.reps, warmup=args.warmup, rep_ms=args.rep_ms)
 
 
 def measure(fn: Callable, ref: torch.Tensor, cell: dict, args) -> None:
     """Fill cell with ms_graph / ms_events / ms_wall; ``ref`` is the plain (non-graph) call's output."""
     if args.device != "cuda":
-        cell["ms_wall"] = time_wall(fn, args)
+        cell["ms_wall"] = time_wall(fn, **_timing(args))
         return
     if args.timing in ("auto", "graph"):
         try:
-            cell["ms_graph"], cell["err_graph_replay"] = time_graph(fn, ref, args)
+            cell["ms_graph"], cell["err_graph_replay"] = time_graph(fn, ref, **_timing(args))
             if not cell["err_graph_replay"] <= REPLAY_LIMIT:
                 cell["graph_note"] = "replay output differs from the plain call: graph time not used"
         except Exception as e:  # capture can fail on host syncs / CPU tensors: fall back to events
@@ -413,7 +307,7 @@ def measure(fn: Callable, ref: torch.Tensor, cell: dict, args) -> None:
             logger.warning("CUDA graph capture failed (%s); events only", cell["graph_error"])
             torch.cuda.synchronize()
     if args.timing in ("auto", "events") or "ms_graph" not in cell:
-        cell["ms_events"] = time_events(fn, args)
+        cell["ms_events"] = time_events(fn, **_timing(args))
 
 
 def cell_ms(cell: Optional[dict], method: str) -> Optional[float]:
@@ -468,9 +362,10 @@ def _dynamo_counts() -> dict:
 def run_config(preset_name: str, adapter_dtype: str, r: int, phases: list, variants: list, args, state) -> None:
     """Build the model once, pack once, then every phase x variant under the chosen GDN core."""
     preset, device, dtype = PRESETS[preset_name], args.device, getattr(torch, args.dtype)
-    n_gdn = sum(t == "linear_attention" for t in layer_types(args.layers))
     t0 = time.perf_counter()
     base = build_base_model(preset, args.layers, args.vocab, dtype, device)
+    cfg = base.config
+    n_gdn = sum(t == "linear_attention" for t in cfg.layer_types)
     bare = copy.deepcopy(base) if any(v.startswith("no_lora") for v in variants) else None
     model = attach_lora(base, r, adapter_dtype, dtype)
     # probes: packing must leave eager logits bit-identical; the GDN-core choice must agree with transformers'
@@ -499,11 +394,11 @@ def run_config(preset_name: str, adapter_dtype: str, r: int, phases: list, varia
                        gdn_layers=n_gdn, vocab=args.vocab, params=n_params, r=r, alpha=2 * r,
                        adapter_dtype=adapter_dtype, lora_param_dtypes=lora_dt, packed_layers=packed,
                        packing_max_abs_diff=pack_diff, gdn_core_vs_hf_rel_err=core_errs)
-    state.meta.setdefault("configs", []).append(config_info)
-    print(f"\n### preset {preset_name} ({preset.note}): hidden {preset.hidden_size}, GDN key_dim {preset.key_dim} "
+    note = getattr(preset, "note", "") or "fx_passes.models.TinyQwen35Spec, smoke test"
+    print(f"\n### preset {preset_name} ({note}): hidden {cfg.hidden_size}, GDN key_dim {preset.key_dim} "
           f"value_dim {preset.value_dim} (N_qkv {2 * preset.key_dim + preset.value_dim}, N_z {preset.value_dim}), "
-          f"MLP {preset.intermediate_size}, attention {preset.num_attention_heads}x{preset.head_dim} "
-          f"({preset.num_key_value_heads} KV); {args.layers} layers ({n_gdn} GDN), vocab {args.vocab}, "
+          f"MLP {cfg.intermediate_size}, attention {cfg.num_attention_heads}x{cfg.head_dim} "
+          f"({cfg.num_key_value_heads} KV); {args.layers} layers ({n_gdn} GDN), vocab {args.vocab}, "
           f"{n_params / 1e9:.2f} B params incl. LoRA\n    LoRA r={r} alpha={2 * r}, adapter params {lora_dt} "
           f"({adapter_dtype}); packed {packed} GDN layer(s): packing changed eager logits by {pack_diff:.1e} "
           f"(expected 0); GDN core {args.gdn_core}/{args.decode_core} vs transformers' path: rel err "
@@ -516,7 +411,7 @@ def run_config(preset_name: str, adapter_dtype: str, r: int, phases: list, varia
                     state.skipped.append(f"{preset_name}/r{r}/{adapter_dtype}/{phase[0]}")
                     continue
                 run_phase(phase, model, bare, variants, n_gdn, dict(preset=preset_name, r=r,
-                          adapter_dtype=adapter_dtype, lora_param_dtypes=lora_dt), args, state)
+                          adapter_dtype=adapter_dtype, lora_param_dtypes=lora_dt, config=config_info), args, state)
     finally:
         del model, bare, base
         torch._dynamo.reset()
@@ -680,10 +575,10 @@ def print_compile_times(rows: list) -> None:
 
 
 class RunState:
-    """Rows, JSON sink and the wall-clock budget of one run."""
+    """Rows, JSON sink and the wall-clock budget of one run. ``stamp``: the fields every JSON row starts with."""
 
-    def __init__(self, meta: dict, json_path: Optional[str], budget_s: float):
-        self.meta, self.json_path, self.budget_s = meta, json_path, budget_s
+    def __init__(self, stamp: dict, json_path: Optional[str], budget_s: float):
+        self.stamp, self.json_path, self.budget_s = stamp, json_path, budget_s
         self.start = time.perf_counter()
         self.rows: list = []
         self.skipped: list = []
@@ -700,25 +595,16 @@ class RunState:
         return self.elapsed() + 1.3 * longest + 10 > self.budget_s
 
     def dump(self) -> None:
-        if self.json_path:
-            self.meta["elapsed_s"] = self.elapsed()
-            self.meta["skipped_for_budget"] = self.skipped
-            with open(self.json_path, "w") as f:
-                json.dump(dict(meta=self.meta, rows=self.rows), f, indent=1, default=str)
+        """The rows so far (and one row per phase skipped for the budget), each stamped."""
+        rows = [result_row(self.stamp, **row) for row in self.rows]
+        rows += [result_row(self.stamp, status="skipped_for_budget", skipped=what) for what in self.skipped]
+        write_rows(self.json_path, rows)
 
 
 def versions(device: str) -> dict:
-    import peft
-    import transformers
-
-    meta = dict(torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__)
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    meta["device_name"] = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    # which GDN kernels transformers picks: the fla / causal_conv1d packages replace its torch fallbacks
+    """``benchmarks.common.environment`` with transformers / peft, and which GDN kernels transformers picks
+    (the fla / causal_conv1d packages replace its torch fallbacks)."""
+    meta = environment(device, packages=("transformers", "peft"))
     meta["fla_installed"] = importlib.util.find_spec("fla") is not None
     meta["causal_conv1d_installed"] = importlib.util.find_spec("causal_conv1d") is not None
     return meta
@@ -731,10 +617,7 @@ def main(argv=None) -> int:
         logger.setLevel(logging.INFO)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but no CUDA device; use --device cpu for the smoke test")
-    presets = _csv(args.preset)
-    for p in presets:
-        if p not in PRESETS:
-            raise SystemExit(f"unknown preset {p!r}: {list(PRESETS)}")
+    presets = preset_names(args.preset)
     ranks = _csv(args.rank, int)
     adapter_dtypes = _csv(args.adapter_dtype)
     if not set(adapter_dtypes) <= {"fp32", "bf16"}:
@@ -746,16 +629,15 @@ def main(argv=None) -> int:
     if args.device == "cpu" and any(p != "tiny" for p in presets):
         print("WARNING: real-size presets on the CPU take a long time")
 
-    out_dir = os.environ.get("OUT")
-    json_path = args.json or (os.path.join(out_dir, "bench_model.json") if out_dir else None)
-    meta = versions(args.device) | dict(date=datetime.datetime.now().isoformat(timespec="seconds"),
-                                        argv=[sys.executable] + sys.argv, args=vars(args), err_limit=ERR_LIMIT)
+    path = json_path("bench_model", args.json)
+    meta = versions(args.device) | dict(args=vars(args), err_limit=ERR_LIMIT)
     n_compiles = len(presets) * len(ranks) * len(adapter_dtypes) * len(phases) * sum(v in COMPILED for v in variants)
-    header = (f"# bench_model: {meta['device_name']} | torch {meta['torch']} | triton {meta['triton']} | "
-              f"transformers {meta['transformers']} | peft {meta['peft']} | {meta['date']}\n"
-              f"command: {' '.join(['python'] + sys.argv)}\n"
+    header = (f"# bench_model: {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | "
+              f"transformers {meta['transformers']} | peft {meta['peft']} | {meta['date_utc']} | "
+              f"commit {meta['commit']}{' (dirty)' if meta['dirty'] else ''}\n"
+              f"command: {meta['command']}\n"
               f"model: Qwen3_5ForCausalLM, the layer sizes of the preset(s), {args.layers} layers "
-              f"(3 GDN : 1 full attention), "
+              f"(real sizes 3 GDN : 1 full attention; tiny alternating), "
               f"vocab {args.vocab}, random weights (std 0.02), {args.dtype}, eval, use_cache=False; "
               f"GDN kernels: fla {'INSTALLED' if meta['fla_installed'] else 'not installed'}, causal_conv1d "
               f"{'INSTALLED' if meta['causal_conv1d_installed'] else 'not installed'} (else transformers' torch "
@@ -773,8 +655,7 @@ def main(argv=None) -> int:
               f"variants {variants}; {n_compiles} compile(s) planned, each timed below; budget "
               f"{args.budget_s:.0f} s; timing: {args.timing if args.device == 'cuda' else 'wall clock (CPU)'}")
     print(header, flush=True)
-    meta["header"] = header
-    state = RunState(meta, json_path, args.budget_s)
+    state = RunState(meta, path, args.budget_s)
 
     code = 0
     try:
@@ -802,8 +683,8 @@ def main(argv=None) -> int:
           "the LoRA-free model; max rel err = worst relative Frobenius error of any compiled variant's logits vs "
           f"eager (limit {ERR_LIMIT}); timing graph = CUDA-graph replay (eager* = events, capture failed), events = "
           "CUDA events per call, wall = CPU wall clock.")
-    if json_path:
-        print(f"JSON: {json_path}")
+    if path:
+        print(f"JSON: {path}")
     if code == 0 and (not rows or not all(r["ok"] for r in rows)):
         code = 1
     return code

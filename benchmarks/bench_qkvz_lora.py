@@ -7,8 +7,8 @@ and with 4 adapters mixed in the batch:
 * base         ONE cuBLAS GEMM over the pre-packed [W_qkv; W_z], no LoRA (what LoRA should cost above);
 * unfused      the graph PEFT gives (2 GEMMs + 2 shrinks + 2 expands; with 4 adapters PEFT's mixed-batch
                form: per adapter an index_select, shrink, expand and index_put), compiled by Inductor;
-* torch_fused  the torch-level fusion of shared/bench/gpu_anchor.py: 1 GEMM over packed W + 1 shrink over
-               [A_qkv; A_z] + 2 addmm expands (4 adapters: per adapter gather, shrink, 2 expands, index_add);
+* torch_fused  a torch-level fusion: 1 GEMM over packed W + 1 shrink over [A_qkv; A_z] + 2 addmm expands
+               (4 adapters: per adapter gather, shrink, 2 expands, index_add);
 * ours         torch.ops.fx_passes.qkvz_gemm_lora, what the pass emits for a layer with one LoRA op
                (lora_a = [A_qkv, A_z], lora_b = 4 row-slice views, slice_a = [0, 0, 0, 1]): at T <= 64 a
                shrink + our Triton GEMM with the LoRA expand in its epilogue (PDL-overlapped), above
@@ -23,9 +23,6 @@ and with 4 adapters mixed in the batch:
                tile for shrink and expand, BLOCK_K = BLOCK_N = 64), for before/after in the same run;
 * ours_prefill the op's prefill kernel (persistent TMA GEMM, LoRA in its epilogue) forced at any T
                (the op dispatches it from PREFILL_FUSED_MIN_T tokens), to place that threshold;
-* tiles1/2/4   our fused kernel for this T (the decode kernel up to FUSED_MAX_T tokens, else the prefill
-               kernel) with the B tiles of 1 / 2 / 4 adapters loaded together in a mixed-adapter
-               epilogue (``adapter_tiles``).
 
 Times are CUDA-graph replays (triton.testing.do_bench_cudagraph, median, ms), bf16, fresh random
 (non-zero) data per row. Each replay calls the variant once per weight set, rotating over enough sets
@@ -34,18 +31,20 @@ to cover twice the L2 cache (W never served from L2), and the variants are timed
 (relative Frobenius error).
 ``--sweep`` also times launch-configuration alternatives of our kernel on a subset of rows.
 
-    python benchmarks/bench_qkvz_lora.py                  # everything (~6 min on an H100/H200)
-    python benchmarks/bench_qkvz_lora.py --quick          # a subset (~3-4 min)
-    python benchmarks/bench_qkvz_lora.py --shapes 27B --T 1,64 --rank 16 --adapters 1
-    python benchmarks/bench_qkvz_lora.py --cpu-check      # logic check on the CPU (tiny shapes)
+    python -m benchmarks.bench_qkvz_lora                  # everything (~6 min on an H100/H200)
+    python -m benchmarks.bench_qkvz_lora --quick          # a subset (~3-4 min)
+    python -m benchmarks.bench_qkvz_lora --shapes 27B --T 1,64 --rank 16 --adapters 1
+    python -m benchmarks.bench_qkvz_lora --cpu-check      # logic check on the CPU (tiny shapes)
 
-With $OUT set, all rows go to $OUT/bench_qkvz_lora.json (rewritten after every row).
+Shapes: ``benchmarks.common.SHAPES``. With $OUT set (or --json), the rows go to $OUT/bench_qkvz_lora.json
+(rewritten after every row): a JSON list of data rows, each stamped by ``benchmarks.common.environment``
+(GPU, versions, commit, UTC date, command, measured ceilings) with ``kind`` "main" (one shape / rank /
+adapters / T: times in ms, ``<variant>_x`` = ratio to base, errors, spreads) or "sweep".
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import dataclasses
 import math
 import statistics
 import os
@@ -59,17 +58,17 @@ if "--cpu-check" in sys.argv:  # the Triton interpreter must be chosen before tr
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fx_passes.ops  # noqa: E402,F401  (registers torch.ops.fx_passes.*)
+from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode  # noqa: E402
+from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill  # noqa: E402
+from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_, plan_lora  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
 from fx_passes.ops.qkvz_gemm import weights_are_packed  # noqa: E402
-from fx_passes.ops.qkvz_lora_kernels import plan, qkvz_lora_triton_  # noqa: E402
 
-SHAPES = {  # name: (hidden, key_dim, value_dim)
-    "35B-A3B": (2048, 2048, 4096),
-    "27B": (5120, 2048, 6144),
-    "397B-A17B": (4096, 2048, 8192),
-}
-CPU_SHAPES = {"tiny": (64, 32, 48)}
+from benchmarks.common import (  # noqa: E402
+    CPU_SHAPES, SHAPES, Timer, csv_list, environment, gdn_dims, json_path, l2_cache_bytes, measure_ceilings,
+    rel_err, result_row, rotation_sets, select_shapes, write_rows)
+
 ALL_T = (1, 16, 64, 256, 1024, 4096)
 CPU_T = (1, 5, 33)
 QUICK_T = (1, 64, 4096)
@@ -79,8 +78,7 @@ N_ADAPTERS_MIXED = 4
 SCALE_1 = 2.0                                  # lora_alpha / r of the single adapter
 SCALES_4 = (1.0, 0.5, 2.0, 1.5)                # per-adapter scales of the mixed batch
 ERR_LIMIT = 1e-2                               # bf16 output: expect ~2e-3
-MAIN_VARIANTS = ("base", "base_unpacked", "ours_unpacked", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill",
-                 "tiles1", "tiles2", "tiles4")
+MAIN_VARIANTS = ("base", "base_unpacked", "ours_unpacked", "unfused", "torch_fused", "ours", "ours_2op", "ours_nopdl", "ours_v0", "ours_prefill")
 DEFAULT_VARIANTS = ("base", "unfused", "torch_fused", "ours", "ours_2op")
 
 
@@ -88,13 +86,13 @@ def v0_config(T):
     """The first kernel version's launch configuration: no split-K, one token tile for shrink and expand,
     BLOCK_K = BLOCK_N = 64, two launches."""
     bm = max(16, min(64, triton.next_power_of_2(T)))
-    return dict(ksplit=1, fuse=False, pdl=False, block_k=64, block_n=64, block_m=bm, shrink_block_m=bm)
+    return dict(ksplit=1, pdl=False, block_k=64, block_n=64, block_m=bm, shrink_block_m=bm)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"T in {QUICK_T} only")
-    p.add_argument("--shapes", default=None, help=f"comma list of {list(SHAPES)} (prefix match)")
+    p.add_argument("--shapes", default=None, help=f"comma list of {list(SHAPES)} (case-insensitive prefix match)")
     p.add_argument("--T", default=None, help="comma list of token counts")
     p.add_argument("--rank", default=None, help="comma list of ranks")
     p.add_argument("--adapters", default=None, help="comma list of adapter modes: 1 and/or 4")
@@ -110,54 +108,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _csv(s, cast=str):
-    return None if s is None else [cast(v) for v in s.split(",") if v]
-
-
-# ------------------------------------------------------------------------------------------------
-# Timing / ceilings
-# ------------------------------------------------------------------------------------------------
-class Timer:
-    def __init__(self, device: str, rep: float):
-        self.device, self.rep = device, rep
-
-    def __call__(self, fn) -> float:
-        if self.device == "cuda":
-            from triton.testing import do_bench_cudagraph
-
-            return float(do_bench_cudagraph(fn, rep=self.rep, return_mode="median"))
-        fn()  # CPU: logic check only, wall clock of one call
-        t0 = time.perf_counter()
-        fn()
-        return (time.perf_counter() - t0) * 1e3
-
-
-def rotation_sets(w_bytes: int, device: str) -> int:
-    """How many weight sets a timed call rotates over so that W is never served from L2 (in a model,
-    other layers' weights evict it): enough to cover twice the L2 cache; 1 on the CPU."""
-    if device != "cuda":
-        return 1
-    return max(1, math.ceil(2 * torch.cuda.get_device_properties().L2_cache_size / w_bytes))
-
-
-def measure_ceilings(device: str):
-    if device != "cuda":
-        return 1e11, 1e12  # placeholders for --cpu-check
-    from triton.testing import do_bench
-
-    a = torch.randn(1024**3 // 2, dtype=torch.bfloat16, device=device)  # 1 GiB
-    b = torch.empty_like(a)
-    t = do_bench(lambda: b.copy_(a), rep=200, return_mode="median")
-    bw = 2 * a.numel() * a.element_size() / (t * 1e-3)
-    del a, b
-    m = 8192
-    x = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    w = torch.randn(m, m, dtype=torch.bfloat16, device=device)
-    t = do_bench(lambda: x @ w, rep=200, return_mode="median")
-    peak = 2 * m**3 / (t * 1e-3)
-    del x, w
-    torch.cuda.empty_cache()
-    return bw, peak
+_csv = csv_list
 
 
 # ------------------------------------------------------------------------------------------------
@@ -290,55 +241,28 @@ class Problem:
                                        ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0)
         return out
 
+    def lora(self, ids):
+        """The block's LoRA as the kernels take it."""
+        return LoraSlices.of(self.lora_a, self.lora_b, self.slice_a, self.slice_start, ids, self.scales_t,
+                             SCALE_1 if self.L == 1 else 1.0)
+
     def ours_fused_triton(self, x, ids, idxs):
-        """The CUDA kernel of qkvz_gemm_lora at small T, called directly (for --cpu-check)."""
-        from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton
+        """The CUDA decode kernel of qkvz_gemm_lora, called directly (for --cpu-check)."""
+        return gemm_lora_decode(x, self.Wqkv, self.Wz, self.lora(ids))
 
-        return qkvz_gemm_lora_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
-                                     self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
-                                     adapters=self.L)
-
-    def ours_prefill(self, x, ids, idxs, **kwargs):
+    def ours_prefill(self, x, ids, idxs):
         """The prefill kernel of qkvz_gemm_lora (persistent TMA GEMM + LoRA epilogue) at any T."""
-        from fx_passes.ops.qkvz_prefill_kernels import qkvz_prefill_triton
+        return gemm_lora_prefill(x, self.Wqkv, self.Wz, self.lora(ids))
 
-        return qkvz_prefill_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
-                                   self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
-                                   adapters=self.L, **kwargs)
-
-    def fused_with(self, **kwargs):
-        """Our fused kernel for the row's T (decode kernel up to FUSED_MAX_T, else the prefill kernel)
-        with explicit kernel options."""
-        from fx_passes.ops.qkvz_gemm_lora import FUSED_MAX_T
-        from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton
-
-        def fn(x, ids, idxs):
-            if x.shape[0] > FUSED_MAX_T:
-                return self.ours_prefill(x, ids, idxs, **kwargs)
-            return qkvz_gemm_lora_triton(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
-                                         self.slice_start, ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0,
-                                         adapters=self.L, **kwargs)
-        return fn
-
-    def ours_cfg(self, cfg):
-        """Our block with an explicit launch configuration (direct kernel call, same kernels)."""
+    def ours_cfg(self, force):
+        """Our block as GEMM, then the two-launch LoRA with a forced launch configuration (``force``:
+        ``fx_passes.ops.tuning.lora_launch``'s arguments)."""
         def fn(x, ids, idxs):
             out = torch.ops.fx_passes.qkvz_gemm(x, self.Wqkv, self.Wz)
-            qkvz_lora_triton_(out, x, self.lora_a, self.lora_b, self.slice_a, self.slice_start,
-                              ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0, **cfg)
+            lora = self.lora(ids)
+            lora_shrink_expand_(out, x, lora, config=plan_lora(x, lora, **force))
             return out
         return fn
-
-
-def _as_block(y):
-    return torch.cat(y, -1) if isinstance(y, tuple) else y
-
-
-def rel_err(got, ref):
-    got = _as_block(got).float()
-    if not torch.isfinite(got).all():
-        return float("inf")
-    return ((got - ref).norm() / ref.norm()).item()
 
 
 def _set_dynamo_limits():
@@ -355,8 +279,6 @@ def _set_dynamo_limits():
 # ------------------------------------------------------------------------------------------------
 def sweep_configs(T, L=1):
     cfgs = {"auto": {}, "pdl": dict(pdl=True)}
-    if T <= 64:
-        cfgs["fused_pdl"] = dict(fuse=True, pdl=True)
     if T <= 256:
         cfgs["ks4_pdl"] = dict(ksplit=4, pdl=True)
         cfgs["ks16_pdl"] = dict(ksplit=16, pdl=True)
@@ -376,10 +298,7 @@ def main(argv=None):
     cpu = args.cpu_check
     device = "cpu" if cpu else "cuda"
     dtype = torch.float32 if cpu else torch.bfloat16  # the Triton interpreter has no bf16
-    shapes = CPU_SHAPES if cpu else SHAPES
-    if args.shapes:
-        want = _csv(args.shapes)
-        shapes = {k: v for k, v in shapes.items() if any(k.startswith(w) for w in want)}
+    shapes = select_shapes(args.shapes, CPU_SHAPES if cpu else SHAPES)
     Ts = _csv(args.T, int) or (CPU_T if cpu else (QUICK_T if args.quick else ALL_T))
     ranks = _csv(args.rank, int) or list(RANKS)
     modes = _csv(args.adapters, int) or list(ADAPTER_MODES)
@@ -387,29 +306,27 @@ def main(argv=None):
     if args.no_inductor and "unfused" in variants:
         variants.remove("unfused")
     timer = Timer(device, args.rep)
-    out_dir = os.environ.get("OUT")
-    json_path = args.json or (os.path.join(out_dir, "bench_qkvz_lora.json") if out_dir else None)
+    path = json_path("bench_qkvz_lora", args.json)
 
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), argv=sys.argv,
-                torch=torch.__version__, triton=triton.__version__,
-                device=torch.cuda.get_device_name() if not cpu else "cpu (Triton interpreter)")
-    print(f"torch {meta['torch']}  triton {meta['triton']}  device {meta['device']}", flush=True)
+    meta = environment(device)   # the stamp of every row
+    if cpu:
+        meta["gpu"] = "cpu (Triton interpreter)"
+    print(f"torch {meta['torch']}  triton {meta['triton']}  device {meta['gpu']}  commit {meta['commit']}", flush=True)
     bw, peak = measure_ceilings(device)
     meta.update(copy_bw_Bps=bw, mm_peak_flops=peak)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s   bf16 mm {peak / 1e12:.0f} TFLOP/s", flush=True)
     _set_dynamo_limits()
-    l2_bytes = torch.cuda.get_device_properties().L2_cache_size if not cpu else 0
-    meta.update(l2_bytes=l2_bytes)
+    meta.update(l2_bytes=l2_cache_bytes(device))
 
     rows, sweep_rows = [], []
 
     def dump():
-        if json_path:
-            with open(json_path, "w") as f:
-                json.dump(dict(meta=meta, rows=rows, sweep=sweep_rows), f, indent=1)
+        write_rows(path, [result_row(meta, kind="main", **r) for r in rows]
+                   + [result_row(meta, kind="sweep", **s) for s in sweep_rows])
 
     seed = 0
-    for name, (H, Dk, Dv) in shapes.items():
+    for name, spec in shapes.items():
+        H, Dk, Dv = gdn_dims(spec)
         for r in ranks:
             for L in modes:
                 seed += 1
@@ -429,8 +346,7 @@ def main(argv=None):
                     fns = {"base": pr.base, "base_unpacked": pr.base_unpacked, "ours_unpacked": pr.ours_unpacked,
                            "unfused": compiled, "torch_fused": pr.torch_fused,
                            "ours": pr.ours, "ours_2op": pr.ours_2op, "ours_nopdl": pr.ours_cfg(dict(pdl=False)),
-                           "ours_v0": None, "ours_prefill": pr.ours_prefill,
-                           **{f"tiles{n}": pr.fused_with(adapter_tiles=n) for n in (1, 2, 4)}}
+                           "ours_v0": None, "ours_prefill": pr.ours_prefill}
                     if cpu:  # torch.ops on CPU runs the plain-torch reference: run the Triton kernels instead
                         fns["ours"] = pr.ours_fused_triton
                         fns["ours_2op"] = pr.ours_cfg({})
@@ -488,9 +404,7 @@ def main(argv=None):
                                 t = timer(lambda: fn(x, ids, idxs))
                                 srow[cname] = t
                                 srow[f"err_{cname}"] = err
-                                srow[f"plan_{cname}"] = plan(
-                                    T, H, 2, r, max(Dk, Dv), torch.device(device), adapters=L, has_ids=L > 1,
-                                    **{k: v for k, v in cfg.items() if k != "num_warps"})
+                                srow[f"plan_{cname}"] = dataclasses.asdict(plan_lora(x, prob.lora(ids), **cfg))
                             except Exception as e:
                                 srow[cname] = None
                                 srow[f"error_{cname}"] = f"{type(e).__name__}: {e}"[:300]
@@ -538,7 +452,8 @@ def print_sweep(sweep_rows):
 
 
 def print_table(rows, variants, meta):
-    print(f"\n== {meta['device']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date']} | "
+    print(f"\n== {meta['gpu']} | torch {meta['torch']} | triton {meta['triton']} | {meta['date_utc']} | "
+          f"commit {meta['commit']} | "
           f"copy {meta['copy_bw_Bps'] / 1e12:.2f} TB/s, mm {meta['mm_peak_flops'] / 1e12:.0f} TFLOP/s ==")
     print("times: CUDA-graph replay medians (ms); ratios to base; err = max rel. error vs fp32 over variants")
     ratio_cols = [v for v in variants if v != "base"]

@@ -6,22 +6,21 @@ packed weights), ``ours`` (``fx_passes.qkvz_gemm_lora``, default dispatch) and `
 prints every kernel's mean CUDA time per call. The kernels are summed back-to-back time, not the
 overlapped wall time of a CUDA-graph replay (``bench_qkvz_lora.py`` measures that).
 
-    python benchmarks/profile_block.py --shapes 35B-A3B,27B --T 4096 --rank 16,64 --adapters 1,4
+    python -m benchmarks.profile_block --shapes 35B-A3B,27B --T 4096 --rank 16,64 --adapters 1,4
+
+Shapes: ``benchmarks.common.SHAPES``. With $OUT set, one data row per (shape, r, adapters, T, variant)
+goes to $OUT/profile_block.json (a JSON list, each row stamped by ``benchmarks.common.environment``).
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_qkvz_lora import SHAPES, Problem, rotation_sets  # noqa: E402
-
-from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
+from benchmarks.bench_qkvz_lora import Problem
+from benchmarks.common import (SHAPES, environment, gdn_dims, json_path, packed_weight_bytes, result_row,
+                               rotation_sets, select_shapes, write_rows)
 
 
 def kernel_times(fn, iters: int) -> dict[str, float]:
@@ -40,8 +39,8 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--T", default="4096")
     p.add_argument("--rank", default="16,64")
     p.add_argument("--adapters", default="1,4")
@@ -52,14 +51,18 @@ def main():
     p.add_argument("--shrink-bm", default=None,
                    help="comma list: also profile the large-T LoRA delta (write mode) with these shrink token tiles")
     args = p.parse_args()
-    print(f"torch {torch.__version__} device {torch.cuda.get_device_name()}", flush=True)
+    from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_, plan_lora
+
+    env = environment("cuda")
+    print(f"torch {env['torch']} triton {env['triton']} device {env['gpu']} commit {env['commit']}", flush=True)
+    rows, path = [], json_path("profile_block")
     seed = 7
-    for name in args.shapes.split(","):
-        H, Dk, Dv = SHAPES[name]
+    for name, spec in select_shapes(args.shapes).items():
+        H, Dk, Dv = gdn_dims(spec)
         for r in (int(v) for v in args.rank.split(",")):
             for L in (int(v) for v in args.adapters.split(",")):
                 seed += 1
-                n_sets = rotation_sets((2 * Dk + 2 * Dv) * H * 2, "cuda")   # W never served from L2
+                n_sets = rotation_sets(packed_weight_bytes(spec), "cuda")   # W never served from L2
                 probs = [Problem(H, Dk, Dv, r, L, torch.bfloat16, "cuda", seed + i) for i in range(n_sets)]
                 for T in (int(v) for v in args.T.split(",")):
                     x, ids, idxs = probs[0].inputs(T, seed, args.ids)
@@ -73,16 +76,24 @@ def main():
                         total = sum(times.values()) / len(probs)
                         print(f"{name} r={r} L={L} T={T} {variant:9s} total {total:8.1f} us | " + " | ".join(
                             f"{k} {v / len(probs):.1f}" for k, v in times.items()), flush=True)
+                        rows.append(result_row(env, shape=name, r=r, adapters=L, T=T, variant=variant,
+                                               ids=args.ids, total_us=total,
+                                               kernels_us={k: v / len(probs) for k, v in times.items()}))
+                        write_rows(path, rows)
                     for bm in ([int(v) for v in args.shrink_bm.split(",")] if args.shrink_bm else []):
                         pr = probs[0]
                         out = x.new_empty((T, pr.N))
 
                         def delta(bm=bm, pr=pr, out=out):
-                            qkvz_lora_triton_(out, x, pr.lora_a, pr.lora_b, pr.slice_a, pr.slice_start, ids,
-                                              pr.scales_t, 1.0, accumulate=False, shrink_block_m=bm)
+                            lora = pr.lora(ids)
+                            lora_shrink_expand_(out, x, lora, accumulate=False,
+                                                config=plan_lora(x, lora, shrink_block_m=bm))
                         times = kernel_times(delta, args.iters)
                         print(f"{name} r={r} L={L} T={T} delta shrink_bm={bm}: " + " | ".join(
                             f"{k} {v:.1f}" for k, v in times.items()), flush=True)
+                        rows.append(result_row(env, shape=name, r=r, adapters=L, T=T, variant=f"delta_shrink_bm{bm}",
+                                               ids=args.ids, total_us=sum(times.values()), kernels_us=times))
+                        write_rows(path, rows)
                 del probs
                 torch.cuda.empty_cache()
 

@@ -3,29 +3,27 @@
 For the Qwen3.5 shapes and small T, one run times (CUDA-graph replay medians, bf16, fresh random data):
 
 * base        ONE cuBLAS GEMM over the packed [W_qkv; W_z] (no LoRA);
-* gemm_<cfg>  our Triton GEMM alone (``with_lora=False``) for each launch configuration;
+* gemm_<cfg>  our Triton GEMM alone (``lora=None``) for each launch configuration;
 * fused_<cfg> shrink + our GEMM with the LoRA expand in its epilogue (PDL), for the best GEMM configs;
 
 and checks every fused result against the fp32 reference. It picks, per (shape, T bucket), the
-configuration to bake into ``default_blocks``.
+configuration to record in ``fx_passes/ops/configs/<device>.json`` (``decode.blocks``).
 
-    python benchmarks/sweep_fused_decode.py [--shapes 35B] [--T 1,64] [--budget-s 420]
+    python -m benchmarks.sweep_fused_decode [--shapes 35B] [--T 1,64] [--budget-s 420]
+
+Shapes: ``benchmarks.common.SHAPES``. With $OUT set, one data row per (shape, T) goes to
+$OUT/sweep_fused_decode.json (a JSON list, each row stamped by ``benchmarks.common.environment``).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err  # noqa: E402
-
-from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton  # noqa: E402
+from benchmarks.bench_qkvz_lora import Problem
+from benchmarks.common import (SHAPES, Timer, environment, gdn_dims, json_path, rel_err, result_row,
+                               select_shapes, write_rows)
 
 # (block_n, block_k, num_stages, num_warps); configs over the H200's 227 KB of shared memory were dropped
 # after the first sweep (n128k256, n64k256s5, n128k128s5, n64k128s8, n64k256s4w8)
@@ -49,8 +47,8 @@ def cfg_name(c):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--T", default="1,64")
     p.add_argument("--top", type=int, default=3, help="GEMM configs per (shape, T) tried with LoRA (0: none)")
     p.add_argument("--budget-s", type=float, default=400.0, help="stop starting new work after this")
@@ -60,20 +58,26 @@ def main():
     p.add_argument("--adapter-fp32", action="store_true", help="fp32 A/B on the bf16 base (PEFT's default)")
     p.add_argument("--lora", default="16x1,64x1,16x4,64x4", help="rank x adapters combos tried with LoRA")
     args = p.parse_args()
+    from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode
+
+    def decode(x, pr, ids, *, with_lora=True, **force):
+        """The decode kernel with a forced launch (``force``: fx_passes.ops.tuning.decode_launch's)."""
+        lora = pr.lora(ids) if with_lora else None
+        return gemm_lora_decode(x, pr.Wqkv, pr.Wz, lora, config=plan_decode(x, pr.Wqkv, pr.Wz, lora, **force))
+
     t_start = time.time()
     timer = Timer("cuda", args.rep)
-    print(f"torch {torch.__version__} device {torch.cuda.get_device_name()}", flush=True)
+    env = environment("cuda")
+    print(f"torch {env['torch']} triton {env['triton']} device {env['gpu']} commit {env['commit']}", flush=True)
     results = []
-    out = os.environ.get("OUT")
+    path = json_path("sweep_fused_decode")
 
     def dump():
-        if out:
-            with open(os.path.join(out, "sweep_fused_decode.json"), "w") as f:
-                json.dump(results, f, indent=1)
+        write_rows(path, [result_row(env, **r) for r in results])
 
     seed = 100
-    for name in args.shapes.split(","):
-        H, Dk, Dv = SHAPES[name]
+    for name, spec in select_shapes(args.shapes).items():
+        H, Dk, Dv = gdn_dims(spec)
         for T in [int(t) for t in args.T.split(",")]:
             if time.time() - t_start > args.budget_s:
                 print("budget reached", flush=True)
@@ -87,8 +91,7 @@ def main():
             for c in (LARGE_CONFIGS if args.large else GEMM_CONFIGS) if args.top else []:   # --top 0: no GEMM sweep
                 if time.time() - t_start > args.budget_s:
                     break
-                fn = lambda c=c: qkvz_gemm_lora_triton(x, prob.Wqkv, prob.Wz, prob.lora_a, prob.lora_b,  # noqa: E731
-                                                       prob.slice_a, prob.slice_start, with_lora=False, **c)
+                fn = lambda c=c: decode(x, prob, None, with_lora=False, **c)  # noqa: E731
                 try:
                     y = fn()
                     err = ((y.float() - ref_gemm).norm() / ref_gemm.norm()).item()
@@ -119,26 +122,15 @@ def main():
                 cells = {"base": base_l, "ours_op": ours_op,
                          "ours_2op": timer(lambda: prob_l.ours_2op(x_l, ids, None))}
                 for ks in ([int(v) for v in args.ksplit.split(",")] if args.ksplit else []):
-                    fn = lambda ks=ks: qkvz_gemm_lora_triton(  # noqa: E731
-                        x_l, prob_l.Wqkv, prob_l.Wz, prob_l.lora_a, prob_l.lora_b, prob_l.slice_a,
-                        prob_l.slice_start, ids, prob_l.scales_t, SCALE_1 if L == 1 else 1.0, adapters=L,
-                        shrink_ksplit_max=ks)
+                    fn = lambda ks=ks: decode(x_l, prob_l, ids, shrink_ksplit=ks)  # noqa: E731
                     cells[f"err_ks{ks}"] = rel_err(fn(), ref)
                     cells[f"ks{ks}"] = timer(fn)
                 for k, (_, _, c) in ranked[: args.top]:
-                    fn = lambda c=c: qkvz_gemm_lora_triton(  # noqa: E731
-                        x_l, prob_l.Wqkv, prob_l.Wz, prob_l.lora_a, prob_l.lora_b, prob_l.slice_a,
-                        prob_l.slice_start, ids, prob_l.scales_t, SCALE_1 if L == 1 else 1.0, adapters=L, **c)
+                    fn = lambda c=c: decode(x_l, prob_l, ids, **c)  # noqa: E731
                     y = fn()
                     err = rel_err(y, ref)
                     cells[k] = timer(fn)
                     cells[f"err_{k}"] = err
-                    # the same without PDL: what the overlap buys
-                    fn2 = lambda c=c: qkvz_gemm_lora_triton(  # noqa: E731
-                        x_l, prob_l.Wqkv, prob_l.Wz, prob_l.lora_a, prob_l.lora_b, prob_l.slice_a,
-                        prob_l.slice_start, ids, prob_l.scales_t, SCALE_1 if L == 1 else 1.0, adapters=L,
-                        pdl=False, **c)
-                    cells[f"{k}_nopdl"] = timer(fn2)
                 row["fused"][f"r{r}_L{L}"] = cells
                 print(f"   r={r} L={L} base={base_l:.4f} op={ours_op / base_l:.3f}x 2op={cells['ours_2op'] / base_l:.3f}x  " + "  ".join(
                     f"{k}={v / base_l:.3f}x" for k, v in cells.items()

@@ -1,12 +1,12 @@
 """Experiment for issue #3's prefill target (T = 4096 <= 1.05x base): a Hopper GEMM with the LoRA in its epilogue.
 
-Why (benchmarks/RESULTS.md, session 3): with the LoRA as kernels beside cuBLAS, the delta must be written
+Why (benchmarks/results/HISTORY.md, session 3): with the LoRA as kernels beside cuBLAS, the delta must be written
 (2 T N bytes) and read back by the GEMM (beta = 1), a floor of 1.05-1.10x of the GEMM on the Qwen3.5
 shapes. Only an expand inside the GEMM's epilogue avoids both, and that needs a GEMM at cuBLAS's rate:
-the swap-AB decode kernel of ``qkvz_gemm_lora_kernels.py`` runs at 1.52-1.66x of cuBLAS at T = 4096.
+the op's swap-AB decode kernel runs at 1.52-1.66x of cuBLAS at T = 4096.
 
-This script is where the op's prefill kernel (``fx_passes/ops/qkvz_prefill_kernels.py``) was found
-(session 4, logs in ``benchmarks/results/session4/``); it keeps the variants that lost:
+This script is where the op's prefill kernel (the persistent TMA GEMM with the LoRA in its epilogue) was
+found (session 4, logs in ``benchmarks/results/session4/``); it keeps the variants that lost:
 
 * ``_prefill_gemm_lora_kernel``: persistent grid (one program per SM), grouped tile order (GROUP_M),
   TMA loads through device-side tensor descriptors (``tl.make_tensor_descriptor``; needs
@@ -16,20 +16,23 @@ This script is where the op's prefill kernel (``fx_passes/ops/qkvz_prefill_kerne
   group 1) chained into the accumulator, one TMA store. ``LORA_MODE`` 0: s and B by pointer loads (the
   winner); 1: by TMA (B pre-scaled); 2: TMA, before the K loop on a program's later tiles; 3: pointer
   loads issued before the K loop on later tiles (prefetch).
-* the shrink is ``qkvz_lora_kernels.launch_shrink`` (the op's own), one K chunk (KSPLIT = 1).
+* the shrink is the op's own (``launch_shrink``), one K chunk (KSPLIT = 1).
 * ``--decompose``: the winner's cost split (GEMM alone, + LoRA with s precomputed, + the shrink).
 
 Printed per (shape, T, r): cuBLAS ``base`` (packed W, no LoRA), ``ours`` (the op's default dispatch), and
 per launch configuration the TMA GEMM alone and with the LoRA, as ratios to base (CUDA-graph replay
 medians, weights rotated over 2x the L2), plus the error of every LoRA result against fp32.
 
-    python benchmarks/sweep_prefill_gemm.py [--shapes 35B-A3B] [--T 4096] [--rank 16,64] [--budget-s 400]
-    python benchmarks/sweep_prefill_gemm.py --cpu-check     # tiny shapes, Triton interpreter, fp32
+    python -m benchmarks.sweep_prefill_gemm [--shapes 35B-A3B] [--T 4096] [--rank 16,64] [--budget-s 400]
+    python -m benchmarks.sweep_prefill_gemm --cpu-check     # tiny shapes, Triton interpreter, fp32
+
+Shapes: ``benchmarks.common.SHAPES``. With $OUT set, one data row per (shape, r, T) goes to
+$OUT/sweep_prefill_gemm.json (a JSON list, each row stamped by ``benchmarks.common.environment``).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 import time
@@ -42,12 +45,16 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 from triton.language.extra.cuda import gdc_wait  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_qkvz_lora import SCALE_1, SHAPES, Problem, Timer, rel_err, rotation_sets  # noqa: E402
+from benchmarks.bench_qkvz_lora import SCALE_1, Problem  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    SHAPES, TINY, Timer, environment, gdn_dims, json_path, packed_weight_bytes, rel_err, result_row,
+    rotation_sets, select_shapes, write_rows)
 
-from fx_passes.ops.qkvz_lora_kernels import alloc_shrink_buffer, launch_shrink, plan  # noqa: E402
-from fx_passes.ops.qkvz_prefill_kernels import _tile_pids  # noqa: E402
+# The op's kernel helpers (_tile_pids is a global of the @triton.jit kernel below).
+from fx_passes.ops.kernels.gemm_lora_prefill import _tile_pids  # noqa: E402
+from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, launch_shrink  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
+from fx_passes.ops.tuning import lora_launch  # noqa: E402
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps, warp_specialize, flatten): the persistent TMA
 # configurations reported closest to cuBLAS on Hopper (triton tutorial 09, Inductor's persistent TMA
@@ -156,16 +163,16 @@ def prefill_gemm_lora(x, w, lora_a, b_cat, n_qkv, scale, cfg, *, with_lora=True,
     on_gpu = x.device.type == "cuda"
     use_pdl = bool(pdl and with_lora and on_gpu)
     if with_lora:
-        scfg = plan(T, K, len(lora_a), rank, 64, x.device, ksplit=1)
+        scfg = lora_launch(T, K, len(lora_a), rank, 64, x.device, ksplit=1)
         if s_given is None:   # s_given: s of an earlier call (the decomposition: epilogue cost without the shrink)
             s_buf = alloc_shrink_buffer(T, len(lora_a), scfg, b_cat.dtype, x.device)
-            launch_shrink(x, x, s_buf, lora_a, scfg, has_ids=False,
-                          dot_precision="ieee" if b_cat.dtype == torch.float32 else "tf32", use_pdl=use_pdl)
+            groups = LoraSlices.of(lora_a, [b_cat] * len(lora_a), list(range(len(lora_a))), [0] * len(lora_a))
+            launch_shrink(x, groups, s_buf, scfg, use_pdl=use_pdl)
             if shrink_only:
                 return s_buf
         else:
             s_buf, use_pdl = s_given, False
-        block_r, sg, st = scfg["BLOCK_R"], s_buf.stride(1), s_buf.stride(2)
+        block_r, sg, st = scfg.block_r, s_buf.stride(1), s_buf.stride(2)
     else:
         s_buf, block_r, sg, st = x, 16, 0, K
     tiles = triton.cdiv(T, bm) * triton.cdiv(N, bn)
@@ -194,7 +201,9 @@ def cpu_check() -> list[tuple[str, float]]:
     """Tiny shapes under the Triton interpreter (fp32): every CPU config, with and without LoRA."""
     results = []
     for i, cfg in enumerate(CPU_CONFIGS):
-        prob = Problem(64, 16, 16, 8, 1, torch.float32, "cpu", seed=11 + i)   # N_qkv 48, N_z 16
+        # fx_passes' tiny spec with one key and one value head: N_qkv 48, N_z 16
+        H, Dk, Dv = gdn_dims(dataclasses.replace(TINY, linear_num_key_heads=1, linear_num_value_heads=1))
+        prob = Problem(H, Dk, Dv, 8, 1, torch.float32, "cpu", seed=11 + i)
         x, _, _ = prob.inputs(37, seed=5)
         lora_a, b_cat = _lora_args(prob, cfg)
         got = prefill_gemm_lora(x, prob.Wcat, lora_a, b_cat, prob.nqkv, SCALE_1, cfg, num_sms=3)
@@ -205,8 +214,8 @@ def cpu_check() -> list[tuple[str, float]]:
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--T", default="4096")
     p.add_argument("--rank", default="16,64")
     p.add_argument("--rep", type=float, default=20.0)
@@ -221,14 +230,15 @@ def main():
         return
     t0 = time.time()
     timer = Timer("cuda", args.rep)
-    print(f"torch {torch.__version__} triton {triton.__version__} device {torch.cuda.get_device_name()}", flush=True)
-    rows, out_dir, seed = [], os.environ.get("OUT"), 200
-    for name in args.shapes.split(","):
-        H, Dk, Dv = SHAPES[name]
+    env = environment("cuda")
+    print(f"torch {env['torch']} triton {env['triton']} device {env['gpu']} commit {env['commit']}", flush=True)
+    rows, path, seed = [], json_path("sweep_prefill_gemm"), 200
+    for name, spec in select_shapes(args.shapes).items():
+        H, Dk, Dv = gdn_dims(spec)
         for r in (int(v) for v in args.rank.split(",")):
             seed += 1
             probs = [Problem(H, Dk, Dv, r, 1, torch.bfloat16, "cuda", seed + i)   # W never served from L2
-                     for i in range(rotation_sets((2 * Dk + 2 * Dv) * H * 2, "cuda"))]
+                     for i in range(rotation_sets(packed_weight_bytes(spec), "cuda"))]
             for T in (int(v) for v in args.T.split(",")):
                 if time.time() - t0 > args.budget_s:
                     print("budget reached", flush=True)
@@ -265,7 +275,8 @@ def main():
                     print(f"{name} r={r} T={T} base={med['base']:.4f} ms (rounds " +
                           "/".join(f"{v:.4f}" for v in times["base"]) + ") | " + "  ".join(
                               f"{k} {v / med['base']:.3f}x" for k, v in med.items() if k != "base"), flush=True)
-                    rows.append(dict(shape=name, r=r, T=T, **{k: v for k, v in times.items()}))
+                    rows.append(result_row(env, shape=name, r=r, T=T, decompose=True, **times))
+                    write_rows(path, rows)
                     continue
                 for cfg in CONFIGS:
                     if time.time() - t0 > args.budget_s:
@@ -281,14 +292,12 @@ def main():
                             prefill_gemm_lora(x, pr.Wcat, *la, pr.nqkv, SCALE_1, cfg) for pr, la in zip(probs, lora)])
                     except Exception as e:   # e.g. over the shared-memory limit, or autoWS not applicable
                         print(f"  {cfg_name(cfg)}: {type(e).__name__}: {str(e).splitlines()[0][:160]}", flush=True)
-                rows.append(row)
+                rows.append(result_row(env, **row))
                 base = row["base"]
                 print(f"{name} r={r} T={T} base={base:.4f} ms ours={row['ours'] / base:.3f}x | " + "  ".join(
                     f"{k[5:]}: gemm {row[k] / base:.3f}x lora {row['lora_' + k[5:]] / base:.3f}x "
                     f"err {row['err_' + k[5:]]:.1e}" for k in row if k.startswith("gemm_")), flush=True)
-                if out_dir:
-                    with open(os.path.join(out_dir, "sweep_prefill_gemm.json"), "w") as f:
-                        json.dump(rows, f, indent=1)
+                write_rows(path, rows)
             del probs
             torch.cuda.empty_cache()
     print(f"done in {time.time() - t0:.0f} s")

@@ -39,6 +39,13 @@ class QkvzFusionConfig:
     dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
 
     def cache_key(self) -> str:
-        """The fields that shape the rewrite (dump_dir does not)."""
-        return (f"{self.qkv_name}|{self.z_name}|{self.qkvz_name}|{self.fuse_without_lora}|"
-                f"{self.structural_fallback}|{self.gemm_lora_op}")
+        """Every field that shapes the rewrite: all of them but those in :data:`NOT_IN_CACHE_KEY`, so a
+        new field is in the key unless it is listed there on purpose."""
+        return "|".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self)
+                        if f.name not in NOT_IN_CACHE_KEY)
+
+
+# Fields that change what is written or done around the graph, never the rewritten graph itself:
+# dump_dir (where the report goes), pack_weights (the backend packs parameters before compiling; the
+# pass sees the packed or unpacked layout in the graph's example values either way).
+NOT_IN_CACHE_KEY = frozenset({"dump_dir", "pack_weights"})

@@ -6,15 +6,18 @@ packed or unpacked weights, batch / sequence, an attention mask with padding, fp
 the compile succeeds; every GDN layer is either rewritten or skipped with a reason; the logits agree
 with eager within the dtype's tolerance (relative to max |logits|).
 
-    python tests/property_check.py --many 500 [--seed 0] [--json out.json]   # the long run
+    python tests/property_check.py --many 500 [--seed 0] [--json out.json] [--jobs N]   # the long run
     tests/test_property.py runs a fixed list of seeds in CI.
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import dataclasses
 import json
+import multiprocessing
+import os
 import random
 import sys
 import time
@@ -157,9 +160,18 @@ def check(cfg: Config) -> dict:
     return result
 
 
+def _check_seed(seed: int) -> dict:
+    return check(draw(seed))
+
+
 def summarize(results: list[dict]) -> dict:
     reasons = collections.Counter(reason.split(":")[0][:120] for r in results for reason in r.get("skipped", []))
-    return dict(configs=len(results),
+    import peft
+    import transformers
+
+    return dict(versions=dict(torch=torch.__version__, transformers=transformers.__version__,
+                              peft=peft.__version__, python=sys.version.split()[0]),
+                configs=len(results),
                 passed=sum(r["status"] == "ok" for r in results),
                 mismatches=sum(r["status"] == "mismatch" for r in results),
                 compile_failures=sum(r["status"] == "compile_failure" for r in results),
@@ -176,16 +188,28 @@ def main(argv=None) -> int:
     parser.add_argument("--many", type=int, default=20, help="how many configurations")
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--json", default=None, help="write every result and the summary here")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes (one thread each); results are the same as with one")
     args = parser.parse_args(argv)
+    seeds = range(args.seed, args.seed + args.many)
+    if args.jobs > 1:
+        # one intra-op thread and one Inductor compile thread per worker: N workers use N cores
+        os.environ.update(OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+        pool = concurrent.futures.ProcessPoolExecutor(
+            args.jobs, mp_context=multiprocessing.get_context("spawn"))
+        outcomes = pool.map(_check_seed, seeds)
+    else:
+        pool, outcomes = None, map(_check_seed, seeds)
     results = []
-    for seed in range(args.seed, args.seed + args.many):
-        results.append(check(draw(seed)))
-        r = results[-1]
+    for seed, r in zip(seeds, outcomes):
+        results.append(r)
         print(f"seed {seed}: {r['status']} ({r['seconds']:.1f} s) rewritten {r.get('rewritten')} "
               f"skipped {r.get('skipped')} err {r.get('rel_err', float('nan')):.2e}", flush=True)
         if args.json and (len(results) % 10 == 0 or seed == args.seed + args.many - 1):
             with open(args.json, "w") as out:
                 json.dump(dict(summary=summarize(results), results=results), out, indent=1)
+    if pool is not None:
+        pool.shutdown()
     summary = summarize(results)
     print(json.dumps(summary, indent=1))
     return 0 if summary["passed"] == summary["configs"] else 1

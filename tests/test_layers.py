@@ -10,7 +10,11 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # lower number = lower layer; a module may import its own layer and those below
 LAYERS = {
-    "fx_passes.ops": 0, "fx_passes.config": 1, "fx_passes.report": 1, "fx_passes.packing": 1,
+    # inside ops: argument rules, tuning and the plain GEMM op; the kernels; the dispatch; the LoRA ops
+    "fx_passes.ops.library": 0, "fx_passes.ops.lora_args": 0, "fx_passes.ops.tuning": 0,
+    "fx_passes.ops.qkvz_gemm": 0, "fx_passes.ops.kernels": 0.1, "fx_passes.ops.dispatch": 0.2,
+    "fx_passes.ops.qkvz_lora": 0.3, "fx_passes.ops.qkvz_gemm_lora": 0.3, "fx_passes.ops": 0.4,
+    "fx_passes.config": 1, "fx_passes.report": 1, "fx_passes.packing": 1,
     "fx_passes.dump_files": 1, "fx_passes.fusion": 2, "fx_passes.backend": 3, "fx_passes.vllm_pass": 3,
     "fx_passes.models": 4, "fx_passes.demo": 4, "fx_passes.dump": 4, "fx_passes.__main__": 4,
 }
@@ -40,7 +44,7 @@ def _imports(modules: dict[str, str]) -> dict[str, set[str]]:
     return edges
 
 
-def _layer(module: str) -> int:
+def _layer(module: str) -> float:
     for prefix, layer in sorted(LAYERS.items(), key=lambda item: -len(item[0])):
         if module == prefix or module.startswith(prefix + "."):
             return layer

@@ -10,14 +10,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
+from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill  # noqa: E402
+from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices, kernel_calls  # noqa: E402
 from fx_passes.ops.qkvz_gemm_lora import _qkvz_gemm_lora_cuda  # noqa: E402
-from fx_passes.ops.qkvz_gemm_lora_kernels import qkvz_gemm_lora_triton  # noqa: E402
-from fx_passes.ops.qkvz_lora import _qkvz_lora_cuda, kernel_calls  # noqa: E402
-from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
-from fx_passes.ops.qkvz_prefill_kernels import qkvz_prefill_triton  # noqa: E402
-from test_qkvz_gemm_lora_kernel import _assert_close, _case, _packed  # noqa: E402
-
-SMALL = dict(block_n=16, block_k=16, block_t=16, num_stages=2, num_warps=4)
+from fx_passes.ops.qkvz_lora import _qkvz_lora_cuda  # noqa: E402
+from fx_passes.ops.tuning import PrefillLaunch  # noqa: E402
+from test_qkvz_gemm_lora_kernel import SMALL, _assert_close, _case, _decode, _packed  # noqa: E402
 BAD_IDS = [2 ** 32, 2 ** 32 + 1, -5, 3, 1000, -(2 ** 40)]    # with L = 3: none of them is an adapter
 
 
@@ -36,9 +35,8 @@ def _cpu_op(args, scale=1.5):
 
 IMPLEMENTATIONS = {
     "cpu_op": _cpu_op,
-    "decode_kernel": lambda args: qkvz_gemm_lora_triton(*args, 1.5, adapters=3, **SMALL),
-    "prefill_kernel": lambda args: qkvz_prefill_triton(*_packed_args(args), 1.5, adapters=3,
-                                                       blocks=(16, 16, 16, 2, 4), num_programs=2),
+    "decode_kernel": lambda args: _decode(*args, 1.5, **SMALL),
+    "prefill_kernel": lambda args: _prefill(*_packed_args(args), 1.5),
     "cuda_dispatch": lambda args: _qkvz_gemm_lora_cuda(*args, 1.5),
     "two_op_kernels": lambda args: _two_op(args),
 }
@@ -48,9 +46,14 @@ def _packed_args(args):
     return (args[0], *_packed(args[1], args[2]), *args[3:])
 
 
+def _prefill(x, w_qkv, w_z, *lora_args):
+    return gemm_lora_prefill(x, w_qkv, w_z, LoraSlices.of(*lora_args),
+                             config=PrefillLaunch(16, 16, 16, 2, 4, num_programs=2))
+
+
 def _two_op(args):
     out = torch.ops.fx_passes.qkvz_gemm(args[0], args[1], args[2])
-    qkvz_lora_triton_(out, args[0], *args[3:], 1.5)
+    lora_shrink_expand_(out, args[0], LoraSlices.of(*args[3:], 1.5))
     return out
 
 

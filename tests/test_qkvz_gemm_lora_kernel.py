@@ -13,11 +13,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
-import importlib  # noqa: E402
+from fx_passes.ops import dispatch, tuning  # noqa: E402
+from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode, plan_segments  # noqa: E402
+from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_, weights_are_packed  # noqa: E402
-from fx_passes.ops.qkvz_gemm_lora import ACCUMULATE_MIN_T, qkvz_gemm_lora_prefill  # noqa: E402
-from fx_passes.ops.qkvz_gemm_lora_kernels import plan_segments, qkvz_gemm_lora_triton, shrink_ksplit  # noqa: E402
-from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
 
 # relative to max |ref|: a wrong slice, segment, adapter, scale or dropped K chunk is O(1) off
@@ -25,6 +25,8 @@ TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 KEY, VALUE, HIDDEN = 16, 24, 40            # H = 40: K chunks of 16 leave a masked tail
 N_QKV = 2 * KEY + VALUE
 SMALL = dict(block_n=16, block_k=16, block_t=16, num_stages=2, num_warps=4)
+# the interpreter plans as for the device the tuning data was measured on (tuning.OFF_GPU_DEVICE)
+ACCUMULATE_MIN_T = tuning.tuning_for(tuning.OFF_GPU_DEVICE).accumulate_min_t
 
 # which projections carry LoRA -> (lora_b row ranges of B_qkv / B_z, slice_a, slice_start)
 LAYOUTS = {
@@ -62,6 +64,12 @@ def _case(T, layout, dtype, *, adapters=None, rank=8, ab_dtype=None, seed=0):
     return x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales
 
 
+def _decode(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales, scale, **force):
+    """The decode kernel with a forced launch (``force``: tuning.decode_launch's arguments)."""
+    lora = LoraSlices.of(lora_a, lora_b, slice_a, slice_start, ids, scales, scale)
+    return gemm_lora_decode(x, w_qkv, w_z, lora, config=plan_decode(x, w_qkv, w_z, lora, **force))
+
+
 def _reference(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales, scale):
     """fp32 base product + the LoRA reference, rounded once (what the fused kernel computes)."""
     out = torch.cat([x.float() @ w_qkv.float().t(), x.float() @ w_z.float().t()], 1)
@@ -79,14 +87,14 @@ def _assert_close(got, want, dtype):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_fused_kernel_matches_reference(T, layout, dtype):
     args = _case(T, layout, dtype)
-    got = qkvz_gemm_lora_triton(*args, 0.75, **SMALL)
+    got = _decode(*args, 0.75, **SMALL)
     assert got.shape == (T, N_QKV + VALUE) and got.dtype == dtype
     _assert_close(got, _reference(*args, 0.75), dtype)
 
 
-# epilogue: the B tiles of 4 adapters loaded before the shrink wait (the default at <= 16 tokens), of
-# 2 at a time (the default above), one by one
-@pytest.mark.parametrize("block_t, adapter_tiles", [(16, 4), (32, 2), (32, 1), (16, 2)])
+# epilogue: the B tiles of 4 adapters loaded before the shrink wait (the default at <= 16 tokens), or of
+# 2 at a time (the default above)
+@pytest.mark.parametrize("block_t, adapter_tiles", [(16, 4), (32, 2), (16, 2)])
 @pytest.mark.parametrize("adapters", [1, 3, 6])   # 1 / 3 / 6: the last batch of B loads partly past L
 @pytest.mark.parametrize("T", [1, 20])
 @pytest.mark.parametrize("rank", [8, 64])
@@ -95,14 +103,14 @@ def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t, adapter_tiles):
     ids = args[7]
     if T > 2:
         ids[1] = adapters + 1    # an id >= L: no adapter, nothing read out of bounds
-    got = qkvz_gemm_lora_triton(*args, 1.5, adapters=adapters,
-                                **dict(SMALL, block_t=block_t, adapter_tiles=adapter_tiles))
+    got = _decode(*args, 1.5, **dict(SMALL, block_t=block_t, adapter_tiles=adapter_tiles))
     ref_args = list(args)
     ref_args[7] = torch.where(ids >= adapters, -1, ids)   # the same: no adapter
     _assert_close(got, _reference(*ref_args, 1.5), torch.float16)
-    no_adapter = ((ids < 0) | (ids >= adapters)).nonzero().flatten()   # exactly the base product
-    if no_adapter.numel() == 0:
+    if T == 1:   # the one token has the last adapter
         return
+    no_adapter = ((ids < 0) | (ids >= adapters)).nonzero().flatten()   # exactly the base product
+    assert no_adapter.numel() > 0   # _case gives the last token no adapter
     base = torch.cat([args[0].float() @ args[1].float().t(), args[0].float() @ args[2].float().t()], 1)
     _assert_close(got[no_adapter], base[no_adapter], torch.float16)
 
@@ -110,14 +118,14 @@ def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t, adapter_tiles):
 def test_fused_kernel_fp32_adapters_on_fp16_base():
     """PEFT's default on a 16-bit base: fp32 A/B, fp16 x and W; the output stays fp16."""
     args = _case(5, "qkvz", torch.float16, ab_dtype=torch.float32)
-    got = qkvz_gemm_lora_triton(*args, 2.0, **SMALL)
+    got = _decode(*args, 2.0, **SMALL)
     assert got.dtype == torch.float16
     _assert_close(got, _reference(*args, 2.0), torch.float16)
 
 
 def test_fused_kernel_default_launch_config():
     args = _case(3, "qkvz", torch.float32)
-    _assert_close(qkvz_gemm_lora_triton(*args, 1.0), _reference(*args, 1.0), torch.float32)
+    _assert_close(_decode(*args, 1.0), _reference(*args, 1.0), torch.float32)
 
 
 def test_plan_segments_cuts_at_weight_and_slice_boundaries():
@@ -153,16 +161,17 @@ def test_prefill_path_matches_reference(layout, adapters, packed, T, monkeypatch
     accumulates (beta = 1). Fewer tokens, or qkv_only (z columns without LoRA): GEMM, then the LoRA
     added. Same result either way."""
     accumulated = []
-    # the module, not the op of the same name that fx_passes.ops exports
-    monkeypatch.setattr(importlib.import_module("fx_passes.ops.qkvz_gemm_lora"), "qkvz_gemm_accumulate_",
-                        lambda *a: accumulated.append(1) or qkvz_gemm_accumulate_(*a))
+    monkeypatch.setattr(dispatch, "qkvz_gemm_accumulate_", lambda *a: accumulated.append(1) or qkvz_gemm_accumulate_(*a))
     x, w_qkv, w_z, *rest = _case(T, layout, torch.float32, adapters=adapters, seed=3)
     if packed:
         w_qkv, w_z = _packed(w_qkv, w_z)
         assert weights_are_packed(w_qkv, w_z)
     args = (x, w_qkv, w_z, *rest)
-    got = qkvz_gemm_lora_prefill(*args, 1.25)
-    assert bool(accumulated) == (T >= ACCUMULATE_MIN_T and layout != "qkv_only")
+    lora = LoraSlices.of(*rest, 1.25)
+    path = dispatch.gemm_lora_path(x, w_qkv, w_z, lora)
+    got = dispatch.gemm_lora(x, w_qkv, w_z, lora)
+    full = T >= ACCUMULATE_MIN_T and layout != "qkv_only"
+    assert bool(accumulated) == full and path == ("accumulate" if full else "gemm_then_lora")
     _assert_close(got, _reference(*args, 1.25), torch.float32)
     if adapters is not None:   # tokens with id -1 get exactly the base product (their delta rows are 0)
         rows = (rest[-2] == -1).nonzero().flatten()
@@ -176,7 +185,7 @@ def test_lora_kernel_write_mode_stores_delta_without_reading_out(adapters):
     NaNs the output held are never read."""
     x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(37, "qkvz", torch.float32, adapters=adapters)
     out = torch.full((37, N_QKV + VALUE), float("nan"))
-    qkvz_lora_triton_(out, x, a, b, slice_a, starts, ids, scales, 0.5, accumulate=False)
+    lora_shrink_expand_(out, x, LoraSlices.of(a, b, slice_a, starts, ids, scales, 0.5), accumulate=False)
     want = torch.zeros_like(out)
     qkvz_lora_reference(want, x, a, b, slice_a, starts, ids, scales, 0.5)
     assert not out.isnan().any()
@@ -187,6 +196,12 @@ def test_shrink_split_k_choice():
     """The decode shrink's split-K cap: measured exceptions per (shape, T bucket, rank bucket, several
     adapters), the partial-rows rule otherwise, none for fp32 adapters (their shrink is the slow part)."""
     bf16 = torch.bfloat16
+
+    def shrink_ksplit(T, K, N, rank, adapters, dtype):
+        a = torch.empty(adapters, rank, K, dtype=dtype, device="meta")
+        lora = LoraSlices.of([a], [torch.empty(adapters, N, rank, dtype=dtype, device="meta")], [0], [0])
+        return tuning._decode_ksplit_cap(tuning.tuning_for(tuning.OFF_GPU_DEVICE), T, K, N, lora)
+
     assert shrink_ksplit(64, 5120, 16384, 16, 1, bf16) == 4      # Qwen3.5-27B r16 T = 64: 1.37x -> 1.11x
     assert shrink_ksplit(33, 5120, 16384, 8, 1, bf16) == 4       # same buckets (T 17..64, r <= 16)
     assert shrink_ksplit(64, 5120, 16384, 64, 1, bf16) == 1      # r64: default rule, 64 rows / 64 tokens

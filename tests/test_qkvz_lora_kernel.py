@@ -1,4 +1,4 @@
-"""Triton kernel of ``fx_passes::qkvz_lora_`` vs. its plain-torch reference.
+"""Triton kernels of ``fx_passes::qkvz_lora_`` (shrink + expand) vs. its plain-torch reference.
 
 Runs on the CPU through the Triton interpreter (``TRITON_INTERPRET=1``, set before triton is
 imported), so shapes stay small. The kernel is called directly on CPU tensors.
@@ -11,7 +11,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
-from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_  # noqa: E402
+from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_, plan_lora  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
 
 # Tolerances relative to the magnitude of the result (max |ref|): tight enough that a wrong slice,
 # scale, adapter or a dropped K chunk fails, loose enough for summation order / one 16-bit rounding.
@@ -71,7 +72,8 @@ def _check(out, x, lora_a, lora_b, slice_a, slice_start, ids=None, scales=None, 
     ref = out.clone()
     qkvz_lora_reference(ref, x, lora_a, lora_b, slice_a, slice_start,
                         ids if ref_ids == "same" else ref_ids, scales, scale)
-    qkvz_lora_triton_(out, x, lora_a, lora_b, slice_a, slice_start, ids, scales, scale, **blocks)
+    lora = LoraSlices.of(lora_a, lora_b, slice_a, slice_start, ids, scales, scale)
+    lora_shrink_expand_(out, x, lora, config=plan_lora(x, lora, **blocks))
     tol = TOL[out.dtype] if out.dtype in TOL else TOL[torch.float16]
     tol = max(tol, TOL.get(x.dtype, tol), TOL.get(lora_a[0].dtype, tol))
     mag = ref.float().abs().max().item()

@@ -9,17 +9,27 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib  # noqa: E402
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
-from fx_passes.ops.qkvz_gemm_lora import PREFILL_FUSED_MIN_T, qkvz_gemm_lora_prefill  # noqa: E402
-from fx_passes.ops.qkvz_prefill_kernels import prefill_fusable, qkvz_prefill_triton  # noqa: E402
+from fx_passes.ops import dispatch, tuning  # noqa: E402
+from fx_passes.ops.kernels import gemm_lora_prefill as prefill  # noqa: E402
+from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
 from test_qkvz_gemm_lora_kernel import LAYOUTS, TOL, _assert_close, _case, _packed, _reference  # noqa: E402
 
-SMALL = dict(blocks=(16, 16, 16, 2, 4), num_programs=3)
+SMALL = tuning.PrefillLaunch(16, 16, 16, 2, 4, num_programs=3)
+PREFILL_FUSED_MIN_T = tuning.tuning_for(tuning.OFF_GPU_DEVICE).prefill_fused_min_t
+
+
+def _run(x, w_qkv, w_z, *lora_args, config=SMALL, with_lora=True):
+    lora = LoraSlices.of(*lora_args) if with_lora else None
+    return prefill.gemm_lora_prefill(x, w_qkv, w_z, lora, config=config)
+
+
+def _fusable(x, w_qkv, w_z, lora_a, lora_b):
+    return prefill.prefill_fusable(x, w_qkv, w_z, LoraSlices.of(lora_a, lora_b, [0] * len(lora_b),
+                                                                 [0] * len(lora_b)))
 
 
 def _packed_case(T, layout, *, adapters=None, rank=8, seed=0):
@@ -32,30 +42,29 @@ def _packed_case(T, layout, *, adapters=None, rank=8, seed=0):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_prefill_kernel_matches_reference(layout, adapters, T):
     args = _packed_case(T, layout, adapters=adapters)
-    assert prefill_fusable(*args[:5])
-    got = qkvz_prefill_triton(*args, 1.5, adapters=adapters or 1, **SMALL)
+    assert _fusable(*args[:5])
+    got = _run(*args, 1.5)
     _assert_close(got, _reference(*args, 1.5), torch.float16)
 
 
-@pytest.mark.parametrize("adapter_tiles", [1, 2, 4])
 @pytest.mark.parametrize("blocks", [(32, 32, 16, 2, 4), (16, 64, 32, 2, 4)])
-def test_prefill_kernel_other_tiles_and_rank(blocks, adapter_tiles):
+def test_prefill_kernel_other_tiles_and_rank(blocks):
     """Tiles spanning several slices (32 / 64 columns), rank 24 (BLOCK_R 32, masked), 5 adapters whose B
-    tiles are loaded 1, 2 or 4 at a time (the last batch partly past L)."""
+    tiles are loaded 2 at a time (the last pair partly past L)."""
     args = _packed_case(29, "four_groups", adapters=5, rank=24, seed=4)
-    got = qkvz_prefill_triton(*args, 0.5, adapters=5, blocks=blocks, num_programs=2, adapter_tiles=adapter_tiles)
+    got = _run(*args, 0.5, config=tuning.PrefillLaunch(*blocks, num_programs=2))
     _assert_close(got, _reference(*args, 0.5), torch.float16)
 
 
 def test_prefill_kernel_rows_without_adapter_get_the_base_product():
     args = _packed_case(37, "qkvz", adapters=2, seed=7)
     x, w_qkv, w_z, ids = args[0], args[1], args[2], args[7]
-    got = qkvz_prefill_triton(*args, 2.0, adapters=2, **SMALL)
+    got = _run(*args, 2.0)
     rows = (ids == -1).nonzero().flatten()
     assert rows.numel() > 0
     base = torch.cat([x.float() @ w_qkv.float().t(), x.float() @ w_z.float().t()], 1)
     _assert_close(got[rows], base[rows], torch.float16)
-    no_lora = qkvz_prefill_triton(*args, 2.0, adapters=2, with_lora=False, **SMALL)
+    no_lora = _run(*args, 2.0, with_lora=False)
     _assert_close(no_lora, base, torch.float16)
     # and the LoRA rows really changed: a kernel that dropped the LoRA would fail the test above
     assert (got.float() - no_lora.float()).abs().max() > 10 * TOL[torch.float16] * base.abs().max()
@@ -63,31 +72,37 @@ def test_prefill_kernel_rows_without_adapter_get_the_base_product():
 
 def test_prefill_fusable_rules():
     x, w_qkv, w_z, lora_a, lora_b, *_ = _packed_case(8, "qkvz")
-    assert prefill_fusable(x, w_qkv, w_z, lora_a, lora_b)
-    assert not prefill_fusable(x, w_qkv.clone(), w_z.clone(), lora_a, lora_b)            # not packed
-    assert not prefill_fusable(x, w_qkv, w_z, [a.float() for a in lora_a], [b.float() for b in lora_b])
+    assert _fusable(x, w_qkv, w_z, lora_a, lora_b)
+    assert not _fusable(x, w_qkv.clone(), w_z.clone(), lora_a, lora_b)            # not packed
+    assert not _fusable(x, w_qkv, w_z, [a.float() for a in lora_a], [b.float() for b in lora_b])
     wide = torch.zeros(8, x.shape[1] + 1, dtype=x.dtype)
     wide[:, :-1] = x
-    assert not prefill_fusable(wide[:, :-1], w_qkv, w_z, lora_a, lora_b)                 # 82-byte rows
+    assert not _fusable(wide[:, :-1], w_qkv, w_z, lora_a, lora_b)                 # 82-byte rows
     x32, w_qkv32, w_z32, a32, b32, *_ = _case(8, "qkvz", torch.float32)
-    assert not prefill_fusable(x32, *_packed(w_qkv32, w_z32), a32, b32)                  # fp32
+    assert not _fusable(x32, *_packed(w_qkv32, w_z32), a32, b32)                  # fp32
+
+
+def test_prefill_config_must_fit_the_device(monkeypatch):
+    """A device without TMA, or with less shared memory than the tiles need, never gets the kernel."""
+    x, w_qkv, w_z, lora_a, lora_b, *_ = _packed_case(8, "qkvz")
+    assert tuning.prefill_smem(tuning.PrefillLaunch(), 2) <= tuning.OFF_GPU_DEVICE.shared_memory
+    for small in (tuning.DeviceInfo("small card", 132, 101376, (9, 0)), tuning.DeviceInfo("A100", 108, 166912, (8, 0))):
+        monkeypatch.setattr(tuning, "OFF_GPU_DEVICE", small)
+        assert tuning.prefill_launch(x.device, x.dtype) is None
+        assert not _fusable(x, w_qkv, w_z, lora_a, lora_b)
 
 
 @pytest.mark.parametrize("T, fused", [(70, False), (PREFILL_FUSED_MIN_T + 3, True)])
 def test_op_prefill_path_dispatches_the_fused_kernel(T, fused, monkeypatch):
     """From PREFILL_FUSED_MIN_T tokens, fusable arguments run the prefill kernel (default blocks);
     fewer tokens keep the two-op form. Same result either way."""
-    module = importlib.import_module("fx_passes.ops.qkvz_prefill_kernels")
     calls = []
-    real = module.qkvz_prefill_triton
-    monkeypatch.setattr(module, "qkvz_prefill_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = _packed_case(T, "qkvz", adapters=2, seed=9)
-    got = qkvz_gemm_lora_prefill(*args, 1.25)
+    real = dispatch.gemm_lora_prefill
+    monkeypatch.setattr(dispatch, "gemm_lora_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x, w_qkv, w_z, *rest = _packed_case(T, "qkvz", adapters=2, seed=9)
+    lora = LoraSlices.of(*rest, 1.25)
+    assert dispatch.gemm_lora_path(x, w_qkv, w_z, lora) == ("prefill" if fused else "gemm_then_lora")
+    got = dispatch.gemm_lora(x, w_qkv, w_z, lora)
     assert bool(calls) == fused
+    args = (x, w_qkv, w_z, *rest)
     _assert_close(got, _reference(*args, 1.25), torch.float16)
-
-
-def test_prefill_kernel_rejects_bad_adapter_tiles():
-    args = _packed_case(8, "qkvz", adapters=2)
-    with pytest.raises(ValueError, match="adapter_tiles must be 1, 2 or 4"):
-        qkvz_prefill_triton(*args, 1.0, adapters=2, adapter_tiles=3, **SMALL)

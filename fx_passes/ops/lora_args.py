@@ -1,9 +1,11 @@
 """The arguments of the multi-slice LoRA (``fx_passes::qkvz_lora_`` and the LoRA half of
 ``fx_passes::qkvz_gemm_lora``): their rules, checked alike by the fake and every real implementation,
-and their split into the calls the Triton kernels take. Below the ops and their kernels; imports neither.
+the one object that carries them below the ``torch.library`` boundary (:class:`LoraSlices`), and their
+split into the calls the Triton kernels take. Below the ops and their kernels; imports neither.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -90,6 +92,71 @@ def check_qkvz_lora_args(
                      lambda: f"{name}: lora_scales must be 0-d, [1] or [L={adapters}], got {tuple(lora_scales.shape)}")
         torch._check(lora_scales.is_floating_point(), lambda: f"{name}: lora_scales must be floating point")
     return adapters
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSlices:
+    """One call's multi-slice LoRA. The op schemas take these fields flat (``torch.library`` needs
+    tensors, lists and scalars); below them, launchers and kernels take this one object, as vLLM's
+    kernels take one ``LoRAKernelMeta``.
+
+    ``lora_a[g]``: the A of group ``g`` (``[r_g, H]`` or ``[L, r_g, H]``); ``lora_b[i]``: the B of
+    output slice ``i`` (``[n_i, r]`` or ``[L, n_i, r]``), whose shrink is group ``slice_a[i]`` and whose
+    columns start at ``slice_start[i]``; ``token_lora_ids`` ``[T]`` (``None``: adapter 0 everywhere);
+    ``lora_scales`` ``[L]`` / 0-d / ``None``; ``scale`` multiplies everything. Semantics:
+    :mod:`fx_passes.ops.qkvz_lora`."""
+
+    lora_a: tuple
+    lora_b: tuple
+    slice_a: tuple
+    slice_start: tuple
+    token_lora_ids: Optional[torch.Tensor] = None
+    lora_scales: Optional[torch.Tensor] = None
+    scale: float = 1.0
+
+    @classmethod
+    def of(cls, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None, lora_scales=None,
+           scale=1.0) -> "LoraSlices":
+        """From the op schema's flat arguments."""
+        return cls(tuple(lora_a), tuple(lora_b), tuple(int(g) for g in slice_a),
+                   tuple(int(s) for s in slice_start), token_lora_ids, lora_scales, float(scale))
+
+    def check(self, out: torch.Tensor, x: torch.Tensor) -> int:
+        """Every rule of :func:`check_qkvz_lora_args`; returns the number of adapters L."""
+        return check_qkvz_lora_args(out, x, self.lora_a, self.lora_b, self.slice_a, self.slice_start,
+                                    self.token_lora_ids, self.lora_scales)
+
+    @property
+    def adapters(self) -> int:
+        return num_adapters(self.lora_a[0])
+
+    @property
+    def has_ids(self) -> bool:
+        return self.token_lora_ids is not None
+
+    @property
+    def b_dtype(self) -> torch.dtype:
+        return self.lora_b[0].dtype
+
+    def shrink_groups(self) -> tuple[list[torch.Tensor], dict[int, int]]:
+        """The A groups some slice uses, each shrunk exactly once: ``(groups, {index in lora_a: index
+        in groups})``."""
+        used = sorted(set(self.slice_a))
+        return [self.lora_a[g] for g in used], {g: i for i, g in enumerate(used)}
+
+    def max_rank(self) -> int:
+        return max(self.lora_a[g].shape[-2] for g in set(self.slice_a))
+
+    def covers_columns(self, n: int) -> bool:
+        """Whether the slices cover all ``n`` output columns (they never overlap: checked)."""
+        return sum(b.shape[-2] for b in self.lora_b) == n
+
+    def kernel_calls(self, max_rank: int = KERNEL_MAX_RANK) -> list["LoraSlices"]:
+        """:func:`kernel_calls` of these slices, each call with the same ids and scales."""
+        return [dataclasses.replace(self, lora_a=tuple(a), lora_b=tuple(b), slice_a=tuple(sa),
+                                    slice_start=tuple(ss))
+                for a, b, sa, ss in kernel_calls(self.lora_a, self.lora_b, self.slice_a, self.slice_start,
+                                                 max_rank)]
 
 
 def kernel_calls(lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],

@@ -41,12 +41,12 @@ def weights_are_packed(w_qkv: torch.Tensor, w_z: torch.Tensor) -> bool:
     return bool(same_storage and w_z.storage_offset() == w_qkv.storage_offset() + w_qkv.numel())
 
 
-def _packed_view(w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.Tensor:
+def packed_view(w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.Tensor:
     n = w_qkv.shape[0] + w_z.shape[0]
     return w_qkv.as_strided((n, w_qkv.shape[1]), (w_qkv.shape[1], 1), w_qkv.storage_offset())
 
 
-def _check_inputs(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> None:
+def check_gemm_args(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> None:
     torch._check(x.dim() == 2, lambda: f"qkvz_gemm: x must be 2-D [T, H], got {tuple(x.shape)}")
     torch._check(w_qkv.dim() == 2 and w_z.dim() == 2,
                  lambda: f"qkvz_gemm: weights must be 2-D, got {tuple(w_qkv.shape)} and {tuple(w_z.shape)}")
@@ -63,9 +63,9 @@ def _check_inputs(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> No
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_gemm", mutates_args=())
 def qkvz_gemm(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.Tensor:
     """``torch.cat([x @ w_qkv.T, x @ w_z.T], -1)`` without concatenating anything."""
-    _check_inputs(x, w_qkv, w_z)
+    check_gemm_args(x, w_qkv, w_z)
     if weights_are_packed(w_qkv, w_z):
-        return torch.mm(x, _packed_view(w_qkv, w_z).t())
+        return torch.mm(x, packed_view(w_qkv, w_z).t())
     n_qkv = w_qkv.shape[0]
     out = x.new_empty((x.shape[0], n_qkv + w_z.shape[0]))
     torch.mm(x, w_qkv.t(), out=out[:, :n_qkv])
@@ -77,7 +77,7 @@ def qkvz_gemm_accumulate_(out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tenso
     """``out += x @ [w_qkv; w_z]^T`` by the library GEMM itself (beta = 1: it reads ``out`` in its
     epilogue): one GEMM over packed weights, else one per weight into ``out``'s column blocks."""
     if weights_are_packed(w_qkv, w_z):
-        out.addmm_(x, _packed_view(w_qkv, w_z).t())
+        out.addmm_(x, packed_view(w_qkv, w_z).t())
         return
     n_qkv = w_qkv.shape[0]
     out[:, :n_qkv].addmm_(x, w_qkv.t())
@@ -86,7 +86,7 @@ def qkvz_gemm_accumulate_(out: torch.Tensor, x: torch.Tensor, w_qkv: torch.Tenso
 
 @qkvz_gemm.register_fake
 def _qkvz_gemm_fake(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor) -> torch.Tensor:
-    _check_inputs(x, w_qkv, w_z)
+    check_gemm_args(x, w_qkv, w_z)
     return x.new_empty((x.shape[0], w_qkv.shape[0] + w_z.shape[0]))
 
 

@@ -14,7 +14,7 @@ uses adapter 0) and every slice ``i``::
   (PEFT's in_proj_qkv: q, k and v) name the same group in ``slice_a``, so its shrink runs once.
 * ``lora_b[i]`` ``[n_i, r]`` or ``[L, n_i, r]``: one B per output slice (views of a bigger B are fine).
 * Any rank, any strides of A and B. (The CUDA kernels take ranks up to ``KERNEL_MAX_RANK`` and a
-  contiguous last dim: :func:`kernel_calls` splits a bigger rank into chunks whose LoRA terms add up,
+  contiguous last dim: :meth:`LoraSlices.kernel_calls` splits a bigger rank into chunks whose LoRA terms add up,
   and copies a strided adapter first -- same result, slower.)
 * ``token_lora_ids`` int32 or int64, compared at their own width (no id is truncated); out-of-range
   ids are not an error anywhere (no host sync to check them): they select no adapter.
@@ -22,8 +22,8 @@ uses adapter 0) and every slice ``i``::
   compute), the expand accumulates in fp32, and ``out`` is rounded once.
 * ``lora_scales`` ``[L]`` (or 0-d / ``[1]``, broadcast): per-adapter scale; ``None`` = 1.
 
-The CPU implementation is plain torch; the CUDA one is a Triton kernel
-(:mod:`fx_passes.ops.qkvz_lora_kernels`).
+The CPU implementation is plain torch; the CUDA one runs the Triton shrink and expand
+(:mod:`fx_passes.ops.dispatch`, :mod:`fx_passes.ops.kernels.lora_expand`).
 """
 from __future__ import annotations
 
@@ -32,9 +32,7 @@ from typing import Optional, Sequence
 import torch
 
 from fx_passes.ops.library import LIB_NAMESPACE
-from fx_passes.ops.lora_args import (  # noqa: F401  (re-exported: the op's rules live with its arguments)
-    KERNEL_MAX_RANK, MAX_GROUPS, MAX_SLICES, check_qkvz_lora_args, kernel_calls, num_adapters,
-)
+from fx_passes.ops.lora_args import LoraSlices, check_qkvz_lora_args
 
 def _as_stacked(t: torch.Tensor) -> torch.Tensor:
     return t.unsqueeze(0) if t.dim() == 2 else t
@@ -105,8 +103,6 @@ def _qkvz_lora_fake(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids
 
 @qkvz_lora_.register_kernel("cuda")
 def _qkvz_lora_cuda(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None, lora_scales=None, scale=1.0):
-    from fx_passes.ops.qkvz_lora_kernels import qkvz_lora_triton_
+    from fx_passes.ops.dispatch import lora_   # imports Triton: only when a CUDA call comes
 
-    check_qkvz_lora_args(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    for a, b, sa, ss in kernel_calls(lora_a, lora_b, slice_a, slice_start):
-        qkvz_lora_triton_(out, x, a, b, sa, ss, token_lora_ids, lora_scales, scale)
+    lora_(out, x, LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale))

@@ -1,27 +1,24 @@
-"""Small-T qkvz GEMM with the LoRA expand in its epilogue (Triton), the decode path of
+"""Small-T qkvz GEMM with the LoRA expand in its epilogue: the decode path of
 ``fx_passes::qkvz_gemm_lora`` (semantics: :mod:`fx_passes.ops.qkvz_gemm_lora`).
 
-Why: at decode the base GEMM streams W (50-168 MB, 12-40 us on an H200) and a LoRA op after it costs
-two more dependent launches (shrink, expand: +4.6 to +10.9 us measured, benchmarks/RESULTS.md), which
-the 1.15x target cannot absorb on Qwen3.5-35B-A3B (base 14.9 us). Here the LoRA costs one tiny launch
-that runs *concurrently* with the GEMM:
+Why: at decode the base GEMM streams W (50-168 MB on the Qwen3.5 shapes) and a LoRA op after it costs
+two more dependent launches (shrink, expand), more than a 1.1x budget allows on the smallest shape. Here
+the LoRA costs one tiny launch that runs *concurrently* with the GEMM:
 
-1. ``_qkvz_lora_shrink_kernel`` (from :mod:`fx_passes.ops.qkvz_lora_kernels`, split-K over H) starts
-   after ``x``'s producer like any kernel and immediately allows its dependent to launch
-   (``griddepcontrol.launch_dependents``).
-2. ``_qkvz_gemm_lora_kernel``, launched with programmatic dependent launch, streams W for its column
-   tile (``acc^T = W_tile @ x^T``, swap-AB so the wide W tile is the MMA's M side and a handful of
-   tokens its N side), then waits for the shrink (``griddepcontrol.wait``) and adds
-   ``B_tile @ s^T * scale`` to the fp32 accumulator before the one store. W is read once, ``out`` is
-   written once, nothing is read back.
+1. the shrink (:mod:`.lora_shrink`, split-K over H) starts after ``x``'s producer like any kernel and
+   immediately lets its dependent launch (``griddepcontrol.launch_dependents``);
+2. ``_gemm_lora_decode_kernel``, launched with programmatic dependent launch, streams W for its column
+   tile (``acc^T = W_tile @ x^T``, swap-AB: the wide W tile is the MMA's M side and a handful of tokens
+   its N side), then waits for the shrink (``griddepcontrol.wait``) and adds ``B_tile @ s^T * scale`` to
+   the fp32 accumulator before the one store. W is read once, ``out`` is written once, nothing is read
+   back.
 
 Output columns are cut into *segments*: runs of columns that come from one weight (``w_qkv`` rows or
-``w_z`` rows) and have at most one LoRA slice; the grid walks the column tiles of all segments
-(each tile inside one segment), so the two weights need no packing.
+``w_z`` rows) and have at most one LoRA slice; the grid walks the column tiles of all segments (each
+tile inside one segment), so the two weights need no packing.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -30,22 +27,24 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from fx_passes.ops.qkvz_lora_kernels import (
-    ADAPTER_BATCH, _adapter_scale, _adapter_stride, _adapter_tile, _adapter_tiles, _present, _token_adapters,
-    alloc_shrink_buffer, check_adapter_tiles, launch_shrink, plan, scale_args, shrink_groups,
+from fx_passes.ops.kernels.jit_helpers import (
+    ADAPTER_BATCH, NO_TILE, adapter_scale, adapter_stride, adapter_tile, adapter_tiles4, on_device, present,
+    scale_args, token_adapters,
 )
+from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, dot_precision, launch_shrink
+from fx_passes.ops.lora_args import LoraSlices
+from fx_passes.ops.tuning import DecodeLaunch, decode_launch
 
 MAX_SEGMENTS = 4
-_NO_TILE = 2**30
 
 
 @triton.jit
 def _epilogue_adapter(acc, b, st, ids, l, L, scales_ptr, stride_scales, scale,
                       HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """``acc`` plus ``scale_l * (b @ st)`` in the token columns of adapter ``l`` ([BLOCK_N, BLOCK_T])."""
-    if _present(ids, l, L):
+    if present(ids, l, L):
         d = tl.dot(b, st, input_precision=DOT_PRECISION)
-        acc += tl.where((ids == l)[None, :], d * _adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
+        acc += tl.where((ids == l)[None, :], d * adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES),
                         0.0)
     return acc
 
@@ -53,7 +52,7 @@ def _epilogue_adapter(acc, b, st, ids, l, L, scales_ptr, stride_scales, scale,
 @triton.jit
 def _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales, scale,
                        HAS_SCALES: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """:func:`_epilogue_adapter` for adapters ``l0 .. l0 + 3`` (tiles from ``_adapter_tiles``)."""
+    """:func:`_epilogue_adapter` for adapters ``l0 .. l0 + 3`` (tiles from ``adapter_tiles4``)."""
     acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
     acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
     acc = _epilogue_adapter(acc, b_2, st, ids, l0 + 2, L, scales_ptr, stride_scales, scale, HAS_SCALES, DOT_PRECISION)
@@ -87,7 +86,7 @@ def _segment_tile(
     b_mask = n_mask[:, None] & r_mask[None, :]
     if SEG_LORA:
         if HAS_IDS:
-            ids = _token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)
+            ids = token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)
         else:
             # B does not depend on the shrink: load it before the main loop, so its DRAM latency
             # hides under the W stream instead of adding to the epilogue (one adapter only: with
@@ -102,21 +101,20 @@ def _segment_tile(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
 
-    # Mixed adapters, ADAPTER_TILES = 4 (default with BLOCK_T <= 16): the B tiles of the first
-    # ADAPTER_BATCH adapters present are issued together, before waiting for the shrink (they do not
-    # depend on it); measured on an H200 (r 16, 4 adapters): T = 16 1.32x -> 1.24x base on 35B-A3B. With
-    # 64-token tiles the 4 tiles held next to the [BLOCK_N, 64] accumulator cost more than the latency
-    # they hide (397B-A17B T = 64: 1.14x -> 1.24x): there 1 or 2 adapters at a time (ADAPTER_TILES).
+    # Mixed adapters, ADAPTER_TILES = 4 (<= 16-token tiles): the B tiles of the first ADAPTER_BATCH
+    # adapters present are issued together, before waiting for the shrink (they do not depend on it).
+    # With wider token tiles 4 tiles next to the [BLOCK_N, BLOCK_T] accumulator cost more than the
+    # latency they hide: there 2 adapters at a time (ADAPTER_TILES = 2).
     if SEG_LORA:
         if HAS_IDS and ADAPTER_TILES == 4:
-            b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
+            b_0, b_1, b_2, b_3 = adapter_tiles4(b_ptr, 0, L, stride_bl, b_tile, b_mask, ids)
     if USE_PDL:
         # Every program waits (also those without LoRA), so this grid's completion implies the
         # shrink's: the s buffer is freed to the caching allocator right after the launch.
         gdc_wait()
     if SEG_LORA:
         if not HAS_IDS:
-            ids = _token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)   # rows < T: adapter 0
+            ids = token_adapters(ids_ptr, offs_t, T, L, HAS_IDS)   # rows < T: adapter 0
         row_ok = (ids >= 0) & (ids < L)
         s_ptrs = s_ptr + g * stride_sg + t64[None, :] * stride_st + offs_r[:, None]   # [BLOCK_R, BLOCK_T] = s^T
         s_mask = r_mask[:, None] & row_ok[None, :]   # rows without a valid adapter were never written
@@ -129,19 +127,17 @@ def _segment_tile(
                 acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, 0, L, scales_ptr, stride_scales, scale,
                                          HAS_SCALES, DOT_PRECISION)
                 for l0 in range(ADAPTER_BATCH, L, ADAPTER_BATCH):   # more than 4 adapters
-                    b_0, b_1, b_2, b_3 = _adapter_tiles(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                    b_0, b_1, b_2, b_3 = adapter_tiles4(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
                     acc = _epilogue_adapters(acc, b_0, b_1, b_2, b_3, st, ids, l0, L, scales_ptr, stride_scales,
                                              scale, HAS_SCALES, DOT_PRECISION)
-            else:   # 1 or 2 adapters at a time (a tile of an absent adapter costs no traffic)
-                for l0 in range(0, L, ADAPTER_TILES):
-                    b_0 = _adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
-                    if ADAPTER_TILES == 2:
-                        b_1 = _adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
+            else:   # 2 adapters at a time (a tile of an absent adapter costs no traffic)
+                for l0 in range(0, L, 2):
+                    b_0 = adapter_tile(b_ptr, l0, L, stride_bl, b_tile, b_mask, ids)
+                    b_1 = adapter_tile(b_ptr, l0 + 1, L, stride_bl, b_tile, b_mask, ids)
                     acc = _epilogue_adapter(acc, b_0, st, ids, l0, L, scales_ptr, stride_scales, scale,
                                             HAS_SCALES, DOT_PRECISION)
-                    if ADAPTER_TILES == 2:
-                        acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
-                                                HAS_SCALES, DOT_PRECISION)
+                    acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
+                                            HAS_SCALES, DOT_PRECISION)
         else:
             if HAS_SCALES:
                 scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
@@ -154,7 +150,7 @@ def _segment_tile(
 
 
 @triton.jit
-def _qkvz_gemm_lora_kernel(
+def _gemm_lora_decode_kernel(
     x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
     w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
     w1_ptr, w1_stride, b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
@@ -207,9 +203,6 @@ def _qkvz_gemm_lora_kernel(
                           BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
 
 
-# --------------------------------------------------------------------------------------------
-# Launcher
-# --------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Segment:
     """Output columns [start, start + n) computed from ``w`` (rows of one weight) plus, when
@@ -248,138 +241,49 @@ def plan_segments(w_qkv: torch.Tensor, w_z: torch.Tensor, lora_b: Sequence[torch
     return segments if len(segments) <= MAX_SEGMENTS else None
 
 
-# Tuned on an H200 (torch 2.11, triton 3.6) by benchmarks/sweep_fused_decode.py, GEMM + LoRA timed together
-# (r 16/64, 1 and 4 adapters): (K, N, BLOCK_T) -> (BLOCK_N, BLOCK_K, num_stages, num_warps) for the three
-# Qwen3.5 GDN projection shapes. The best configuration is shape-specific (397B-A17B at T = 64: 128 x 64
-# tiles 1.08x base vs 1.20x with 35B-A3B's 64 x 128; 35B-A3B: 1.29x GEMM-alone with 397B's).
-_TUNED_BLOCKS = {
-    (2048, 12288, 16): (128, 128, 4, 8),    # Qwen3.5-35B-A3B
-    (2048, 12288, 64): (64, 128, 3, 4),
-    (5120, 16384, 16): (128, 128, 4, 8),    # Qwen3.5-27B
-    (5120, 16384, 64): (64, 128, 3, 4),
-    (4096, 20480, 16): (64, 128, 3, 4),     # Qwen3.5-397B-A17B
-    (4096, 20480, 64): (128, 64, 4, 4),
-}
-# Shapes not in the table: the configuration that was best or within ~3 % on most measured shapes.
-_DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
-# The GEMM's epilogue re-reads the shrink's split-K partials (fp32) once per column tile: at T = 64 with
-# KSPLIT = 4 that is 64 KB per program, 12 MB of L2 traffic on 35B-A3B. The shrink overlaps the GEMM
-# (PDL), so a slower shrink with fewer partials is free as long as it ends before the GEMM's epilogues.
-# With 16-bit adapters the default caps KSPLIT * T at this many rows (H200, T = 64: KSPLIT 1 best on
-# 35B-A3B and 397B-A17B, e.g. 35B r64 1.23x vs 1.43x with KSPLIT 4). fp32 adapters (PEFT's default on a
-# bf16 base) shrink on the CUDA cores (an exact fp32 dot): there the cap made the shrink outlast the GEMM
-# (27B T = 64: 2.9x base with KSPLIT 1, 1.41x with 4-8), so they keep the split-K of ``plan``.
-_MAX_PARTIAL_ROWS = 64
-# Measured exceptions (H200, bf16 adapters, sweep_fused_decode.py --ksplit 1,2,4,8, session 3), per
-# (H, N, T bucket, rank bucket (<= 16 or more), several adapters): the best cap where it beat the
-# default by more than the ~2 % noise. Qwen3.5-27B (H = 5120, the longest shrink) at T = 64, r 16:
-# 1.37x base with KSPLIT 1, 1.11x with 4; its r 64 wants 1 (1.06x vs 1.19x with 4). Why r 16 and r 64
-# differ this much is not understood (same shrink grid and K walk).
-_TUNED_KSPLIT = {
-    (5120, 16384, 16, 16, False): 2, (5120, 16384, 16, 64, False): 2, (5120, 16384, 16, 16, True): 8,
-    (5120, 16384, 64, 16, False): 4, (5120, 16384, 64, 16, True): 2,
-    (2048, 12288, 16, 16, False): 2, (2048, 12288, 16, 64, False): 2,
-}
+def plan_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: Optional[LoraSlices],
+                **force) -> DecodeLaunch:
+    """The launch of :func:`gemm_lora_decode` (``force``: see :func:`fx_passes.ops.tuning.decode_launch`)."""
+    return decode_launch(x.shape[0], x.shape[1], w_qkv.shape[0] + w_z.shape[0], x.device, x.dtype, lora, **force)
 
 
-def default_blocks(T: int, K: int, N: int) -> dict:
-    """Launch shape of the fused kernel (memory-bound at small T: it streams W once)."""
-    block_t = max(16, min(64, triton.next_power_of_2(T)))
-    tuned_t = 16 if block_t <= 16 else 64   # 17..32 tokens: the 64-token configuration, 32-token tiles
-    bn, bk, stages, warps = _TUNED_BLOCKS.get((K, N, tuned_t), _DEFAULT_BLOCKS[block_t])
-    return dict(BLOCK_N=bn, BLOCK_T=block_t, BLOCK_K=bk, num_stages=stages, num_warps=warps)
-
-
-def default_adapter_tiles(block_t: int) -> int:
-    """B tiles a mixed-adapter epilogue loads together: 4 before the shrink wait with <= 16-token tiles,
-    else 2 at a time. H200, session 5 call H (4 random adapters, 3 rounds): at T = 32 / 64, 2 at a time
-    was at or below 1 at a time in 12 / 12 rows, by 0.001-0.05x (e.g. 35B-A3B r16 T 32 1.29x -> 1.24x,
-    27B r64 T 64 1.49x -> 1.47x); 4 lost up to 0.1x (397B-A17B T 32 / 64)."""
-    return 4 if block_t <= 16 else 2
-
-
-def shrink_ksplit(T: int, K: int, N: int, rank: int, adapters: int, adapter_dtype: torch.dtype) -> Optional[int]:
-    """Cap of the shrink's split-K factor (None: plan's default)."""
-    if adapter_dtype == torch.float32:
-        return None
-    if T >= 8:   # T < 8: a handful of partial rows, the default split is cheap
-        tuned = _TUNED_KSPLIT.get((K, N, 16 if T <= 16 else 64, 16 if rank <= 16 else 64, adapters > 1))
-        if tuned is not None:
-            return tuned
-    return max(1, _MAX_PARTIAL_ROWS // max(T, 1))
-
-
-def qkvz_gemm_lora_triton(
-    x: torch.Tensor,
-    w_qkv: torch.Tensor,
-    w_z: torch.Tensor,
-    lora_a: Sequence[torch.Tensor],
-    lora_b: Sequence[torch.Tensor],
-    slice_a: Sequence[int],
-    slice_start: Sequence[int],
-    token_lora_ids: Optional[torch.Tensor] = None,
-    lora_scales: Optional[torch.Tensor] = None,
-    scale: float = 1.0,
-    *,
-    adapters: int = 1,
-    segments: Optional[list[Segment]] = None,
-    block_n: Optional[int] = None,
-    block_t: Optional[int] = None,
-    block_k: Optional[int] = None,
-    num_stages: Optional[int] = None,
-    num_warps: Optional[int] = None,
-    pdl: bool = True,
-    with_lora: bool = True,
-    shrink_ksplit_max: Optional[int] = None,
-    adapter_tiles: Optional[int] = None,
-) -> torch.Tensor:
+def gemm_lora_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: Optional[LoraSlices], *,
+                     segments: Optional[list[Segment]] = None,
+                     config: Optional[DecodeLaunch] = None) -> torch.Tensor:
     """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
 
-    Arguments are assumed checked (``fx_passes.ops.qkvz_gemm_lora`` does it). ``with_lora=False``
-    runs the GEMM alone (the benchmark's measure of the GEMM part). ``adapter_tiles`` (1, 2 or 4): B
-    tiles of how many adapters a mixed-adapter epilogue loads together (default
-    :func:`default_adapter_tiles`).
+    Arguments are assumed checked (the op does it); ``lora=None`` runs the GEMM alone (what a benchmark
+    compares the GEMM part with). ``config``: the launch (default :func:`plan_decode`).
     """
     T, K = x.shape
     out = x.new_empty((T, w_qkv.shape[0] + w_z.shape[0]))
     if T == 0:
         return out
     if segments is None:
-        segments = plan_segments(w_qkv, w_z, lora_b, slice_start)
+        segments = plan_segments(w_qkv, w_z, lora.lora_b if lora else (), lora.slice_start if lora else ())
         if segments is None:
-            raise ValueError("qkvz_gemm_lora_triton: more than 4 column segments")
-    cfg = default_blocks(T, K, out.shape[1])
-    BLOCK_N = block_n or cfg["BLOCK_N"]
-    BLOCK_T = block_t or cfg["BLOCK_T"]
-    BLOCK_K = block_k or cfg["BLOCK_K"]
-    launch_opts = dict(num_stages=num_stages or cfg["num_stages"], num_warps=num_warps or cfg["num_warps"])
-    has_ids = token_lora_ids is not None
-    with_lora = with_lora and any(seg.lora_slice is not None for seg in segments)
-    adapter_tiles = check_adapter_tiles(adapter_tiles or default_adapter_tiles(BLOCK_T), "qkvz_gemm_lora_triton")
+            raise ValueError("gemm_lora_decode: more than 4 column segments")
+    if lora is not None and all(seg.lora_slice is None for seg in segments):
+        lora = None
+    cfg = config or plan_decode(x, w_qkv, w_z, lora)
+    launch_opts = dict(num_stages=cfg.num_stages, num_warps=cfg.num_warps)
+    has_ids = lora is not None and lora.has_ids
+    pdl = lora is not None and x.device.type == "cuda"
+    if lora is not None:
+        _, compact = lora.shrink_groups()
+        scale, scales_arg, stride_scales, has_scales = scale_args(lora.lora_scales, lora.scale, x)
+        ids_arg, adapters = (lora.token_lora_ids if has_ids else x), lora.adapters
+        shrink, precision = cfg.shrink, dot_precision(lora.b_dtype)
+    else:
+        scale, scales_arg, stride_scales, has_scales, ids_arg, adapters = 1.0, x, 0, False, x, 1
+        shrink, precision = None, "tf32"
 
-    groups, compact = shrink_groups(lora_a, slice_a)
-    ranks = [a.shape[-2] for a in groups]
-    shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids)
-    ksplit_max = shrink_ksplit_max or shrink_ksplit(T, K, out.shape[1], max(ranks), adapters, lora_a[0].dtype)
-    if ksplit_max is not None and shrink_cfg["KSPLIT"] > ksplit_max:
-        shrink_cfg = plan(T, K, len(groups), max(ranks), 64, x.device, adapters=adapters, has_ids=has_ids,
-                          ksplit=ksplit_max)
-    BLOCK_R, KSPLIT = shrink_cfg["BLOCK_R"], shrink_cfg["KSPLIT"]
-    b_dtype = lora_b[0].dtype
-    dot_precision = "ieee" if b_dtype == torch.float32 else "tf32"
-    pdl = bool(pdl) and with_lora and x.device.type == "cuda"
-
-    scale, scales_arg, stride_scales, has_scales = scale_args(lora_scales, scale, x)
-    ids_arg = token_lora_ids if has_ids else x
-
-    device_ctx = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
-    with device_ctx:
-        if with_lora:
-            s_buf = alloc_shrink_buffer(T, len(groups), shrink_cfg, b_dtype, x.device)
+    with on_device(x):
+        if lora is not None:
+            s_buf = alloc_shrink_buffer(T, len(compact), shrink, lora.b_dtype, x.device)
             # Not launched as a PDL dependent (x comes from the kernel before it), but it lets the
             # GEMM launch at once (USE_PDL: launch_dependents at entry; its final wait is a no-op).
-            launch_shrink(x, ids_arg, s_buf, groups, shrink_cfg, has_ids=has_ids, dot_precision=dot_precision,
-                          use_pdl=pdl)
+            launch_shrink(x, lora, s_buf, shrink, use_pdl=pdl)
             s_strides = (s_buf.stride(0), s_buf.stride(1), s_buf.stride(2))
         else:
             s_buf, s_strides = x, (0, 0, 0)
@@ -387,28 +291,28 @@ def qkvz_gemm_lora_triton(
         seg_args, tile_offs, lora_flags, n_tiles = [], [], [], 0
         for i in range(4):
             seg = segments[min(i, len(segments) - 1)]
-            has_lora = with_lora and seg.lora_slice is not None
+            has_lora = lora is not None and seg.lora_slice is not None
             b = seg.b if has_lora else seg.w
-            g = compact[int(slice_a[seg.lora_slice])] if has_lora else 0
+            g = compact[lora.slice_a[seg.lora_slice]] if has_lora else 0
             rank = b.shape[-1] if has_lora else 0
-            seg_args += [seg.w, seg.w.stride(0), b, _adapter_stride(b) if has_lora else 0, b.stride(-2),
+            seg_args += [seg.w, seg.w.stride(0), b, adapter_stride(b) if has_lora else 0, b.stride(-2),
                          seg.n, seg.start, g, rank]
             lora_flags.append(has_lora)
             if i < len(segments):
                 tile_offs.append(n_tiles)
-                n_tiles += triton.cdiv(seg.n, BLOCK_N)
+                n_tiles += triton.cdiv(seg.n, cfg.block_n)
             else:
-                tile_offs.append(_NO_TILE)
+                tile_offs.append(NO_TILE)
         if pdl:
             launch_opts["launch_pdl"] = True
-        _qkvz_gemm_lora_kernel[(n_tiles, triton.cdiv(T, BLOCK_T))](
+        _gemm_lora_decode_kernel[(n_tiles, triton.cdiv(T, cfg.block_t))](
             x, out, s_buf, ids_arg, scales_arg, *seg_args,
             tile_offs[1], tile_offs[2], tile_offs[3],
-            T, K, adapters, KSPLIT if with_lora else 1,
+            T, K, adapters, shrink.ksplit if shrink else 1,
             x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),
             NUM_SEGMENTS=len(segments), LORA0=lora_flags[0], LORA1=lora_flags[1], LORA2=lora_flags[2],
             LORA3=lora_flags[3], HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
-            DOT_PRECISION=dot_precision, BLOCK_N=BLOCK_N, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_R=BLOCK_R,
-            ADAPTER_TILES=adapter_tiles, **launch_opts,
+            DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k,
+            BLOCK_R=shrink.block_r if shrink else 16, ADAPTER_TILES=cfg.adapter_tiles, **launch_opts,
         )
     return out

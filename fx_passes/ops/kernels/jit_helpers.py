@@ -1,0 +1,93 @@
+"""JIT helpers and host utilities shared by the kernels of :mod:`fx_passes.ops.kernels`."""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+NO_TILE = 2**30  # first column tile of an absent slice or segment: no program id reaches it
+
+
+@triton.jit
+def token_adapters(ids_ptr, offs_m, T, L, HAS_IDS: tl.constexpr):
+    """Adapter id of each row of the tile; -1 (no adapter) for rows >= T and for every id outside
+    0..L-1, compared at the ids' own width (int64 ids are never truncated: 2**32 is not adapter 0)."""
+    m_mask = offs_m < T
+    if HAS_IDS:
+        raw = tl.load(ids_ptr + offs_m, mask=m_mask, other=-1)
+        ids = tl.where((raw >= 0) & (raw < L), raw, -1).to(tl.int32)
+    else:
+        ids = tl.where(m_mask, 0, -1)
+    return ids
+
+
+# Mixed-adapter tiles: the B tiles of up to ADAPTER_BATCH adapters are loaded together before their
+# dots, so a tile holding 4 adapters waits for one memory latency, not for 4 in a row.
+# A tl.constexpr object: the compiler rejects a global annotated `: tl.constexpr` (the interpreter accepts it).
+ADAPTER_BATCH = tl.constexpr(4)
+
+
+@triton.jit
+def valid_adapter(l, L):
+    """``l < L`` as a tensor (``l`` may be a Python int: the interpreter needs a tensor mask)."""
+    return (tl.zeros((), tl.int32) + l) < L
+
+
+@triton.jit
+def present(ids, l, L):
+    """Whether some row of the tile uses adapter ``l`` (a valid one: ``l < L``)."""
+    return (tl.max((ids == l).to(tl.int32), axis=0) > 0) & valid_adapter(l, L)
+
+
+@triton.jit
+def adapter_tile(ptr, l, L, stride_l, tile, mask, ids):
+    """Adapter ``l``'s tile of B (``ptr + l * stride_l + tile``); zeros, with no memory traffic, when
+    no row of the tile uses ``l``."""
+    # tl.where, not `mask & present`: the Triton interpreter turns a 2-D & 0-d bool into int32
+    return tl.load(ptr + tl.cast(l, tl.int64) * stride_l + tile, mask=tl.where(present(ids, l, L), mask, False),
+                   other=0.0)
+
+
+@triton.jit
+def adapter_tiles4(ptr, l0, L, stride_l, tile, mask, ids):
+    """The tiles of adapters ``l0 .. l0 + 3`` (ADAPTER_BATCH), loads issued together."""
+    return (adapter_tile(ptr, l0, L, stride_l, tile, mask, ids),
+            adapter_tile(ptr, l0 + 1, L, stride_l, tile, mask, ids),
+            adapter_tile(ptr, l0 + 2, L, stride_l, tile, mask, ids),
+            adapter_tile(ptr, l0 + 3, L, stride_l, tile, mask, ids))
+
+
+@triton.jit
+def adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES: tl.constexpr):
+    """``scale * lora_scales[l]`` (fp32)."""
+    if HAS_SCALES:
+        return tl.load(scales_ptr + l * stride_scales, mask=valid_adapter(l, L), other=0.0).to(tl.float32) * scale
+    else:
+        return scale
+
+
+def adapter_stride(t: torch.Tensor) -> int:
+    """Stride between adapters of a stacked ``[L, ...]`` adapter tensor (0 for one unstacked adapter)."""
+    return t.stride(0) if t.dim() == 3 else 0
+
+
+def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tensor):
+    """Kernel arguments of the per-token scale ``scale * lora_scales[l]``: (scale, scales tensor,
+    its stride, HAS_SCALES). A one-element CPU tensor is read on the host (no device sync) and folded
+    into ``scale``; anything else is read by the kernel (``x`` stands in when there is none)."""
+    if lora_scales is None:
+        return scale, x, 0, False
+    if lora_scales.numel() == 1 and lora_scales.device.type == "cpu":
+        return float(torch.tensor(scale, dtype=torch.float32) * lora_scales.reshape(()).float()), x, 0, False
+    scales = lora_scales.reshape(-1)
+    if scales.device != x.device:
+        scales = scales.to(x.device)  # [L] on the host: an H2D copy, not graph-capturable
+    return scale, scales, 0 if scales.numel() == 1 else scales.stride(0), True
+
+
+def on_device(x: torch.Tensor):
+    """The context a launch for ``x`` runs in (its CUDA device current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,289 @@
+"""Launch choices of the Triton kernels: rules for any device, measured data per device.
+
+A device is a :class:`DeviceInfo` (name, SM count, shared memory per block, compute capability).
+Measured choices live in ``fx_passes/ops/configs/<device name>.json``, written from the sweeps in
+``benchmarks/`` (each file says which sweep, versions and date); a file applies only to a device whose
+name, SM count and shared memory all match it. Any other device gets the rules below, the same values
+without the per-shape entries. Every launch configuration is checked against the device's shared memory
+before it is used (:func:`decode_config` shrinks one that does not fit; :func:`prefill_config` returns
+``None`` and the op takes another path), so a card with less shared memory never fails to launch.
+
+Everything here is host arithmetic on shapes and device properties: no device work, no sync, so a CUDA
+graph captured at one T replays the same launches.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+import triton
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceInfo:
+    """What the launch choices depend on."""
+    name: str
+    sms: int
+    shared_memory: int            # bytes per block (opt-in maximum)
+    capability: tuple[int, int]
+
+    @property
+    def has_tma(self) -> bool:
+        return self.capability[0] >= 9
+
+
+# Off the GPU (the Triton interpreter runs the kernels on CPU tensors) the kernels are planned as for
+# the card the data was measured on, so CPU tests walk the launch paths the GPU takes.
+OFF_GPU_DEVICE = DeviceInfo("NVIDIA H200", sms=132, shared_memory=232448, capability=(9, 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_info(index: int) -> DeviceInfo:
+    props = torch.cuda.get_device_properties(index)
+    return DeviceInfo(props.name, props.multi_processor_count,
+                      int(getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block),
+                      (props.major, props.minor))
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if device.type == "cuda" and not interpreting():
+        return _cuda_device_info(device.index if device.index is not None else torch.cuda.current_device())
+    return OFF_GPU_DEVICE
+
+
+# --------------------------------------------------------------------------------------------
+# Per-device data
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """The launch choices for one device: measured (``source`` names the JSON file) or the rules."""
+    device: DeviceInfo
+    source: str = "rules"
+    # The fused decode kernel beats cuBLAS + the two-launch LoRA up to this many tokens.
+    fused_max_t: int = 64
+    # From here the LoRA delta is written first and cuBLAS accumulates the base into it (beta = 1):
+    # the GEMM is compute-bound, so reading `out` in its epilogue costs less than a LoRA added after it.
+    accumulate_min_t: int = 512
+    # From here the persistent TMA GEMM with the expand in its epilogue (Hopper+; 128-row tiles leave
+    # SMs idle below).
+    prefill_fused_min_t: int = 512
+    # Programmatic dependent launch of the two-launch LoRA helps up to here and costs a few % above.
+    pdl_max_t: int = 256
+    # Fused decode kernel: (K, N, token-tile bucket 16 | 64) -> (BLOCK_N, BLOCK_K, num_stages, num_warps).
+    decode_blocks: dict = dataclasses.field(default_factory=dict)
+    # Shrink split-K cap with 16-bit adapters: (K, N, T bucket, rank bucket, several adapters) -> cap.
+    decode_ksplit: dict = dataclasses.field(default_factory=dict)
+
+
+def _read_tuning(path: str, device: DeviceInfo) -> Optional[Tuning]:
+    with open(path) as f:
+        data = json.load(f)
+    want = data["device"]
+    if (want["name"], want["sms"], want["shared_memory"]) != (device.name, device.sms, device.shared_memory):
+        return None
+    dispatch = data.get("dispatch", {})
+    decode = data.get("decode", {})
+    return Tuning(
+        device=device, source=os.path.relpath(path, os.path.dirname(CONFIG_DIR)), **dispatch,
+        decode_blocks={(r["K"], r["N"], r["block_t"]): tuple(r["config"]) for r in decode.get("blocks", [])},
+        decode_ksplit={(r["K"], r["N"], r["block_t"], r["rank"], r["several_adapters"]): r["ksplit"]
+                       for r in decode.get("ksplit", [])})
+
+
+def config_path(device: DeviceInfo) -> str:
+    return os.path.join(CONFIG_DIR, device.name.replace(" ", "_").replace("/", "_") + ".json")
+
+
+@functools.lru_cache(maxsize=None)
+def tuning_for(device: DeviceInfo) -> Tuning:
+    """The device's measured data when a file matches it, else the rules."""
+    path = config_path(device)
+    if os.path.exists(path):
+        found = _read_tuning(path, device)
+        if found is not None:
+            return found
+    return Tuning(device=device)
+
+
+def block(n: int, lo: int, hi: int) -> int:
+    """``n`` rounded up to a power of two, clamped to ``[lo, hi]``."""
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+# --------------------------------------------------------------------------------------------
+# Two-launch LoRA (shrink, then expand): fx_passes::qkvz_lora_ and the non-fused paths
+# --------------------------------------------------------------------------------------------
+# Split-K of the shrink is limited so that the partial shrinks every expand program sums stay small:
+# KSPLIT * min(T, BLOCK_M) <= this many rows of BLOCK_R fp32 values.
+LORA_MAX_PARTIAL_ROWS = 256
+LORA_MAX_KSPLIT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraLaunch:
+    """Launch configuration of the shrink and expand kernels."""
+    block_m: int          # expand token tile
+    block_n: int          # expand column tile
+    block_k: int          # shrink K tile
+    block_r: int          # rank tile (the whole rank)
+    shrink_block_m: int   # shrink token tile
+    l_grid: int           # adapters in the shrink grid (L with token ids, else 1)
+    ksplit: int           # shrink split-K chunks of H
+    k_per_split: int
+    pdl: bool             # programmatic dependent launch
+    num_warps: Optional[int] = None
+
+
+def lora_launch(T: int, H: int, n_groups: int, max_rank: int, max_n: int, device: torch.device, *,
+                adapters: int = 1, has_ids: bool = False, block_m: Optional[int] = None,
+                block_n: Optional[int] = None, block_k: Optional[int] = None,
+                shrink_block_m: Optional[int] = None, ksplit: Optional[int] = None, pdl: Optional[bool] = None,
+                num_warps: Optional[int] = None) -> LoraLaunch:
+    """The rules, with explicit arguments winning (benchmarks and tests force a choice this way)."""
+    info = device_info(device)
+    block_r = block(max_rank, 16, 128)
+    shrink_block_m = shrink_block_m or block_m or (16 if T <= 64 else 64)   # a forced block_m sets both
+    block_m = block_m or block(T, 16, 64)
+    block_n = block_n or block(max_n, 16, 128 if T >= 64 else 64)
+    block_k = block_k or block(H, 16, 128 if block_r <= 64 else 64)
+    for b in (block_m, block_n, block_k, shrink_block_m):
+        torch._check(b >= 16 and b & (b - 1) == 0, lambda: f"qkvz_lora_: block {b} is not a power of 2 >= 16")
+    if pdl is None:
+        pdl = T <= tuning_for(info).pdl_max_t
+    pdl = bool(pdl) and device.type == "cuda" and not interpreting()
+    l_grid = adapters if has_ids else 1
+    k_chunks = triton.cdiv(H, block_k)
+    if ksplit is None:
+        # programs that have work: token tiles x groups x adapters present (at most one per token)
+        programs = triton.cdiv(T, shrink_block_m) * n_groups * min(l_grid, T)
+        ksplit = 1
+        if 2 * programs <= info.sms:  # under half the SMs busy: split H
+            cap = max(1, LORA_MAX_PARTIAL_ROWS // min(T, block_m))
+            # at least 2 K chunks per split: more splits cost more partial-sum loads in the expand
+            ksplit = max(1, min(triton.cdiv(info.sms, programs), cap, LORA_MAX_KSPLIT, k_chunks // 2))
+    ksplit = max(1, min(int(ksplit), k_chunks))
+    k_per_split = triton.cdiv(k_chunks, ksplit) * block_k
+    ksplit = triton.cdiv(H, k_per_split)  # no empty splits
+    return LoraLaunch(block_m, block_n, block_k, block_r, shrink_block_m, l_grid, ksplit, k_per_split, pdl,
+                      num_warps)
+
+
+# --------------------------------------------------------------------------------------------
+# Fused decode kernel (GEMM with the expand in its epilogue, T <= fused_max_t)
+# --------------------------------------------------------------------------------------------
+# Rules (any device): the configuration that was best or within ~3 % on most measured shapes, per
+# token tile.
+DECODE_DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
+# The GEMM's epilogue re-reads the shrink's split-K partials once per column tile, and the shrink
+# overlaps the GEMM (PDL), so a slower shrink with fewer partials is free while it ends before the
+# epilogues: with 16-bit adapters KSPLIT * T is capped at this many rows. fp32 adapters shrink on the
+# CUDA cores (an exact fp32 dot), slow enough that the cap would make the shrink outlast the GEMM:
+# they keep the split-K of the two-launch rule.
+DECODE_SHRINK_PARTIAL_ROWS = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeLaunch:
+    """Launch configuration of the fused decode kernel and the shrink beside it."""
+    block_n: int
+    block_t: int
+    block_k: int
+    num_stages: int
+    num_warps: int
+    # B tiles of how many adapters a mixed-adapter epilogue loads together: 4 (issued before the
+    # shrink wait) with <= 16-token tiles, else 2 (4 tiles next to a [BLOCK_N, 64] accumulator cost
+    # more than the latency they hide).
+    adapter_tiles: int
+    shrink: Optional[LoraLaunch] = None   # None: no LoRA (the GEMM alone)
+
+
+def decode_smem(block_n: int, block_t: int, block_k: int, stages: int, elt: int) -> int:
+    """Shared memory of the decode kernel's pipelined W and x tiles."""
+    return stages * (block_n * block_k + block_k * block_t) * elt
+
+
+def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dtype, lora=None, *,
+                  block_n: Optional[int] = None, block_t: Optional[int] = None, block_k: Optional[int] = None,
+                  num_stages: Optional[int] = None, num_warps: Optional[int] = None,
+                  adapter_tiles: Optional[int] = None, shrink_ksplit: Optional[int] = None) -> DecodeLaunch:
+    """Measured blocks for (K, N) on this device, else the rule; then fitted to its shared memory.
+    ``lora`` (a :class:`~fx_passes.ops.lora_args.LoraSlices` or ``None``) sizes the shrink beside it.
+    Explicit arguments win."""
+    info = device_info(device)
+    tuning = tuning_for(info)
+    bt = block_t or block(T, 16, 64)
+    bucket = 16 if bt <= 16 else 64   # 17..32 tokens: the 64-token configuration, 32-token tiles
+    bn, bk, stages, warps = tuning.decode_blocks.get((K, N, bucket), DECODE_DEFAULT_BLOCKS[block(bt, 16, 64)])
+    bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
+    elt = torch.tensor([], dtype=dtype).element_size()
+    while decode_smem(bn, bt, bk, stages, elt) > info.shared_memory and (stages > 2 or bk > 32):
+        if stages > 2:
+            stages -= 1
+        else:
+            bk //= 2
+    tiles = adapter_tiles or (4 if bt <= 16 else 2)
+    torch._check(tiles in (2, 4), lambda: f"qkvz_gemm_lora: adapter_tiles must be 2 or 4, got {tiles}")
+    shrink = None
+    if lora is not None:
+        groups, _ = lora.shrink_groups()
+        shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
+                             has_ids=lora.has_ids)
+        cap = shrink_ksplit or _decode_ksplit_cap(tuning, T, K, N, lora)
+        if cap is not None and shrink.ksplit > cap:
+            shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
+                                 has_ids=lora.has_ids, ksplit=cap)
+    return DecodeLaunch(bn, bt, bk, stages, warps, tiles, shrink)
+
+
+def _decode_ksplit_cap(tuning: Tuning, T: int, K: int, N: int, lora) -> Optional[int]:
+    if lora.lora_a[0].dtype == torch.float32:
+        return None
+    if T >= 8:   # T < 8: a handful of partial rows, the default split is cheap
+        measured = tuning.decode_ksplit.get((K, N, 16 if T <= 16 else 64, 16 if lora.max_rank() <= 16 else 64,
+                                             lora.adapters > 1))
+        if measured is not None:
+            return measured
+    return max(1, DECODE_SHRINK_PARTIAL_ROWS // max(T, 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Fused prefill kernel (persistent TMA GEMM with the expand in its epilogue, Hopper+)
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PrefillLaunch:
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    num_stages: int = 3
+    num_warps: int = 8
+    group_m: int = 8                    # row tiles that sweep the column tiles together (W reuse in L2)
+    num_programs: Optional[int] = None  # None: one per SM
+
+
+def prefill_smem(cfg: PrefillLaunch, elt: int) -> int:
+    """Shared memory of the pipelined x / W tiles plus the output tile of the TMA store."""
+    return cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * elt + cfg.block_m * cfg.block_n * elt
+
+
+def prefill_launch(device: torch.device, dtype: torch.dtype,
+                   override: Optional[PrefillLaunch] = None) -> Optional[PrefillLaunch]:
+    """128 x 256 x 64 tiles, 3 stages, 8 warps (the GEMM alone within 0.96-1.06x of cuBLAS on the
+    Qwen3.5 shapes; smaller tiles and 4 stages were slower), or ``override``; ``None`` where the device
+    has no TMA or too little shared memory for them."""
+    info = device_info(device)
+    cfg = override or PrefillLaunch()
+    elt = torch.tensor([], dtype=dtype).element_size()
+    if not info.has_tma or prefill_smem(cfg, elt) > info.shared_memory:
+        return None
+    return cfg
