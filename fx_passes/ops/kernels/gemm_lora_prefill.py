@@ -4,7 +4,7 @@
 Why: from ~1024 tokens the GEMM is compute-bound and a LoRA kernel beside it has a floor of 1.05-1.10x of
 the GEMM (the delta is written, 2 T N bytes, and read back by the GEMM's beta = 1 epilogue; the shrink
 reads x again). Only an expand inside a GEMM running at cuBLAS's rate avoids that (this GEMM alone runs
-at 0.96-1.06x cuBLAS on the Qwen3.5 shapes: benchmarks/RESULTS.md).
+within a few % of cuBLAS on the Qwen3.5 shapes: benchmarks/RESULTS.md).
 
 1. The shrink (:mod:`.lora_shrink`, one K chunk: s in B's dtype) lets the GEMM launch at once
    (programmatic dependent launch).
