@@ -52,7 +52,7 @@ from fx_passes.dump_files import (
     DEPYF_SUBDIR, DUMP_INFO, OUR_FILES, REPORT_JSON, REPORT_TXT, DumpedGraph, load_graph_entries, report_from_dict,
     write_atomic, write_pass_dump, write_summary,
 )
-from fx_passes.report import GraphReport, LayerMatch
+from fx_passes.report import GraphReport, LayerMatch, LayerViews
 
 
 # ============================================================================ depyf, version-robust
@@ -155,7 +155,7 @@ def _depyf_version() -> Optional[str]:
 # ============================================================================ dump_compile (the API)
 
 @dataclasses.dataclass
-class DumpResult:
+class DumpResult(LayerViews):
     out_dir: str
     output: Any                            # what the compiled model returned
     reports: list[GraphReport]             # every graph the pass ran on, in dump order
@@ -170,13 +170,6 @@ class DumpResult:
     def layers(self) -> list[LayerMatch]:
         return [layer for report in self.reports for layer in report.layers]
 
-    @property
-    def rewritten(self) -> list[LayerMatch]:
-        return [layer for layer in self.layers if layer.rewritten]
-
-    @property
-    def skipped(self) -> list[LayerMatch]:
-        return [layer for layer in self.layers if not layer.rewritten]
 
 
 def clean_dump_dir(out_dir: str) -> None:

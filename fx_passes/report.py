@@ -81,8 +81,22 @@ def count_op_calls(source_code: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+class LayerViews:
+    """``rewritten`` / ``skipped`` over a ``layers`` list (a graph's report, a dump's)."""
+
+    layers: list
+
+    @property
+    def rewritten(self) -> list[LayerMatch]:
+        return [layer for layer in self.layers if layer.rewritten]
+
+    @property
+    def skipped(self) -> list[LayerMatch]:
+        return [layer for layer in self.layers if not layer.rewritten]
+
+
 @dataclasses.dataclass
-class GraphReport:
+class GraphReport(LayerViews):
     """One compiled graph. ``source`` says where its code came from: ``"pass"`` (the pass ran on it:
     ``layers`` and the op counts are filled), ``"fx_graph_cache"`` (Inductor served the compiled code
     from its cache, so the pass did not run; ``code_op_calls`` counts our ops in that code) or
@@ -104,13 +118,6 @@ class GraphReport:
             return len(self.rewritten)
         return sum(self.code_op_calls.get(op, 0) for op in _LAYER_OPS)
 
-    @property
-    def rewritten(self) -> list[LayerMatch]:
-        return [layer for layer in self.layers if layer.rewritten]
-
-    @property
-    def skipped(self) -> list[LayerMatch]:
-        return [layer for layer in self.layers if not layer.rewritten]
 
     def summary(self) -> str:
         if self.source != PASS_RAN:

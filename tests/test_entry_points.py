@@ -57,8 +57,8 @@ def test_uuid_covers_every_source_file_and_the_config(tmp_path, monkeypatch):
     files = qkvz_lora_fusion.rewrite_source_files()
     names = {f.split("fx_passes/")[-1] for f in files}
     assert {"fusion/matcher.py", "fusion/qkvz_lora_fusion.py", "ops/qkvz_lora.py", "ops/qkvz_gemm.py",
-            "ops/qkvz_lora_kernels.py", "ops/qkvz_gemm_lora.py", "ops/qkvz_gemm_lora_kernels.py",
-            "config.py"} <= names
+            "ops/kernels/lora_expand.py", "ops/qkvz_gemm_lora.py", "ops/kernels/gemm_lora_decode.py",
+            "ops/dispatch.py", "ops/tuning.py", "config.py"} <= names
     base = QkvzLoraFusionPass().uuid()
     assert base == QkvzLoraFusionPass().uuid()
     assert base != QkvzLoraFusionPass(QkvzFusionConfig(fuse_without_lora=False)).uuid()

@@ -1,7 +1,8 @@
-"""vLLM's GDN projection LoRA (punica lora_shrink / lora_expand) -> one qkvz_lora_.
+"""vLLM's GDN projection LoRA (punica lora_shrink / lora_expand) -> one fx_passes op per layer.
 
-Split form (vLLM 0.19-0.20: in_proj_qkv + in_proj_z) -> qkvz_gemm + one qkvz_lora_; fused form
-(vLLM >= 0.21: in_proj_qkvz, 4 slices) -> the same mm + one qkvz_lora_.
+Split form (vLLM 0.19-0.20: in_proj_qkv + in_proj_z) and fused form (vLLM >= 0.21: in_proj_qkvz, 4
+slices) -> one qkvz_gemm_lora (GEMM and LoRA, the default); with ``gemm_lora_op=False`` the GEMM (our
+qkvz_gemm, or vLLM's own mm) plus one qkvz_lora_ adding into it.
 
 Builds vLLM's real MergedColumnParallelLinear / ColumnParallelLinear + LoRA wrappers with
 PunicaWrapperGPU (vLLM's Triton LoRA ops via TRITON_INTERPRET=1, fp16) on CPU and compiles them

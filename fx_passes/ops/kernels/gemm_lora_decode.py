@@ -28,8 +28,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.kernels.jit_helpers import (
-    ADAPTER_BATCH, NO_TILE, adapter_scale, adapter_stride, adapter_tile, adapter_tiles4, on_device, present,
-    scale_args, token_adapters,
+    ADAPTER_BATCH, adapter_scale, adapter_stride, adapter_tile, adapter_tiles4, on_device, present,
+    scale_args, tile_owner, token_adapters,
 )
 from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, dot_precision, launch_shrink
 from fx_passes.ops.lora_args import LoraSlices
@@ -139,10 +139,7 @@ def _segment_tile(
                     acc = _epilogue_adapter(acc, b_1, st, ids, l0 + 1, L, scales_ptr, stride_scales, scale,
                                             HAS_SCALES, DOT_PRECISION)
         else:
-            if HAS_SCALES:
-                scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
-            else:
-                scale_0 = scale
+            scale_0 = adapter_scale(scales_ptr, 0, L, stride_scales, scale, HAS_SCALES)
             acc += tl.dot(b0, st, input_precision=DOT_PRECISION) * scale_0
 
     o_ptrs = out_ptr + t64[None, :] * stride_ot + (col_start + offs_n)[:, None]
@@ -152,15 +149,11 @@ def _segment_tile(
 @triton.jit
 def _gemm_lora_decode_kernel(
     x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
-    w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
-    w1_ptr, w1_stride, b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
-    w2_ptr, w2_stride, b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
-    w3_ptr, w3_stride, b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-    tile_off1, tile_off2, tile_off3,
+    # tuples, one entry per segment: its weight rows, its B rows (the weight itself where it has no LoRA)
+    w_ptrs, w_stride, b_ptrs, b_stride_l, b_stride_n, seg_n, seg_start, seg_group, seg_rank, tile_off,
     T, K, L, KSPLIT,
     stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
-    NUM_SEGMENTS: tl.constexpr,
-    LORA0: tl.constexpr, LORA1: tl.constexpr, LORA2: tl.constexpr, LORA3: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, LORA_MASK: tl.constexpr,   # bit i: segment i carries a LoRA slice
     HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ADAPTER_TILES: tl.constexpr,
@@ -168,38 +161,15 @@ def _gemm_lora_decode_kernel(
     # grid: (column tiles of all segments, token tiles)
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    seg = (pid_n >= tile_off1).to(tl.int32) + (pid_n >= tile_off2).to(tl.int32) \
-        + (pid_n >= tile_off3).to(tl.int32)
-    # The weights and B slices are separate pointers: branch on the segment, one call per branch.
-    if seg == 0:
-        _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
-                      w0_ptr, w0_stride, b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0, pid_n, pid_t,
-                      T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
-                      LORA0, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION, BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R,
-                      ADAPTER_TILES)
-    if NUM_SEGMENTS > 1:
-        if seg == 1:
+    seg = tile_owner(pid_n, tile_off, NUM_SEGMENTS)
+    # The weights and B slices are separate pointers: a branch per segment, unrolled at compile time.
+    for i in tl.static_range(NUM_SEGMENTS):
+        if seg == i:
             _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
-                          w1_ptr, w1_stride, b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
-                          pid_n - tile_off1, pid_t,
+                          w_ptrs[i], w_stride[i], b_ptrs[i], b_stride_l[i], b_stride_n[i], seg_n[i], seg_start[i],
+                          seg_group[i], seg_rank[i], pid_n - tile_off[i], pid_t,
                           T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
-                          scale, LORA1, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
-                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
-    if NUM_SEGMENTS > 2:
-        if seg == 2:
-            _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
-                          w2_ptr, w2_stride, b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
-                          pid_n - tile_off2, pid_t,
-                          T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
-                          scale, LORA2, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
-                          BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
-    if NUM_SEGMENTS > 3:
-        if seg == 3:
-            _segment_tile(x_ptr, out_ptr, s_ptr, ids_ptr, scales_ptr,
-                          w3_ptr, w3_stride, b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-                          pid_n - tile_off3, pid_t,
-                          T, K, L, KSPLIT, stride_xt, stride_ot, stride_sk, stride_sg, stride_st, stride_scales,
-                          scale, LORA3, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
+                          scale, (LORA_MASK >> i) & 1, HAS_IDS, HAS_SCALES, USE_PDL, DOT_PRECISION,
                           BLOCK_N, BLOCK_T, BLOCK_K, BLOCK_R, ADAPTER_TILES)
 
 
@@ -288,30 +258,25 @@ def gemm_lora_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lo
         else:
             s_buf, s_strides = x, (0, 0, 0)
 
-        seg_args, tile_offs, lora_flags, n_tiles = [], [], [], 0
-        for i in range(4):
-            seg = segments[min(i, len(segments) - 1)]
+        cols = []   # per segment: w, its row stride, B (w where no LoRA), B's adapter / row strides, n, start, g, rank
+        lora_mask, tile_off, n_tiles = 0, [], 0
+        for i, seg in enumerate(segments):
             has_lora = lora is not None and seg.lora_slice is not None
             b = seg.b if has_lora else seg.w
-            g = compact[lora.slice_a[seg.lora_slice]] if has_lora else 0
-            rank = b.shape[-1] if has_lora else 0
-            seg_args += [seg.w, seg.w.stride(0), b, adapter_stride(b) if has_lora else 0, b.stride(-2),
-                         seg.n, seg.start, g, rank]
-            lora_flags.append(has_lora)
-            if i < len(segments):
-                tile_offs.append(n_tiles)
-                n_tiles += triton.cdiv(seg.n, cfg.block_n)
-            else:
-                tile_offs.append(NO_TILE)
+            cols.append((seg.w, seg.w.stride(0), b, adapter_stride(b) if has_lora else 0, b.stride(-2), seg.n,
+                         seg.start, compact[lora.slice_a[seg.lora_slice]] if has_lora else 0,
+                         b.shape[-1] if has_lora else 0))
+            lora_mask |= int(has_lora) << i
+            tile_off.append(n_tiles)
+            n_tiles += triton.cdiv(seg.n, cfg.block_n)
+        seg_args = [tuple(column) for column in zip(*cols)] + [tuple(tile_off)]
         if pdl:
             launch_opts["launch_pdl"] = True
         _gemm_lora_decode_kernel[(n_tiles, triton.cdiv(T, cfg.block_t))](
             x, out, s_buf, ids_arg, scales_arg, *seg_args,
-            tile_offs[1], tile_offs[2], tile_offs[3],
             T, K, adapters, shrink.ksplit if shrink else 1,
             x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),
-            NUM_SEGMENTS=len(segments), LORA0=lora_flags[0], LORA1=lora_flags[1], LORA2=lora_flags[2],
-            LORA3=lora_flags[3], HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
+            NUM_SEGMENTS=len(segments), LORA_MASK=lora_mask, HAS_IDS=has_ids, HAS_SCALES=has_scales, USE_PDL=pdl,
             DOT_PRECISION=precision, BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t, BLOCK_K=cfg.block_k,
             BLOCK_R=shrink.block_r if shrink else 16, ADAPTER_TILES=cfg.adapter_tiles, **launch_opts,
         )

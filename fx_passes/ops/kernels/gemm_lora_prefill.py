@@ -96,10 +96,7 @@ def _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
 @triton.jit
 def _gemm_lora_prefill_kernel(
     x_desc, w_desc, o_desc, s_ptr, ids_ptr, scales_ptr,
-    b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
-    b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
-    b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
-    b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
+    b_ptrs, b_stride_l, b_stride_n, b_n, b_start, b_group, b_rank,   # tuples: one entry per slice
     T, N, K, L, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr, USE_PDL: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -122,25 +119,13 @@ def _gemm_lora_prefill_kernel(
             rows = off_m + tl.arange(0, BLOCK_M)
             ids = token_adapters(ids_ptr, rows, T, L, HAS_IDS)
             row_ok = (ids >= 0) & (ids < L)   # rows without a valid adapter were never written by the shrink
-            # one call per slice (separate pointers); each returns acc unchanged when the tile misses it
-            acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
-                                  b0_ptr, b0_stride_l, b0_stride_n, n0, start0, g0, r0,
-                                  L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N, BLOCK_R)
-            if NUM_SLICES > 1:
+            # one call per slice (separate pointers, unrolled at compile time); each returns acc unchanged
+            # when the tile misses the slice
+            for i in tl.static_range(NUM_SLICES):
                 acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
-                                      b1_ptr, b1_stride_l, b1_stride_n, n1, start1, g1, r1,
-                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
-            if NUM_SLICES > 2:
-                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
-                                      b2_ptr, b2_stride_l, b2_stride_n, n2, start2, g2, r2,
-                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
-            if NUM_SLICES > 3:
-                acc = _slice_epilogue(acc, s_ptr, ids, rows, row_ok, off_n, scales_ptr,
-                                      b3_ptr, b3_stride_l, b3_stride_n, n3, start3, g3, r3,
-                                      L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES, BLOCK_N,
-                                      BLOCK_R)
+                                      b_ptrs[i], b_stride_l[i], b_stride_n[i], b_n[i], b_start[i], b_group[i],
+                                      b_rank[i], L, stride_sg, stride_st, stride_scales, scale, HAS_IDS, HAS_SCALES,
+                                      BLOCK_N, BLOCK_R)
         o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
@@ -178,7 +163,7 @@ def gemm_lora_prefill(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, l
     cfg = config or prefill_launch(x.device, x.dtype) or PrefillLaunch()
     on_gpu = x.device.type == "cuda" and not interpreting()
     pdl = lora is not None and on_gpu
-    slice_args, has_ids, has_scales, scale, scales_arg, stride_scales, ids_arg = [], False, False, 1.0, x, 0, x
+    has_ids, has_scales, scale, scales_arg, stride_scales, ids_arg = False, False, 1.0, x, 0, x
     adapters, block_r = 1, 16
     if lora is not None:
         groups, compact = lora.shrink_groups()
@@ -187,14 +172,13 @@ def gemm_lora_prefill(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, l
         scale, scales_arg, stride_scales, has_scales = scale_args(lora.lora_scales, lora.scale, x)
         has_ids, adapters, block_r = lora.has_ids, lora.adapters, shrink.block_r
         ids_arg = lora.token_lora_ids if has_ids else x
-    for i in range(4):
-        if lora is None:
-            slice_args += [x, 0, 0, 0, 0, 0, 0]
-            continue
-        j = min(i, len(lora.lora_b) - 1)
-        b = lora.lora_b[j]
-        slice_args += [b, adapter_stride(b), b.stride(-2), b.shape[-2], lora.slice_start[j],
-                       compact[lora.slice_a[j]], b.shape[-1]]
+    if lora is None:   # a placeholder slice, never read (NUM_SLICES = 0)
+        slice_args = [(x,), (0,), (0,), (0,), (0,), (0,), (0,)]
+    else:
+        bs = lora.lora_b
+        slice_args = [tuple(bs), tuple(adapter_stride(b) for b in bs), tuple(b.stride(-2) for b in bs),
+                      tuple(b.shape[-2] for b in bs), lora.slice_start, tuple(compact[g] for g in lora.slice_a),
+                      tuple(b.shape[-1] for b in bs)]
     tiles = triton.cdiv(T, cfg.block_m) * triton.cdiv(N, cfg.block_n)
     num_programs = cfg.num_programs or (device_info(x.device).sms if on_gpu else _OFF_GPU_PROGRAMS)
     programs = min(tiles, num_programs)

@@ -8,9 +8,6 @@ import torch
 import triton
 import triton.language as tl
 
-NO_TILE = 2**30  # first column tile of an absent slice or segment: no program id reaches it
-
-
 @triton.jit
 def token_adapters(ids_ptr, offs_m, T, L, HAS_IDS: tl.constexpr):
     """Adapter id of each row of the tile; -1 (no adapter) for rows >= T and for every id outside
@@ -67,6 +64,16 @@ def adapter_scale(scales_ptr, l, L, stride_scales, scale, HAS_SCALES: tl.constex
         return tl.load(scales_ptr + l * stride_scales, mask=valid_adapter(l, L), other=0.0).to(tl.float32) * scale
     else:
         return scale
+
+
+@triton.jit
+def tile_owner(pid, tile_off, NUM: tl.constexpr):
+    """Which of ``NUM`` consecutive ranges of column tiles program ``pid`` falls in: range ``i`` is
+    ``[tile_off[i], tile_off[i + 1])``, ``tile_off[0] = 0`` (slices, segments)."""
+    owner = tl.zeros((), tl.int32)
+    for i in tl.static_range(1, NUM):
+        owner += (pid >= tile_off[i]).to(tl.int32)
+    return owner
 
 
 def adapter_stride(t: torch.Tensor) -> int:

@@ -25,8 +25,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
 from fx_passes.ops.kernels.jit_helpers import (
-    ADAPTER_BATCH, NO_TILE, adapter_scale, adapter_stride, adapter_tiles4, on_device, present, scale_args,
-    token_adapters,
+    ADAPTER_BATCH, adapter_scale, adapter_stride, adapter_tiles4, on_device, present, scale_args,
+    tile_owner, token_adapters,
 )
 from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, dot_precision, launch_shrink
 from fx_passes.ops.lora_args import LoraSlices
@@ -102,10 +102,7 @@ def _expand_slice_tile(
             delta = _expand_adapter(delta, s, bt_3, ids, l0 + 3, L, scales_ptr, stride_scales, scale,
                                     HAS_SCALES, DOT_PRECISION)
     else:
-        if HAS_SCALES:
-            scale_0 = tl.load(scales_ptr).to(tl.float32) * scale
-        else:
-            scale_0 = scale
+        scale_0 = adapter_scale(scales_ptr, 0, L, stride_scales, scale, HAS_SCALES)
         delta = tl.dot(s, bt0, input_precision=DOT_PRECISION) * scale_0
 
     if ACCUMULATE:
@@ -117,11 +114,7 @@ def _expand_slice_tile(
 @triton.jit
 def _lora_expand_kernel(
     out_ptr, s_ptr, ids_ptr, scales_ptr,
-    b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank,
-    b1_ptr, b1_stride_l, b1_stride_n, b1_n, b1_start, b1_group, b1_rank,
-    b2_ptr, b2_stride_l, b2_stride_n, b2_n, b2_start, b2_group, b2_rank,
-    b3_ptr, b3_stride_l, b3_stride_n, b3_n, b3_start, b3_group, b3_rank,
-    tile_off1, tile_off2, tile_off3,
+    b_ptrs, b_stride_l, b_stride_n, b_n, b_start, b_group, b_rank, tile_off,   # tuples: one entry per slice
     T, L, KSPLIT,
     stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
     NUM_SLICES: tl.constexpr, HAS_IDS: tl.constexpr, HAS_SCALES: tl.constexpr,
@@ -130,36 +123,13 @@ def _lora_expand_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    # Column tiles of slice i are [tile_off_i, tile_off_{i+1}); absent slices start at NO_TILE.
-    sl = (pid_n >= tile_off1).to(tl.int32) + (pid_n >= tile_off2).to(tl.int32) \
-        + (pid_n >= tile_off3).to(tl.int32)
-    # The B tensors are separate pointers: branch on the slice, one helper call per branch.
-    if sl == 0:
-        _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
-                           b0_ptr, b0_stride_l, b0_stride_n, b0_n, b0_start, b0_group, b0_rank, pid_n,
-                           T, L, KSPLIT, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale, pid_m,
-                           HAS_IDS, HAS_SCALES, DOT_PRECISION, USE_PDL, ACCUMULATE, BLOCK_M, BLOCK_N, BLOCK_R)
-    if NUM_SLICES > 1:
-        if sl == 1:
+    sl = tile_owner(pid_n, tile_off, NUM_SLICES)
+    # The B tensors are separate pointers: a branch per slice, unrolled at compile time.
+    for i in tl.static_range(NUM_SLICES):
+        if sl == i:
             _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
-                               b1_ptr, b1_stride_l, b1_stride_n, b1_n, b1_start, b1_group, b1_rank,
-                               pid_n - tile_off1,
-                               T, L, KSPLIT, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
-                               pid_m, HAS_IDS, HAS_SCALES, DOT_PRECISION, USE_PDL, ACCUMULATE,
-                               BLOCK_M, BLOCK_N, BLOCK_R)
-    if NUM_SLICES > 2:
-        if sl == 2:
-            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
-                               b2_ptr, b2_stride_l, b2_stride_n, b2_n, b2_start, b2_group, b2_rank,
-                               pid_n - tile_off2,
-                               T, L, KSPLIT, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
-                               pid_m, HAS_IDS, HAS_SCALES, DOT_PRECISION, USE_PDL, ACCUMULATE,
-                               BLOCK_M, BLOCK_N, BLOCK_R)
-    if NUM_SLICES > 3:
-        if sl == 3:
-            _expand_slice_tile(out_ptr, s_ptr, ids_ptr, scales_ptr,
-                               b3_ptr, b3_stride_l, b3_stride_n, b3_n, b3_start, b3_group, b3_rank,
-                               pid_n - tile_off3,
+                               b_ptrs[i], b_stride_l[i], b_stride_n[i], b_n[i], b_start[i], b_group[i], b_rank[i],
+                               pid_n - tile_off[i],
                                T, L, KSPLIT, stride_ot, stride_sk, stride_sg, stride_st, stride_scales, scale,
                                pid_m, HAS_IDS, HAS_SCALES, DOT_PRECISION, USE_PDL, ACCUMULATE,
                                BLOCK_M, BLOCK_N, BLOCK_R)
@@ -194,19 +164,16 @@ def lora_shrink_expand_(out: torch.Tensor, x: torch.Tensor, lora: LoraSlices, *,
     ids_arg = lora.token_lora_ids if lora.has_ids else x
     s_buf = alloc_shrink_buffer(T, len(compact), cfg, lora.b_dtype, x.device)
 
-    b_args, tile_offs, n_tiles = [], [], 0
-    for i in range(4):
-        j = min(i, len(lora.lora_b) - 1)
-        b = lora.lora_b[j]
-        b_args += [b, adapter_stride(b), b.stride(-2), b.shape[-2], lora.slice_start[j], compact[lora.slice_a[j]],
-                   b.shape[-1]]
-        if i < len(lora.lora_b):
-            tile_offs.append(n_tiles)
-            n_tiles += triton.cdiv(b.shape[-2], cfg.block_n)
-        else:
-            tile_offs.append(NO_TILE)
+    bs = lora.lora_b
+    tile_off, n_tiles = [], 0
+    for b in bs:
+        tile_off.append(n_tiles)
+        n_tiles += triton.cdiv(b.shape[-2], cfg.block_n)
     if n_tiles == 0:
         return
+    b_args = (tuple(bs), tuple(adapter_stride(b) for b in bs), tuple(b.stride(-2) for b in bs),
+              tuple(b.shape[-2] for b in bs), lora.slice_start, tuple(compact[g] for g in lora.slice_a),
+              tuple(b.shape[-1] for b in bs), tuple(tile_off))
 
     shrink_opts = dict(launch_opts)
     if not accumulate:
@@ -216,7 +183,6 @@ def lora_shrink_expand_(out: torch.Tensor, x: torch.Tensor, lora: LoraSlices, *,
         launch_shrink(x, lora, s_buf, cfg, use_pdl=cfg.pdl, **shrink_opts)
         _lora_expand_kernel[(triton.cdiv(T, cfg.block_m), n_tiles)](
             out, s_buf, ids_arg, scales_arg, *b_args,
-            tile_offs[1], tile_offs[2], tile_offs[3],
             T, adapters, cfg.ksplit,
             out.stride(0), s_buf.stride(0), s_buf.stride(1), s_buf.stride(2), stride_scales, float(scale),
             NUM_SLICES=len(lora.lora_b), HAS_IDS=lora.has_ids, HAS_SCALES=has_scales,

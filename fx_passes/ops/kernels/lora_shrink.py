@@ -80,10 +80,7 @@ def _shrink_group(
 @triton.jit
 def _lora_shrink_kernel(
     x_ptr, ids_ptr, s_ptr,
-    a0_ptr, a0_stride_l, a0_stride_r, a0_rank,
-    a1_ptr, a1_stride_l, a1_stride_r, a1_rank,
-    a2_ptr, a2_stride_l, a2_stride_r, a2_rank,
-    a3_ptr, a3_stride_l, a3_stride_r, a3_rank,
+    a_ptrs, a_stride_l, a_stride_r, a_rank,   # tuples: one entry per used A group
     T, H, L_GRID, k_per_split,
     stride_xt, stride_sk, stride_sg, stride_st,
     NUM_GROUPS: tl.constexpr, HAS_IDS: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
@@ -97,24 +94,10 @@ def _lora_shrink_kernel(
     l = pid_gl % L_GRID
     if USE_PDL:
         gdc_launch_dependents()  # let the expand get scheduled (it waits for us before reading s)
-    # The A tensors are separate pointers: branch on the group, one helper call per branch.
-    if g == 0:
-        _shrink_group(x_ptr, ids_ptr, s_ptr, a0_ptr, a0_stride_l, a0_stride_r, a0_rank, 0, l, L_GRID,
-                      T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                      HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
-    if NUM_GROUPS > 1:
-        if g == 1:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a1_ptr, a1_stride_l, a1_stride_r, a1_rank, 1, l, L_GRID,
-                          T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                          HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
-    if NUM_GROUPS > 2:
-        if g == 2:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a2_ptr, a2_stride_l, a2_stride_r, a2_rank, 2, l, L_GRID,
-                          T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
-                          HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
-    if NUM_GROUPS > 3:
-        if g == 3:
-            _shrink_group(x_ptr, ids_ptr, s_ptr, a3_ptr, a3_stride_l, a3_stride_r, a3_rank, 3, l, L_GRID,
+    # The A tensors are separate pointers: a branch per group, unrolled at compile time.
+    for i in tl.static_range(NUM_GROUPS):
+        if g == i:
+            _shrink_group(x_ptr, ids_ptr, s_ptr, a_ptrs[i], a_stride_l[i], a_stride_r[i], a_rank[i], i, l, L_GRID,
                           T, H, k_per_split, stride_xt, stride_sk, stride_sg, stride_st, pid_m, pid_k,
                           HAS_IDS, DOT_PRECISION, BLOCK_M, BLOCK_R, BLOCK_K)
     if USE_PDL:
@@ -133,10 +116,8 @@ def launch_shrink(x: torch.Tensor, lora, s_buf: torch.Tensor, cfg: LoraLaunch, *
                   **launch_opts) -> None:
     """``_lora_shrink_kernel`` for ``lora`` (a :class:`~fx_passes.ops.lora_args.LoraSlices`) into ``s_buf``."""
     groups, _ = lora.shrink_groups()
-    a_args = []
-    for i in range(4):
-        a = groups[min(i, len(groups) - 1)]
-        a_args += [a, adapter_stride(a), a.stride(-2), a.shape[-2]]
+    a_args = (tuple(groups), tuple(adapter_stride(a) for a in groups), tuple(a.stride(-2) for a in groups),
+              tuple(a.shape[-2] for a in groups))
     T, H = x.shape
     ids = lora.token_lora_ids if lora.has_ids else x
     _lora_shrink_kernel[(triton.cdiv(T, cfg.shrink_block_m), len(groups) * cfg.l_grid, cfg.ksplit)](
