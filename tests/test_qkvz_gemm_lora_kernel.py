@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops import dispatch, tuning  # noqa: E402
-from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode, plan_segments  # noqa: E402
+from fx_passes.ops.kernels.gemm_lora_decode import MAX_SEGMENTS, gemm_lora_decode, plan_decode, plan_segments  # noqa: E402
 from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_  # noqa: E402
 from fx_passes.ops.lora_args import LoraSlices  # noqa: E402
 from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_, weights_are_packed  # noqa: E402
@@ -36,6 +36,10 @@ LAYOUTS = {
     "z_only": ([("z", 0, VALUE)], [1], [N_QKV]),
     "four_groups": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE)],
                     [0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV]),   # vLLM: a distinct A per slice
+    # six slices in four A groups (q, k, v share one; three slices of z's columns stand in for z, b, a):
+    # the q | k | v | z | b | a layout of a GDN layer whose b / a projections are folded in
+    "six_slices": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, 8), ("z", 8, 16),
+                    ("z", 16, VALUE)], [0, 0, 0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV, N_QKV + 8, N_QKV + 16]),
 }
 
 
@@ -138,9 +142,11 @@ def test_plan_segments_cuts_at_weight_and_slice_boundaries():
     assert [(s.start, s.n, s.lora_slice) for s in segments] == [
         (0, N_QKV - VALUE, None), (N_QKV - VALUE, VALUE, 0), (N_QKV, VALUE, 0)]
     assert segments[2].b.data_ptr() == b[VALUE:].data_ptr()
-    # five segments do not fit the kernel: the op falls back to GEMM + qkvz_lora_
+    # more than MAX_SEGMENTS segments (here 10: 4 gaps, 4 slices, 2 weight tails) do not fit the kernel:
+    # the op falls back to GEMM + qkvz_lora_
     small = [torch.randn(4, 4)] * 4
-    assert plan_segments(w_qkv, w_z, small, [2, 10, 20, 30]) is None
+    assert MAX_SEGMENTS < 10 and plan_segments(w_qkv, w_z, small, [2, 10, 20, 30]) is None
+    assert len(plan_segments(w_qkv, w_z, small[:2], [2, 10])) == 6
     # nor does a weight whose K dim is strided (the kernel assumes unit stride along K)
     w_t = torch.randn(HIDDEN, N_QKV).t()
     assert w_t.shape == w_qkv.shape and w_t.stride(1) != 1

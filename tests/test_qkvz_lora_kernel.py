@@ -101,6 +101,8 @@ LAYOUTS = {
     "qkv_only": (GDN_SIZES[:3], [0, 0, 0], [8]),
     "non_pow2": ([12, 12, 20, 20], [0, 0, 0, 1], [5, 3]),
     "z_only": ([24], [0], [16]),
+    "six_slices": ([16, 16, 24, 8, 8, 8], [0, 0, 0, 1, 2, 3], [8, 4, 16, 4]),   # q k v z b a
+    "eight_groups": ([4] * 8, list(range(8)), [2, 4, 6, 8, 3, 5, 7, 1]),         # the op's limits
 }
 
 
@@ -201,3 +203,20 @@ def test_x_row_stride_and_3d_a_views():
     out = _randn(T, sum(GDN_SIZES), dtype=torch.float32, gen=gen)
     ids = torch.tensor([1, 0, 1, 1, 0], dtype=torch.int32)
     _check(out, x, lora_a, lora_b, [0, 0, 0, 1], [0, 16, 32, 56], ids)
+
+
+def test_more_slices_or_groups_than_the_op_takes_is_a_clear_error():
+    """MAX_SLICES / MAX_GROUPS (8: a GDN layer's q, k, v, z, b, a need 6): one more is refused with
+    the limit in the message, by the CPU op and the CUDA launcher's shared check alike."""
+    import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
+    from fx_passes.ops.lora_args import MAX_GROUPS, MAX_SLICES
+
+    n = MAX_SLICES + 1
+    out, x, lora_a, lora_b, slice_a, starts = _make_case(3, 16, [2] * n, [0] * n, [4], torch.float32)
+    with pytest.raises(RuntimeError, match=f"need 1..{MAX_SLICES} lora_b tensors, got {n}"):
+        torch.ops.fx_passes.qkvz_lora_(out, x, lora_a, lora_b, slice_a, starts)
+    n = MAX_GROUPS + 1
+    out, x, lora_a, lora_b, slice_a, starts = _make_case(3, 16, [2] * n, list(range(n)), [4] * n, torch.float32)
+    with pytest.raises(RuntimeError, match=f"need 1..{MAX_GROUPS} lora_a tensors, got {n}"):
+        lora_shrink_expand_(out, x, LoraSlices.of(lora_a, lora_b[:MAX_SLICES], slice_a[:MAX_SLICES],
+                                                  starts[:MAX_SLICES]))

@@ -13,7 +13,7 @@ Thresholds come from :mod:`fx_passes.ops.tuning` (measured per device, rules els
   *written* into the fresh output first (shrink + expand, 0 for rows without an adapter), then the
   library GEMM accumulates the base into it (``addmm_``, beta = 1): compute-bound there, so reading
   ``out`` in its epilogue costs less than a LoRA that reads and re-writes ``out`` after it.
-* otherwise (T between, partial column coverage, more than 4 column segments, a rank above the
+* otherwise (T between, partial column coverage, more than ``MAX_SEGMENTS`` column segments, a rank above the
   kernels' limit): ``qkvz_gemm`` (one library GEMM over packed weights) then the LoRA added in place;
   the base is rounded to the output dtype before the LoRA is added (what PEFT computes).
 """

@@ -12,8 +12,11 @@ import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-MAX_SLICES = 4
-MAX_GROUPS = 4
+# q, k, v, z, b, a of a GDN layer: 6 slices, up to 6 A groups (vLLM gives every slice its own A); the
+# kernels unroll per slice / group at compile time (only the count a call uses), so the caps only bound
+# that unrolling.
+MAX_SLICES = 8
+MAX_GROUPS = 8
 KERNEL_MAX_RANK = 128   # the Triton kernels hold a whole rank in one register tile
 
 

@@ -35,7 +35,7 @@ from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, dot_precision
 from fx_passes.ops.lora_args import LoraSlices
 from fx_passes.ops.tuning import DecodeLaunch, decode_launch
 
-MAX_SEGMENTS = 4
+MAX_SEGMENTS = 8   # the weights' boundaries and every slice's: q | k | v | z | b | a fits
 
 
 @triton.jit
@@ -232,7 +232,7 @@ def gemm_lora_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lo
     if segments is None:
         segments = plan_segments(w_qkv, w_z, lora.lora_b if lora else (), lora.slice_start if lora else ())
         if segments is None:
-            raise ValueError("gemm_lora_decode: more than 4 column segments")
+            raise ValueError(f"gemm_lora_decode: more than {MAX_SEGMENTS} column segments")
     if lora is not None and all(seg.lora_slice is None for seg in segments):
         lora = None
     cfg = config or plan_decode(x, w_qkv, w_z, lora)
