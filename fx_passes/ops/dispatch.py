@@ -36,28 +36,35 @@ def lora_(out: torch.Tensor, x: torch.Tensor, lora: LoraSlices) -> None:
         lora_shrink_expand_(out, x, call)
 
 
+def _choose(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: LoraSlices):
+    """(path, the decode kernel's segments when that is the path)."""
+    if max(a.shape[-2] for a in lora.lora_a) > KERNEL_MAX_RANK:
+        return "rank_chunks", None
+    tuning = tuning_for(device_info(x.device))
+    T = x.shape[0]
+    if T <= tuning.fused_max_t:
+        segments = plan_segments(w_qkv, w_z, lora.lora_b, lora.slice_start)
+        if segments is not None:
+            return "decode", segments
+    if T >= tuning.prefill_fused_min_t and prefill_fusable(x, w_qkv, w_z, lora):
+        return "prefill", None
+    if T >= tuning.accumulate_min_t and lora.covers_columns(w_qkv.shape[0] + w_z.shape[0]):
+        return "accumulate", None
+    return "gemm_then_lora", None
+
+
 def gemm_lora_path(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: LoraSlices) -> str:
     """The path :func:`gemm_lora` takes: ``decode``, ``prefill``, ``accumulate``, ``gemm_then_lora``
     or ``rank_chunks`` (a rank above the kernels' limit: the GEMM, then the LoRA in rank chunks)."""
-    if max(a.shape[-2] for a in lora.lora_a) > KERNEL_MAX_RANK:
-        return "rank_chunks"
-    tuning = tuning_for(device_info(x.device))
-    T = x.shape[0]
-    if T <= tuning.fused_max_t and plan_segments(w_qkv, w_z, lora.lora_b, lora.slice_start) is not None:
-        return "decode"
-    if T >= tuning.prefill_fused_min_t and prefill_fusable(x, w_qkv, w_z, lora):
-        return "prefill"
-    if T >= tuning.accumulate_min_t and lora.covers_columns(w_qkv.shape[0] + w_z.shape[0]):
-        return "accumulate"
-    return "gemm_then_lora"
+    return _choose(x, w_qkv, w_z, lora)[0]
 
 
 def gemm_lora(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: LoraSlices) -> torch.Tensor:
     """``qkvz_gemm_lora`` on CUDA (arguments checked by the op)."""
-    path = gemm_lora_path(x, w_qkv, w_z, lora)
     calls = lora.kernel_calls()   # strided adapters made contiguous (one call unless rank chunks)
+    path, segments = _choose(x, w_qkv, w_z, calls[0]) if len(calls) == 1 else ("rank_chunks", None)
     if path == "decode":
-        return gemm_lora_decode(x, w_qkv, w_z, calls[0])
+        return gemm_lora_decode(x, w_qkv, w_z, calls[0], segments=segments)
     if path == "prefill":
         return gemm_lora_prefill(x, w_qkv, w_z, calls[0])
     if path == "accumulate":

@@ -226,7 +226,7 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
     bucket = 16 if bt <= 16 else 64   # 17..32 tokens: the 64-token configuration, 32-token tiles
     bn, bk, stages, warps = tuning.decode_blocks.get((K, N, bucket), DECODE_DEFAULT_BLOCKS[block(bt, 16, 64)])
     bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
-    elt = torch.tensor([], dtype=dtype).element_size()
+    elt = dtype.itemsize
     while decode_smem(bn, bt, bk, stages, elt) > info.shared_memory and (stages > 2 or bk > 32):
         if stages > 2:
             stages -= 1
@@ -283,7 +283,7 @@ def prefill_launch(device: torch.device, dtype: torch.dtype,
     has no TMA or too little shared memory for them."""
     info = device_info(device)
     cfg = override or PrefillLaunch()
-    elt = torch.tensor([], dtype=dtype).element_size()
+    elt = dtype.itemsize
     if not info.has_tma or prefill_smem(cfg, elt) > info.shared_memory:
         return None
     return cfg
