@@ -40,7 +40,7 @@ from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.matcher import module_path
 from fx_passes.fusion.qkvz_lora_fusion import QkvzLoraFusionPass
 from fx_passes.ops.qkvz_gemm import weights_are_packed
-from fx_passes.packing import pack_pair, why_not_packable
+from fx_passes.packing import pack_weights, packing_choice
 from fx_passes.report import FROM_CACHE, NOT_RUN
 
 logger = logging.getLogger("fx_passes")
@@ -86,14 +86,16 @@ def _compose(ours: QkvzLoraFusionPass, theirs: Any) -> Any:
 @dataclasses.dataclass
 class _PackPlan:
     layer: str
-    w_qkv: torch.Tensor
-    w_z: torch.Tensor
+    weights: list   # W_qkv, W_z (, W_b, W_a): the prefix packing_choice picked
 
 
-def _graph_weight_pairs(gm: torch.fx.GraphModule, example_inputs: list, cfg: QkvzFusionConfig) -> list[_PackPlan]:
-    """The (W_qkv, W_z) parameter pairs of the GDN layers in a Dynamo graph, found by the linears'
-    module paths (``<layer>.<qkv_name>[.base_layer]`` / ``<layer>.<z_name>[...]``) as the pass finds them."""
-    proj = re.compile(rf"^(.*)\.({re.escape(cfg.qkv_name)}|{re.escape(cfg.z_name)})(\.base_layer)?$")
+def _graph_layer_weights(gm: torch.fx.GraphModule, example_inputs: list, cfg: QkvzFusionConfig
+                         ) -> dict[str, list[torch.Tensor]]:
+    """``{layer: [W_qkv, W_z(, W_b, W_a)]}``: the projection parameters of the GDN layers in a Dynamo graph,
+    found by the linears' module paths (``<layer>.<qkv_name>[.base_layer]``, ...) as the pass finds them;
+    b / a only when both are there and the pass folds them."""
+    names = [cfg.qkv_name, cfg.z_name] + ([cfg.b_name, cfg.a_name] if cfg.fold_ba else [])
+    proj = re.compile(rf"^(.*)\.({'|'.join(map(re.escape, names))})(\.base_layer)?$")
     placeholders = {node: i for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     found: dict[str, dict[str, list[torch.Tensor]]] = {}
     for node in gm.graph.nodes:
@@ -111,12 +113,13 @@ def _graph_weight_pairs(gm: torch.fx.GraphModule, example_inputs: list, cfg: Qkv
             continue
         if isinstance(tensor, torch.nn.Parameter):
             found.setdefault(match.group(1), {}).setdefault(match.group(2), []).append(tensor)
-    plans = []
+    layers = {}
     for layer, sides in found.items():
-        qkv, z = sides.get(cfg.qkv_name, []), sides.get(cfg.z_name, [])
-        if len(qkv) == 1 and len(z) == 1:
-            plans.append(_PackPlan(layer, qkv[0], z[0]))
-    return plans
+        weights = [sides.get(name, []) for name in names]
+        if all(len(w) == 1 for w in weights[:2]):
+            count = 4 if len(weights) == 4 and all(len(w) == 1 for w in weights[2:]) else 2
+            layers[layer] = [w[0] for w in weights[:count]]
+    return layers
 
 
 class FxPassesBackend:
@@ -184,26 +187,26 @@ class FxPassesBackend:
         if not self.config.pack_weights:
             return []
         plans, notes = [], {}
-        for plan in _graph_weight_pairs(gm, example_inputs, self.config):
-            if weights_are_packed(plan.w_qkv, plan.w_z):
+        for layer, weights in _graph_layer_weights(gm, example_inputs, self.config).items():
+            todo, note = packing_choice(weights)
+            if todo is None:
+                if not weights_are_packed(weights[:2]):
+                    notes[layer] = (0, note)
+                    logger.info("fx_passes backend: %s weights %s", layer, note)
                 continue
-            reason = why_not_packable(plan.w_qkv, plan.w_z)
-            if reason is None:
-                plans.append(plan)
-                notes[plan.layer] = (True, "packed by the fx_passes backend")
-            else:
-                notes[plan.layer] = (False, f"left unpacked: {reason}")
-                logger.info("fx_passes backend: %s weights left unpacked: %s", plan.layer, reason)
+            plans.append(_PackPlan(layer, todo))
+            notes[layer] = (len(todo), f"{note} by the fx_passes backend")
         self.fusion_pass.packing_notes = notes
         return plans
 
     def _pack(self, plans: list[_PackPlan]) -> None:
         for plan in plans:
-            if weights_are_packed(plan.w_qkv, plan.w_z) or why_not_packable(plan.w_qkv, plan.w_z):
-                continue
-            pack_pair(plan.w_qkv, plan.w_z)
+            todo, _ = packing_choice(plan.weights)
+            if todo is None or len(todo) != len(plan.weights):
+                continue   # changed since the plan (another compile packed them)
+            pack_weights(todo)
             self.packed_layers.append(plan.layer)
-            logger.debug("fx_passes backend: packed W_qkv / W_z of %s", plan.layer)
+            logger.debug("fx_passes backend: packed the projection weights of %s", plan.layer)
 
 
 def fx_passes_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], *, mode: Optional[str] = None,

@@ -13,8 +13,12 @@ class QkvzFusionConfig:
     """What the pass fuses and how it reports.
 
     qkv_name / z_name: the sibling projection module names inside a GDN layer.
-    qkvz_name: the one fused projection of vLLM >= 0.21 (``in_proj_qkvz``, 4 LoRA slices);
-        read only by the vLLM pass (:mod:`fx_passes.vllm_pass`).
+    b_name / a_name: its two small gate projections (``num_v_heads`` outputs each).
+    qkvz_name / ba_name: vLLM's merged projections (>= 0.21: ``in_proj_qkvz``, 4 LoRA slices;
+        ``in_proj_ba``, 2 slices); read only by the vLLM pass (:mod:`fx_passes.vllm_pass`).
+    fold_ba: fold the layer's b / a projections (and their LoRA, as two more slices) into its one op
+        when they read the same input; a layer whose b / a cannot be folded keeps the qkv / z rewrite,
+        with the reason in its report (``LayerMatch.ba_reason``).
     fuse_without_lora: fuse the base GEMM pair of a layer that has no LoRA at all.
     gemm_lora_op: a layer with exactly one LoRA op becomes ONE ``fx_passes.qkvz_gemm_lora`` (GEMM and
         LoRA in one op; on CUDA at decode the LoRA expand runs in the GEMM's epilogue) instead of
@@ -31,7 +35,11 @@ class QkvzFusionConfig:
 
     qkv_name: str = "in_proj_qkv"
     z_name: str = "in_proj_z"
+    b_name: str = "in_proj_b"
+    a_name: str = "in_proj_a"
     qkvz_name: str = "in_proj_qkvz"
+    ba_name: str = "in_proj_ba"
+    fold_ba: bool = True
     fuse_without_lora: bool = True
     gemm_lora_op: bool = True
     structural_fallback: bool = True

@@ -70,7 +70,8 @@ def add_lora(model: torch.nn.Module, r: int = 8, alpha: int = 16, targets: Seque
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=targets if isinstance(targets, str) else list(targets),
                         use_dora=use_dora, init_lora_weights=False)
     peft_model = get_peft_model(model, config, adapter_name=adapters[0],
                                 autocast_adapter_dtype=autocast_adapter_dtype)

@@ -23,11 +23,13 @@ class LayerMatch:
     qkv_node: Optional[str] = None          # the base in_proj_qkv GEMM
     z_node: Optional[str] = None            # the base in_proj_z GEMM
     identified_by: str = "module_path"      # or "structure"
-    slice_sizes: list[int] = dataclasses.field(default_factory=list)   # [key, key, value, value]
+    folded: list[str] = dataclasses.field(default_factory=list)   # the projections in the one op, in column order
+    ba_reason: Optional[str] = None         # why b / a were not folded in (the layer has them, or may)
+    slice_sizes: list[int] = dataclasses.field(default_factory=list)   # [key, key, value, value(, nv, nv)]
     adapters: list[str] = dataclasses.field(default_factory=list)      # one entry per LoRA op emitted
     lora_slices: list[list[str]] = dataclasses.field(default_factory=list)  # slices each LoRA op covers
     shared_a: bool = False                  # q, k, v share one A: their shrink runs once
-    weights_packed: Optional[bool] = None   # W_qkv, W_z adjacent in one buffer when the graph runs
+    weights_packed: Optional[bool] = None   # the op's weights adjacent in one buffer when the graph runs
     packing: Optional[str] = None           # who packed them, or why they stay unpacked
     kernel: Optional[str] = None            # which ops the layer now runs
     removed_nodes: list[str] = dataclasses.field(default_factory=list)
@@ -35,12 +37,14 @@ class LayerMatch:
 
     def line(self) -> str:
         if self.rewritten:
-            packed = {True: "packed", False: "NOT packed (2 GEMM launches)", None: "unknown"}[self.weights_packed]
+            packed = {True: "packed", False: "NOT packed (a GEMM launch per weight)",
+                      None: "unknown"}[self.weights_packed]
             if self.packing:
                 packed += f" ({self.packing})"
-            return (f"REWRITTEN {self.layer}: {self.qkv_node} + {self.z_node} -> {self.kernel}; "
+            ba = f"; b/a not folded: {self.ba_reason}" if self.ba_reason else ""
+            return (f"REWRITTEN {self.layer}: {' + '.join(self.folded) or self.qkv_node} -> {self.kernel}; "
                     f"slices {self.slice_sizes}; LoRA {self.lora_slices or 'none'}; "
-                    f"shared A for q,k,v: {self.shared_a}; weights {packed}")
+                    f"shared A for q,k,v: {self.shared_a}; weights {packed}{ba}")
         return f"SKIPPED   {self.layer}: at node {self.node}: {self.reason}"
 
 

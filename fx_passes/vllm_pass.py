@@ -49,12 +49,14 @@ class QkvzLoraFusionVllmPass(QkvzLoraFusionPass, _InductorPassBase):
                 if not (feeds_vllm_lora(c.qkv) or feeds_vllm_lora(c.z))]
 
     def match_and_rewrite(self, graph, report) -> None:
-        """vLLM's punica LoRA forms first (split in_proj_qkv / in_proj_z, or fused in_proj_qkvz, with
-        vllm::lora_shrink / lora_expand, see :mod:`fx_passes.fusion.vllm_lora_fusion`), then the
+        """vLLM's punica LoRA forms first (split in_proj_qkv / in_proj_z, or fused in_proj_qkvz, each with
+        in_proj_ba folded in, with vllm::lora_shrink / lora_expand, see
+        :mod:`fx_passes.fusion.vllm_lora_fusion`), then the
         HF/PEFT form on what is left. The base pass's lifecycle does the rest (one report, log, dump:
         the dump's before graph is the graph vLLM handed over)."""
         cfg = self.config
-        vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name, cfg.gemm_lora_op)(graph)
+        vllm_layers = VllmLoraFusion(cfg.qkv_name, cfg.z_name, cfg.qkvz_name, cfg.gemm_lora_op, cfg.ba_name,
+                                     cfg.fold_ba)(graph)
         report.layers.extend(vllm_layers)
         seen = {layer.layer for layer in vllm_layers}
         hf = GraphReport(report.pass_name, report.graph_index)

@@ -70,13 +70,21 @@ def compile_with_pass(model, *args, fusion_pass: Optional[RecordingPass] = None,
     return FusionRun(fusion_pass, fused, eager, unfused)
 
 
+GATES = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a"]
+
+
 def assert_fused(run: FusionRun, *, layers: int, lora_ops_per_layer: int, mm_removed: int,
-                 dtype: torch.dtype = torch.float32) -> None:
-    """Exactly ``layers`` rewrites, the mm count drop, the new ops, and the numerics."""
+                 dtype: torch.dtype = torch.float32, folded: Optional[list] = None) -> None:
+    """Exactly ``layers`` rewrites, each folding ``folded`` (default: all four GDN projections), the mm
+    count drop, the new ops, and the numerics."""
     rewritten = [layer for layer in run.layers if layer.rewritten]
     assert len(rewritten) == layers, [layer.line() for layer in run.layers]
     assert run.fusion_pass.matched_count == layers
     assert not [layer for layer in run.layers if not layer.rewritten], [l.line() for l in run.layers]
+    folded = GATES if folded is None else folded
+    assert all(layer.folded == folded for layer in rewritten), [l.line() for l in rewritten]
+    if folded == GATES:
+        assert all(layer.ba_reason is None for layer in rewritten), [l.line() for l in rewritten]
     assert run.op_count(MM, "before") - run.op_count(MM, "after") == mm_removed
     # one LoRA op per layer: GEMM + LoRA as ONE qkvz_gemm_lora (QkvzFusionConfig.gemm_lora_op, the default);
     # no LoRA: qkvz_gemm alone; several LoRA ops: qkvz_gemm + one qkvz_lora_ each
@@ -126,4 +134,4 @@ def gdn_projections(z_input_offset: float = 0.0) -> GdnProjections:
     return GdnProjections(model.base_model.model.model.layers[0].linear_attn, z_input_offset)
 
 
-__all__ = ["GdnProjections", "gdn_projections", "DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]
+__all__ = ["GATES", "GdnProjections", "gdn_projections", "DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]

@@ -78,22 +78,24 @@ def test_composed_pass_uuid_joins_both_or_none():
 def test_backend_packs_weights_after_compiling_and_reports_it():
     model = gdn_projections()
     w_qkv, w_z = _weights(model)
-    assert not weights_are_packed(w_qkv, w_z)
+    assert not weights_are_packed([w_qkv, w_z])
     before = (w_qkv.detach().clone(), w_z.detach().clone())
     backend = FxPassesBackend()
     _compile(backend, model, torch.randn(6, 64))
-    assert weights_are_packed(w_qkv, w_z) and backend.packed_layers == ["linear_attn"]
+    assert weights_are_packed([w_qkv, w_z]) and backend.packed_layers == ["linear_attn"]
     assert torch.equal(w_qkv, before[0]) and torch.equal(w_z, before[1])
     (layer,) = backend.fusion_pass.reports[0].layers
-    assert layer.weights_packed is True and layer.packing == "packed by the fx_passes backend"
-    assert "weights packed (packed by the fx_passes backend)" in layer.line()
+    # the graph calls in_proj_qkv / in_proj_z only: those two are packed, b / a are not in the op
+    assert layer.weights_packed is True and layer.packing == "in_proj_qkv/in_proj_z packed by the fx_passes backend"
+    assert "weights packed (in_proj_qkv/in_proj_z packed by the fx_passes backend)" in layer.line()
+    assert layer.folded == ["in_proj_qkv", "in_proj_z"] and "found 0 and 0" in layer.ba_reason
 
 
 def test_backend_leaves_weights_alone_when_told():
     model = gdn_projections()
     backend = FxPassesBackend(QkvzFusionConfig(pack_weights=False))
     _compile(backend, model, torch.randn(6, 64))
-    assert not weights_are_packed(*_weights(model)) and backend.packed_layers == []
+    assert not weights_are_packed(_weights(model)) and backend.packed_layers == []
     (layer,) = backend.fusion_pass.reports[0].layers
     assert layer.rewritten and layer.weights_packed is False and "NOT packed" in layer.line()
 
@@ -104,7 +106,7 @@ def test_backend_does_not_pack_a_shared_weight_and_says_why():
     alias = w_z.view(-1)   # another tensor on W_z's storage (a tied weight, an optimizer's view, ...)  # noqa: F841
     backend = FxPassesBackend()
     _compile(backend, model, torch.randn(6, 64))
-    assert not weights_are_packed(w_qkv, w_z)
+    assert not weights_are_packed([w_qkv, w_z])
     (layer,) = backend.fusion_pass.reports[0].layers
     assert layer.rewritten and layer.weights_packed is False
     assert layer.packing.startswith("left unpacked: in_proj_z weight's storage is shared")
@@ -127,9 +129,9 @@ def test_why_not_packable(case):
         w_z = w_z.double()
     elif case == "shared":
         keep = w_qkv.view(-1)   # noqa: F841
-    reason = why_not_packable(w_qkv, w_z)
+    reason = why_not_packable([w_qkv, w_z])
     assert reason is not None, case
-    assert why_not_packable(torch.randn(12, 8), torch.randn(4, 8)) is None
+    assert why_not_packable([torch.randn(12, 8), torch.randn(4, 8)]) is None
 
 
 def test_pack_qkvz_weights_counts_only_what_is_packed():
@@ -141,7 +143,7 @@ def test_pack_qkvz_weights_counts_only_what_is_packed():
     shared.a.in_proj_qkv, shared.a.in_proj_z = w_qkv, torch.nn.Linear(8, 4, bias=False)
     shared.b.in_proj_qkv, shared.b.in_proj_z = w_qkv, torch.nn.Linear(8, 4, bias=False)
     assert pack_qkvz_weights(shared) == 1   # the second layer's W_qkv is now a view of the first's buffer
-    assert weights_are_packed(shared.a.in_proj_qkv.weight, shared.a.in_proj_z.weight)
+    assert weights_are_packed([shared.a.in_proj_qkv.weight, shared.a.in_proj_z.weight])
 
 
 def test_count_op_calls_reads_calls_not_comments():
@@ -176,7 +178,7 @@ def test_packed_weights_save_once_and_deepcopy_repacks_on_compile(tmp_path):
     assert whole.stat().st_size - own.stat().st_size >= w_qkv.numel() * w_qkv.element_size()
 
     clone = copy.deepcopy(model)
-    assert not weights_are_packed(*_weights(clone))
+    assert not weights_are_packed(_weights(clone))
     backend = FxPassesBackend()
     _compile(backend, clone, torch.randn(6, 64))
-    assert weights_are_packed(*_weights(clone)) and backend.fusion_pass.matched_count == 1
+    assert weights_are_packed(_weights(clone)) and backend.fusion_pass.matched_count == 1

@@ -68,7 +68,7 @@ def _check_case(case: dict, warm: bool) -> None:
     assert len(layers) == GDN_LAYERS and all(layer["rewritten"] for layer in layers), [r["summary"] for r in reports]
     mm_removed = sum(r["ops_before"].get("aten.mm.default", 0) - r["ops_after"].get("aten.mm.default", 0)
                      for r in reports)
-    assert mm_removed == 6 * GDN_LAYERS, (name, mm_removed)   # per layer: 2 base + 2 shrink + 2 expand mms
+    assert mm_removed == 8 * GDN_LAYERS, (name, mm_removed)   # per layer: 4 base (qkv, z, b, a) + 2 shrink + 2 expand mms
     assert all(layer["weights_packed"] for layer in layers), [layer["packing"] for layer in layers]
     if case["user_pass_calls"] is not None:   # the user's post pass ran, after ours
         assert case["user_pass_calls"] and all(n >= GDN_LAYERS for n in case["user_pass_calls"]), case

@@ -11,6 +11,7 @@ SPEC = TinyQwen35Spec()            # 4 decoder layers, 2 of them GDN
 GDN = SPEC.num_gdn_layers
 
 
+ALL_FOUR = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
 # form -> (model kwargs, lora kwargs, lora ops per layer, LoRA terms per layer, compare with unfused compile)
 FORMS = {
     "fp32": (dict(), dict(), 1, 2, True),
@@ -20,7 +21,17 @@ FORMS = {
     "lora_on_qkv_only": (dict(), dict(targets=("in_proj_qkv",)), 1, 1, False),
     "lora_on_z_only": (dict(), dict(targets=("in_proj_z",)), 1, 1, False),
     "moe": (dict(moe=True), dict(), 1, 2, True),
+    # b / a with their own LoRA: six slices q | k | v | z | b | a in four A groups
+    "lora_on_all_four": (dict(), dict(targets=ALL_FOUR), 1, 4, True),
+    "lora_on_all_four_bf16": (dict(dtype=torch.bfloat16), dict(targets=ALL_FOUR), 1, 4, True),
+    "lora_on_all_four_moe_two_adapters": (dict(moe=True), dict(targets=ALL_FOUR, adapters=("default", "second")),
+                                          2, 8, True),
+    "lora_on_b_and_a_only": (dict(), dict(targets=("in_proj_b", "in_proj_a")), 1, 2, True),
+    "lora_on_z_and_a": (dict(), dict(targets=("in_proj_z", "in_proj_a")), 1, 2, False),
+    "all_linear": (dict(), dict(targets="all-linear"), 1, 4, True),
 }
+
+SLICES = {"in_proj_qkv": ["q", "k", "v"], "in_proj_z": ["z"], "in_proj_b": ["b"], "in_proj_a": ["a"]}
 
 
 @pytest.mark.parametrize("form", list(FORMS))
@@ -30,18 +41,23 @@ def test_peft_forms_fuse_every_gdn_layer(form):
     spec = TinyQwen35Spec(moe=model_kwargs.pop("moe", False))
     model = add_lora(build_tiny_qwen35(spec, **model_kwargs), **lora_kwargs)
     run = compile_with_pass(model, input_ids=example_inputs(spec), compare_unfused=compare_unfused)
-    assert_fused(run, layers=GDN, lora_ops_per_layer=lora_ops, mm_removed=GDN * (2 + 2 * lora_terms),
+    assert_fused(run, layers=GDN, lora_ops_per_layer=lora_ops, mm_removed=GDN * (4 + 2 * lora_terms),
                  dtype=model_kwargs.get("dtype", torch.float32))
     for layer in run.layers:
         assert layer.identified_by == "module_path" and ".linear_attn" in layer.layer
-        assert layer.slice_sizes == [SPEC.key_dim, SPEC.key_dim, SPEC.value_dim, SPEC.value_dim]
-        assert layer.shared_a == (lora_kwargs.get("targets", ("in_proj_qkv",))[0] == "in_proj_qkv")
+        assert layer.slice_sizes == [SPEC.key_dim, SPEC.key_dim, SPEC.value_dim, SPEC.value_dim,
+                                     SPEC.linear_num_value_heads, SPEC.linear_num_value_heads]
+        targets = lora_kwargs.get("targets", ("in_proj_qkv", "in_proj_z"))
+        targets = ALL_FOUR if targets == "all-linear" else targets
+        assert layer.shared_a == ("in_proj_qkv" in targets)
+        if lora_ops == 1:   # the slices of every targeted projection, in column order
+            assert layer.lora_slices == [[s for name in ALL_FOUR if name in targets for s in SLICES[name]]]
 
 
 def test_no_lora_still_fuses_the_base_pair():
     model = build_tiny_qwen35(SPEC)
     run = compile_with_pass(model, input_ids=example_inputs(SPEC))
-    assert_fused(run, layers=GDN, lora_ops_per_layer=0, mm_removed=2 * GDN)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=0, mm_removed=4 * GDN)
 
 
 def test_dynamic_shapes_with_tensor_scale():
@@ -49,7 +65,7 @@ def test_dynamic_shapes_with_tensor_scale():
     model = add_lora(build_tiny_qwen35(SPEC))
     run = compile_with_pass(model, input_ids=example_inputs(SPEC, seq=7), dynamic=True, compare_unfused=True)
     # qkv and z scales are two graph inputs the pass cannot prove equal: one LoRA op each
-    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=GDN * 6)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=GDN * 8)
     assert all(layer.lora_slices == [["q", "k", "v"], ["z"]] for layer in run.layers)
 
 
@@ -59,7 +75,7 @@ def test_packed_weights_are_seen_at_compile_time():
     model = add_lora(build_tiny_qwen35(SPEC))
     assert pack_qkvz_weights(model) == GDN
     run = compile_with_pass(model, input_ids=example_inputs(SPEC))
-    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 6)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 8)
     assert all(layer.weights_packed for layer in run.layers)
 
 
@@ -72,7 +88,7 @@ def test_structural_fallback_without_module_paths():
     model = add_lora(build_tiny_qwen35(SPEC))
     run = compile_with_pass(model, input_ids=example_inputs(SPEC),
                             fusion_pass=RecordingPass(before_hook=strip_module_paths))
-    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 6)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=GDN * 8)
     assert all(layer.identified_by == "structure" for layer in run.layers)
 
 

@@ -53,7 +53,7 @@ def _lora_modules(model, kind):
 def test_ranks_above_128_are_rewritten(config, lora_ops):
     model = _peft(build_tiny_qwen35(SPEC), **config)
     run = compile_with_pass(model, input_ids=example_inputs(SPEC), compare_unfused=True)
-    assert_fused(run, layers=GDN, lora_ops_per_layer=lora_ops, mm_removed=6 * GDN)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=lora_ops, mm_removed=8 * GDN)
 
 
 @pytest.mark.parametrize("lora", [True, False])
@@ -62,8 +62,8 @@ def test_bias_on_the_projections_is_kept(lora):
     if lora:
         model = _peft(model)
     run = compile_with_pass(model, input_ids=example_inputs(SPEC), compare_unfused=True)
-    # the base GEMMs with bias are addmm(bias, x, W.T): only the LoRA mms count as mm
-    assert_fused(run, layers=GDN, lora_ops_per_layer=1 if lora else 0, mm_removed=(4 if lora else 0) * GDN)
+    # the base GEMMs with bias are addmm(bias, x, W.T): the LoRA mms and b / a (no bias) count as mm
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1 if lora else 0, mm_removed=(6 if lora else 2) * GDN)
     assert run.op_count("aten.addmm.default", "before") - run.op_count("aten.addmm.default", "after") == 2 * GDN
 
 
@@ -74,7 +74,7 @@ def test_strided_adapter_parameters_are_rewritten():
         module.weight = torch.nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=weight.requires_grad)
         assert module.weight.stride(-1) != 1
     run = compile_with_pass(model, input_ids=example_inputs(SPEC), compare_unfused=True)
-    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=6 * GDN)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=8 * GDN)
 
 
 def test_autocast_is_rewritten():
@@ -111,8 +111,8 @@ def test_rank_1_with_one_token_is_rewritten(dtype):
     a second form of the shrink the matcher reads."""
     model = _peft(build_tiny_qwen35(SPEC, dtype=dtype), r=1)
     run = compile_with_pass(model, input_ids=example_inputs(SPEC, batch=1, seq=1), compare_unfused=True)
-    # 2 base GEMMs + 2 expands are mms; the 2 shrinks are the dot form
-    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=4 * GDN, dtype=dtype)
+    # 4 base GEMMs + 2 expands are mms; the 2 shrinks are the dot form
+    assert_fused(run, layers=GDN, lora_ops_per_layer=1, mm_removed=6 * GDN, dtype=dtype)
     assert run.op_count("aten.sum.dim_IntList", "before") - run.op_count("aten.sum.dim_IntList", "after") == 2 * GDN
 
 
@@ -125,6 +125,6 @@ def test_rank_1_expand_as_outer_product_is_rewritten():
     cfg = property_check.draw(286)
     assert cfg.z_rank == 1 and cfg.targets == ("in_proj_z",) and cfg.adapters == 2
     run = compile_with_pass(property_check.build(cfg), **property_check.inputs(cfg), compare_unfused=True)
-    # mms: 2 base GEMMs + the 2 adapters' shrinks; the 2 expands are muls (2 more muls: the scales)
-    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=4 * GDN)
+    # mms: 4 base GEMMs + the 2 adapters' shrinks; the 2 expands are muls (2 more muls: the scales)
+    assert_fused(run, layers=GDN, lora_ops_per_layer=2, mm_removed=6 * GDN)
     assert run.op_count("aten.mul.Tensor", "before") - run.op_count("aten.mul.Tensor", "after") == 4 * GDN

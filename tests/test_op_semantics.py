@@ -21,10 +21,10 @@ BAD_IDS = [2 ** 32, 2 ** 32 + 1, -5, 3, 1000, -(2 ** 40)]    # with L = 3: none 
 
 
 def _ids_case(T=11, dtype=torch.float16):
-    args = list(_case(T, "qkvz", dtype, adapters=3, seed=3))
-    ids = args[7].to(torch.int64)
+    args = list(_case(T, "qkvzba", dtype, adapters=3, seed=3))
+    ids = args[6].to(torch.int64)
     ids[: len(BAD_IDS)] = torch.tensor(BAD_IDS)
-    args[7] = ids
+    args[6] = ids
     valid = torch.where((ids >= 0) & (ids < 3), ids, -1)
     return args, valid
 
@@ -43,17 +43,17 @@ IMPLEMENTATIONS = {
 
 
 def _packed_args(args):
-    return (args[0], *_packed(args[1], args[2]), *args[3:])
+    return (args[0], _packed(args[1]), *args[2:])
 
 
-def _prefill(x, w_qkv, w_z, *lora_args):
-    return gemm_lora_prefill(x, w_qkv, w_z, LoraSlices.of(*lora_args),
+def _prefill(x, weights, *lora_args):
+    return gemm_lora_prefill(x, weights, LoraSlices.of(*lora_args),
                              config=PrefillLaunch(16, 16, 16, 2, 4, num_programs=2))
 
 
 def _two_op(args):
-    out = torch.ops.fx_passes.qkvz_gemm(args[0], args[1], args[2])
-    lora_shrink_expand_(out, args[0], LoraSlices.of(*args[3:], 1.5))
+    out = torch.ops.fx_passes.qkvz_gemm(args[0], args[1])
+    lora_shrink_expand_(out, args[0], LoraSlices.of(*args[2:], 1.5))
     return out
 
 
@@ -64,10 +64,16 @@ def test_out_of_range_and_int64_ids_select_no_adapter(impl):
     args, valid = _ids_case()
     got = IMPLEMENTATIONS[impl](args)
     want_args = list(args)
-    want_args[7] = valid
-    want = _cpu_op([a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in want_args])
+    want_args[6] = valid
+
+    def fp32(a):
+        if isinstance(a, list):
+            return [fp32(t) for t in a]
+        return a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+
+    want = _cpu_op([fp32(a) for a in want_args])
     _assert_close(got, want, torch.float16)
-    base = torch.ops.fx_passes.qkvz_gemm(args[0].float(), args[1].float(), args[2].float())
+    base = torch.ops.fx_passes.qkvz_gemm(args[0].float(), fp32(args[1]))
     rows = (valid < 0).nonzero().flatten()
     assert rows.numel() >= len(BAD_IDS)
     _assert_close(got[rows], base[rows], torch.float16)
@@ -98,13 +104,13 @@ def _big_rank_case(ranks, T=5, adapters=None, dtype=torch.float32, strided=False
     if adapters is not None:
         ids = torch.tensor([0, -1, adapters - 1, 1, 0][:T])
         scales = torch.rand(adapters, generator=g) + 0.5
-    return [x, w_qkv, w_z, a, b, [0, 0, 0, 1], [0, key, 2 * key, n_qkv], ids, scales]
+    return [x, [w_qkv, w_z], a, b, [0, 0, 0, 1], [0, key, 2 * key, n_qkv], ids, scales]
 
 
 def _math(args, scale):
     """The op's definition in plain fp64 math."""
-    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = args
-    out = torch.cat([x.double() @ w_qkv.double().t(), x.double() @ w_z.double().t()], 1)
+    x, weights, a, b, slice_a, starts, ids, scales = args
+    out = torch.cat([x.double() @ w.double().t() for w in weights], 1)
     T = x.shape[0]
     for t in range(T):
         lid = 0 if ids is None else int(ids[t])
@@ -133,14 +139,14 @@ def test_any_rank_and_strided_adapters(ranks, adapters, strided, impl):
     elif impl == "cuda_dispatch":
         got = _qkvz_gemm_lora_cuda(*args, 0.5)
     else:
-        got = torch.ops.fx_passes.qkvz_gemm(*args[:3])
-        _qkvz_lora_cuda(got, args[0], *args[3:], 0.5)
+        got = torch.ops.fx_passes.qkvz_gemm(*args[:2])
+        _qkvz_lora_cuda(got, args[0], *args[2:], 0.5)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def test_kernel_calls_split_ranks_and_copy_strided_adapters():
     args = _big_rank_case((300, 8), strided=True)
-    a, b, slice_a, starts = args[3:7]
+    a, b, slice_a, starts = args[2:6]
     calls = kernel_calls(a, b, slice_a, starts)
     assert len(calls) == 3                                      # ranks 128 + 128 + 44 of the shared A
     assert [len(c[1]) for c in calls] == [4, 3, 3]              # z (rank 8) only in the first chunk
@@ -149,11 +155,11 @@ def test_kernel_calls_split_ranks_and_copy_strided_adapters():
         assert all(t.stride(-1) == 1 and t.shape[-1] <= 128 for t in cb)
         assert ss == starts[:len(cb)] and max(sa) < len(ca)
     plain = _big_rank_case((16, 16))
-    (one,) = kernel_calls(*plain[3:7])
-    assert one[0][0] is plain[3][0] and one[1][3] is plain[4][3]   # the common case copies nothing
+    (one,) = kernel_calls(*plain[2:6])
+    assert one[0][0] is plain[2][0] and one[1][3] is plain[3][3]   # the common case copies nothing
 
 
 def test_opcheck_with_big_rank_strided_adapters_and_int64_ids():
     args = _big_rank_case((140, 8), adapters=2, strided=True)
-    args[7] = torch.tensor([0, 2 ** 32, -1, 1, 5])
+    args[6] = torch.tensor([0, 2 ** 32, -1, 1, 5])
     torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_lora.default, (*args, 2.0))

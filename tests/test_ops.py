@@ -59,9 +59,11 @@ def test_opcheck_qkvz_lora(adapters):
     torch.library.opcheck(torch.ops.fx_passes.qkvz_lora_.default, (out, x, a, b, slice_a, starts, ids, scales, 2.0))
 
 
-def test_opcheck_qkvz_gemm():
-    x, w_qkv, w_z = torch.randn(5, HIDDEN), torch.randn(N_QKV, HIDDEN), torch.randn(VALUE, HIDDEN)
-    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm.default, (x, w_qkv, w_z))
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_opcheck_qkvz_gemm(count):
+    x = torch.randn(5, HIDDEN)
+    weights = [torch.randn(n, HIDDEN) for n in (N_QKV, VALUE, 3, 3)[:count]]
+    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm.default, (x, weights))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -91,17 +93,27 @@ def test_qkvz_lora_out_of_range_adapter_ids_select_no_adapter():
 
 
 def test_qkvz_gemm_packed_and_unpacked_agree():
+    from fx_passes.ops.qkvz_gemm import packed_runs
+
     x = torch.randn(7, HIDDEN)
-    packed = torch.randn(N_QKV + VALUE, HIDDEN)
-    w_qkv, w_z = packed[:N_QKV], packed[N_QKV:]
-    assert weights_are_packed(w_qkv, w_z)
-    assert not weights_are_packed(w_qkv.clone(), w_z.clone())
-    assert not weights_are_packed(w_z, w_qkv)
+    packed = torch.randn(N_QKV + VALUE + 6, HIDDEN)
+    w_qkv, w_z, w_b, w_a = packed[:N_QKV], packed[N_QKV:-6], packed[-6:-3], packed[-3:]
+    assert weights_are_packed([w_qkv, w_z]) and weights_are_packed([w_qkv, w_z, w_b, w_a])
+    assert not weights_are_packed([w_qkv.clone(), w_z.clone()])
+    assert not weights_are_packed([w_z, w_qkv])
+    assert not weights_are_packed([w_qkv, w_z, w_a, w_b])
+    assert packed_runs([w_qkv, w_z, w_b.clone(), w_a.clone()]) == [(0, 2), (2, 1), (3, 1)]
+    assert packed_runs([w_qkv.clone(), w_z, w_b, w_a]) == [(0, 1), (1, 3)]
     want = x @ packed.t()
-    torch.testing.assert_close(torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z), want)
-    torch.testing.assert_close(torch.ops.fx_passes.qkvz_gemm(x, w_qkv.clone(), w_z.clone()), want)
+    weights = [w_qkv, w_z, w_b, w_a]
+    for layout in (weights, [w.clone() for w in weights], [w_qkv, w_z, w_b.clone(), w_a],
+                   [w_qkv.clone(), w_z, w_b, w_a]):
+        torch.testing.assert_close(torch.ops.fx_passes.qkvz_gemm(x, layout), want)
+    torch.testing.assert_close(torch.ops.fx_passes.qkvz_gemm(x, [w_qkv, w_z]), want[:, :N_QKV + VALUE])
     with pytest.raises(RuntimeError, match="dtypes differ"):
-        torch.ops.fx_passes.qkvz_gemm(x, w_qkv.double(), w_z)
+        torch.ops.fx_passes.qkvz_gemm(x, [w_qkv.double(), w_z])
+    with pytest.raises(RuntimeError, match="need 1..8 weights"):
+        torch.ops.fx_passes.qkvz_gemm(x, [w_a] * 9)
 
 
 def test_pack_qkvz_weights_is_memory_neutral_and_keeps_the_model():
@@ -115,8 +127,9 @@ def test_pack_qkvz_weights_is_memory_neutral_and_keeps_the_model():
     params_before = [id(p) for p in model.parameters()]
     assert pack_qkvz_weights(model) == spec.num_gdn_layers
     gdn = model.base_model.model.model.layers[0].linear_attn
-    w_qkv, w_z = gdn.in_proj_qkv.base_layer.weight, gdn.in_proj_z.base_layer.weight
-    assert weights_are_packed(w_qkv, w_z)
+    weights = [gdn.in_proj_qkv.base_layer.weight, gdn.in_proj_z.base_layer.weight, gdn.in_proj_b.weight,
+               gdn.in_proj_a.weight]
+    assert weights_are_packed(weights)   # all four: the op's one GEMM over [W_qkv; W_z; W_b; W_a]
     assert [id(p) for p in model.parameters()] == params_before          # same Parameter objects
     unique = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
     assert sum(unique.values()) == bytes_before                            # no second copy of any weight

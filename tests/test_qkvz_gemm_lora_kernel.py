@@ -24,26 +24,32 @@ from fx_passes.ops.qkvz_lora import qkvz_lora_reference  # noqa: E402
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 KEY, VALUE, HIDDEN = 16, 24, 40            # H = 40: K chunks of 16 leave a masked tail
 N_QKV = 2 * KEY + VALUE
+NV = 8                                     # b / a: num_v_heads outputs each (far below one column tile)
+N_ALL = N_QKV + VALUE + 2 * NV
 SMALL = dict(block_n=16, block_k=16, block_t=16, num_stages=2, num_warps=4)
 # the interpreter plans as for the device the tuning data was measured on (tuning.OFF_GPU_DEVICE)
 ACCUMULATE_MIN_T = tuning.tuning_for(tuning.OFF_GPU_DEVICE).accumulate_min_t
 
-# which projections carry LoRA -> (lora_b row ranges of B_qkv / B_z, slice_a, slice_start)
+# which projections carry LoRA -> (lora_b row ranges of B_qkv / B_z / B_b / B_a, slice_a, slice_start, weights:
+# 2 = [W_qkv, W_z], 4 = [W_qkv, W_z, W_b, W_a])
 LAYOUTS = {
     "qkvz": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE)],
-             [0, 0, 0, 1], [0, KEY, 2 * KEY, N_QKV]),
-    "qkv_only": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV)], [0, 0, 0], [0, KEY, 2 * KEY]),
-    "z_only": ([("z", 0, VALUE)], [1], [N_QKV]),
+             [0, 0, 0, 1], [0, KEY, 2 * KEY, N_QKV], 2),
+    "qkv_only": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV)], [0, 0, 0], [0, KEY, 2 * KEY], 2),
+    "z_only": ([("z", 0, VALUE)], [1], [N_QKV], 2),
     "four_groups": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE)],
-                    [0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV]),   # vLLM: a distinct A per slice
-    # six slices in four A groups (q, k, v share one; three slices of z's columns stand in for z, b, a):
-    # the q | k | v | z | b | a layout of a GDN layer whose b / a projections are folded in
-    "six_slices": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, 8), ("z", 8, 16),
-                    ("z", 16, VALUE)], [0, 0, 0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV, N_QKV + 8, N_QKV + 16]),
+                    [0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV], 2),   # vLLM: a distinct A per slice
+    # a GDN layer with b / a folded in: four weights, six slices q | k | v | z | b | a in four A groups
+    "qkvzba": ([("qkv", 0, KEY), ("qkv", KEY, 2 * KEY), ("qkv", 2 * KEY, N_QKV), ("z", 0, VALUE), ("b", 0, NV),
+                ("a", 0, NV)], [0, 0, 0, 1, 2, 3], [0, KEY, 2 * KEY, N_QKV, N_QKV + VALUE, N_QKV + VALUE + NV], 4),
+    # four weights, LoRA on b / a only (the qkv / z columns are the GEMM alone)
+    "ba_only": ([("b", 0, NV), ("a", 0, NV)], [2, 3], [N_QKV + VALUE, N_QKV + VALUE + NV], 4),
 }
+ROWS = {"qkv": N_QKV, "z": VALUE, "b": NV, "a": NV}
 
 
 def _case(T, layout, dtype, *, adapters=None, rank=8, ab_dtype=None, seed=0):
+    """``(x, weights, lora_a, lora_b, slice_a, slice_start, ids, scales)``."""
     g = torch.Generator().manual_seed(seed)
     ab_dtype = ab_dtype or dtype
     lead = () if adapters is None else (adapters,)
@@ -52,12 +58,14 @@ def _case(T, layout, dtype, *, adapters=None, rank=8, ab_dtype=None, seed=0):
         return (torch.randn(*shape, generator=g) * scale).to(dt)
 
     x = rnd(T, HIDDEN)
-    w_qkv, w_z = rnd(N_QKV, HIDDEN, scale=HIDDEN ** -0.5), rnd(VALUE, HIDDEN, scale=HIDDEN ** -0.5)
-    spans, slice_a, slice_start = LAYOUTS[layout]
+    spans, slice_a, slice_start, n_weights = LAYOUTS[layout]
+    names = ["qkv", "z", "b", "a"][:n_weights]
+    weights = [rnd(ROWS[name], HIDDEN, scale=HIDDEN ** -0.5) for name in names]
     n_groups = max(slice_a) + 1
     lora_a = [rnd(*lead, rank, HIDDEN, scale=HIDDEN ** -0.5, dt=ab_dtype) for _ in range(n_groups)]
-    b_qkv, b_z = rnd(*lead, N_QKV, rank, scale=rank ** -0.5, dt=ab_dtype), rnd(*lead, VALUE, rank, dt=ab_dtype)
-    lora_b = [(b_qkv if which == "qkv" else b_z)[..., lo:hi, :] for which, lo, hi in spans]
+    full_b = {name: rnd(*lead, ROWS[name], rank, scale=rank ** -0.5 if name == "qkv" else 1.0, dt=ab_dtype)
+              for name in names}
+    lora_b = [full_b[which][..., lo:hi, :] for which, lo, hi in spans]
     ids = scales = None
     if adapters is not None:
         ids = torch.randint(-1, adapters, (T,), generator=g)
@@ -65,18 +73,22 @@ def _case(T, layout, dtype, *, adapters=None, rank=8, ab_dtype=None, seed=0):
         if T > 1:
             ids[-1] = -1             # ... and one without any
         scales = torch.rand(adapters, generator=g) + 0.5
-    return x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales
+    return x, weights, lora_a, lora_b, slice_a, slice_start, ids, scales
 
 
-def _decode(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales, scale, **force):
+def _decode(x, weights, lora_a, lora_b, slice_a, slice_start, ids, scales, scale, **force):
     """The decode kernel with a forced launch (``force``: tuning.decode_launch's arguments)."""
     lora = LoraSlices.of(lora_a, lora_b, slice_a, slice_start, ids, scales, scale)
-    return gemm_lora_decode(x, w_qkv, w_z, lora, config=plan_decode(x, w_qkv, w_z, lora, **force))
+    return gemm_lora_decode(x, weights, lora, config=plan_decode(x, weights, lora, **force))
 
 
-def _reference(x, w_qkv, w_z, lora_a, lora_b, slice_a, slice_start, ids, scales, scale):
+def _base(x, weights):
+    return torch.cat([x.float() @ w.float().t() for w in weights], 1)
+
+
+def _reference(x, weights, lora_a, lora_b, slice_a, slice_start, ids, scales, scale):
     """fp32 base product + the LoRA reference, rounded once (what the fused kernel computes)."""
-    out = torch.cat([x.float() @ w_qkv.float().t(), x.float() @ w_z.float().t()], 1)
+    out = _base(x, weights)
     qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, ids, scales, scale)
     return out
 
@@ -92,7 +104,7 @@ def _assert_close(got, want, dtype):
 def test_fused_kernel_matches_reference(T, layout, dtype):
     args = _case(T, layout, dtype)
     got = _decode(*args, 0.75, **SMALL)
-    assert got.shape == (T, N_QKV + VALUE) and got.dtype == dtype
+    assert got.shape == (T, sum(w.shape[0] for w in args[1])) and got.dtype == dtype
     _assert_close(got, _reference(*args, 0.75), dtype)
 
 
@@ -104,19 +116,18 @@ def test_fused_kernel_matches_reference(T, layout, dtype):
 @pytest.mark.parametrize("rank", [8, 64])
 def test_fused_kernel_mixed_adapters(T, rank, adapters, block_t, adapter_tiles):
     args = _case(T, "qkvz", torch.float16, adapters=adapters, rank=rank, seed=T)
-    ids = args[7]
+    ids = args[6]
     if T > 2:
         ids[1] = adapters + 1    # an id >= L: no adapter, nothing read out of bounds
     got = _decode(*args, 1.5, **dict(SMALL, block_t=block_t, adapter_tiles=adapter_tiles))
     ref_args = list(args)
-    ref_args[7] = torch.where(ids >= adapters, -1, ids)   # the same: no adapter
+    ref_args[6] = torch.where(ids >= adapters, -1, ids)   # the same: no adapter
     _assert_close(got, _reference(*ref_args, 1.5), torch.float16)
     if T == 1:   # the one token has the last adapter
         return
     no_adapter = ((ids < 0) | (ids >= adapters)).nonzero().flatten()   # exactly the base product
     assert no_adapter.numel() > 0   # _case gives the last token no adapter
-    base = torch.cat([args[0].float() @ args[1].float().t(), args[0].float() @ args[2].float().t()], 1)
-    _assert_close(got[no_adapter], base[no_adapter], torch.float16)
+    _assert_close(got[no_adapter], _base(args[0], args[1])[no_adapter], torch.float16)
 
 
 def test_fused_kernel_fp32_adapters_on_fp16_base():
@@ -133,63 +144,74 @@ def test_fused_kernel_default_launch_config():
 
 
 def test_plan_segments_cuts_at_weight_and_slice_boundaries():
-    x, w_qkv, w_z, _, lora_b, _, starts, _, _ = _case(1, "z_only", torch.float32)
-    segments = plan_segments(w_qkv, w_z, lora_b, starts)
+    x, weights, _, lora_b, _, starts, _, _ = _case(1, "z_only", torch.float32)
+    w_qkv, w_z = weights
+    segments = plan_segments(weights, lora_b, starts)
     assert [(s.start, s.n, s.lora_slice) for s in segments] == [(0, N_QKV, None), (N_QKV, VALUE, 0)]
     # a slice straddling the W_qkv / W_z boundary is split in two segments with matching B rows
     b = torch.randn(2 * VALUE, 4)
-    segments = plan_segments(w_qkv, w_z, [b], [N_QKV - VALUE])
+    segments = plan_segments(weights, [b], [N_QKV - VALUE])
     assert [(s.start, s.n, s.lora_slice) for s in segments] == [
         (0, N_QKV - VALUE, None), (N_QKV - VALUE, VALUE, 0), (N_QKV, VALUE, 0)]
     assert segments[2].b.data_ptr() == b[VALUE:].data_ptr()
+    # four weights, b / a with LoRA: every weight and slice boundary, each segment's rows of its weight
+    _, weights4, _, lora_b4, _, starts4, _, _ = _case(1, "qkvzba", torch.float32)
+    segments = plan_segments(weights4, lora_b4, starts4)
+    assert [(s.start, s.n, s.lora_slice) for s in segments] == [
+        (0, KEY, 0), (KEY, KEY, 1), (2 * KEY, VALUE, 2), (N_QKV, VALUE, 3), (N_QKV + VALUE, NV, 4),
+        (N_QKV + VALUE + NV, NV, 5)]
+    assert segments[5].w.data_ptr() == weights4[3].data_ptr() and segments[1].w.data_ptr() == weights4[0][KEY:].data_ptr()
     # more than MAX_SEGMENTS segments (here 10: 4 gaps, 4 slices, 2 weight tails) do not fit the kernel:
     # the op falls back to GEMM + qkvz_lora_
     small = [torch.randn(4, 4)] * 4
-    assert MAX_SEGMENTS < 10 and plan_segments(w_qkv, w_z, small, [2, 10, 20, 30]) is None
-    assert len(plan_segments(w_qkv, w_z, small[:2], [2, 10])) == 6
+    assert MAX_SEGMENTS < 10 and plan_segments(weights, small, [2, 10, 20, 30]) is None
+    assert len(plan_segments(weights, small[:2], [2, 10])) == 6
     # nor does a weight whose K dim is strided (the kernel assumes unit stride along K)
     w_t = torch.randn(HIDDEN, N_QKV).t()
     assert w_t.shape == w_qkv.shape and w_t.stride(1) != 1
-    assert plan_segments(w_t, w_z, lora_b, starts) is None
+    assert plan_segments([w_t, w_z], lora_b, starts) is None
 
 
 # ----------------------------------------------------------------------------- large-T (prefill) path
-def _packed(w_qkv, w_z):
-    buf = torch.cat([w_qkv, w_z])
-    return buf[:w_qkv.shape[0]], buf[w_qkv.shape[0]:]
+def _packed(weights):
+    buf, row, views = torch.cat(weights), 0, []
+    for w in weights:
+        views.append(buf[row:row + w.shape[0]])
+        row += w.shape[0]
+    return views
 
 
 @pytest.mark.parametrize("T", [70, ACCUMULATE_MIN_T + 3])
 @pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("layout, adapters", [("qkvz", None), ("qkvz", 3), ("four_groups", 2), ("qkv_only", 2)])
+@pytest.mark.parametrize("layout, adapters", [("qkvz", None), ("qkvz", 3), ("four_groups", 2), ("qkv_only", 2),
+                                              ("qkvzba", 2), ("ba_only", None)])
 def test_prefill_path_matches_reference(layout, adapters, packed, T, monkeypatch):
     """From ACCUMULATE_MIN_T tokens with full column coverage: LoRA delta written first, then the GEMM
     accumulates (beta = 1). Fewer tokens, or qkv_only (z columns without LoRA): GEMM, then the LoRA
     added. Same result either way."""
     accumulated = []
     monkeypatch.setattr(dispatch, "qkvz_gemm_accumulate_", lambda *a: accumulated.append(1) or qkvz_gemm_accumulate_(*a))
-    x, w_qkv, w_z, *rest = _case(T, layout, torch.float32, adapters=adapters, seed=3)
+    x, weights, *rest = _case(T, layout, torch.float32, adapters=adapters, seed=3)
     if packed:
-        w_qkv, w_z = _packed(w_qkv, w_z)
-        assert weights_are_packed(w_qkv, w_z)
-    args = (x, w_qkv, w_z, *rest)
+        weights = _packed(weights)
+        assert weights_are_packed(weights)
+    args = (x, weights, *rest)
     lora = LoraSlices.of(*rest, 1.25)
-    path = dispatch.gemm_lora_path(x, w_qkv, w_z, lora)
-    got = dispatch.gemm_lora(x, w_qkv, w_z, lora)
-    full = T >= ACCUMULATE_MIN_T and layout != "qkv_only"
+    path = dispatch.gemm_lora_path(x, weights, lora)
+    got = dispatch.gemm_lora(x, weights, lora)
+    full = T >= ACCUMULATE_MIN_T and layout not in ("qkv_only", "ba_only")
     assert bool(accumulated) == full and path == ("accumulate" if full else "gemm_then_lora")
     _assert_close(got, _reference(*args, 1.25), torch.float32)
     if adapters is not None:   # tokens with id -1 get exactly the base product (their delta rows are 0)
         rows = (rest[-2] == -1).nonzero().flatten()
-        base = torch.cat([x @ w_qkv.t(), x @ w_z.t()], 1)
-        _assert_close(got[rows], base[rows], torch.float32)
+        _assert_close(got[rows], _base(x, weights)[rows], torch.float32)
 
 
 @pytest.mark.parametrize("adapters", [None, 3])
 def test_lora_kernel_write_mode_stores_delta_without_reading_out(adapters):
     """``accumulate=False``: every row of the slices' columns is written (0 without an adapter); the
     NaNs the output held are never read."""
-    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(37, "qkvz", torch.float32, adapters=adapters)
+    x, weights, a, b, slice_a, starts, ids, scales = _case(37, "qkvz", torch.float32, adapters=adapters)
     out = torch.full((37, N_QKV + VALUE), float("nan"))
     lora_shrink_expand_(out, x, LoraSlices.of(a, b, slice_a, starts, ids, scales, 0.5), accumulate=False)
     want = torch.zeros_like(out)
@@ -218,27 +240,31 @@ def test_shrink_split_k_choice():
 
 
 # ------------------------------------------------------------------------------------------ the op
-def test_op_equals_qkvz_gemm_then_qkvz_lora():
-    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(6, "qkvz", torch.float32, adapters=2)
-    got = torch.ops.fx_passes.qkvz_gemm_lora(x, w_qkv, w_z, a, b, slice_a, starts, ids, scales, 0.5)
-    want = torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)
+@pytest.mark.parametrize("layout", ["qkvz", "qkvzba"])
+def test_op_equals_qkvz_gemm_then_qkvz_lora(layout):
+    x, weights, a, b, slice_a, starts, ids, scales = _case(6, layout, torch.float32, adapters=2)
+    got = torch.ops.fx_passes.qkvz_gemm_lora(x, weights, a, b, slice_a, starts, ids, scales, 0.5)
+    want = torch.ops.fx_passes.qkvz_gemm(x, weights)
     torch.ops.fx_passes.qkvz_lora_(want, x, a, b, slice_a, starts, ids, scales, 0.5)
     torch.testing.assert_close(got, want)
-    assert (got - torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z)).abs().max() > 1e-2   # the LoRA is not a no-op
+    delta = got - torch.ops.fx_passes.qkvz_gemm(x, weights)
+    for start, lora_b in zip(starts, b):   # the LoRA reaches every slice (b / a too)
+        assert delta[:, start:start + lora_b.shape[-2]].abs().max() > 1e-2
 
 
-@pytest.mark.parametrize("adapters", [None, 2])
-def test_opcheck_qkvz_gemm_lora(adapters):
-    x, w_qkv, w_z, a, b, slice_a, starts, ids, scales = _case(5, "qkvz", torch.float32, adapters=adapters)
+@pytest.mark.parametrize("layout, adapters", [("qkvz", None), ("qkvz", 2), ("qkvzba", 2)])
+def test_opcheck_qkvz_gemm_lora(layout, adapters):
+    x, weights, a, b, slice_a, starts, ids, scales = _case(5, layout, torch.float32, adapters=adapters)
     torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_lora.default,
-                          (x, w_qkv, w_z, a, b, slice_a, starts, ids, scales, 2.0))
+                          (x, weights, a, b, slice_a, starts, ids, scales, 2.0))
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda a: a.__setitem__(1, a[1].double()), "dtypes differ"),
+    (lambda a: a.__setitem__(1, [a[1][0].double(), a[1][1]]), "dtypes differ"),
     (lambda a: a.__setitem__(0, a[0][:, :-1]), "hidden size mismatch"),
-    (lambda a: a.__setitem__(6, [0, KEY, 2 * KEY, N_QKV + 1]), "outside out's"),
-    (lambda a: a.__setitem__(5, [0, 0, 0, 2]), "names no lora_a"),
+    (lambda a: a.__setitem__(5, [0, KEY, 2 * KEY, N_QKV + 1]), "outside out's"),
+    (lambda a: a.__setitem__(4, [0, 0, 0, 2]), "names no lora_a"),
+    (lambda a: a.__setitem__(1, []), "need 1..8 weights"),
 ])
 def test_op_bad_input_raises_clear_error(mutate, message):
     args = list(_case(4, "qkvz", torch.float32))

@@ -15,7 +15,7 @@ import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
 QKVZ_GEMM_OP = torch.ops.fx_passes.qkvz_gemm.default
 QKVZ_LORA_OP = torch.ops.fx_passes.qkvz_lora_.default
 QKVZ_GEMM_LORA_OP = torch.ops.fx_passes.qkvz_gemm_lora.default
-SLICE_NAMES = ("q", "k", "v", "z")     # the op's output column blocks, in order
+SLICE_NAMES = ("q", "k", "v", "z", "b", "a")     # the op's output column blocks, in order
 
 
 def emit(graph: Graph, target: Any, args: tuple, kwargs: Optional[dict] = None) -> Node:

@@ -1,4 +1,5 @@
-"""Fuse each Qwen3.5 GatedDeltaNet layer's in_proj_qkv / in_proj_z GEMMs and their LoRA adds.
+"""Fuse each Qwen3.5 GatedDeltaNet layer's input projections (in_proj_qkv, in_proj_z, and the gates'
+in_proj_b / in_proj_a) and their LoRA adds into one op.
 
 Unfused (per GDN layer, PEFT LoRA, post-grad ATen)::
 
@@ -18,14 +19,28 @@ Fused::
     qkv = slice(y', 1, 0, 2k + v)   z = slice(y', 1, 2k + v, 2k + 2v)   (views, reshaped as before)
 
 With ``QkvzFusionConfig.gemm_lora_op`` (the default) a layer with exactly one LoRA op gets the two as
-ONE functional op, ``y' = fx_passes.qkvz_gemm_lora(x2d, W_qkv, W_z, lora_a=..., lora_b=..., ...)``,
+ONE functional op, ``y' = fx_passes.qkvz_gemm_lora(x2d, [W_qkv, W_z], lora_a=..., lora_b=..., ...)``,
 whose CUDA kernel at decode runs the LoRA expand in the GEMM's epilogue. Several LoRA ops per layer
 (several active adapters, or per-projection tensor scales under ``dynamic=True``) keep the two-op form.
+
+The gates (``QkvzFusionConfig.fold_ba``, on by default): ``b = in_proj_b(x)`` and ``a = in_proj_a(x)``
+(``num_v_heads`` outputs each, feeding sigmoid / softplus) read the same x, so they join the op as two
+more weights and, with their LoRA, two more slices with their own A groups::
+
+    y' = fx_passes.qkvz_gemm_lora(x2d, [W_qkv, W_z, W_b, W_a],
+             lora_a=[A_qkv, A_z, A_b, A_a], lora_b=[B_qkv[:k], B_qkv[k:2k], B_qkv[2k:], B_z, B_b, B_a],
+             slice_a=[0, 0, 0, 1, 2, 3], slice_start=[0, k, 2k, 2k + v, 2k + 2v, 2k + 2v + nv])
+    qkv, z, b, a = column slices of y'
+
+Only the projections a LoRA targets get slices (PEFT's default targets leave b / a without any). A
+layer whose b / a cannot be folded (another input, another dtype, an unknown LoRA form, ...) keeps the
+qkv / z rewrite and its b / a GEMMs as they were; the reason is in ``LayerMatch.ba_reason``.
 
 A layer is rewritten only when every condition below holds; otherwise it stays as it was and
 the failed condition (with its node) is recorded in the :class:`~fx_passes.report.LayerMatch`:
 
-* both base GEMMs read the same activation and have the GDN shape ``N_qkv = 2 * key + N_z``;
+* both base GEMMs read the same activation and have the GDN shape ``N_qkv = 2 * key + N_z``
+  (b / a: the same activation, values cast alike, the same dtype and device);
 * each projection's output is ``base + sum(LoRA terms)`` through add / addmm / view / cast only,
   the LoRA terms read that same activation (not a dropout of it) and every removed node has no
   user outside the pattern (nothing saved for backward);
@@ -82,6 +97,8 @@ class _Candidate:
     z: Node
     identified_by: str
     prefix: Optional[str] = None   # module path of the layer when identified by module path
+    gates: list = dataclasses.field(default_factory=list)   # [(name, base GEMM node)] of b and a
+    gates_missing: Optional[str] = None                      # why there are none to fold
 
 
 @dataclasses.dataclass
@@ -165,7 +182,8 @@ class QkvzLoraFusionPass(CustomGraphPass):
     def _find_candidates(self, graph: Graph, report: GraphReport) -> list[_Candidate]:
         cfg = self.config
         by_prefix: dict[str, dict[str, list[Node]]] = collections.defaultdict(lambda: collections.defaultdict(list))
-        proj = re.compile(rf"^(.*)\.({re.escape(cfg.qkv_name)}|{re.escape(cfg.z_name)})(\.base_layer)?$")
+        names = (cfg.qkv_name, cfg.z_name, cfg.b_name, cfg.a_name)
+        proj = re.compile(rf"^(.*)\.({'|'.join(map(re.escape, names))})(\.base_layer)?$")
         unnamed: list[Node] = []
         for node in graph.nodes:
             if not is_call(node, MM_OPS + ADDMM_OPS):
@@ -186,22 +204,29 @@ class QkvzLoraFusionPass(CustomGraphPass):
                     reason=f"expected one base GEMM each for {cfg.qkv_name} and {cfg.z_name}, "
                            f"found {len(qkv)} and {len(z)}"))
                 continue
-            candidates.append(_Candidate(prefix, qkv[0], z[0], "module_path", prefix))
+            cand = _Candidate(prefix, qkv[0], z[0], "module_path", prefix)
+            b, a = found.get(cfg.b_name, []), found.get(cfg.a_name, [])
+            if len(b) == 1 and len(a) == 1:
+                cand.gates = [(cfg.b_name, b[0]), (cfg.a_name, a[0])]
+            else:
+                cand.gates_missing = (f"expected one base GEMM each for {cfg.b_name} and {cfg.a_name}, "
+                                      f"found {len(b)} and {len(a)}")
+            candidates.append(cand)
         if cfg.structural_fallback:
-            candidates += _structural_candidates(unnamed)
+            candidates += _structural_candidates(unnamed, (cfg.b_name, cfg.a_name))
         return candidates
 
     # ------------------------------------------------------------ match + rewrite
     def _rewrite_layer(self, graph: Graph, cand: _Candidate) -> LayerMatch:
         result = LayerMatch(layer=cand.layer, rewritten=False, qkv_node=cand.qkv.name, z_node=cand.z.name,
                             identified_by=cand.identified_by)
+        cfg = self.config
         try:
-            qkv, z = self._match_projection(cand, cand.qkv, self.config.qkv_name), \
-                self._match_projection(cand, cand.z, self.config.z_name)
+            qkv, z = self._match_projection(cand, cand.qkv, cfg.qkv_name), \
+                self._match_projection(cand, cand.z, cfg.z_name)
             key_dim, value_dim = _check_layer(qkv, z)
-            groups = _pair_lora_terms(qkv.chain.loras, z.chain.loras)
-            if not groups and not self.config.fuse_without_lora:
-                raise NoMatch(cand.qkv, "layer has no LoRA and fuse_without_lora is off")
+            projections = [(cfg.qkv_name, qkv), (cfg.z_name, z)]
+            _pair_lora_terms(projections)
         except NoMatch as miss:
             result.reason, result.node = miss.reason, miss.node_name
             logger.debug("%s not rewritten: %s", cand.layer, miss)
@@ -210,24 +235,69 @@ class QkvzLoraFusionPass(CustomGraphPass):
             result.reason = f"internal error while matching (layer left as it was): {type(error).__name__}: {error}"
             logger.warning("fx_passes: %s not rewritten: %s", cand.layer, result.reason)
             return result
-        result.slice_sizes = [key_dim, key_dim, value_dim, value_dim]
-        result.weights_packed = weights_are_packed(fake_value(qkv.base.weight), fake_value(z.base.weight))
-        if not result.weights_packed and cand.prefix in self.packing_notes:
-            result.weights_packed, result.packing = self.packing_notes[cand.prefix]
-        old_nodes = set(graph.nodes)
-        try:
-            _emit(graph, qkv, z, key_dim, groups, result, self.config.gemm_lora_op)
-        except Exception as error:  # noqa: BLE001  (the op refused the layer: undo, keep the layer)
-            for node in reversed([n for n in graph.nodes if n not in old_nodes]):
-                graph.erase_node(node)
-            result.reason = f"the fused op does not take this layer: {type(error).__name__}: {error}"
-            result.node, result.kernel, result.adapters, result.lora_slices = None, None, [], []
+        gates, result.ba_reason = self._match_gates(cand, qkv) if cfg.fold_ba else ([], "fold_ba is off")
+        if not cfg.fuse_without_lora and not _pair_lora_terms(projections + gates):
+            result.reason, result.node = "layer has no LoRA and fuse_without_lora is off", cand.qkv.name
+            return result
+        attempts = [projections + gates, projections] if gates else [projections]
+        for folded in attempts:
+            error = self._emit_layer(graph, folded, key_dim, value_dim, result)
+            if error is None:
+                break
+            if len(folded) > 2:   # the op refused the b / a slices: keep the qkv / z rewrite
+                result.ba_reason = f"the fused op does not take them: {error}"
+                continue
+            result.reason = f"the fused op does not take this layer: {error}"
             logger.debug("%s not rewritten: %s", cand.layer, result.reason)
             return result
-        result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
-        result.removed_nodes = erase_dead(graph, _pattern_nodes(qkv) | _pattern_nodes(z))
+        if result.ba_reason:
+            logger.debug("%s: b / a not folded: %s", cand.layer, result.ba_reason)
+        removed = set()
+        for _, proj in folded:
+            removed |= _pattern_nodes(proj)
+        result.removed_nodes = erase_dead(graph, removed)
         result.rewritten = True
         return result
+
+    def _match_gates(self, cand: _Candidate, qkv: _Projection) -> tuple[list, Optional[str]]:
+        """``([(name, projection) of b, of a], None)`` when both fold into the layer's op, else
+        ``([], why not)``."""
+        if not cand.gates:
+            return [], cand.gates_missing
+        try:
+            gates = [(name, self._match_projection(cand, node, name)) for name, node in cand.gates]
+            for name, gate in gates:
+                _check_gate(qkv, gate, name)
+            _pair_lora_terms(gates)   # the same adapter twice on one projection: not folded
+        except NoMatch as miss:
+            return [], f"{miss.node_name}: {miss.reason}"
+        except Exception as error:  # noqa: BLE001  (a matcher bug must not cost the qkv / z rewrite)
+            return [], f"internal error while matching: {type(error).__name__}: {error}"
+        return gates, None
+
+    def _emit_layer(self, graph: Graph, folded: list, key_dim: int, value_dim: int,
+                    result: LayerMatch) -> Optional[str]:
+        """Emit the layer's op over ``folded`` projections; None, or the op's error (graph unchanged)."""
+        old_nodes = set(graph.nodes)
+        weights = [fake_value(proj.base.weight) for _, proj in folded]
+        result.folded = [name for name, _ in folded]
+        result.slice_sizes = [key_dim, key_dim, value_dim, value_dim] + \
+            [proj.base.out_features for _, proj in folded[2:]]
+        result.weights_packed = weights_are_packed(weights)
+        result.packing = None
+        if not result.weights_packed and result.layer in self.packing_notes:
+            count, result.packing = self.packing_notes[result.layer]
+            result.weights_packed = count >= len(folded)
+        result.kernel, result.adapters, result.lora_slices, result.shared_a = None, [], [], False
+        try:
+            _emit(graph, folded, key_dim, _pair_lora_terms(folded), result, self.config.gemm_lora_op)
+        except Exception as error:  # noqa: BLE001  (the op refused: undo)
+            for node in reversed([n for n in graph.nodes if n not in old_nodes]):
+                graph.erase_node(node)
+            result.kernel, result.adapters, result.lora_slices, result.folded = None, [], [], []
+            return f"{type(error).__name__}: {error}"
+        result.new_nodes = [n.name for n in graph.nodes if n not in old_nodes]
+        return None
 
     def _match_projection(self, cand: _Candidate, base_node: Node, proj_name: str) -> _Projection:
         if is_call(base_node, ADDMM_OPS):
@@ -409,40 +479,52 @@ def _check_layer(qkv: _Projection, z: _Projection) -> tuple[int, int]:
     return (n_qkv - value_dim) // 2, value_dim
 
 
+def _check_gate(qkv: _Projection, gate: _Projection, name: str) -> None:
+    """b / a fold into the layer's op: the same x (values cast alike), 2-D shape, dtype and device."""
+    if gate.base.x_source is not qkv.base.x_source and not _same_values(qkv.base.x2d, gate.base.x2d):
+        raise NoMatch(gate.base.node, f"{name} reads another input ({gate.base.x_source.name}) than "
+                                      f"{qkv.base.node.name} ({qkv.base.x_source.name})")
+    if tuple(fake_value(gate.base.x2d).shape) != tuple(fake_value(qkv.base.x2d).shape):
+        raise NoMatch(gate.base.node, f"{name}'s GEMM input has another 2-D shape")
+    wq, wg = fake_value(qkv.base.weight), fake_value(gate.base.weight)
+    if wg.dtype != wq.dtype or wg.device != wq.device:
+        raise NoMatch(gate.base.node, f"{name} weight {wg.dtype} on {wg.device}, W_qkv {wq.dtype} on {wq.device}")
+
+
 @dataclasses.dataclass
 class _LoraOp:
     adapter: str
-    qkv: Optional[LoraLeaf]
-    z: Optional[LoraLeaf]
+    leaves: dict   # projection name -> LoraLeaf, in column order
 
 
 def _scale_key(leaf: LoraLeaf) -> Any:
     return ("node", leaf.scale) if isinstance(leaf.scale, Node) else ("float", float(leaf.scale))
 
 
-def _pair_lora_terms(qkv_terms: list[LoraLeaf], z_terms: list[LoraLeaf]) -> list[_LoraOp]:
-    """One op per adapter covering its qkv and z slices; split in two where they cannot share."""
+def _pair_lora_terms(projections: list) -> list[_LoraOp]:
+    """One op per adapter covering its slices on every projection (``[(name, _Projection)]``); an
+    adapter's projections with different scales or adapter dtypes get one op each such group."""
     by_name: dict[str, dict[str, LoraLeaf]] = {}
-    for side, terms in (("qkv", qkv_terms), ("z", z_terms)):
-        for i, leaf in enumerate(terms):
+    for side, proj in projections:
+        for i, leaf in enumerate(proj.chain.loras):
             name = leaf.adapter or f"#{i}"
             if side in by_name.setdefault(name, {}):
                 raise NoMatch(leaf.top, f"adapter {name} appears twice on one projection")
             by_name[name][side] = leaf
     ops = []
     for name, sides in by_name.items():
-        q, z = sides.get("qkv"), sides.get("z")
-        same = (q is not None and z is not None and _scale_key(q) == _scale_key(z)
-                and fake_value(q.lora_a).dtype == fake_value(z.lora_a).dtype)
-        if q is not None and z is not None and not same:
-            ops += [_LoraOp(name, q, None), _LoraOp(name, None, z)]
-        else:
-            ops.append(_LoraOp(name, q, z))
+        shared: dict[Any, dict[str, LoraLeaf]] = {}
+        for side, _ in projections:   # column order
+            if side in sides:
+                leaf = sides[side]
+                shared.setdefault((_scale_key(leaf), fake_value(leaf.lora_a).dtype), {})[side] = leaf
+        ops += [_LoraOp(name, leaves) for leaves in shared.values()]
     return ops
 
 
-def _structural_candidates(mms: list[Node]) -> list[_Candidate]:
-    """GDN layers in graphs without module paths: shared input, N_qkv = 2k + N_z, split [k, k, N_z]."""
+def _structural_candidates(mms: list[Node], gate_names: tuple[str, str]) -> list[_Candidate]:
+    """GDN layers in graphs without module paths: shared input, N_qkv = 2k + N_z, split [k, k, N_z]
+    downstream; b / a: the two other linears of that input with ``N_z / N`` an integer (head dim)."""
     linears = []
     for node in mms:
         try:
@@ -461,8 +543,17 @@ def _structural_candidates(mms: list[Node]) -> list[_Candidate]:
                 if q is z or q.node in used or z.node in used or diff <= 0 or diff % 2:
                     continue
                 if _has_split_downstream(q.node, [diff // 2, diff // 2, z.out_features]):
-                    candidates.append(_Candidate(f"structural:{q.node.name}", q.node, z.node, "structure"))
+                    cand = _Candidate(f"structural:{q.node.name}", q.node, z.node, "structure")
                     used |= {q.node, z.node}
+                    gates = [g for g in leaves if g.node not in used and g.out_features < z.out_features
+                             and z.out_features % g.out_features == 0]
+                    if len(gates) == 2 and gates[0].out_features == gates[1].out_features:
+                        cand.gates = list(zip(gate_names, (g.node for g in gates)))
+                        used |= {g.node for g in gates}
+                    else:
+                        cand.gates_missing = (f"{len(gates)} other linear(s) of the same input with a width "
+                                              f"dividing N_z (b and a expected)")
+                    candidates.append(cand)
     return candidates
 
 
@@ -482,44 +573,53 @@ def _has_split_downstream(node: Node, sizes: list[int], max_nodes: int = 64) -> 
 
 # ---------------------------------------------------------------- rewrite helpers
 
-def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: list[_LoraOp],
-          result: LayerMatch, one_op: bool) -> None:
-    n_qkv = qkv.base.out_features
-    n_total = n_qkv + z.base.out_features
-    users = [u for end in (qkv.chain.end, z.chain.end) for u in end.users]
+def _emit(graph: Graph, folded: list, key_dim: int, ops: list[_LoraOp], result: LayerMatch, one_op: bool) -> None:
+    """The layer's op over ``folded`` = ``[(name, _Projection)]`` (qkv, z, then b / a when folded) and
+    the column slices that replace each projection's result."""
+    qkv_name = folded[0][0]
+    starts, col = [], 0
+    for _, proj in folded:
+        starts.append(col)
+        col += proj.base.out_features
+    start_of = {name: start for (name, _), start in zip(folded, starts)}
+    n_qkv = folded[0][1].base.out_features
+    weights = [proj.base.weight for _, proj in folded]
+    users = [u for _, proj in folded for u in proj.chain.end.users]
     order = {node: i for i, node in enumerate(graph.nodes)}
-    anchor = min(users, key=order.__getitem__) if users else qkv.chain.end.next
-    x2d = qkv.base.x2d
-    with graph.inserting_before(anchor):
-        one_op = one_op and len(ops) == 1
+    anchor = min(users, key=order.__getitem__) if users else folded[0][1].chain.end.next
+    x2d = folded[0][1].base.x2d
+    names_of = {name: SLICE_NAMES[3 + i] for i, (name, _) in enumerate(folded[1:])}   # z, b, a
+    with graph.inserting_before(anchor):   # (finish_rewrite sorts: inputs defined later move up)
+        one_op = one_op and len(ops) <= 1
         if one_op:
-            result.kernel = "fx_passes.qkvz_gemm_lora"
+            result.kernel = "fx_passes.qkvz_gemm_lora" if ops else "fx_passes.qkvz_gemm"
+            fused = None if ops else emit(graph, QKVZ_GEMM_OP, (x2d, weights))
         else:
-            fused = emit(graph, QKVZ_GEMM_OP, (x2d, qkv.base.weight, z.base.weight))
+            fused = emit(graph, QKVZ_GEMM_OP, (x2d, weights))
             result.kernel = "fx_passes.qkvz_gemm" + "".join(" + fx_passes.qkvz_lora_" for _ in ops)
         for op in ops:
             lora_a, lora_b, slice_a, slice_start, names = [], [], [], [], []
-            if op.qkv is not None:
-                lora_a.append(op.qkv.lora_a)
-                for i, (lo, hi) in enumerate(((0, key_dim), (key_dim, 2 * key_dim), (2 * key_dim, n_qkv))):
-                    lora_b.append(emit(graph, aten.slice.Tensor, (op.qkv.lora_b, 0, lo, hi)))
-                    slice_a.append(0)
-                    slice_start.append(lo)
-                    names.append(SLICE_NAMES[i])
-                result.shared_a = True
-            if op.z is not None:
-                lora_a.append(op.z.lora_a)
-                lora_b.append(op.z.lora_b)
-                slice_a.append(len(lora_a) - 1)
-                slice_start.append(n_qkv)
-                names.append("z")
-            scale_leaf = op.qkv or op.z
+            for side, leaf in op.leaves.items():
+                lora_a.append(leaf.lora_a)
+                if side == qkv_name:   # q, k, v: one A (its shrink runs once), three B row blocks
+                    for i, (lo, hi) in enumerate(((0, key_dim), (key_dim, 2 * key_dim), (2 * key_dim, n_qkv))):
+                        lora_b.append(emit(graph, aten.slice.Tensor, (leaf.lora_b, 0, lo, hi)))
+                        slice_a.append(len(lora_a) - 1)
+                        slice_start.append(lo)
+                        names.append(SLICE_NAMES[i])
+                    result.shared_a = True
+                else:
+                    lora_b.append(leaf.lora_b)
+                    slice_a.append(len(lora_a) - 1)
+                    slice_start.append(start_of[side])
+                    names.append(names_of[side])
+            scale_leaf = next(iter(op.leaves.values()))
             tensor_scale = scale_leaf.scale if isinstance(scale_leaf.scale, Node) else None
             lora_kwargs = dict(lora_a=lora_a, lora_b=lora_b, slice_a=slice_a, slice_start=slice_start,
                                token_lora_ids=None, lora_scales=tensor_scale,
                                scale=1.0 if tensor_scale is not None else float(scale_leaf.scale))
             if one_op:  # GEMM + LoRA in one functional op (decode: the expand in the GEMM epilogue)
-                fused = emit(graph, QKVZ_GEMM_LORA_OP, (x2d, qkv.base.weight, z.base.weight), lora_kwargs)
+                fused = emit(graph, QKVZ_GEMM_LORA_OP, (x2d, weights), lora_kwargs)
             else:
                 functional = emit(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(
                     out=fused, x=x2d, **lora_kwargs))
@@ -527,15 +627,15 @@ def _emit(graph: Graph, qkv: _Projection, z: _Projection, key_dim: int, ops: lis
             result.adapters.append(op.adapter)
             result.lora_slices.append(names)
         values = []
-        for proj, lo, hi in ((qkv, 0, n_qkv), (z, n_qkv, n_total)):
-            value = emit(graph, aten.slice.Tensor, (fused, 1, lo, hi))
+        for (_, proj), lo in zip(folded, starts):
+            value = emit(graph, aten.slice.Tensor, (fused, 1, lo, lo + proj.base.out_features))
             if proj.bias is not None:   # Inductor fuses the add into the slice's consumers
                 value = emit(graph, aten.add.Tensor, (value, proj.bias))
             if proj.out_shape_arg is not None:
                 value = emit(graph, aten.reshape.default, (value, proj.out_shape_arg))
             values.append(value)
         # uses are replaced only once every new node exists: a failure above leaves the graph as it was
-        for proj, value in zip((qkv, z), values):
+        for (_, proj), value in zip(folded, values):
             proj.chain.end.replace_all_uses_with(value)
 
 

@@ -21,7 +21,7 @@ Two layouts of a Qwen3.5 GatedDeltaNet layer, both rewritten:
 (1 slice) -- the block above twice, both reading x::
 
     mm_qkv + shrink/expand(3 slices)        mm_z + shrink/expand(1 slice)
-        ->  y' = fx_passes.qkvz_gemm_lora(x, W_qkv, W_z, <LoRA args>)   # one GEMM + the 4-slice LoRA
+        ->  y' = fx_passes.qkvz_gemm_lora(x, [W_qkv, W_z], <LoRA args>)   # one GEMM + the 4-slice LoRA
             qkv = slice(y', 1, 0, 2k + v);  z = slice(y', 1, 2k + v, 2k + 2v)
 
 **Fused** (vLLM >= 0.21, PR #37912): one ``in_proj_qkvz`` = MergedColumnParallelLinear
@@ -29,8 +29,19 @@ Two layouts of a Qwen3.5 GatedDeltaNet layer, both rewritten:
 above once. The GEMM is already one; only the LoRA ops change::
 
     mm_qkvz + shrink/expand(4 slices)
-        ->  y' = fx_passes.qkvz_gemm_lora(x, slice(W_qkvz, 0, 0, 2k + v), slice(W_qkvz, 0, 2k + v, 2k + 2v),
-                                          <LoRA args>)     # the same one GEMM (row views of one weight)
+        ->  y' = fx_passes.qkvz_gemm_lora(x, [W_qkvz], <LoRA args>)     # the same one GEMM
+
+**The gates** (``QkvzFusionConfig.fold_ba``): vLLM's ``in_proj_ba`` = MergedColumnParallelLinear [nv, nv]
+reads the same x; with LoRA on it is wrapped like the others (a 2-slice shrink / expand, always present
+when LoRA is enabled). Both forms fold it into the same op as one more weight and, with its LoRA, two
+more slices::
+
+    ->  y' = fx_passes.qkvz_gemm_lora(x, [W_qkv, W_z, W_ba] | [W_qkvz, W_ba], <LoRA args, 6 slices>)
+        qkv(z) = slice(y', ...);  ba = slice(y', 1, 2k + 2v, 2k + 2v + 2 nv)
+
+An ``in_proj_ba`` that reads another tensor, uses another token mapping / flag / scaling, or has another
+LoRA form stays as it was (the reason in ``LayerMatch.ba_reason``); with ``gemm_lora_op=False`` the fused
+form keeps vLLM's own qkvz GEMM, so ``in_proj_ba`` is not folded there either.
 
 With ``QkvzFusionConfig(gemm_lora_op=False)`` both forms keep the GEMM as its own op (split:
 ``fx_passes.qkvz_gemm``; fused: vLLM's ``mm``) followed by
@@ -74,7 +85,9 @@ from torch._higher_order_ops.auto_functionalize import auto_functionalized
 from torch.fx import Graph, Node
 
 from fx_passes.fusion.fx_utils import QKVZ_GEMM_LORA_OP, QKVZ_GEMM_OP, QKVZ_LORA_OP, SLICE_NAMES, emit, erase_dead
-from fx_passes.fusion.matcher import FLOAT_DTYPES, NoMatch, check_users_inside, fake_value, match_linear, module_path
+from fx_passes.fusion.matcher import (
+    FLOAT_DTYPES, LinearLeaf, NoMatch, check_users_inside, fake_value, match_linear, module_path,
+)
 from fx_passes.ops.qkvz_gemm import weights_are_packed
 from fx_passes.report import LayerMatch
 
@@ -192,26 +205,33 @@ class VllmLoraFusion:
     """
 
     def __init__(self, qkv_name: str = "in_proj_qkv", z_name: str = "in_proj_z",
-                 qkvz_name: str = "in_proj_qkvz", gemm_lora_op: bool = True):
-        self.qkv_name, self.z_name, self.qkvz_name = qkv_name, z_name, qkvz_name
-        self.gemm_lora_op = gemm_lora_op
+                 qkvz_name: str = "in_proj_qkvz", gemm_lora_op: bool = True, ba_name: str = "in_proj_ba",
+                 fold_ba: bool = True):
+        self.qkv_name, self.z_name, self.qkvz_name, self.ba_name = qkv_name, z_name, qkvz_name, ba_name
+        self.gemm_lora_op, self.fold_ba = gemm_lora_op, fold_ba
 
     def __call__(self, graph: Graph) -> list[LayerMatch]:
         """Rewrite every vLLM GDN layer of ``graph`` it can prove safe (the caller sorts and lints
         the graph afterwards); one LayerMatch per layer found."""
         # longest name first: "in_proj_qkv" must not claim "...in_proj_qkvz"
-        names = sorted({self.qkv_name, self.z_name, self.qkvz_name}, key=len, reverse=True)
+        names = sorted({self.qkv_name, self.z_name, self.qkvz_name, self.ba_name}, key=len, reverse=True)
         proj = re.compile(rf"^(?:(.*)\.)?({'|'.join(map(re.escape, names))})$")
         by_prefix: dict[str, dict[str, list[Node]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+        plain_ba: dict[str, list[Node]] = collections.defaultdict(list)   # in_proj_ba GEMMs without LoRA
         for node in graph.nodes:
-            if _af_op_name(node) != EXPAND_NAME:
+            found = proj.match(module_path(node) or "") if node.op == "call_function" else None
+            if not found:
                 continue
-            found = proj.match(module_path(node) or "")
-            if found:
-                by_prefix[found.group(1) or ""][found.group(2)].append(node)
+            prefix, name = found.group(1) or "", found.group(2)
+            if _af_op_name(node) == EXPAND_NAME:
+                by_prefix[prefix][name].append(node)
+            elif name == self.ba_name and node.target is aten.mm.default and not feeds_vllm_lora(node):
+                plain_ba[prefix].append(node)
         results = []
         for prefix, found in by_prefix.items():
             q, z, qkvz = (found.get(name, []) for name in (self.qkv_name, self.z_name, self.qkvz_name))
+            if not (q or z or qkvz):
+                continue   # an in_proj_ba alone: no GDN layer to fold it into
             fused = bool(qkvz)
             result = LayerMatch(layer=prefix or "<root>", rewritten=False,
                                 identified_by="module_path+vllm_lora" + ("_fused" if fused else ""))
@@ -222,12 +242,16 @@ class VllmLoraFusion:
                         raise NoMatch(qkvz[0], f"expected one lora_expand for {self.qkvz_name} and none for "
                                                f"{self.qkv_name} / {self.z_name}, found {len(qkvz)}, "
                                                f"{len(q)}, {len(z)}")
-                    self._rewrite_fused(graph, _VllmProjection(qkvz[0]), result)
+                    qkvz_proj = _VllmProjection(qkvz[0])
+                    ba = self._match_ba(found.get(self.ba_name, []), plain_ba[prefix], qkvz_proj, result)
+                    self._rewrite_fused(graph, qkvz_proj, ba, result)
                 else:
                     if len(q) != 1 or len(z) != 1:
                         raise NoMatch((q or z)[0], f"expected one lora_expand each for {self.qkv_name} and "
                                                    f"{self.z_name}, found {len(q)} and {len(z)}")
-                    self._rewrite_split(graph, _VllmProjection(q[0]), _VllmProjection(z[0]), result)
+                    qkv_proj = _VllmProjection(q[0])
+                    ba = self._match_ba(found.get(self.ba_name, []), plain_ba[prefix], qkv_proj, result)
+                    self._rewrite_split(graph, qkv_proj, _VllmProjection(z[0]), ba, result)
             except NoMatch as miss:
                 result.reason, result.node = miss.reason, miss.node_name
                 logger.debug("%s not rewritten: %s", result.layer, miss)
@@ -241,72 +265,134 @@ class VllmLoraFusion:
             results.append(result)
         return results
 
+    # ------------------------------------------------------------ in_proj_ba
+    def _match_ba(self, expands: list[Node], mms: list[Node], first: _VllmProjection,
+                  result: LayerMatch) -> Optional[Union[_VllmProjection, LinearLeaf]]:
+        """The layer's in_proj_ba when it can join the op: a :class:`_VllmProjection` (with its LoRA) or a
+        :class:`LinearLeaf` (a plain GEMM); else None with ``result.ba_reason`` set."""
+        if not self.fold_ba:
+            result.ba_reason = "fold_ba is off"
+            return None
+        try:
+            if len(expands) + len(mms) != 1:
+                raise NoMatch(None, f"expected one {self.ba_name} GEMM, found {len(expands)} with LoRA and "
+                                    f"{len(mms)} without")
+            if expands:
+                ba = _VllmProjection(expands[0])
+                _check_same_lora_inputs(first, ba, self.ba_name)
+                base = ba.base
+            else:
+                ba = base = match_linear(mms[0])
+            if base.x2d is not first.base.x2d:
+                raise NoMatch(base.node, f"{self.ba_name} reads another tensor than {first.mm.name}")
+            wv, wf = fake_value(base.weight), fake_value(first.base.weight)
+            if wv.dtype != wf.dtype or wv.device != wf.device:
+                raise NoMatch(base.node, f"{self.ba_name} weight {wv.dtype} on {wv.device}, the layer's "
+                                         f"{wf.dtype} on {wf.device}")
+            _static_int(base.out_features, base.weight, f"{self.ba_name} N")
+        except NoMatch as miss:
+            result.ba_reason = f"{miss.node_name}: {miss.reason}" if miss.node is not None else miss.reason
+            return None
+        return ba
+
     # ------------------------------------------------------------ the two forms
-    def _rewrite_split(self, graph: Graph, qkv: _VllmProjection, z: _VllmProjection, result: LayerMatch) -> None:
+    def _rewrite_split(self, graph: Graph, qkv: _VllmProjection, z: _VllmProjection,
+                       ba: Optional[Union[_VllmProjection, LinearLeaf]], result: LayerMatch) -> None:
         result.qkv_node, result.z_node = qkv.mm.name, z.mm.name
         if qkv.base.x2d is not z.base.x2d:
             raise NoMatch(z.mm, f"{qkv.mm.name} and {z.mm.name} read different inputs")
         if len(qkv.lora_b) != 3 or len(z.lora_b) != 1:
             raise NoMatch(z.expand, f"unsupported slice counts {len(qkv.lora_b)} + {len(z.lora_b)}")
-        if _strip_slice(qkv.mapping) is not _strip_slice(z.mapping):
-            raise NoMatch(z.shrink, "qkv and z use different token_lora_mapping tensors")
-        if qkv.no_lora_flag is not z.no_lora_flag:
-            raise NoMatch(z.shrink, "qkv and z use different no_lora_flag_cpu tensors")
-        if qkv.scaling != z.scaling:
-            raise NoMatch(z.shrink, f"scaling differs: {qkv.scaling} vs {z.scaling}")
+        _check_same_lora_inputs(qkv, z, self.z_name)
         wq, wz = fake_value(qkv.base.weight), fake_value(z.base.weight)
         _check_dtypes(qkv, wq, extra=(z, wz))
-        n_qkv, n_z = sum(qkv.slice_sizes), sum(z.slice_sizes)
         sizes = qkv.slice_sizes + z.slice_sizes
         if not (sizes[0] == sizes[1] and sizes[2] == sizes[3]):
             raise NoMatch(qkv.expand, f"slices {sizes} are not [k, k, v, v]")
-        removed = qkv.nodes() | z.nodes()
-        check_users_inside([n for n in removed if n not in (qkv.out, z.out)], removed, keep={qkv.mapping})
-        anchor = _anchor(graph, [qkv.out, z.out], qkv.mapping)
-        x2d = qkv.base.x2d
-        old = set(graph.nodes)
-        with graph.inserting_before(anchor):
-            weights = (qkv.base.weight, z.base.weight)
-            gemm = weights if self.gemm_lora_op else emit(graph, QKVZ_GEMM_OP, (x2d, *weights))
-            fused, groups = _emit_lora(graph, gemm, x2d, qkv.lora_a + z.lora_a, qkv.lora_b + z.lora_b,
-                                       sizes, qkv.mapping, qkv.no_lora_flag, qkv.scaling)
-            qkv_value = emit(graph, aten.slice.Tensor, (fused, 1, 0, n_qkv))
-            z_value = emit(graph, aten.slice.Tensor, (fused, 1, n_qkv, n_qkv + n_z))
-        qkv.out.replace_all_uses_with(qkv_value)   # only once every new node exists
-        z.out.replace_all_uses_with(z_value)
-        _finish(graph, result, old, removed - {qkv.mapping}, sizes, groups)
-        result.weights_packed = weights_are_packed(wq, wz)
+        parts = [(self.qkv_name, qkv), (self.z_name, z)] + ([(self.ba_name, ba)] if ba is not None else [])
+        self._emit(graph, parts, [qkv.base.weight, z.base.weight], result, gemm_node=None)
         result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else \
             "fx_passes.qkvz_gemm + fx_passes.qkvz_lora_"
 
-    def _rewrite_fused(self, graph: Graph, qkvz: _VllmProjection, result: LayerMatch) -> None:
-        # the GEMM stays: in the fused layout it is already the one qkvz GEMM
+    def _rewrite_fused(self, graph: Graph, qkvz: _VllmProjection, ba: Optional[Union[_VllmProjection, LinearLeaf]],
+                       result: LayerMatch) -> None:
         result.qkv_node = result.z_node = qkvz.mm.name
         sizes = qkvz.slice_sizes
         if len(sizes) != 4 or sizes[0] != sizes[1] or sizes[2] != sizes[3]:
             # e.g. Qwen3-Next's interleaved GQA layout: one [k, k, v, v]-interleaved slice
             raise NoMatch(qkvz.expand, f"{self.qkvz_name} LoRA slices {sizes} are not [k, k, v, v]")
         _check_dtypes(qkvz, fake_value(qkvz.base.weight))
-        # one op: the mm goes too (the op's GEMM reads W_qkvz through two row views); else it stays
-        removed = qkvz.nodes() if self.gemm_lora_op else qkvz.lora_nodes()
-        check_users_inside([n for n in removed if n is not qkvz.out], removed, keep={qkvz.mapping})
-        anchor = _anchor(graph, [qkvz.out], qkvz.mapping)
+        if ba is not None and not self.gemm_lora_op:
+            result.ba_reason = "gemm_lora_op is off: vLLM's qkvz GEMM stays, in_proj_ba cannot join it"
+            ba = None
+        parts = [(self.qkvz_name, qkvz)] + ([(self.ba_name, ba)] if ba is not None else [])
+        # one op: the mm goes too (the op's GEMM reads W_qkvz); two-op form: vLLM's mm stays
+        self._emit(graph, parts, [qkvz.base.weight], result, gemm_node=None if self.gemm_lora_op else qkvz.mm)
+        result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else "vllm mm + fx_passes.qkvz_lora_"
+
+    def _emit(self, graph: Graph, parts: list, weights: list, result: LayerMatch, gemm_node: Optional[Node]) -> None:
+        """One op over ``parts`` = ``[(name, _VllmProjection | LinearLeaf)]`` (the first carries the layer's
+        token mapping); ``weights`` the GEMM's weights before in_proj_ba's. ``gemm_node``: vLLM's GEMM
+        that stays (two-op fused form), else the op's own GEMM (``qkvz_gemm`` with ``gemm_lora_op=False``)."""
+        first = parts[0][1]
+        lora_parts = [p for _, p in parts if isinstance(p, _VllmProjection)]
+        ba = parts[-1][1] if len(parts) > 1 and parts[-1][0] == self.ba_name else None
+        if ba is not None:
+            weights = weights + [ba.base.weight if isinstance(ba, _VllmProjection) else ba.weight]
+        lora_a = [a for p in lora_parts for a in p.lora_a]
+        lora_b = [b for p in lora_parts for b in p.lora_b]
+        sizes = [n for p in lora_parts for n in p.slice_sizes]
+        starts, col = [], 0
+        for _, p in parts:
+            starts.append(col)
+            col += sum(p.slice_sizes) if isinstance(p, _VllmProjection) else _static_int(p.out_features, p.weight, "N")
+        removed, outs = set(), []
+        for _, p in parts:
+            if isinstance(p, _VllmProjection):
+                removed |= p.lora_nodes() if p is first and gemm_node is not None else p.nodes()
+                outs.append(p.out)
+            else:
+                removed |= {n for n in p.interior if n.op == "call_function"}
+                outs.append(p.node)
+        check_users_inside([n for n in removed if n not in outs], removed, keep={first.mapping})
+        anchor = _anchor(graph, outs, first.mapping)
+        x2d = first.base.x2d
         old = set(graph.nodes)
         with graph.inserting_before(anchor):
-            gemm = qkvz.mm
-            if self.gemm_lora_op:
-                n_qkv, n = sum(sizes[:3]), sum(sizes)
-                gemm = (emit(graph, aten.slice.Tensor, (qkvz.base.weight, 0, 0, n_qkv)),
-                        emit(graph, aten.slice.Tensor, (qkvz.base.weight, 0, n_qkv, n)))
-            fused, groups = _emit_lora(graph, gemm, qkvz.base.x2d, qkvz.lora_a, qkvz.lora_b, sizes,
-                                       qkvz.mapping, qkvz.no_lora_flag, qkvz.scaling)
-            qkvz.out.replace_all_uses_with(fused)
-        _finish(graph, result, old, removed - {qkvz.mapping}, sizes, groups)
-        result.weights_packed = True   # one weight, one GEMM
-        result.kernel = "fx_passes.qkvz_gemm_lora" if self.gemm_lora_op else "vllm mm + fx_passes.qkvz_lora_"
+            if gemm_node is not None:
+                gemm = gemm_node
+            elif self.gemm_lora_op:
+                gemm = weights
+            else:
+                gemm = emit(graph, QKVZ_GEMM_OP, (x2d, weights))
+            fused, groups = _emit_lora(graph, gemm, x2d, lora_a, lora_b, sizes, first.mapping,
+                                       first.no_lora_flag, first.scaling)
+            values = []
+            for (_, p), start, out in zip(parts, starts, outs):
+                n = fake_value(out).shape[1]
+                values.append(fused if len(parts) == 1 else emit(graph, aten.slice.Tensor, (fused, 1, start, start + n)))
+        for out, value in zip(outs, values):   # only once every new node exists
+            out.replace_all_uses_with(value)
+        ba_sizes = [] if ba is None else (ba.slice_sizes if isinstance(ba, _VllmProjection) else
+                                          [_static_int(ba.out_features, ba.weight, "N")])
+        _finish(graph, result, old, removed - {first.mapping}, sizes, groups)
+        result.folded = [name for name, _ in parts]
+        result.slice_sizes = [n for p in lora_parts if p is not ba for n in p.slice_sizes] + ba_sizes
+        result.lora_slices = [list(SLICE_NAMES[:len(sizes)])] if sizes else []
+        result.weights_packed = weights_are_packed([fake_value(w) for w in weights])
 
 
 # ---------------------------------------------------------------- shared by both forms
+
+def _check_same_lora_inputs(first: _VllmProjection, other: _VllmProjection, name: str) -> None:
+    """One op, one token mapping, flag and scaling: ``other``'s must be ``first``'s."""
+    if _strip_slice(first.mapping) is not _strip_slice(other.mapping):
+        raise NoMatch(other.shrink, f"{name} uses another token_lora_mapping tensor")
+    if first.no_lora_flag is not other.no_lora_flag:
+        raise NoMatch(other.shrink, f"{name} uses another no_lora_flag_cpu tensor")
+    if first.scaling != other.scaling:
+        raise NoMatch(other.shrink, f"{name} scaling {other.scaling} differs from {first.scaling}")
+
 
 def _check_dtypes(proj: _VllmProjection, weight, extra: Optional[tuple] = None) -> None:
     """x and the base weight(s) share one float dtype; all LoRA weights share one dtype."""
@@ -332,12 +418,13 @@ def _anchor(graph: Graph, outs: list[Node], mapping: Node) -> Node:
     return anchor
 
 
-def _emit_lora(graph: Graph, out: Union[Node, tuple[Node, Node]], x2d: Node, lora_a: list[Node],
+def _emit_lora(graph: Graph, out: Union[Node, list[Node]], x2d: Node, lora_a: list[Node],
                lora_b: list[Node], sizes: list[int], mapping: Node, no_lora_flag: Node,
                scaling: float) -> tuple[Node, int]:
-    """The LoRA of every slice: ``out`` a GEMM result node -> one ``auto_functionalized(fx_passes.qkvz_lora_)``
-    adding into it; ``out`` a ``(w_qkv, w_z)`` pair -> one ``fx_passes.qkvz_gemm_lora(x2d, w_qkv, w_z, ...)``
-    doing GEMM and LoRA. Returns (the block's result node, number of A groups)."""
+    """The LoRA of every slice (slices from column 0 on, ``sizes`` wide): ``out`` a GEMM result node ->
+    one ``auto_functionalized(fx_passes.qkvz_lora_)`` adding into it; ``out`` a list of weights -> one
+    ``fx_passes.qkvz_gemm_lora(x2d, weights, ...)`` doing GEMM and LoRA. Returns (the block's result
+    node, number of A groups)."""
     groups: dict[Node, int] = {}
     a_views, b_views, slice_a, slice_start = [], [], [], []
     start = 0
@@ -358,8 +445,8 @@ def _emit_lora(graph: Graph, out: Union[Node, tuple[Node, Node]], x2d: Node, lor
     ids = emit(graph, aten.where.self, (flag, minus_one, mapping))
     lora_kwargs = dict(lora_a=a_views, lora_b=b_views, slice_a=slice_a, slice_start=slice_start,
                        token_lora_ids=ids, lora_scales=None, scale=scaling)
-    if isinstance(out, tuple):
-        return emit(graph, QKVZ_GEMM_LORA_OP, (x2d, *out), lora_kwargs), len(a_views)
+    if isinstance(out, list):
+        return emit(graph, QKVZ_GEMM_LORA_OP, (x2d, out), lora_kwargs), len(a_views)
     functional = emit(graph, auto_functionalized, (QKVZ_LORA_OP,), dict(out=out, x=x2d, **lora_kwargs))
     return emit(graph, operator.getitem, (functional, 1)), len(a_views)
 

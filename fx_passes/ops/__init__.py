@@ -2,11 +2,11 @@
 
 Importing this package registers them:
 
-* ``torch.ops.fx_passes.qkvz_gemm(x, w_qkv, w_z) -> Tensor`` — one GEMM over the two
-  sibling projection weights (see :mod:`fx_passes.ops.qkvz_gemm`).
+* ``torch.ops.fx_passes.qkvz_gemm(x, weights) -> Tensor`` — one GEMM over a GDN layer's sibling
+  projection weights (``[W_qkv, W_z]`` or ``[W_qkv, W_z, W_b, W_a]``; see :mod:`fx_passes.ops.qkvz_gemm`).
 * ``torch.ops.fx_passes.qkvz_lora_(out, x, lora_a, lora_b, ...)`` — batched multi-slice
   LoRA (shrink + expand) added in place into ``out`` (see :mod:`fx_passes.ops.qkvz_lora`).
-* ``torch.ops.fx_passes.qkvz_gemm_lora(x, w_qkv, w_z, lora_a, lora_b, ...) -> Tensor`` — both in
+* ``torch.ops.fx_passes.qkvz_gemm_lora(x, weights, lora_a, lora_b, ...) -> Tensor`` — both in
   one functional op; at decode on CUDA the LoRA expand runs in the GEMM's epilogue (see
   :mod:`fx_passes.ops.qkvz_gemm_lora`).
 """

@@ -13,9 +13,9 @@ the LoRA costs one tiny launch that runs *concurrently* with the GEMM:
    the fp32 accumulator before the one store. W is read once, ``out`` is written once, nothing is read
    back.
 
-Output columns are cut into *segments*: runs of columns that come from one weight (``w_qkv`` rows or
-``w_z`` rows) and have at most one LoRA slice; the grid walks the column tiles of all segments (each
-tile inside one segment), so the two weights need no packing.
+Output columns are cut into *segments*: runs of columns that come from one weight (rows of ``W_qkv``,
+``W_z``, ``W_b`` or ``W_a``) and have at most one LoRA slice; the grid walks the column tiles of all
+segments (each tile inside one segment), so the weights need no packing.
 """
 from __future__ import annotations
 
@@ -184,24 +184,27 @@ class Segment:
     b: Optional[torch.Tensor] = None
 
 
-def plan_segments(w_qkv: torch.Tensor, w_z: torch.Tensor, lora_b: Sequence[torch.Tensor],
+def plan_segments(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
                   slice_start: Sequence[int]) -> Optional[list[Segment]]:
-    """Cut the output columns at the weight boundary and at every LoRA slice boundary.
+    """Cut the output columns at every weight boundary and at every LoRA slice boundary.
 
     Returns None when that takes more than :data:`MAX_SEGMENTS` segments, or when a weight's last dim
     is not contiguous (the kernel walks K with unit stride); the caller then runs the two-op path, whose
     library GEMM takes any strides. Slices are known not to overlap (checked by ``check_qkvz_lora_args``).
     """
-    if w_qkv.stride(1) != 1 or w_z.stride(1) != 1:
+    if any(w.stride(1) != 1 for w in weights):
         return None
-    n_qkv, n = w_qkv.shape[0], w_qkv.shape[0] + w_z.shape[0]
+    bounds = [0]
+    for w in weights:
+        bounds.append(bounds[-1] + w.shape[0])
     spans = sorted((int(s), int(s) + b.shape[-2], i) for i, (s, b) in enumerate(zip(slice_start, lora_b)))
-    cuts = sorted({0, n_qkv, n} | {c for s, e, _ in spans for c in (s, e)})
+    cuts = sorted(set(bounds) | {c for s, e, _ in spans for c in (s, e)})
     segments = []
     for c0, c1 in zip(cuts, cuts[1:]):
         if c1 <= c0:
             continue
-        w = w_qkv[c0:c1] if c1 <= n_qkv else w_z[c0 - n_qkv:c1 - n_qkv]
+        j = max(i for i, b in enumerate(bounds[:-1]) if b <= c0)   # the weight holding columns [c0, c1)
+        w = weights[j][c0 - bounds[j]:c1 - bounds[j]]
         owner = next((i for s, e, i in spans if s <= c0 and c1 <= e), None)
         b = None
         if owner is not None:
@@ -211,31 +214,31 @@ def plan_segments(w_qkv: torch.Tensor, w_z: torch.Tensor, lora_b: Sequence[torch
     return segments if len(segments) <= MAX_SEGMENTS else None
 
 
-def plan_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: Optional[LoraSlices],
+def plan_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices],
                 **force) -> DecodeLaunch:
     """The launch of :func:`gemm_lora_decode` (``force``: see :func:`fx_passes.ops.tuning.decode_launch`)."""
-    return decode_launch(x.shape[0], x.shape[1], w_qkv.shape[0] + w_z.shape[0], x.device, x.dtype, lora, **force)
+    return decode_launch(x.shape[0], x.shape[1], sum(w.shape[0] for w in weights), x.device, x.dtype, lora, **force)
 
 
-def gemm_lora_decode(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: Optional[LoraSlices], *,
+def gemm_lora_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices], *,
                      segments: Optional[list[Segment]] = None,
                      config: Optional[DecodeLaunch] = None) -> torch.Tensor:
-    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
+    """``out = x @ [W_0; W_1; ...]^T + LoRA`` in two launches (shrink, then the PDL GEMM + expand).
 
     Arguments are assumed checked (the op does it); ``lora=None`` runs the GEMM alone (what a benchmark
     compares the GEMM part with). ``config``: the launch (default :func:`plan_decode`).
     """
     T, K = x.shape
-    out = x.new_empty((T, w_qkv.shape[0] + w_z.shape[0]))
+    out = x.new_empty((T, sum(w.shape[0] for w in weights)))
     if T == 0:
         return out
     if segments is None:
-        segments = plan_segments(w_qkv, w_z, lora.lora_b if lora else (), lora.slice_start if lora else ())
+        segments = plan_segments(weights, lora.lora_b if lora else (), lora.slice_start if lora else ())
         if segments is None:
             raise ValueError(f"gemm_lora_decode: more than {MAX_SEGMENTS} column segments")
     if lora is not None and all(seg.lora_slice is None for seg in segments):
         lora = None
-    cfg = config or plan_decode(x, w_qkv, w_z, lora)
+    cfg = config or plan_decode(x, weights, lora)
     launch_opts = dict(num_stages=cfg.num_stages, num_warps=cfg.num_warps)
     has_ids = lora is not None and lora.has_ids
     pdl = lora is not None and x.device.type == "cuda"

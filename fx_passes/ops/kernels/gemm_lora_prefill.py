@@ -22,7 +22,7 @@ keeps its other paths.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -135,19 +135,20 @@ def _tma_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0
 
 
-def prefill_fusable(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: LoraSlices) -> bool:
+def prefill_fusable(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: LoraSlices) -> bool:
     """Whether :func:`gemm_lora_prefill` can run these (already checked) arguments on this device:
     host-side facts only (no device sync), so a CUDA graph captured at one T replays the same kernels."""
     if x.dtype not in _16BIT or any(t.dtype != x.dtype for t in (*lora.lora_a, *lora.lora_b)):
         return False   # fp32 adapters (PEFT's default on a bf16 base): the exact fp32 LoRA path
-    if not weights_are_packed(w_qkv, w_z) or prefill_launch(x.device, x.dtype) is None:
+    if not weights_are_packed(weights) or prefill_launch(x.device, x.dtype) is None:
         return False
-    return _tma_ok(x) and _tma_ok(packed_view(w_qkv, w_z))
+    out_row_bytes = sum(w.shape[0] for w in weights) * x.element_size()   # the TMA store's row stride
+    return _tma_ok(x) and _tma_ok(packed_view(weights)) and out_row_bytes % 16 == 0
 
 
-def gemm_lora_prefill(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, lora: Optional[LoraSlices], *,
+def gemm_lora_prefill(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices], *,
                       config: Optional[PrefillLaunch] = None) -> torch.Tensor:
-    """``out = x @ [w_qkv; w_z]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand).
+    """``out = x @ [W_0; W_1; ...]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand).
 
     Arguments are assumed checked and :func:`prefill_fusable`; ``lora=None`` runs the GEMM alone
     (benchmarks). ``config``: the launch (default :func:`fx_passes.ops.tuning.prefill_launch`).
@@ -155,7 +156,7 @@ def gemm_lora_prefill(x: torch.Tensor, w_qkv: torch.Tensor, w_z: torch.Tensor, l
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     T, K = x.shape
-    w = packed_view(w_qkv, w_z)
+    w = packed_view(weights)
     N = w.shape[0]
     out = x.new_empty((T, N))
     if T == 0:
