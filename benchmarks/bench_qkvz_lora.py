@@ -128,7 +128,7 @@ class Problem:
         # packed weights: W_qkv and W_z are adjacent row blocks of one buffer (fx_passes.pack_qkvz_weights)
         self.Wcat = rnd(self.N, H, std=H ** -0.5)
         self.Wqkv, self.Wz = self.Wcat[: self.nqkv], self.Wcat[self.nqkv:]
-        assert weights_are_packed(self.Wqkv, self.Wz)
+        assert weights_are_packed([self.Wqkv, self.Wz])
         self.Wqkv_u, self.Wz_u = None, None   # separate allocations, made on first use (unpacked variants)
         lead = () if L == 1 else (L,)
         self.Aqkv, self.Az = rnd(*lead, r, H, std=H ** -0.5), rnd(*lead, r, H, std=H ** -0.5)
@@ -217,26 +217,26 @@ class Problem:
         return y
 
     def ours(self, x, ids, idxs):
-        return torch.ops.fx_passes.qkvz_gemm_lora(x, self.Wqkv, self.Wz, self.lora_a, self.lora_b, self.slice_a,
+        return torch.ops.fx_passes.qkvz_gemm_lora(x, [self.Wqkv, self.Wz], self.lora_a, self.lora_b, self.slice_a,
                                                   self.slice_start, ids, self.scales_t,
                                                   SCALE_1 if self.L == 1 else 1.0)
 
     def _unpacked(self):
         if self.Wqkv_u is None:
             self.Wqkv_u, self.Wz_u = self.Wqkv.clone(), self.Wz.clone()
-            assert not weights_are_packed(self.Wqkv_u, self.Wz_u)
+            assert not weights_are_packed([self.Wqkv_u, self.Wz_u])
         return self.Wqkv_u, self.Wz_u
 
     def base_unpacked(self, x, ids, idxs):
-        return torch.ops.fx_passes.qkvz_gemm(x, *self._unpacked())
+        return torch.ops.fx_passes.qkvz_gemm(x, list(self._unpacked()))
 
     def ours_unpacked(self, x, ids, idxs):
-        return torch.ops.fx_passes.qkvz_gemm_lora(x, *self._unpacked(), self.lora_a, self.lora_b, self.slice_a,
+        return torch.ops.fx_passes.qkvz_gemm_lora(x, list(self._unpacked()), self.lora_a, self.lora_b, self.slice_a,
                                                   self.slice_start, ids, self.scales_t,
                                                   SCALE_1 if self.L == 1 else 1.0)
 
     def ours_2op(self, x, ids, idxs):
-        out = torch.ops.fx_passes.qkvz_gemm(x, self.Wqkv, self.Wz)
+        out = torch.ops.fx_passes.qkvz_gemm(x, [self.Wqkv, self.Wz])
         torch.ops.fx_passes.qkvz_lora_(out, x, self.lora_a, self.lora_b, self.slice_a, self.slice_start,
                                        ids, self.scales_t, SCALE_1 if self.L == 1 else 1.0)
         return out
@@ -248,17 +248,17 @@ class Problem:
 
     def ours_fused_triton(self, x, ids, idxs):
         """The CUDA decode kernel of qkvz_gemm_lora, called directly (for --cpu-check)."""
-        return gemm_lora_decode(x, self.Wqkv, self.Wz, self.lora(ids))
+        return gemm_lora_decode(x, [self.Wqkv, self.Wz], self.lora(ids))
 
     def ours_prefill(self, x, ids, idxs):
         """The prefill kernel of qkvz_gemm_lora (persistent TMA GEMM + LoRA epilogue) at any T."""
-        return gemm_lora_prefill(x, self.Wqkv, self.Wz, self.lora(ids))
+        return gemm_lora_prefill(x, [self.Wqkv, self.Wz], self.lora(ids))
 
     def ours_cfg(self, force):
         """Our block as GEMM, then the two-launch LoRA with a forced launch configuration (``force``:
         ``fx_passes.ops.tuning.lora_launch``'s arguments)."""
         def fn(x, ids, idxs):
-            out = torch.ops.fx_passes.qkvz_gemm(x, self.Wqkv, self.Wz)
+            out = torch.ops.fx_passes.qkvz_gemm(x, [self.Wqkv, self.Wz])
             lora = self.lora(ids)
             lora_shrink_expand_(out, x, lora, config=plan_lora(x, lora, **force))
             return out

@@ -62,8 +62,8 @@ def main() -> int:
                 lora = LoraSlices.of([dev(t, ab_dtype) for t in a], [dev(t, ab_dtype) for t in b], slice_a,
                                      starts, ids.to(device), scales.to(device), 0.5)
                 xc = dev(x)
-                path = dispatch.gemm_lora_path(xc, wc[:N_QKV], wc[N_QKV:], lora)
-                got = dispatch.gemm_lora(xc, wc[:N_QKV], wc[N_QKV:], lora).float().cpu()
+                path = dispatch.gemm_lora_path(xc, (wc[:N_QKV], wc[N_QKV:]), lora)
+                got = dispatch.gemm_lora(xc, (wc[:N_QKV], wc[N_QKV:]), lora).float().cpu()
                 err = ((got - want).abs().max() / want.abs().max()).item()
                 worst = max(worst, err)
                 print(f"{layout:10s} L={adapters} T={T:4d} adapters {str(ab_dtype)[6:]:8s} {path:15s} "

@@ -63,7 +63,7 @@ def main():
     def decode(x, pr, ids, *, with_lora=True, **force):
         """The decode kernel with a forced launch (``force``: fx_passes.ops.tuning.decode_launch's)."""
         lora = pr.lora(ids) if with_lora else None
-        return gemm_lora_decode(x, pr.Wqkv, pr.Wz, lora, config=plan_decode(x, pr.Wqkv, pr.Wz, lora, **force))
+        return gemm_lora_decode(x, [pr.Wqkv, pr.Wz], lora, config=plan_decode(x, [pr.Wqkv, pr.Wz], lora, **force))
 
     t_start = time.time()
     timer = Timer("cuda", args.rep)
