@@ -11,6 +11,10 @@ Variants (each maps x to the layer's four projection outputs; one adapter, rank 
 * ``folded``   ``fx_passes.qkvz_gemm_lora`` over [W_qkv, W_z, W_b, W_a], six slices q | k | v | z | b | a in
                four A groups (what the pass emits now).
 
+And, to price b / a inside each GEMM: ``base2`` (cuBLAS over [W_qkv; W_z]) and ``qkvz_only`` (our op over
+[W_qkv, W_z] with the 4 slices, no b / a): ``folded - qkvz_only`` is what b / a cost in our kernels,
+``base4 - base2`` what they cost cuBLAS.
+
 Timing: CUDA-graph replays of one call per weight set, the sets rotated so that W never comes from L2
 (``common.rotation_sets``); rounds interleave the variants; the median round is kept. Every variant is
 checked against an fp32 reference of the block before it is timed.
@@ -30,7 +34,8 @@ from benchmarks.common import (
 )
 
 SCALE = 2.0
-VARIANTS = ("base4", "separate", "qkvz_op", "folded")
+VARIANTS = ("base4", "separate", "qkvz_op", "folded", "base2", "qkvz_only")
+CHECKED = ("separate", "qkvz_op", "folded")   # the variants that compute the whole block
 
 
 class Layer:
@@ -63,6 +68,13 @@ class Layer:
 
     def base4(self, x):
         return torch.mm(x, self.W.t())
+
+    def base2(self, x):
+        return torch.mm(x, self.W[:self.rows[0] + self.rows[1]].t())
+
+    def qkvz_only(self, x):
+        return torch.ops.fx_passes.qkvz_gemm_lora(x, self.weights[:2], self.A[:2], self.lora_b[:4], self.slice_a[:4],
+                                                  self.slice_start[:4], None, None, SCALE)
 
     def _peft(self, x, i):
         return x @ self.weights[i].t() + (x @ self.A[i].t()) @ self.B[i].t() * SCALE
@@ -101,7 +113,7 @@ def main(argv=None):
     path = json_path("bench_gdn_proj", args.json)
     rows = []
     print(f"{'shape':10} {'T':>5} {'path':>14} " + " ".join(f"{v:>9}" for v in VARIANTS)
-          + "   folded/base4  separate/folded  qkvz_op/folded")
+          + "   folded/base4  separate/folded  qkvz_op/folded  b/a us: ours cuBLAS")
     for name, spec in select_shapes(args.shapes).items():
         first = Layer(spec, args.rank, dtype, 0)
         sets = [first] + [Layer(spec, args.rank, dtype, s) for s in
@@ -123,8 +135,8 @@ def main(argv=None):
                         return torch.cat(outs, 1)
                     ms, err = time_graph(call, call())
                     times[v].append(ms / len(sets))
-                    # the LoRA variants against the fp32 reference (base4 has no LoRA)
-                    errs[v] = None if v == "base4" else (torch.cat(
+                    # the variants that compute the whole block against its fp32 reference
+                    errs[v] = None if v not in CHECKED else (torch.cat(
                         [torch.cat(o, 1) if isinstance(o, list) else o for o in
                          (getattr(layer, v)(x) for layer, x in zip(sets, xs))], 1).float() - ref).norm().item() \
                         / ref.norm().item()
@@ -133,12 +145,15 @@ def main(argv=None):
                              sets=len(sets), ms=med, rel_err=errs,
                              folded_over_base4=med["folded"] / med["base4"],
                              separate_over_folded=med["separate"] / med["folded"],
-                             qkvz_op_over_folded=med["qkvz_op"] / med["folded"])
+                             qkvz_op_over_folded=med["qkvz_op"] / med["folded"],
+                             ba_us_ours=(med["folded"] - med["qkvz_only"]) * 1e3,
+                             ba_us_cublas=(med["base4"] - med["base2"]) * 1e3)
             rows.append(row)
             write_rows(path, rows)
             print(f"{name:10} {T:5d} {path_name:>14} " + " ".join(f"{med[v] * 1e3:8.1f}u" for v in VARIANTS)
                   + f"   {row['folded_over_base4']:12.3f}  {row['separate_over_folded']:15.2f}"
-                  f"  {row['qkvz_op_over_folded']:14.2f}   err {max(e for e in errs.values() if e is not None):.1e}",
+                  f"  {row['qkvz_op_over_folded']:14.2f}  {row['ba_us_ours']:8.1f} {row['ba_us_cublas']:6.1f}"
+                  f"   err {max(e for e in errs.values() if e is not None):.1e}",
                   flush=True)
     return rows
 

@@ -237,6 +237,19 @@ def test_shrink_split_k_choice():
     assert shrink_ksplit(4, 5120, 16384, 16, 1, bf16) == 16      # T < 8: the default rule
     assert shrink_ksplit(64, 1024, 4096, 16, 1, bf16) == 1       # a shape outside the table
     assert shrink_ksplit(64, 5120, 16384, 16, 1, torch.float32) is None
+    # b / a folded in: 2 * 48 more columns than the qkv / z block measured -- the same entry; 5 % more is not
+    assert shrink_ksplit(64, 5120, 16384 + 96, 16, 1, bf16) == 4
+    assert shrink_ksplit(64, 5120, 16384 + 820, 16, 1, bf16) == 1
+
+
+def test_decode_blocks_of_a_folded_layer_are_the_measured_ones():
+    tuning_data = tuning.tuning_for(tuning.OFF_GPU_DEVICE)
+    for (K, N, bucket), blocks in tuning_data.decode_blocks.items():
+        T = 4 if bucket == 16 else 48
+        near = tuning.decode_launch(T, K, N + 128, torch.device("cpu"), torch.bfloat16)
+        assert (near.block_n, near.block_k, near.num_stages, near.num_warps) == blocks
+    far = tuning.decode_launch(4, 2048, 12288 * 2, torch.device("cpu"), torch.bfloat16)
+    assert (far.block_n, far.block_k, far.num_stages, far.num_warps) == tuning.DECODE_DEFAULT_BLOCKS[16]
 
 
 # ------------------------------------------------------------------------------------------ the op
