@@ -85,7 +85,8 @@ def assert_fused(run: FusionRun, *, layers: int, lora_ops_per_layer: int, mm_rem
     assert all(layer.folded == folded for layer in rewritten), [l.line() for l in rewritten]
     if folded == GATES:
         assert all(layer.ba_reason is None for layer in rewritten), [l.line() for l in rewritten]
-    assert run.op_count(MM, "before") - run.op_count(MM, "after") == mm_removed
+    removed = run.op_count(MM, "before") - run.op_count(MM, "after")
+    assert removed == mm_removed, f"{removed} mm removed, expected {mm_removed}"
     # one LoRA op per layer: GEMM + LoRA as ONE qkvz_gemm_lora (QkvzFusionConfig.gemm_lora_op, the default);
     # no LoRA: qkvz_gemm alone; several LoRA ops: qkvz_gemm + one qkvz_lora_ each
     one_op = lora_ops_per_layer == 1 and run.fusion_pass.config.gemm_lora_op
@@ -113,25 +114,33 @@ def assert_unchanged(run: FusionRun) -> None:
 
 
 class GdnProjections(torch.nn.Module):
-    """A real PEFT-wrapped GDN layer's two projections called on a 2-D input (as vLLM does): the small
-    graph of the entry-point, dump and addmm-form tests. ``z_input_offset`` != 0 gives z another input."""
+    """A real PEFT-wrapped GDN layer's projections called on a 2-D input (as vLLM does): the small graph of
+    the entry-point, dump and addmm-form tests. ``z_input_offset`` != 0 gives z another input; ``gates``:
+    in_proj_b / in_proj_a are called too (``gate_input_offset`` != 0: on another input)."""
 
-    def __init__(self, gdn, z_input_offset: float = 0.0):
+    def __init__(self, gdn, z_input_offset: float = 0.0, gates: bool = False, gate_input_offset: float = 0.0):
         super().__init__()
         self.linear_attn = gdn
-        self.z_input_offset = z_input_offset
+        self.z_input_offset, self.gates, self.gate_input_offset = z_input_offset, gates, gate_input_offset
 
     def forward(self, x):
         z_in = x + self.z_input_offset if self.z_input_offset else x
-        return self.linear_attn.in_proj_qkv(x).relu(), self.linear_attn.in_proj_z(z_in).sigmoid()
+        out = (self.linear_attn.in_proj_qkv(x).relu(), self.linear_attn.in_proj_z(z_in).sigmoid())
+        if not self.gates:
+            return out
+        g_in = x + self.gate_input_offset if self.gate_input_offset else x
+        return (*out, self.linear_attn.in_proj_b(g_in).sigmoid(), self.linear_attn.in_proj_a(g_in).exp())
 
 
-def gdn_projections(z_input_offset: float = 0.0) -> GdnProjections:
-    """GdnProjections over layer 0 of a 2-layer tiny Qwen3.5 with PEFT LoRA on in_proj_qkv + in_proj_z."""
-    from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35
+def gdn_projections(z_input_offset: float = 0.0, gates: bool = False, gate_input_offset: float = 0.0,
+                    targets=None) -> GdnProjections:
+    """GdnProjections over layer 0 of a 2-layer tiny Qwen3.5 with PEFT LoRA on in_proj_qkv + in_proj_z
+    (``targets``: other target modules)."""
+    from fx_passes.models import GDN_TARGETS, TinyQwen35Spec, add_lora, build_tiny_qwen35
 
-    model = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2)))
-    return GdnProjections(model.base_model.model.model.layers[0].linear_attn, z_input_offset)
+    model = add_lora(build_tiny_qwen35(TinyQwen35Spec(num_layers=2)), targets=targets or GDN_TARGETS)
+    return GdnProjections(model.base_model.model.model.layers[0].linear_attn, z_input_offset, gates,
+                          gate_input_offset)
 
 
 __all__ = ["GATES", "GdnProjections", "gdn_projections", "DTYPE_TOL", "RecordingPass", "FusionRun", "compile_with_pass", "assert_fused", "assert_unchanged"]

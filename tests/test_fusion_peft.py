@@ -118,7 +118,8 @@ def test_llama_lora_on_qkv_is_left_alone():
 def test_inductor_addmm_form():
     run = compile_with_pass(gdn_projections(), torch.randn(8, SPEC.hidden_size))
     assert run.op_count("aten.addmm.default", "before") == 2   # Inductor folded each base GEMM + LoRA add
-    assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4)
+    # this graph calls in_proj_qkv / in_proj_z only: the two are the op
+    assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4, folded=["in_proj_qkv", "in_proj_z"])
     assert run.op_count("aten.addmm.default") == 0
 
 
@@ -177,3 +178,36 @@ def test_different_inputs_are_not_rewritten():
     assert_unchanged(run)
     (layer,) = run.layers
     assert not layer.rewritten and "different inputs" in layer.reason
+
+
+# ------------------------------------------------------------------ b / a: folded, or kept with the reason
+
+ALL_FOUR_2D = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
+
+
+def test_gates_on_another_input_keep_the_qkvz_rewrite():
+    """in_proj_b / in_proj_a fed another tensor: qkv / z still become one op, b / a stay two GEMMs with
+    their LoRA, and the report says why."""
+    run = compile_with_pass(gdn_projections(gates=True, gate_input_offset=1.0, targets=ALL_FOUR_2D),
+                            torch.randn(8, SPEC.hidden_size))
+    # the qkv / z base GEMMs and LoRA adds are addmm in this 2-D graph; b / a keep their 2 addmm + 4 mm
+    assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4, folded=["in_proj_qkv", "in_proj_z"])
+    (layer,) = run.layers
+    assert "in_proj_b reads another input" in layer.ba_reason, layer.ba_reason
+    assert "b/a not folded: " in layer.line() and layer.lora_slices == [["q", "k", "v", "z"]]
+    assert run.op_count("aten.addmm.default", "before") - run.op_count("aten.addmm.default") == 2
+
+
+@pytest.mark.parametrize("fold_ba", [True, False])
+def test_fold_ba_config(fold_ba):
+    from fx_passes import QkvzFusionConfig
+
+    run = compile_with_pass(gdn_projections(gates=True, targets=ALL_FOUR_2D), torch.randn(8, SPEC.hidden_size),
+                            fusion_pass=RecordingPass(QkvzFusionConfig(fold_ba=fold_ba)))
+    if fold_ba:   # per projection 2 mm + 1 addmm (Inductor's LoRA add) -> one op with six slices
+        assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=8)
+        assert run.op_count("aten.addmm.default") == 0
+        assert run.layers[0].lora_slices == [["q", "k", "v", "z", "b", "a"]]
+    else:
+        assert_fused(run, layers=1, lora_ops_per_layer=1, mm_removed=4, folded=["in_proj_qkv", "in_proj_z"])
+        assert run.layers[0].ba_reason == "fold_ba is off"

@@ -524,7 +524,8 @@ def _pair_lora_terms(projections: list) -> list[_LoraOp]:
 
 def _structural_candidates(mms: list[Node], gate_names: tuple[str, str]) -> list[_Candidate]:
     """GDN layers in graphs without module paths: shared input, N_qkv = 2k + N_z, split [k, k, N_z]
-    downstream; b / a: the two other linears of that input with ``N_z / N`` an integer (head dim)."""
+    downstream; b / a: the two other linears of that input with ``N_z / N`` an integer (head dim) whose
+    output feeds no GEMM (a LoRA shrink's does)."""
     linears = []
     for node in mms:
         try:
@@ -545,8 +546,10 @@ def _structural_candidates(mms: list[Node], gate_names: tuple[str, str]) -> list
                 if _has_split_downstream(q.node, [diff // 2, diff // 2, z.out_features]):
                     cand = _Candidate(f"structural:{q.node.name}", q.node, z.node, "structure")
                     used |= {q.node, z.node}
+                    # not a LoRA shrink (its [T, r] output feeds the expand's GEMM)
                     gates = [g for g in leaves if g.node not in used and g.out_features < z.out_features
-                             and z.out_features % g.out_features == 0]
+                             and z.out_features % g.out_features == 0
+                             and not any(is_call(u, MM_OPS + ADDMM_OPS) for u in g.node.users)]
                     if len(gates) == 2 and gates[0].out_features == gates[1].out_features:
                         cand.gates = list(zip(gate_names, (g.node for g in gates)))
                         used |= {g.node for g in gates}
