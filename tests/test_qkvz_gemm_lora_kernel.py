@@ -242,6 +242,23 @@ def test_shrink_split_k_choice():
     assert shrink_ksplit(64, 5120, 16384 + 820, 16, 1, bf16) == 1
 
 
+@pytest.mark.parametrize("folded", [False, True])
+def test_shrink_split_cap_yields_when_it_would_spill_the_gemm_wave(folded):
+    """27B widths at T = 8 (measured cap: split-K 2; 128-column tiles; 132 SMs planned): q | k | v | z is
+    128 GEMM tiles + 2 groups x 2 shrink programs = 132, the cap stays. With b / a folded in, 130 tiles + 4
+    groups x 2 = 138: GEMM tiles would wait for shrink programs, so the uncapped split (short programs)."""
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    rows = [10240, 6144] + ([48, 48] if folded else [])
+    slices = [2048, 2048, 6144, 6144] + ([48, 48] if folded else [])
+    starts = [sum(slices[:i]) for i in range(len(slices))]
+    slice_a = [0, 0, 0, 1, 2, 3][:len(slices)]
+    lora = LoraSlices.of([torch.empty(16, 5120, **meta) for _ in range(max(slice_a) + 1)],
+                         [torch.empty(n, 16, **meta) for n in slices], slice_a, starts)
+    cfg = plan_decode(torch.empty(8, 5120, **meta), [torch.empty(n, 5120, **meta) for n in rows], lora)
+    assert cfg.block_n == 128
+    assert (cfg.shrink.ksplit > 8) if folded else (cfg.shrink.ksplit == 2)
+
+
 def test_decode_blocks_of_a_folded_layer_are_the_measured_ones():
     tuning_data = tuning.tuning_for(tuning.OFF_GPU_DEVICE)
     for (K, N, bucket), blocks in tuning_data.decode_blocks.items():

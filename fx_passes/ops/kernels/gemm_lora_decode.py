@@ -215,9 +215,13 @@ def plan_segments(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor
 
 
 def plan_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices],
-                **force) -> DecodeLaunch:
-    """The launch of :func:`gemm_lora_decode` (``force``: see :func:`fx_passes.ops.tuning.decode_launch`)."""
-    return decode_launch(x.shape[0], x.shape[1], sum(w.shape[0] for w in weights), x.device, x.dtype, lora, **force)
+                segments: Optional[Sequence[Segment]] = None, **force) -> DecodeLaunch:
+    """The launch of :func:`gemm_lora_decode` over ``segments`` (default: as planned from ``lora``;
+    ``force``: see :func:`fx_passes.ops.tuning.decode_launch`)."""
+    if segments is None:
+        segments = plan_segments(weights, lora.lora_b if lora else (), lora.slice_start if lora else ()) or []
+    return decode_launch(x.shape[0], x.shape[1], sum(w.shape[0] for w in weights), x.device, x.dtype, lora,
+                         widths=[seg.n for seg in segments] or None, **force)
 
 
 def gemm_lora_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices], *,
@@ -238,7 +242,7 @@ def gemm_lora_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Opt
             raise ValueError(f"gemm_lora_decode: more than {MAX_SEGMENTS} column segments")
     if lora is not None and all(seg.lora_slice is None for seg in segments):
         lora = None
-    cfg = config or plan_decode(x, weights, lora)
+    cfg = config or plan_decode(x, weights, lora, segments)
     launch_opts = dict(num_stages=cfg.num_stages, num_warps=cfg.num_warps)
     has_ids = lora is not None and lora.has_ids
     pdl = lora is not None and x.device.type == "cuda"
