@@ -254,10 +254,12 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
     shrink = None
     if lora is not None:
         groups, _ = lora.shrink_groups()
-        # Above 32 tokens one 64-token shrink tile: four 16-token tiles read every A four times, in
-        # programs that hold SMs through the GEMM's second wave (27B-wide, b / a folded in, r64 T 64:
-        # 60.6 -> 47.0 us; qkv / z alone r16 T 48: 48.4 -> 45.8 us; the other shapes within noise).
-        shrink_m = 64 if T > 32 else None
+        # Above 32 tokens with one adapter, one 64-token shrink tile: four 16-token tiles read every A four
+        # times, in programs that hold SMs through the GEMM's second wave (27B-wide, b / a folded in, r64
+        # T 64: 60.6 -> 47.0 us; qkv / z alone r16 T 48: 48.4 -> 45.8 us; the other shapes within noise).
+        # Several adapters mixed per token: no consistent winner measured (+-10 % either way), 16 stays.
+        one_adapter = not (lora.has_ids and lora.adapters > 1)
+        shrink_m = 64 if T > 32 and one_adapter else None
         shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
                              has_ids=lora.has_ids, shrink_block_m=shrink_m)
         cap = shrink_ksplit or _decode_ksplit_cap(tuning, T, K, N, lora)
