@@ -34,6 +34,13 @@ AF_SHRINK, AF_EXPAND, AF_OURS = vh.AF_SHRINK, vh.AF_EXPAND, vh.AF_OURS
 _close = vh.close
 
 
+def _match_eager(runs, what):
+    """Every compiled output of every run equals vLLM eager's."""
+    for eager, out, _ in runs:
+        for i, (e, o) in enumerate(zip(eager, out)):
+            _close(o, e, f"{what} output {i} vs vLLM eager")
+
+
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory):
     """One compile for the module: eager vLLM outputs, compiled outputs, the pass (dumping)."""
@@ -284,9 +291,7 @@ def test_fused_form_two_op_config():
     assert vh.OURS not in after and after[AF_SHRINK] == after[AF_EXPAND] == 1   # in_proj_ba's LoRA stays
     (call,) = fusion.calls[0]
     assert call["op"] == "lora_" and call["out_target"] == "aten.mm.default"
-    for eager, out, _ in runs:
-        for i, (e, o) in enumerate(zip(eager, out)):
-            _close(o, e, f"two-op form output {i} vs vLLM eager")
+    _match_eager(runs, "two-op form")
     torch._dynamo.reset()
 
 
@@ -309,9 +314,7 @@ def test_plain_in_proj_ba_is_folded_as_a_weight(form):
     assert "aten.mm.default" not in report.ops_after and report.ops_after[vh.OURS] == 1
     (call,) = fusion.calls[0]
     assert len(call["weights"]) == (3 if form == "split" else 2) and len(call["slice_start"]) == 4
-    for eager, out, _ in runs:
-        for i, (e, o) in enumerate(zip(eager, out)):
-            _close(o, e, f"{form} plain in_proj_ba output {i} vs vLLM eager")
+    _match_eager(runs, f"{form} plain in_proj_ba")
     torch._dynamo.reset()
 
 
@@ -328,7 +331,5 @@ def test_in_proj_ba_of_another_input_is_kept_with_the_reason():
     assert "in_proj_ba reads another tensor" in layer.ba_reason, layer.ba_reason   # ... ba kept, and why
     assert "b/a not folded" in layer.line()
     assert report.ops_after[AF_SHRINK] == report.ops_after[AF_EXPAND] == 1
-    for eager, out, _ in runs:
-        for i, (e, o) in enumerate(zip(eager, out)):
-            _close(o, e, f"ba of another input, output {i} vs vLLM eager")
+    _match_eager(runs, "ba of another input,")
     torch._dynamo.reset()
