@@ -1,4 +1,4 @@
-"""fx_passes: a compiler pass that fuses Qwen3.5 GDN in_proj_qkv / in_proj_z GEMMs and their LoRA.
+"""fx_passes: a compiler pass that fuses Qwen3.5 GDN input projections (in_proj_qkv / z / b / a) and their LoRA.
 
 Entry points:
 * ``torch.compile(model, backend="fx_passes", mode=..., options=...)`` (or

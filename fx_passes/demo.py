@@ -24,16 +24,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--moe", action="store_true", help="Qwen3.5-MoE instead of the dense model")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--targets", default="in_proj_qkv,in_proj_z,in_proj_b,in_proj_a",
+                        help="PEFT target_modules, comma-separated (or all-linear)")
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (every other one is GDN)")
     parser.add_argument("--no-pack", action="store_true",
-                        help="the backend leaves W_qkv / W_z apart (QkvzFusionConfig(pack_weights=False))")
+                        help="the backend leaves the projection weights apart (QkvzFusionConfig(pack_weights=False))")
     parser.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
 
 
 def run(args: argparse.Namespace) -> int:
     spec = TinyQwen35Spec(num_layers=args.layers, moe=args.moe)
     dtype = getattr(torch, args.dtype)
-    model = add_lora(build_tiny_qwen35(spec, dtype=dtype, device=args.device), r=args.rank)
+    targets = args.targets if args.targets == "all-linear" else tuple(args.targets.split(","))
+    model = add_lora(build_tiny_qwen35(spec, dtype=dtype, device=args.device), r=args.rank, targets=targets)
     ids = example_inputs(spec, device=args.device)
     with torch.no_grad():
         eager = model(input_ids=ids).logits.float()
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         fused_logits = torch.compile(model, backend=backend, dynamic=args.dynamic)(input_ids=ids).logits.float()
         t_fused = time.perf_counter() - start
     print(f"model: tiny Qwen3.5{'-MoE' if args.moe else ''}, {spec.num_gdn_layers} GDN layer(s), "
-          f"LoRA r={args.rank} on in_proj_qkv + in_proj_z, {args.dtype} on {args.device}")
+          f"LoRA r={args.rank} on {args.targets.replace(',', ' + ')}, {args.dtype} on {args.device}")
     for report in backend.fusion_pass.reports:
         print(report.to_text())
     print(f"max |logits - eager|: inductor without the pass {(plain - eager).abs().max().item():.3e}, "
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
           f"fused vs unfused compiled {(fused_logits - plain).abs().max().item():.3e}")
     print(f"compile+run seconds: without {t_plain:.1f}, with {t_fused:.1f}")
     if backend.packed_layers:
-        print(f"the backend packed W_qkv / W_z of {len(backend.packed_layers)} layer(s) into one buffer each")
+        print(f"the backend packed the projection weights of {len(backend.packed_layers)} layer(s) into one buffer each")
     # a graph Inductor served from its cache (a second run on this machine) was not seen by the pass:
     # its report counts the fused ops in the cached code instead
     fused = sum(r.fused_layers for r in backend.fusion_pass.reports)
