@@ -236,3 +236,27 @@ def test_inductor_code_runs_four_fewer_gemms_per_layer():
     assert plain_ops == 0 and fused_ops == GDN
     assert plain_gemms - fused_gemms == GDN * (4 + 2 * 4), (plain_gemms, fused_gemms)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_modules_named_like_the_gates_alone_are_no_layer():
+    """A model with ``in_proj_b`` / ``in_proj_a`` linears but no in_proj_qkv / in_proj_z: nothing to match,
+    no report entry, the graph as it was."""
+    class Gates(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.in_proj_b, self.in_proj_a = torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(16, 4, bias=False)
+
+        def forward(self, x):
+            return self.in_proj_b(x).sigmoid() * self.in_proj_a(x)
+
+    class Model(torch.nn.Module):   # module paths "layer.in_proj_b" / "layer.in_proj_a"
+        def __init__(self):
+            super().__init__()
+            self.layer = Gates()
+
+        def forward(self, x):
+            return self.layer(x)
+
+    run = compile_with_pass(Model(), torch.randn(8, 16))
+    assert_unchanged(run)
+    assert run.layers == []

@@ -198,6 +198,8 @@ class QkvzLoraFusionPass(CustomGraphPass):
         candidates = []
         for prefix, found in by_prefix.items():
             qkv, z = found.get(cfg.qkv_name, []), found.get(cfg.z_name, [])
+            if not qkv and not z:
+                continue   # only b / a-named GEMMs here (another model's modules): no GDN layer
             if len(qkv) != 1 or len(z) != 1:
                 report.layers.append(LayerMatch(
                     layer=prefix, rewritten=False, node=(qkv or z)[0].name,
