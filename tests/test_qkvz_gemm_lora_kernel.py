@@ -221,32 +221,33 @@ def test_lora_kernel_write_mode_stores_delta_without_reading_out(adapters):
 
 
 def test_shrink_split_k_choice():
-    """The decode shrink's split-K cap: measured exceptions per (shape, T bucket, rank bucket, several
-    adapters), the partial-rows rule otherwise, none for fp32 adapters (their shrink is the slow part)."""
+    """The decode shrink's split-K cap: a rule on T (partial rows), twice as many rows with several
+    adapters mixed per token, none for fp32 adapters (their shrink is the slow part). No per-shape entry:
+    the same shape and T give the same cap on any K / N."""
     bf16 = torch.bfloat16
 
-    def shrink_ksplit(T, K, N, rank, adapters, dtype):
+    def shrink_ksplit(T, K, N, rank, adapters, dtype, ids=True):
         a = torch.empty(adapters, rank, K, dtype=dtype, device="meta")
-        lora = LoraSlices.of([a], [torch.empty(adapters, N, rank, dtype=dtype, device="meta")], [0], [0])
-        return tuning._decode_ksplit_cap(tuning.tuning_for(tuning.OFF_GPU_DEVICE), T, K, N, lora)
+        token_ids = torch.zeros(T, dtype=torch.int32, device="meta") if ids and adapters > 1 else None
+        lora = LoraSlices.of([a], [torch.empty(adapters, N, rank, dtype=dtype, device="meta")], [0], [0], token_ids)
+        return tuning._decode_ksplit_cap(T, lora)
 
-    assert shrink_ksplit(64, 5120, 16384, 16, 1, bf16) == 4      # Qwen3.5-27B r16 T = 64: 1.37x -> 1.11x
-    assert shrink_ksplit(33, 5120, 16384, 8, 1, bf16) == 4       # same buckets (T 17..64, r <= 16)
-    assert shrink_ksplit(64, 5120, 16384, 64, 1, bf16) == 1      # r64: default rule, 64 rows / 64 tokens
-    assert shrink_ksplit(16, 5120, 16384, 16, 4, bf16) == 8      # several adapters: their own entry
-    assert shrink_ksplit(4, 5120, 16384, 16, 1, bf16) == 16      # T < 8: the default rule
-    assert shrink_ksplit(64, 1024, 4096, 16, 1, bf16) == 1       # a shape outside the table
-    assert shrink_ksplit(64, 5120, 16384, 16, 1, torch.float32) is None
-    # b / a folded in: 2 * 48 more columns than the qkv / z block measured -- the same entry; 5 % more is not
-    assert shrink_ksplit(64, 5120, 16384 + 96, 16, 1, bf16) == 4
-    assert shrink_ksplit(64, 5120, 16384 + 820, 16, 1, bf16) == 1
+    rows, mixed = tuning.DECODE_SHRINK_PARTIAL_ROWS, tuning.DECODE_SHRINK_PARTIAL_ROWS_MIXED
+    for K, N in ((5120, 16384), (2048, 12288), (1536, 6000)):
+        assert shrink_ksplit(16, K, N, 16, 1, bf16) == rows // 16
+        assert shrink_ksplit(64, K, N, 64, 1, bf16) == max(1, rows // 64)
+        assert shrink_ksplit(16, K, N, 16, 4, bf16) == mixed // 16
+        assert shrink_ksplit(64, K, N, 16, 4, bf16) == mixed // 64
+        assert shrink_ksplit(16, K, N, 16, 4, bf16, ids=False) == rows // 16   # stacked, no ids: one adapter
+        assert shrink_ksplit(64, K, N, 16, 1, torch.float32) is None
+    assert mixed > rows
 
 
 @pytest.mark.parametrize("folded", [False, True])
 def test_shrink_split_cap_yields_when_it_would_spill_the_gemm_wave(folded):
-    """27B widths at T = 8 (measured cap: split-K 2; 128-column tiles; 132 SMs planned): q | k | v | z is
-    128 GEMM tiles + 2 groups x 2 shrink programs = 132, the cap stays. With b / a folded in, 130 tiles + 4
-    groups x 2 = 138: GEMM tiles would wait for shrink programs, so the uncapped split (short programs)."""
+    """27B widths at T = 16 (cap: split-K 2; 128-column tiles; 132 SMs planned): q | k | v | z is 128 GEMM
+    tiles + 2 groups x 2 shrink programs = 132, the cap stays. With b / a folded in, 130 tiles + 4 groups
+    x 2 = 138: GEMM tiles would wait for shrink programs, so the uncapped split (short programs)."""
     meta = dict(dtype=torch.bfloat16, device="meta")
     rows = [10240, 6144] + ([48, 48] if folded else [])
     slices = [2048, 2048, 6144, 6144] + ([48, 48] if folded else [])
@@ -254,19 +255,29 @@ def test_shrink_split_cap_yields_when_it_would_spill_the_gemm_wave(folded):
     slice_a = [0, 0, 0, 1, 2, 3][:len(slices)]
     lora = LoraSlices.of([torch.empty(16, 5120, **meta) for _ in range(max(slice_a) + 1)],
                          [torch.empty(n, 16, **meta) for n in slices], slice_a, starts)
-    cfg = plan_decode(torch.empty(8, 5120, **meta), [torch.empty(n, 5120, **meta) for n in rows], lora)
-    assert cfg.block_n == 128
-    assert (cfg.shrink.ksplit > 8) if folded else (cfg.shrink.ksplit == 2)
+    cfg = plan_decode(torch.empty(16, 5120, **meta), [torch.empty(n, 5120, **meta) for n in rows], lora)
+    assert cfg.block_n == 128 and tuning._decode_ksplit_cap(16, lora) == 2
+    assert (cfg.shrink.ksplit > 2) if folded else (cfg.shrink.ksplit == 2)
 
 
-def test_decode_blocks_of_a_folded_layer_are_the_measured_ones():
-    tuning_data = tuning.tuning_for(tuning.OFF_GPU_DEVICE)
-    for (K, N, bucket), blocks in tuning_data.decode_blocks.items():
-        T = 4 if bucket == 16 else 48
-        near = tuning.decode_launch(T, K, N + 128, torch.device("cpu"), torch.bfloat16)
-        assert (near.block_n, near.block_k, near.num_stages, near.num_warps) == blocks
-    far = tuning.decode_launch(4, 2048, 12288 * 2, torch.device("cpu"), torch.bfloat16)
-    assert (far.block_n, far.block_k, far.num_stages, far.num_warps) == tuning.DECODE_DEFAULT_BLOCKS[16]
+@pytest.mark.parametrize("T, K, widths, want", [
+    # <= 16 tokens: 128-column tiles (one per SM) while they fit one wave of 132 SMs
+    (4, 5120, [2048, 2048, 6144, 6144, 48, 48], 0),        # 27B, b / a folded: 130 tiles
+    (4, 2048, [2048, 2048, 4096, 4096, 32, 32], 0),        # 35B-A3B: 98
+    (4, 4096, [2048, 2048, 8192, 8192, 64, 64], 1),        # 397B-A17B: 162 > 132 -> 64 columns, 3 per SM
+    (4, 3072, [20000], 1),                                  # any shape past one wave (157 tiles)
+    (4, 3072, [10000], 0),                                  # 79 tiles
+    # 17-64 tokens: 64-column tiles, two per SM at 64-token tiles (264 programs), else 128 x 64
+    (48, 5120, [2048, 2048, 6144, 6144, 48, 48], 0),       # 258 tiles
+    (48, 4096, [2048, 2048, 8192, 8192, 64, 64], 1),       # 322
+    (24, 4096, [2048, 2048, 8192, 8192, 64, 64], 0),       # 32-token tiles: three per SM, 396
+])
+def test_decode_blocks_rule(T, K, widths, want):
+    """The decode tiles come from the residency-wave rule (no per-shape table): the preferred blocks
+    while all column tiles are resident at once on the planned device, else the narrower ones."""
+    cfg = tuning.decode_launch(T, K, sum(widths), torch.device("cpu"), torch.bfloat16, widths=widths)
+    bucket = 16 if T <= 16 else 64
+    assert (cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps) == tuning.DECODE_BLOCKS[bucket][want]
 
 
 # ------------------------------------------------------------------------------------------ the op

@@ -99,13 +99,14 @@ def test_prefill_config_must_fit_the_device(monkeypatch):
 @pytest.mark.parametrize("T, fused", [(70, False), (PREFILL_FUSED_MIN_T + 3, True)])
 def test_op_prefill_path_dispatches_the_fused_kernel(T, fused, monkeypatch):
     """From PREFILL_FUSED_MIN_T tokens, fusable arguments run the prefill kernel (default blocks);
-    fewer tokens keep the two-op form. Same result either way."""
+    fewer tokens take the cuBLAS paths (LoRA on all four projections covers every column: delta written
+    first, cuBLAS accumulates). Same result either way."""
     calls = []
     real = dispatch.gemm_lora_prefill
     monkeypatch.setattr(dispatch, "gemm_lora_prefill", lambda *a, **k: calls.append(1) or real(*a, **k))
     x, weights, *rest = _packed_case(T, "qkvzba", adapters=2, seed=9)
     lora = LoraSlices.of(*rest, 1.25)
-    assert dispatch.gemm_lora_path(x, weights, lora) == ("prefill" if fused else "gemm_then_lora")
+    assert dispatch.gemm_lora_path(x, weights, lora) == ("prefill" if fused else "accumulate")
     got = dispatch.gemm_lora(x, weights, lora)
     assert bool(calls) == fused
     args = (x, weights, *rest)

@@ -1,10 +1,12 @@
 """Launch choices of the Triton kernels: rules for any device, measured data per device.
 
 A device is a :class:`DeviceInfo` (name, SM count, shared memory per block, compute capability).
-Measured choices live in ``fx_passes/ops/configs/<device name>.json``, written from the sweeps in
-``benchmarks/`` (each file says which sweep, versions and date); a file applies only to a device whose
-name, SM count and shared memory all match it. Any other device gets the rules below, the same values
-without the per-shape entries. Every launch configuration is checked against the device's shared memory
+Launch configurations come from rules on shapes and device properties, never from a per-shape table
+(a table fits the shapes it was measured on; a rule is checked on shapes it was not fitted on:
+``benchmarks/sweep_t.py``). The few per-device scalars (the T thresholds between kernel paths) live in
+``fx_passes/ops/configs/<device name>.json``, written from ``benchmarks/sweep_paths.py`` (the file says
+which sweep, versions and date); a file applies only to a device whose name, SM count and shared memory
+all match it. Any other device gets the defaults of :class:`Tuning`. Every launch configuration is checked against the device's shared memory
 before it is used (:func:`decode_config` shrinks one that does not fit; :func:`prefill_config` returns
 ``None`` and the op takes another path), so a card with less shared memory never fails to launch.
 
@@ -70,35 +72,19 @@ class Tuning:
     """The launch choices for one device: measured (``source`` names the JSON file) or the rules."""
     device: DeviceInfo
     source: str = "rules"
-    # The fused decode kernel beats cuBLAS + the two-launch LoRA up to this many tokens.
+    # The fused decode kernel beats cuBLAS + the two-launch LoRA up to this many tokens; above, its
+    # swap-AB tiles (one token tile of <= 64 tokens per W tile) lose to cuBLAS: 1.5-2.3x the base GEMM
+    # with 64- or 128-token tiles at T 65-2048 on the Qwen3.5 widths.
     fused_max_t: int = 64
-    # From here the LoRA delta is written first and cuBLAS accumulates the base into it (beta = 1):
-    # the GEMM is compute-bound, so reading `out` in its epilogue costs less than a LoRA added after it.
-    accumulate_min_t: int = 512
-    # From here the persistent TMA GEMM with the expand in its epilogue (Hopper+; 128-row tiles leave
-    # SMs idle below).
-    prefill_fused_min_t: int = 512
+    # From here the LoRA delta is written first and cuBLAS accumulates the base into it (beta = 1): its
+    # epilogue reads `out` once, where a LoRA added after the GEMM reads and re-writes it (and the expand
+    # then waits for the whole GEMM).
+    accumulate_min_t: int = 65
+    # From here the persistent TMA GEMM with the expand in its epilogue (Hopper+): below, its 128 x 256
+    # tiles fill under 3 waves of the SMs and cuBLAS's tiles win by more than the LoRA launches cost.
+    prefill_fused_min_t: int = 1024
     # Programmatic dependent launch of the two-launch LoRA helps up to here and costs a few % above.
     pdl_max_t: int = 256
-    # Fused decode kernel: (K, N, token-tile bucket 16 | 64) -> (BLOCK_N, BLOCK_K, num_stages, num_warps).
-    decode_blocks: dict = dataclasses.field(default_factory=dict)
-    # Shrink split-K cap with 16-bit adapters: (K, N, T bucket, rank bucket, several adapters) -> cap.
-    decode_ksplit: dict = dataclasses.field(default_factory=dict)
-
-    def measured(self, table: dict, K: int, N: int, *rest):
-        """``table``'s entry for (K, N, *rest), or for a measured N within :data:`MEASURED_N_SLACK` of N
-        (the same K and rest): a GDN layer with its b / a projections folded in has 2 * num_v_heads more
-        columns (0.3-0.6 % of N) than the qkv / z block the entry was measured on. None otherwise."""
-        if (K, N, *rest) in table:
-            return table[(K, N, *rest)]
-        near = [key for key in table if key[0] == K and key[2:] == tuple(rest)
-                and abs(key[1] - N) <= MEASURED_N_SLACK * key[1]]
-        return table[min(near, key=lambda key: abs(key[1] - N))] if near else None
-
-
-# A launch measured for N output columns stays right a few columns away: the grid grows by a tile or two
-# and the tile's loop over K is unchanged.
-MEASURED_N_SLACK = 0.02
 
 
 def _read_tuning(path: str, device: DeviceInfo) -> Optional[Tuning]:
@@ -107,13 +93,8 @@ def _read_tuning(path: str, device: DeviceInfo) -> Optional[Tuning]:
     want = data["device"]
     if (want["name"], want["sms"], want["shared_memory"]) != (device.name, device.sms, device.shared_memory):
         return None
-    dispatch = data.get("dispatch", {})
-    decode = data.get("decode", {})
-    return Tuning(
-        device=device, source=os.path.relpath(path, os.path.dirname(CONFIG_DIR)), **dispatch,
-        decode_blocks={(r["K"], r["N"], r["block_t"]): tuple(r["config"]) for r in decode.get("blocks", [])},
-        decode_ksplit={(r["K"], r["N"], r["block_t"], r["rank"], r["several_adapters"]): r["ksplit"]
-                       for r in decode.get("ksplit", [])})
+    return Tuning(device=device, source=os.path.relpath(path, os.path.dirname(CONFIG_DIR)),
+                  **data.get("dispatch", {}))
 
 
 def config_path(device: DeviceInfo) -> str:
@@ -197,15 +178,22 @@ def lora_launch(T: int, H: int, n_groups: int, max_rank: int, max_n: int, device
 # --------------------------------------------------------------------------------------------
 # Fused decode kernel (GEMM with the expand in its epilogue, T <= fused_max_t)
 # --------------------------------------------------------------------------------------------
-# Rules (any device): the configuration that was best or within ~3 % on most measured shapes, per
-# token tile.
-DECODE_DEFAULT_BLOCKS = {16: (128, 128, 4, 8), 32: (64, 128, 3, 4), 64: (64, 128, 3, 4)}
+# Rules (any device). Per token-tile bucket, (BLOCK_N, BLOCK_K, num_stages, num_warps) in order of
+# preference; the first whose column tiles all fit in one residency wave of the device (SMs x the
+# programs one SM holds by shared memory) is taken, else the last: a second, partial wave of a
+# memory-bound stream leaves most SMs idle at its end (Qwen3.5-397B widths, <= 16 tokens: 161 tiles of
+# 128 columns on 132 SMs, one per SM; 64-column tiles, two per SM, all resident). The preferred entry was
+# the best, or within ~3 %, on most measured shapes.
+DECODE_BLOCKS = {16: ((128, 128, 4, 8), (64, 128, 3, 4)), 64: ((64, 128, 3, 4), (128, 64, 4, 4))}
 # The GEMM's epilogue re-reads the shrink's split-K partials once per column tile, and the shrink
 # overlaps the GEMM (PDL), so a slower shrink with fewer partials is free while it ends before the
-# epilogues: with 16-bit adapters KSPLIT * T is capped at this many rows. fp32 adapters shrink on the
+# epilogues: with 16-bit adapters KSPLIT * T is capped at this many rows. Several adapters mixed per
+# token: each adapter's programs shrink only its rows of a tile, so the cap is twice as high (Qwen3.5-27B
+# widths, 4 adapters: split 8 at T 16 and 2 at T 64 beat the one-adapter cap). fp32 adapters shrink on the
 # CUDA cores (an exact fp32 dot), slow enough that the cap would make the shrink outlast the GEMM:
 # they keep the split-K of the two-launch rule.
-DECODE_SHRINK_PARTIAL_ROWS = 64
+DECODE_SHRINK_PARTIAL_ROWS = 32
+DECODE_SHRINK_PARTIAL_ROWS_MIXED = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +226,10 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
     ``widths``: the column segments the GEMM's tiles cover (default one of N columns).
     Explicit arguments win."""
     info = device_info(device)
-    tuning = tuning_for(info)
     bt = block_t or block(T, 16, 64)
-    bucket = 16 if bt <= 16 else 64   # 17..32 tokens: the 64-token configuration, 32-token tiles
-    bn, bk, stages, warps = tuning.measured(tuning.decode_blocks, K, N, bucket) or DECODE_DEFAULT_BLOCKS[block(bt, 16, 64)]
-    bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
     elt = dtype.itemsize
+    bn, bk, stages, warps = _decode_blocks(16 if bt <= 16 else 64, bt, widths or [N], elt, info)
+    bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
     while decode_smem(bn, bt, bk, stages, elt) > info.shared_memory and (stages > 2 or bk > 32):
         if stages > 2:
             stages -= 1
@@ -262,7 +248,7 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
         shrink_m = 64 if T > 32 and one_adapter else None
         shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
                              has_ids=lora.has_ids, shrink_block_m=shrink_m)
-        cap = shrink_ksplit or _decode_ksplit_cap(tuning, T, K, N, lora)
+        cap = shrink_ksplit or _decode_ksplit_cap(T, lora)
         if cap is not None and shrink.ksplit > cap:
             capped = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
                                  has_ids=lora.has_ids, ksplit=cap, shrink_block_m=shrink_m)
@@ -283,15 +269,21 @@ def _cap_spills_a_wave(gemm_programs: int, shrink: LoraLaunch, n_groups: int, T:
     return gemm_programs <= info.sms < gemm_programs + shrink_programs
 
 
-def _decode_ksplit_cap(tuning: Tuning, T: int, K: int, N: int, lora) -> Optional[int]:
+def _decode_blocks(bucket: int, block_t: int, widths: Sequence[int], elt: int, info: DeviceInfo) -> tuple:
+    """The first of :data:`DECODE_BLOCKS` ``[bucket]`` whose column tiles fit in one residency wave."""
+    choices = DECODE_BLOCKS[bucket]
+    for bn, bk, stages, warps in choices:
+        per_sm = info.shared_memory // decode_smem(bn, block_t, bk, stages, elt)
+        if sum(triton.cdiv(w, bn) for w in widths) <= per_sm * info.sms:
+            return bn, bk, stages, warps
+    return choices[-1]
+
+
+def _decode_ksplit_cap(T: int, lora) -> Optional[int]:
     if lora.lora_a[0].dtype == torch.float32:
         return None
-    if T >= 8:   # T < 8: a handful of partial rows, the default split is cheap
-        measured = tuning.measured(tuning.decode_ksplit, K, N, 16 if T <= 16 else 64,
-                                   16 if lora.max_rank() <= 16 else 64, lora.adapters > 1)
-        if measured is not None:
-            return measured
-    return max(1, DECODE_SHRINK_PARTIAL_ROWS // max(T, 1))
+    rows = DECODE_SHRINK_PARTIAL_ROWS_MIXED if lora.has_ids and lora.adapters > 1 else DECODE_SHRINK_PARTIAL_ROWS
+    return max(1, rows // max(T, 1))
 
 
 # --------------------------------------------------------------------------------------------

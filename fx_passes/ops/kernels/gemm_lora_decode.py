@@ -158,9 +158,10 @@ def _gemm_lora_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     ADAPTER_TILES: tl.constexpr,
 ):
-    # grid: (column tiles of all segments, token tiles)
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # grid: (token tiles, column tiles of all segments). Token tiles vary fastest: the programs that
+    # read one W tile run together and all but the first find it in L2 (W is read from DRAM once).
+    pid_t = tl.program_id(0)
+    pid_n = tl.program_id(1)
     seg = tile_owner(pid_n, tile_off, NUM_SEGMENTS)
     # The weights and B slices are separate pointers: a branch per segment, unrolled at compile time.
     for i in tl.static_range(NUM_SEGMENTS):
@@ -279,7 +280,7 @@ def gemm_lora_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Opt
         seg_args = [tuple(column) for column in zip(*cols)] + [tuple(tile_off)]
         if pdl:
             launch_opts["launch_pdl"] = True
-        _gemm_lora_decode_kernel[(n_tiles, triton.cdiv(T, cfg.block_t))](
+        _gemm_lora_decode_kernel[(triton.cdiv(T, cfg.block_t), n_tiles)](
             x, out, s_buf, ids_arg, scales_arg, *seg_args,
             T, K, adapters, shrink.ksplit if shrink else 1,
             x.stride(0), out.stride(0), *s_strides, stride_scales, float(scale),

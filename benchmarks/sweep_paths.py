@@ -1,0 +1,136 @@
+"""Every kernel path of ``fx_passes::qkvz_gemm_lora`` forced, per (shape, T, adapter mix): the data the
+dispatch rules of :mod:`fx_passes.ops.tuning` are derived from (issue 16: rules, not per-shape tables).
+
+Per GDN layer (the four weights packed, LoRA on all four, as :mod:`benchmarks.sweep_t`), CUDA-graph
+replay medians with weight sets rotated past the L2, every variant checked against an fp32 reference:
+
+* ``base``      one cuBLAS GEMM over the packed weights, no LoRA;
+* ``ours``      the op as dispatched now;
+* ``d<bt>...``  the decode kernel (swap-AB GEMM, expand in its epilogue) forced, token tile ``bt``;
+* ``p<m>x<n>``  the persistent TMA kernel (expand in its epilogue) forced, ``m x n`` output tiles;
+* ``acc``       LoRA delta written first, cuBLAS accumulates the base (``beta = 1``);
+* ``gtl``       cuBLAS, then the two-launch LoRA added in place.
+
+    python -m benchmarks.sweep_paths --shapes 27B,35B,397B --T 65,128,256,512 --adapters 1,4
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
+from benchmarks.common import SHAPES, csv_list, environment, json_path, rel_err, result_row, rotation_sets, \
+    select_shapes, write_rows
+from benchmarks.sweep_t import HELD_OUT, SCALES, Layer
+from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode
+from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill, prefill_fusable
+from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_
+from fx_passes.ops.lora_args import LoraSlices
+from fx_passes.ops.qkvz_gemm import qkvz_gemm_accumulate_, total_rows
+from fx_passes.ops.tuning import PrefillLaunch
+
+DECODE = {   # name -> decode_launch overrides
+    "d64": dict(block_t=64),
+    "d64n128": dict(block_t=64, block_n=128, block_k=64, num_stages=4, num_warps=4),
+    "d128": dict(block_t=128, block_n=64, block_k=64, num_stages=4, num_warps=4),
+    "d128n128": dict(block_t=128, block_n=128, block_k=64, num_stages=3, num_warps=8),
+}
+PREFILL = {
+    "p128x256": PrefillLaunch(),
+    "p128x128": PrefillLaunch(block_m=128, block_n=128, block_k=64, num_stages=4, num_warps=8),
+    "p64x256": PrefillLaunch(block_m=64, block_n=256, block_k=64, num_stages=4, num_warps=4),
+    "p64x128": PrefillLaunch(block_m=64, block_n=128, block_k=64, num_stages=5, num_warps=4),
+}
+
+
+class Paths:
+    def __init__(self, layer: Layer, x: torch.Tensor, ids: torch.Tensor):
+        one = layer.L == 1
+        self.layer, self.x = layer, x
+        self.lora = LoraSlices.of([a[0] if one else a for a in layer.A],
+                                  [b[0] if one else b for b in layer.lora_b], layer.slice_a, layer.starts,
+                                  None if one else ids, None if one else layer.scales, SCALES[0] if one else 1.0)
+        self.weights = tuple(layer.weights)
+
+    def run(self, name: str):
+        x, w, lora = self.x, self.weights, self.lora
+        if name == "base":
+            return torch.mm(x, self.layer.W.t())
+        if name == "ours":
+            return torch.ops.fx_passes.qkvz_gemm_lora(x, list(w), list(lora.lora_a), list(lora.lora_b),
+                                                      list(lora.slice_a), list(lora.slice_start),
+                                                      lora.token_lora_ids, lora.lora_scales, lora.scale)
+        if name in DECODE:
+            return gemm_lora_decode(x, w, lora, config=plan_decode(x, w, lora, **DECODE[name]))
+        if name in PREFILL:
+            return gemm_lora_prefill(x, w, lora, config=PREFILL[name])
+        out = x.new_empty((x.shape[0], total_rows(w)))
+        if name == "acc":
+            lora_shrink_expand_(out, x, lora, accumulate=False)
+            qkvz_gemm_accumulate_(out, x, w)
+            return out
+        if name == "gtl":
+            out = torch.ops.fx_passes.qkvz_gemm(x, list(w))
+            lora_shrink_expand_(out, x, lora)
+            return out
+        raise KeyError(name)
+
+
+def main(argv=None):
+    from triton.testing import do_bench_cudagraph
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default="27B,35B,397B")
+    p.add_argument("--T", default="65,96,128,192,256,384,512,777,1024,2048")
+    p.add_argument("--adapters", default="1,4")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--variants", default=",".join(["base", "ours", *DECODE, *PREFILL, "acc", "gtl"]))
+    p.add_argument("--rep", type=float, default=10.0)
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    env = environment("cuda")
+    path = json_path("sweep_paths", args.json)
+    variants = csv_list(args.variants)
+    rows, start = [], time.perf_counter()
+    for name, spec in select_shapes(args.shapes, {**SHAPES, **HELD_OUT}).items():
+        for adapters in csv_list(args.adapters, int):
+            first = Layer(spec, args.rank, adapters, dtype, 0)
+            sets = [first] + [Layer(spec, args.rank, adapters, dtype, s) for s in
+                              range(1, rotation_sets(first.W.numel() * first.W.element_size(), "cuda"))]
+            for T in csv_list(args.T, int):
+                if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+                    print(f"--budget-s spent: stopping before {name} L={adapters} T={T}")
+                    return rows
+                g = torch.Generator().manual_seed(T)
+                xs = [torch.randn(T, spec.hidden_size, generator=g).to("cuda", dtype) for _ in sets]
+                ids = torch.zeros(T, dtype=torch.int32)
+                if adapters > 1:
+                    ids = torch.randint(0, adapters, (T,), generator=g, dtype=torch.int32)
+                    ids[torch.rand(T, generator=g) < 0.1] = -1
+                ids = ids.cuda()
+                runs = [Paths(layer, x, ids) for layer, x in zip(sets, xs)]
+                ref = first.reference(xs[0], ids)
+                us, errs = {}, {}
+                for v in variants:
+                    if v in PREFILL and not prefill_fusable(xs[0], runs[0].weights, runs[0].lora):
+                        continue
+                    errs[v] = None if v == "base" else rel_err(runs[0].run(v), ref)
+                    us[v] = 1e3 * do_bench_cudagraph(lambda v=v: [r.run(v) for r in runs], rep=args.rep,
+                                                     return_mode="median") / len(runs)
+                rows.append(result_row(env, shape=name, adapters=adapters, T=T, rank=args.rank, dtype=args.dtype,
+                                       us=us, rel_err=errs))
+                write_rows(path, rows)
+                best = min((k for k in us if k != "base"), key=us.get)
+                print(f"{name:10} L={adapters} T={T:5d} base {us['base']:7.1f}  "
+                      + " ".join(f"{k} {us[k] / us['base']:.2f}" for k in us if k != "base")
+                      + f"  best {best}  maxerr {max(e for e in errs.values() if e is not None):.1e}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
