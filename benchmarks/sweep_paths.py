@@ -37,6 +37,12 @@ DECODE = {   # name -> decode_launch overrides
     "d128": dict(block_t=128, block_n=64, block_k=64, num_stages=4, num_warps=4),
     "d128n128": dict(block_t=128, block_n=128, block_k=64, num_stages=3, num_warps=8),
 }
+# the decode kernel's column-tile widths (block_n, block_k, num_stages, num_warps) per token-tile bucket
+WIDTHS = {"dn32": {16: (32, 256, 3, 4), 64: (32, 128, 4, 4)},
+          "dn64": {16: (64, 128, 3, 4), 64: (64, 128, 3, 4)},
+          "dn128": {16: (128, 128, 4, 8), 64: (128, 64, 4, 4)}}
+for _name, _by_bucket in WIDTHS.items():
+    DECODE[_name] = {b: dict(zip(("block_n", "block_k", "num_stages", "num_warps"), c)) for b, c in _by_bucket.items()}
 PREFILL = {
     "p128x256": PrefillLaunch(),
     "p128x128": PrefillLaunch(block_m=128, block_n=128, block_k=64, num_stages=4, num_warps=8),
@@ -63,7 +69,10 @@ class Paths:
                                                       list(lora.slice_a), list(lora.slice_start),
                                                       lora.token_lora_ids, lora.lora_scales, lora.scale)
         if name in DECODE:
-            return gemm_lora_decode(x, w, lora, config=plan_decode(x, w, lora, **DECODE[name]))
+            force = DECODE[name]
+            if name in WIDTHS:
+                force = force[16 if x.shape[0] <= 16 else 64]
+            return gemm_lora_decode(x, w, lora, config=plan_decode(x, w, lora, **force))
         if name in PREFILL:
             return gemm_lora_prefill(x, w, lora, config=PREFILL[name])
         out = x.new_empty((x.shape[0], total_rows(w)))
