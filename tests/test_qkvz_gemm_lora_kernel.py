@@ -280,6 +280,26 @@ def test_decode_blocks_rule(T, K, widths, want):
     assert (cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps) == tuning.DECODE_BLOCKS[bucket][want]
 
 
+@pytest.mark.parametrize("T", [1, 8, 24, 64])
+@pytest.mark.parametrize("adapters, ids, mixed", [(4, True, True), (4, False, False), (1, True, False)])
+def test_decode_blocks_with_mixed_adapters(T, adapters, ids, mixed):
+    """Several adapters mixed per token (token ids): 64-column tiles at every decode T, also where the
+    wave rule picks 128 columns (397B widths); stacked adapters without ids and one adapter keep the rule."""
+    meta = dict(dtype=torch.bfloat16, device="meta")
+    widths = [2048, 2048, 8192, 8192, 64, 64]
+    starts = [sum(widths[:i]) for i in range(6)]
+    lora = LoraSlices.of([torch.empty(adapters, 16, 4096, **meta) for _ in range(4)],
+                         [torch.empty(adapters, n, 16, **meta) for n in widths], [0, 0, 0, 1, 2, 3], starts,
+                         torch.zeros(T, dtype=torch.int32, device="meta") if ids else None)
+    cfg = tuning.decode_launch(T, 4096, sum(widths), torch.device("cpu"), torch.bfloat16, lora, widths=widths)
+    rule = tuning.decode_launch(T, 4096, sum(widths), torch.device("cpu"), torch.bfloat16, widths=widths)
+    got = (cfg.block_n, cfg.block_k, cfg.num_stages, cfg.num_warps)
+    assert got == (tuning.DECODE_BLOCKS_MIXED if mixed else (rule.block_n, rule.block_k, rule.num_stages,
+                                                             rule.num_warps))
+    if T > 32:   # 397B widths at 64-token tiles: the wave rule's choice is 128 columns
+        assert rule.block_n == 128
+
+
 # ------------------------------------------------------------------------------------------ the op
 @pytest.mark.parametrize("layout", ["qkvz", "qkvzba"])
 def test_op_equals_qkvz_gemm_then_qkvz_lora(layout):

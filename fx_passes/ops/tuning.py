@@ -81,8 +81,9 @@ class Tuning:
     # then waits for the whole GEMM).
     accumulate_min_t: int = 65
     # From here the persistent TMA GEMM with the expand in its epilogue (Hopper+): below, its 128 x 256
-    # tiles fill under 3 waves of the SMs and cuBLAS's tiles win by more than the LoRA launches cost.
-    prefill_fused_min_t: int = 1024
+    # tiles fill under ~3 waves of the SMs and cuBLAS's tiles win by more than the LoRA launches cost
+    # (Qwen3.5 widths: the delta-first path wins at T 777, this kernel at T 1000-1024).
+    prefill_fused_min_t: int = 896
     # Programmatic dependent launch of the two-launch LoRA helps up to here and costs a few % above.
     pdl_max_t: int = 256
 
@@ -185,6 +186,12 @@ def lora_launch(T: int, H: int, n_groups: int, max_rank: int, max_n: int, device
 # 128 columns on 132 SMs, one per SM; 64-column tiles, two per SM, all resident). The preferred entry was
 # the best, or within ~3 %, on most measured shapes.
 DECODE_BLOCKS = {16: ((128, 128, 4, 8), (64, 128, 3, 4)), 64: ((64, 128, 3, 4), (128, 64, 4, 4))}
+# Several adapters mixed per token: 64-column tiles at every decode T. After the shrink a tile's epilogue
+# chains one dot per adapter present; 64-column tiles halve each chain and spread the chains over more
+# programs, which pays more than the wave rule's wider tiles save (H200, 4 adapters, T 1-64: as fast or
+# faster on the 7 shapes measured, H 1536-6144; T 32: 1.16-1.48x the base GEMM vs 1.22-1.81x).
+# 32-column tiles won on the narrow shapes (H <= 3072) but lost up to 1.58x vs 1.11x on wide ones.
+DECODE_BLOCKS_MIXED = (64, 128, 3, 4)
 # The GEMM's epilogue re-reads the shrink's split-K partials once per column tile, and the shrink
 # overlaps the GEMM (PDL), so a slower shrink with fewer partials is free while it ends before the
 # epilogues: with 16-bit adapters KSPLIT * T is capped at this many rows. Several adapters mixed per
@@ -228,7 +235,11 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
     info = device_info(device)
     bt = block_t or block(T, 16, 64)
     elt = dtype.itemsize
-    bn, bk, stages, warps = _decode_blocks(16 if bt <= 16 else 64, bt, widths or [N], elt, info)
+    bucket = 16 if bt <= 16 else 64
+    if lora is not None and lora.has_ids and lora.adapters > 1:
+        bn, bk, stages, warps = DECODE_BLOCKS_MIXED
+    else:
+        bn, bk, stages, warps = _decode_blocks(bucket, bt, widths or [N], elt, info)
     bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
     while decode_smem(bn, bt, bk, stages, elt) > info.shared_memory and (stages > 2 or bk > 32):
         if stages > 2:
