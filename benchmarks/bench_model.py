@@ -9,7 +9,7 @@ What is measured, per (preset, LoRA rank, adapter dtype, phase):
   vocabulary (default 1024, so the LM head does not dominate), random weights (HF init, std 0.02), bf16,
   eval, ``use_cache=False``. Preset ``tiny`` (the CPU smoke test) is ``fx_passes.models.TinyQwen35Spec``
   built by ``fx_passes.models.build_tiny_qwen35`` (alternating GDN / full-attention layers);
-* PEFT LoRA on ``in_proj_qkv`` + ``in_proj_z`` (r, alpha = 2r, no dropout) with RANDOM, non-zero B, so the
+* PEFT LoRA on the four GDN projections (``--targets``; r, alpha = 2r, no dropout) with RANDOM, non-zero B, so the
   LoRA path is real work; adapters in fp32 (PEFT's default ``autocast_adapter_dtype``: fp32 adapters on a
   bf16 base) or cast to bf16 (``--adapter-dtype bf16``);
 * phases: ``decode:B`` = one forward over ``[B, 1]`` (B sequences of one token, T = B tokens). There is NO
@@ -19,14 +19,18 @@ What is measured, per (preset, LoRA rank, adapter dtype, phase):
 * variants, all on ONE model whose W_qkv / W_z were packed once by ``fx_passes.pack_qkvz_weights``
   (memory neutral, values unchanged; the script checks that packing leaves the eager logits bit-identical):
     eager      no compile;
-    inductor   ``torch.compile(model, backend="inductor", dynamic=False)``;
-    fx_passes  ``torch.compile(model, backend=FxPassesBackend(), dynamic=False)``: Inductor + our post-grad
-               pass (1 ``qkvz_gemm`` + 1 ``qkvz_lora_`` per GDN layer); its report is printed, and a compile
-               that rewrites 0 GDN layers aborts the run;
+    inductor   ``torch.compile(model, backend="inductor", mode=--mode, dynamic=False)``;
+    fx_passes  ``torch.compile(model, backend="fx_passes", mode=--mode, dynamic=False)`` (the registered name,
+               as a user writes it): Inductor + our post-grad pass (one ``qkvz_gemm_lora`` per GDN layer); its
+               report (from the ``fx_passes`` logger) is printed, and a compile that rewrites 0 GDN layers
+               aborts the run;
     no_lora    the same base weights without LoRA, ``torch.compile(backend="inductor")``: what the LoRA
                should ideally cost nothing above;
     no_lora_fx (optional, ``--variants``) the base model through our backend (1 GEMM per GDN layer, no LoRA).
-  Dynamo is reset before every compile (one shape per compile, ``dynamic=False``), so each (phase, variant)
+  and per row the projection block alone (the first GDN layer's four projections with their LoRA, the
+  row's tokens), compiled by inductor and by fx_passes: its speedup, the GDN layers' blocks as a share of
+  the inductor model time, and how much of the model-level gain the blocks' gain explains (``--no-block``
+  skips it). Dynamo is reset before every compile (one shape per compile, ``dynamic=False``), so each (phase, variant)
   is one compile whose wall time is printed;
 * the GDN core (gated delta rule after the projections; transformers' torch fallback, fla is absent) is the
   same in every variant: by default (``--gdn-core opaque``) the chunked rule is ONE custom op, eager inside,
@@ -41,7 +45,9 @@ launch overhead included). Both are recorded where possible: ``ms_graph`` and ``
 On the CPU (smoke test only): wall clock. Correctness: relative Frobenius error of each variant's logits
 against eager (no_lora against the eager base model); bf16 limit 2e-2.
 
-    python -m benchmarks.bench_model                       # 27B, r=16, fp32 adapters, decode:1, prefill:4096, decode:64
+    python -m benchmarks.bench_model --preset 27b,35b,397b --adapter-dtype bf16   # issue 16's model-level table
+    python -m benchmarks.bench_model --mode reduce-overhead  # CUDA graphs through the backends (cudagraph trees)
+    python -m benchmarks.bench_model                       # 27B, r=16, fp32 adapters, decode 1-256, prefill:2048
     python -m benchmarks.bench_model --quick               # 27B, r=16, decode:16 + prefill:2048
     python -m benchmarks.bench_model --preset 27b,397b --rank 16,64 --adapter-dtype fp32,bf16 \\
         --phases decode:1,decode:16,decode:64,prefill:1024,prefill:4096
@@ -69,7 +75,7 @@ from unittest import mock
 
 import torch
 
-from fx_passes.backend import FxPassesBackend
+import fx_passes  # noqa: F401  (backend="fx_passes" resolvable from a source tree without the entry point)
 from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35
 from fx_passes.packing import pack_qkvz_weights
 
@@ -84,7 +90,8 @@ LORA_SEED, MODEL_SEED, INPUT_SEED = 1, 0, 2
 ALL_VARIANTS = ("eager", "inductor", "fx_passes", "no_lora", "no_lora_fx")
 DEFAULT_VARIANTS = ("eager", "inductor", "fx_passes", "no_lora")
 COMPILED = ("inductor", "fx_passes", "no_lora", "no_lora_fx")
-DEFAULT_PHASES = "decode:1,prefill:4096,decode:64"  # most informative rows first (--budget-s may cut the last)
+DEFAULT_PHASES = "decode:1,decode:8,decode:32,decode:128,decode:256,prefill:2048"
+GDN_PROJECTIONS = "in_proj_qkv,in_proj_z,in_proj_b,in_proj_a"
 QUICK_PHASES = "decode:16,prefill:2048"
 CPU_SMOKE_PHASES = "decode:1"
 
@@ -115,6 +122,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"comma list of decode:B / prefill:S (default {DEFAULT_PHASES}; --quick {QUICK_PHASES}; "
                         f"cpu {CPU_SMOKE_PHASES})")
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma list of {list(ALL_VARIANTS)}")
+    p.add_argument("--targets", default=GDN_PROJECTIONS, help="PEFT target modules (default the four GDN projections)")
+    p.add_argument("--mode", default=None, choices=[None, "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode of every compiled variant (reduce-overhead: the CUDA graphs come from "
+                        "the backend's cudagraph trees; timing is then CUDA events per call)")
+    p.add_argument("--no-block", action="store_true",
+                   help="skip the projection block alone (one GDN layer's four projections + LoRA compiled by "
+                        "inductor and fx_passes: its share of the model time)")
     p.add_argument("--quick", action="store_true", help=f"one preset, r=16, phases {QUICK_PHASES}")
     p.add_argument("--layers", type=int, default=4, help="decoder layers; every 4th is full attention")
     p.add_argument("--vocab", type=int, default=1024)
@@ -144,6 +158,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset = "tiny" if cpu else "27B"
     if args.phases is None:
         args.phases = CPU_SMOKE_PHASES if cpu else (QUICK_PHASES if args.quick else DEFAULT_PHASES)
+    if args.mode == "reduce-overhead":
+        args.timing = "events"   # the compiled callable replays its own CUDA graph
     if args.quick:
         args.preset = args.preset.split(",")[0]
         args.rank = "16"
@@ -189,12 +205,13 @@ def build_base_model(preset: TinyQwen35Spec, layers: int, vocab: int, dtype: tor
     return model.to(device=device, dtype=dtype).eval()
 
 
-def attach_lora(base: torch.nn.Module, r: int, adapter_dtype: str, dtype: torch.dtype) -> torch.nn.Module:
-    """PEFT LoRA on in_proj_qkv + in_proj_z with random non-zero B (fx_passes.models.add_lora).
+def attach_lora(base: torch.nn.Module, r: int, adapter_dtype: str, dtype: torch.dtype,
+                targets: str = GDN_PROJECTIONS) -> torch.nn.Module:
+    """PEFT LoRA on ``targets`` with random non-zero B (fx_passes.models.add_lora).
 
     fp32: PEFT's default autocast_adapter_dtype=True (fp32 adapters on a bf16 / fp16 base).
     bf16: the adapters cast to the base dtype afterwards."""
-    model = add_lora(base, r=r, alpha=2 * r, seed=LORA_SEED, autocast_adapter_dtype=True)
+    model = add_lora(base, r=r, alpha=2 * r, targets=_csv(targets), seed=LORA_SEED, autocast_adapter_dtype=True)
     if adapter_dtype == "bf16":
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -330,17 +347,41 @@ def row_method(row: dict) -> str:
 # ------------------------------------------------------------------------------------------------
 # One (preset, adapter dtype, rank): build once, pack once, every phase x variant
 # ------------------------------------------------------------------------------------------------
-def compile_variant(variant: str, lora_model: torch.nn.Module, bare: Optional[torch.nn.Module]):
-    """A fresh torch.compile of one variant (Dynamo reset first, so the previous variant's graphs and
-    guards are gone and this compile is timed alone). Returns (compiled module, FxPassesBackend or None).
-    Compilation happens at the first call (see ``first_call``)."""
+def compile_variant(variant: str, target: torch.nn.Module, mode: Optional[str]):
+    """A fresh torch.compile of one variant as a user writes it: ``backend="inductor"`` or
+    ``backend="fx_passes"`` (the registered name), ``mode``, ``dynamic=False`` (Dynamo reset first, so the
+    previous variant's graphs and guards are gone and this compile is timed alone). Compilation happens at
+    the first call (see ``first_call``)."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()  # graph / graph-break counts of this compile only
-    target = lora_model if variant in ("inductor", "fx_passes") else bare
-    if variant in ("fx_passes", "no_lora_fx"):
-        backend = FxPassesBackend()
-        return torch.compile(target, backend=backend, fullgraph=False, dynamic=False), backend
-    return torch.compile(target, backend="inductor", fullgraph=False, dynamic=False), None
+    backend = "fx_passes" if variant in ("fx_passes", "no_lora_fx", "block_fx_passes") else "inductor"
+    return torch.compile(target, backend=backend, mode=None if mode == "default" else mode, fullgraph=False,
+                         dynamic=False)
+
+
+class ReportLog(logging.Handler):
+    """The pass's graph reports as the ``fx_passes`` logger carries them (``extra={"fx_passes_report": ...}``):
+    what a user of ``backend="fx_passes"`` gets without holding the pass object."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports: list[dict] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        report = getattr(record, "fx_passes_report", None)
+        if report is not None:
+            self.reports.append(report)
+
+    def __enter__(self) -> "ReportLog":
+        self._level = logger.level
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logger.removeHandler(self)
+        logger.setLevel(self._level)
 
 
 def first_call(fn: Callable, variant: str, args) -> torch.Tensor:
@@ -436,20 +477,20 @@ def run_phase(phase: tuple, model: torch.nn.Module, bare: Optional[torch.nn.Modu
         cell = row["cells"].setdefault(variant, {})
         target_ref = ref if variant in ("eager", "inductor", "fx_passes") else ref_bare
         try:
-            backend = None
             module = model
             if variant != "eager":
-                module, backend = compile_variant(variant, model, bare)
+                module = compile_variant(variant, model if variant in ("inductor", "fx_passes") else bare, args.mode)
             fn = logits_fn(module, ids)
             t1 = time.perf_counter()
-            out = fn() if variant == "eager" else first_call(fn, variant, args)  # dynamic=False: this shape only
+            with ReportLog() as log:
+                out = fn() if variant == "eager" else first_call(fn, variant, args)  # dynamic=False: this shape only
             _sync(device)
             if variant != "eager":
                 cell["compile_s"] = time.perf_counter() - t1
                 cell.update(_dynamo_counts())
             cell["err_vs_eager"] = rel_err(out, target_ref)
-            if backend is not None:
-                check_reports(backend, variant, cell, n_gdn, args)
+            if variant in ("fx_passes", "no_lora_fx"):
+                check_reports(log.reports, variant, cell, n_gdn, args)
             measure(fn, out, cell, args)
             del out
         except FusionDidNotFire:
@@ -464,6 +505,8 @@ def run_phase(phase: tuple, model: torch.nn.Module, bare: Optional[torch.nn.Modu
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(fmt_cell(row, variant), flush=True)
+    if not args.no_block and not state.out_of_budget():
+        measure_block(model, batch, seq, n_gdn, row, args)
     torch._dynamo.reset()
     finish_row(row, variants)
     state.rows.append(row)
@@ -471,23 +514,78 @@ def run_phase(phase: tuple, model: torch.nn.Module, bare: Optional[torch.nn.Modu
     state.dump()
 
 
+class ProjectionBlock(torch.nn.Module):
+    """One GDN layer's input projections as the model runs them (PEFT's wrapped linears: base + LoRA)."""
+
+    def __init__(self, gdn: torch.nn.Module):
+        super().__init__()
+        self.gdn = gdn   # a submodule: the compiled graph keeps the module paths (gdn.in_proj_qkv, ...)
+        self.names = [n for n in _csv(GDN_PROJECTIONS) if hasattr(gdn, n)]
+
+    def forward(self, hidden: torch.Tensor):
+        return tuple(getattr(self.gdn, name)(hidden) for name in self.names)
+
+
+def measure_block(model: torch.nn.Module, batch: int, seq: int, n_gdn: int, row: dict, args) -> None:
+    """The projection block alone (the first GDN layer's, same tokens as the row), compiled by inductor
+    and by fx_passes: ``row["block"]`` holds both cells, and ``finish_row`` the block's share of the
+    model time and how much of the model-level gain the block explains."""
+    gdn = next(m for _, m in model.named_modules() if hasattr(m, "in_proj_qkv") and hasattr(m, "in_proj_z"))
+    block = ProjectionBlock(gdn)
+    p = next(gdn.in_proj_qkv.parameters())
+    g = torch.Generator().manual_seed(INPUT_SEED + batch + seq)
+    hidden = torch.randn(batch, seq, model.config.hidden_size, generator=g).to(p.device, getattr(torch, args.dtype))
+    with torch.no_grad():
+        ref = torch.cat(block(hidden), -1)
+    cells = row.setdefault("block", {})
+    for variant in ("block_inductor", "block_fx_passes"):
+        cell = cells.setdefault(variant, {})
+        try:
+            compiled = compile_variant(variant, block, args.mode)
+
+            def fn(compiled=compiled):
+                with torch.no_grad():
+                    return compiled(hidden)
+            with ReportLog() as log:
+                out = first_call(fn, variant, args)
+            cell["err_vs_eager"] = rel_err(out, ref)
+            if variant == "block_fx_passes":
+                cell["fused_layers"] = sum(r["fused_layers"] for r in log.reports)
+                if cell["fused_layers"] != 1:
+                    cell["error"] = f"the pass fused {cell['fused_layers']} layers of the block (expected 1)"
+            measure(fn, out, cell, args)
+            del out
+        except Exception as e:  # noqa: BLE001  (the row says what broke)
+            cell["error"] = f"{type(e).__name__}: {e}"[:400]
+            traceback.print_exc()
+    print(f"  block ({' + '.join(block.names)}, one layer, {batch * seq} tokens): "
+          + ", ".join(f"{v} {_ms(cell_ms(c, row_method_of(c)))} ms" for v, c in cells.items()), flush=True)
+
+
+def row_method_of(cell: dict) -> str:
+    return "graph" if cell_ms(cell, "graph") else ("events" if "ms_events" in cell else "wall")
+
+
 class FusionDidNotFire(RuntimeError):
     pass
 
 
-def check_reports(backend: FxPassesBackend, variant: str, cell: dict, n_gdn: int, args) -> None:
-    reports = backend.fusion_pass.reports
-    rewritten = sum(len(r.rewritten) for r in reports)
-    found = sum(len(r.layers) for r in reports)
-    cell.update(gdn_found=found, gdn_rewritten=rewritten, report=[r.to_dict() for r in reports])
+def check_reports(reports: list, variant: str, cell: dict, n_gdn: int, args) -> None:
+    """``reports``: the graph reports (dicts) the fx_passes logger carried during the compile."""
+    rewritten = sum(r["fused_layers"] for r in reports)
+    found = sum(len(r["layers"]) for r in reports)
+    cell.update(gdn_found=found, gdn_rewritten=rewritten, report=reports)
     print(f"  -- {variant}: fx_passes report ({len(reports)} graph(s)) --")
     for report in reports:
-        print("  " + report.to_text().replace("\n", "\n  "))
+        print("  " + report["summary"])
+        for layer in report["layers"]:
+            print(f"    {layer['layer']}: " + ("rewritten, " + " + ".join(layer["folded"]) if layer["rewritten"]
+                                               else f"not rewritten: {layer['reason']}"))
     if rewritten == 0:
         raise FusionDidNotFire(f"{variant}: the fx_passes pass rewrote 0 of {n_gdn} GDN layers on {args.device} "
                                f"({len(reports)} graph(s) seen): the timings would be Inductor's. See the report "
                                f"above.")
-    if rewritten != n_gdn:
+    if rewritten != n_gdn and variant == "fx_passes":
         print(f"  WARNING {variant}: {rewritten} of {n_gdn} GDN layers rewritten")
 
 
@@ -502,8 +600,18 @@ def finish_row(row: dict, variants: list) -> None:
             row[f"fx_over_no_lora_{method}"] = fx / nl
         if ind and nl:
             row[f"inductor_over_no_lora_{method}"] = ind / nl
-    errs = [c["err_vs_eager"] for v, c in cells.items() if v != "eager" and "err_vs_eager" in c]
-    failed = [v for v, c in cells.items() if "error" in c and not c["error"].startswith("skipped")]
+    block = row.get("block") or {}
+    for method in ("graph", "events", "wall"):
+        b_ind, b_fx = (cell_ms(block.get(v), method) for v in ("block_inductor", "block_fx_passes"))
+        ind, fx = (cell_ms(cells.get(v), method) for v in ("inductor", "fx_passes"))
+        if b_ind and b_fx:
+            row[f"block_speedup_{method}"] = b_ind / b_fx
+            if ind:   # the GDN layers' projection blocks as a share of the inductor-compiled model
+                row[f"block_share_of_inductor_{method}"] = row["config"]["gdn_layers"] * b_ind / ind
+            if ind and fx and ind != fx:   # model-level gain explained by the blocks' gain (1.0: all of it)
+                row[f"block_gain_explains_{method}"] = row["config"]["gdn_layers"] * (b_ind - b_fx) / (ind - fx)
+    errs = [c["err_vs_eager"] for v, c in {**cells, **block}.items() if v != "eager" and "err_vs_eager" in c]
+    failed = [v for v, c in {**cells, **block}.items() if "error" in c and not c["error"].startswith("skipped")]
     row["max_rel_err"] = max(errs) if errs else None
     row["ok"] = not failed and all(e <= ERR_LIMIT for e in errs)
 
@@ -513,6 +621,10 @@ def finish_row(row: dict, variants: list) -> None:
 # ------------------------------------------------------------------------------------------------
 def _ms(v: Optional[float]) -> str:
     return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+
+def _pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{100 * v:.0f} %"
 
 
 def _x(v: Optional[float]) -> str:
@@ -541,6 +653,8 @@ def fmt_row(row: dict) -> str:
     return (f"ROW {row['preset']} r={row['r']} {row['adapter_dtype']} {row['phase']} ({m}): "
             f"fx_passes vs inductor {_x(row.get(f'speedup_fx_vs_inductor_{m}'))}, "
             f"fx_passes / no_lora {_x(row.get(f'fx_over_no_lora_{m}'))}, "
+            f"block {_x(row.get(f'block_speedup_{m}'))} (share {_pct(row.get(f'block_share_of_inductor_{m}'))}, "
+            f"explains {_x(row.get(f'block_gain_explains_{m}'))} of the gain), "
             f"max rel err {'-' if err is None else f'{err:.1e}'}{'' if row['ok'] else '  FAIL'}")
 
 
@@ -551,8 +665,9 @@ def print_table(rows: list, meta: dict, method: Optional[str] = None) -> None:
              "(host launch overhead included)"}.get(method, method)
     print(f"\n#### {title}\n")
     print("| preset | r | adapters | phase | tokens | eager ms | inductor ms | fx_passes ms | no_lora (inductor) ms "
-          "| speedup fx_passes vs inductor | fx_passes / no_lora | inductor / no_lora | max rel err | timing |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| speedup fx_passes vs inductor | fx_passes / no_lora | inductor / no_lora | block speedup "
+          "| blocks' share of inductor | block gain / model gain | max rel err | timing |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         m = method or row["method"]
         c = row["cells"]
@@ -564,7 +679,8 @@ def print_table(rows: list, meta: dict, method: Optional[str] = None) -> None:
               f"{eager_s} | {_ms(cell_ms(c.get('inductor'), m))} | {_ms(cell_ms(c.get('fx_passes'), m))} | "
               f"{_ms(cell_ms(c.get('no_lora'), m))} | {_x(row.get(f'speedup_fx_vs_inductor_{m}'))} | "
               f"{_x(row.get(f'fx_over_no_lora_{m}'))} | {_x(row.get(f'inductor_over_no_lora_{m}'))} | "
-              f"{err_s} | {m} |")
+              f"{_x(row.get(f'block_speedup_{m}'))} | {_pct(row.get(f'block_share_of_inductor_{m}'))} | "
+              f"{_x(row.get(f'block_gain_explains_{m}'))} | {err_s} | {m} |")
 
 
 def print_compile_times(rows: list) -> None:
