@@ -9,7 +9,14 @@ replay medians with weight sets rotated past the L2, every variant checked again
 * ``d<bt>...``  the decode kernel (swap-AB GEMM, expand in its epilogue) forced, token tile ``bt``;
 * ``p<m>x<n>``  the persistent TMA kernel (expand in its epilogue) forced, ``m x n`` output tiles;
 * ``acc``       LoRA delta written first, cuBLAS accumulates the base (``beta = 1``);
-* ``gtl``       cuBLAS, then the two-launch LoRA added in place.
+* ``gtl``       cuBLAS, then the two-launch LoRA added in place;
+* ``kcat``      a candidate design, torch ops: the LoRA as extra K columns of ONE cuBLAS GEMM,
+                ``out = [x | s] @ [W | B]^T`` with ``s = x @ A_all^T`` (every group of every adapter; with
+                several adapters each token keeps its own adapter's block, the others zeroed; the scale
+                folded into ``s``) and ``B`` laid out block-diagonally beside W (``L * G * r`` more K);
+                3-4 launches here (shrink GEMM, mask / scale, cat, GEMM), where a real version would
+                write ``s`` and ``x`` into the GEMM's input in one kernel;
+* ``kcat_gemm`` its final GEMM alone over a prepared ``[x | s]``: what the extra K costs cuBLAS.
 
     python -m benchmarks.sweep_paths --shapes 27B,35B,397B --T 65,128,256,512 --adapters 1,4
 """
@@ -59,6 +66,37 @@ class Paths:
                                   [b[0] if one else b for b in layer.lora_b], layer.slice_a, layer.starts,
                                   None if one else ids, None if one else layer.scales, SCALES[0] if one else 1.0)
         self.weights = tuple(layer.weights)
+        self.ids = ids
+        self._kcat = None
+
+    def kcat_parts(self):
+        """``(A_all, W_cat, token weights or None, xs)`` of the K-concatenated design (built once)."""
+        if self._kcat is None:
+            lay, x = self.layer, self.x
+            H, L, r, G = lay.H, lay.L, lay.rank, len(lay.A)
+            extra = L * G * r
+            w_cat = torch.zeros(lay.N, H + extra, dtype=x.dtype, device=x.device)
+            w_cat[:, :H] = lay.W
+            for l in range(L):
+                for i, (start, g) in enumerate(zip(lay.starts, lay.slice_a)):
+                    c = H + (l * G + g) * r
+                    w_cat[start:start + lay.slice_rows[i], c:c + r] = lay.lora_b[i][l]
+            a_all = torch.cat([lay.A[g][l] for l in range(L) for g in range(G)], 0)     # [L * G * r, H]
+            if L == 1:
+                weights = None
+            else:   # per token: scale_l in adapter l's block, 0 elsewhere (vLLM-style per-batch metadata)
+                onehot = (self.ids[:, None] == torch.arange(L, device=x.device)[None, :]).float()
+                weights = (onehot * lay.scales[None, :].float())[:, :, None]               # [T, L, 1]
+            s = self.kcat_s(x, a_all, weights, L, G * r)
+            self._kcat = (a_all, w_cat, weights, torch.cat([x, s], 1).contiguous())
+        return self._kcat
+
+    @staticmethod
+    def kcat_s(x, a_all, weights, L, block):
+        s = torch.mm(x, a_all.t())
+        if weights is None:
+            return (s * SCALES[0]).to(x.dtype)
+        return (s.float().view(-1, L, block) * weights).view(x.shape[0], -1).to(x.dtype)
 
     def run(self, name: str):
         x, w, lora = self.x, self.weights, self.lora
@@ -75,6 +113,13 @@ class Paths:
             return gemm_lora_decode(x, w, lora, config=plan_decode(x, w, lora, **force))
         if name in PREFILL:
             return gemm_lora_prefill(x, w, lora, config=PREFILL[name])
+        if name == "kcat":
+            a_all, w_cat, weights, _ = self.kcat_parts()
+            s = self.kcat_s(x, a_all, weights, self.layer.L, len(self.layer.A) * self.layer.rank)
+            return torch.mm(torch.cat([x, s], 1), w_cat.t())
+        if name == "kcat_gemm":
+            _, w_cat, _, xs = self.kcat_parts()
+            return torch.mm(xs, w_cat.t())
         out = x.new_empty((x.shape[0], total_rows(w)))
         if name == "acc":
             lora_shrink_expand_(out, x, lora, accumulate=False)
@@ -125,6 +170,9 @@ def main(argv=None):
                 runs = [Paths(layer, x, ids) for layer, x in zip(sets, xs)]
                 ref = first.reference(xs[0], ids)
                 us, errs = {}, {}
+                if any(v.startswith("kcat") for v in variants):
+                    for r in runs:   # built before any timing (and outside CUDA-graph capture)
+                        r.kcat_parts()
                 for v in variants:
                     if v in PREFILL and not prefill_fusable(xs[0], runs[0].weights, runs[0].lora):
                         continue

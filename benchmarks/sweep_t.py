@@ -51,11 +51,11 @@ SCALES = (2.0, 0.5, 1.0, 1.5)
 class Layer:
     """One GDN layer's packed weights and L adapters on all four projections."""
 
-    def __init__(self, spec, rank: int, adapters: int, dtype: torch.dtype, seed: int):
+    def __init__(self, spec, rank: int, adapters: int, dtype: torch.dtype, seed: int, device: str = "cuda"):
         g = torch.Generator().manual_seed(seed)
 
         def rnd(*shape, std):
-            return (torch.randn(*shape, generator=g) * std).to(dtype=dtype, device="cuda")
+            return (torch.randn(*shape, generator=g) * std).to(dtype=dtype, device=device)
 
         H, k, v, nv = spec.hidden_size, spec.key_dim, spec.value_dim, spec.linear_num_value_heads
         self.H, self.L, self.rank = H, adapters, rank
@@ -73,7 +73,7 @@ class Layer:
         b_qkv = self.B[0]
         self.lora_b = [b_qkv[:, :k], b_qkv[:, k:2 * k], b_qkv[:, 2 * k:], *self.B[1:]]
         self.slice_a = [0, 0, 0, 1, 2, 3]
-        self.scales = torch.tensor(SCALES[:adapters], device="cuda")
+        self.scales = torch.tensor(SCALES[:adapters], device=device)
         self.scale_list = list(SCALES[:adapters])   # host floats: no sync inside a captured call
         # vLLM: one A per slice (q, k, v each a copy of A_qkv, as expand_packed_lora makes them), the scale
         # folded into B; contiguous [L, n, r] slices
