@@ -11,8 +11,8 @@ Thresholds come from :mod:`fx_passes.ops.tuning` (measured per device, rules els
   the persistent TMA GEMM with the expand in its epilogue; one fp32 sum rounded once.
 * else ``T >= accumulate_min_t`` when the LoRA slices cover every output column: the delta is
   *written* into the fresh output first (shrink + expand, 0 for rows without an adapter), then the
-  library GEMM accumulates the base into it (``addmm_``, beta = 1): compute-bound there, so reading
-  ``out`` in its epilogue costs less than a LoRA that reads and re-writes ``out`` after it.
+  library GEMM accumulates the base into it (``addmm_``, beta = 1): its epilogue reads ``out`` once,
+  where a LoRA after the GEMM reads and re-writes it.
 * otherwise (T between, partial column coverage, more than ``MAX_SEGMENTS`` column segments, a rank above the
   kernels' limit): ``qkvz_gemm`` (one library GEMM per run of packed weights) then the LoRA added in place;
   the base is rounded to the output dtype before the LoRA is added (what PEFT computes).
