@@ -25,6 +25,7 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -51,11 +52,12 @@ SCALES = (2.0, 0.5, 1.0, 1.5)
 class Layer:
     """One GDN layer's packed weights and L adapters on all four projections."""
 
-    def __init__(self, spec, rank: int, adapters: int, dtype: torch.dtype, seed: int, device: str = "cuda"):
+    def __init__(self, spec, rank: int, adapters: int, dtype: torch.dtype, seed: int, device: str = "cuda",
+                 adapter_dtype: Optional[torch.dtype] = None):
         g = torch.Generator().manual_seed(seed)
 
-        def rnd(*shape, std):
-            return (torch.randn(*shape, generator=g) * std).to(dtype=dtype, device=device)
+        def rnd(*shape, std, dt=dtype):
+            return (torch.randn(*shape, generator=g) * std).to(dtype=dt, device=device)
 
         H, k, v, nv = spec.hidden_size, spec.key_dim, spec.value_dim, spec.linear_num_value_heads
         self.H, self.L, self.rank = H, adapters, rank
@@ -66,8 +68,9 @@ class Layer:
         for n in self.rows:
             self.weights.append(self.W[row:row + n])
             row += n
-        self.A = [rnd(adapters, rank, H, std=H ** -0.5) for _ in self.rows]            # [L, r, H] per projection
-        self.B = [rnd(adapters, n, rank, std=rank ** -0.5) for n in self.rows]         # [L, n, r]
+        ad = adapter_dtype or dtype   # fp32 adapters on a 16-bit base: PEFT's default
+        self.A = [rnd(adapters, rank, H, std=H ** -0.5, dt=ad) for _ in self.rows]     # [L, r, H] per projection
+        self.B = [rnd(adapters, n, rank, std=rank ** -0.5, dt=ad) for n in self.rows]  # [L, n, r]
         self.slice_rows = [k, k, v, v, nv, nv]
         self.starts = [sum(self.slice_rows[:i]) for i in range(6)]
         b_qkv = self.B[0]
@@ -137,9 +140,9 @@ class Runner:
         for l in range(lay.L):
             idx = self.idxs[l]
             xs = x if self.one else x.index_select(0, idx)
-            s = xs @ lay.A_cat[l].t()                                 # [T_l, 4r]
+            s = xs.to(lay.A_cat.dtype) @ lay.A_cat[l].t()             # [T_l, 4r]
             d = torch.cat([s[:, g * r:(g + 1) * r] @ lay.lora_b[i][l].t()
-                           for i, g in enumerate(lay.slice_a)], 1)
+                           for i, g in enumerate(lay.slice_a)], 1).to(y.dtype)
             if self.one:
                 y.add_(d, alpha=SCALES[0])
             else:
@@ -169,6 +172,9 @@ def parse_args(argv=None):
     p.add_argument("--adapters", default="1,4")
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--adapter-dtype", default=None, choices=["float32"],
+                   help="adapters in fp32 on the 16-bit base (PEFT's default); vLLM's column is skipped (its "
+                        "kernels take adapters in the base dtype)")
     p.add_argument("--rep", type=float, default=10.0, help="do_bench_cudagraph rep (ms)")
     p.add_argument("--budget-s", type=float, default=None, help="start no new row after this many seconds (then plot)")
     p.add_argument("--png", default=None, help="plot path (default $OUT/sweep_t.png)")
@@ -195,8 +201,9 @@ def main(argv=None):
         for adapters in csv_list(args.adapters, int):
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                 break
-            first = Layer(spec, args.rank, adapters, dtype, 0)
-            sets = [first] + [Layer(spec, args.rank, adapters, dtype, s) for s in
+            adapter_dtype = getattr(torch, args.adapter_dtype) if args.adapter_dtype else None
+            first = Layer(spec, args.rank, adapters, dtype, 0, adapter_dtype=adapter_dtype)
+            sets = [first] + [Layer(spec, args.rank, adapters, dtype, s, adapter_dtype=adapter_dtype) for s in
                               range(1, rotation_sets(first.W.numel() * first.W.element_size(), "cuda"))]
             for T in T_list:
                 if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
@@ -213,13 +220,14 @@ def main(argv=None):
                 ref = first.reference(xs[0], ids)
                 ms, errs = {}, {}
                 for key, method in VARIANTS.items():
-                    if key == "vllm" and vllm is None:
+                    if key == "vllm" and (vllm is None or args.adapter_dtype):
                         continue
                     errs[key] = None if key == "base" else rel_err(getattr(runners[0], method)(), ref)
                     ms[key] = do_bench_cudagraph(lambda m=method: [getattr(r, m)() for r in runners], rep=args.rep,
                                                  return_mode="median") / len(sets)
                 row = result_row(env, shape=name, held_out=name in HELD_OUT, adapters=adapters, T=T,
-                                 rank=args.rank, dtype=args.dtype, ms=ms, rel_err=errs,
+                                 rank=args.rank, dtype=args.dtype, adapter_dtype=args.adapter_dtype or args.dtype,
+                                 ms=ms, rel_err=errs,
                                  ratio={k: v / ms["base"] for k, v in ms.items() if k != "base"})
                 rows.append(row)
                 write_rows(path, rows)
@@ -258,7 +266,9 @@ def plot(rows: list, png) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens T")
         ax.set_ylabel("time / one cuBLAS GEMM over the packed weights (no LoRA)")
-        ax.set_title(f"{L} adapter{'s mixed per token' if L > 1 else ''}, r{rows[0]['rank']}, {rows[0]['dtype']}")
+        adapters_dt = rows[0].get("adapter_dtype", rows[0]["dtype"])
+        dtypes = rows[0]["dtype"] + ("" if adapters_dt == rows[0]["dtype"] else f", {adapters_dt} adapters")
+        ax.set_title(f"{L} adapter{'s mixed per token' if L > 1 else ''}, r{rows[0]['rank']}, {dtypes}")
         ax.set_ylim(0.9, 3.0)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
