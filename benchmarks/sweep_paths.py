@@ -28,9 +28,9 @@ import time
 import torch
 
 import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
-from benchmarks.common import SHAPES, csv_list, environment, json_path, rel_err, result_row, rotation_sets, \
+from benchmarks.common import SHAPES, csv_list, environment, json_path, rel_err, result_row, \
     select_shapes, write_rows
-from benchmarks.sweep_t import HELD_OUT, SCALES, Layer
+from benchmarks.sweep_t import HELD_OUT, SCALES, Layer, batch, layer_sets
 from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode
 from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill, prefill_fusable
 from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_
@@ -153,20 +153,13 @@ def main(argv=None):
     rows, start = [], time.perf_counter()
     for name, spec in select_shapes(args.shapes, {**SHAPES, **HELD_OUT}).items():
         for adapters in csv_list(args.adapters, int):
-            first = Layer(spec, args.rank, adapters, dtype, 0)
-            sets = [first] + [Layer(spec, args.rank, adapters, dtype, s) for s in
-                              range(1, rotation_sets(first.W.numel() * first.W.element_size(), "cuda"))]
+            sets = layer_sets(spec, args.rank, adapters, dtype)
+            first = sets[0]
             for T in csv_list(args.T, int):
                 if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                     print(f"--budget-s spent: stopping before {name} L={adapters} T={T}")
                     return rows
-                g = torch.Generator().manual_seed(T)
-                xs = [torch.randn(T, spec.hidden_size, generator=g).to("cuda", dtype) for _ in sets]
-                ids = torch.zeros(T, dtype=torch.int32)
-                if adapters > 1:
-                    ids = torch.randint(0, adapters, (T,), generator=g, dtype=torch.int32)
-                    ids[torch.rand(T, generator=g) < 0.1] = -1
-                ids = ids.cuda()
+                xs, ids = batch(spec.hidden_size, T, adapters, len(sets), dtype)
                 runs = [Paths(layer, x, ids) for layer, x in zip(sets, xs)]
                 ref = first.reference(xs[0], ids)
                 us, errs = {}, {}

@@ -96,6 +96,25 @@ class Layer:
         return out
 
 
+def layer_sets(spec, rank: int, adapters: int, dtype: torch.dtype, adapter_dtype=None) -> list:
+    """The layer and enough copies (other seeds) to rotate the weights past the L2 between calls."""
+    first = Layer(spec, rank, adapters, dtype, 0, adapter_dtype=adapter_dtype)
+    return [first] + [Layer(spec, rank, adapters, dtype, seed, adapter_dtype=adapter_dtype) for seed in
+                      range(1, rotation_sets(first.W.numel() * first.W.element_size(), "cuda"))]
+
+
+def batch(hidden: int, T: int, adapters: int, copies: int, dtype: torch.dtype) -> tuple:
+    """``copies`` inputs [T, hidden] and the token ids: all adapter 0, or random over ``adapters`` with
+    ~10 % -1 (no adapter)."""
+    g = torch.Generator().manual_seed(T)
+    xs = [torch.randn(T, hidden, generator=g).to("cuda", dtype) for _ in range(copies)]
+    ids = torch.zeros(T, dtype=torch.int32)
+    if adapters > 1:
+        ids = torch.randint(0, adapters, (T,), generator=g, dtype=torch.int32)
+        ids[torch.rand(T, generator=g) < 0.1] = -1
+    return xs, ids.cuda()
+
+
 class Runner:
     """The variants for one (layer, x, ids)."""
 
@@ -202,20 +221,13 @@ def main(argv=None):
             if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                 break
             adapter_dtype = getattr(torch, args.adapter_dtype) if args.adapter_dtype else None
-            first = Layer(spec, args.rank, adapters, dtype, 0, adapter_dtype=adapter_dtype)
-            sets = [first] + [Layer(spec, args.rank, adapters, dtype, s, adapter_dtype=adapter_dtype) for s in
-                              range(1, rotation_sets(first.W.numel() * first.W.element_size(), "cuda"))]
+            sets = layer_sets(spec, args.rank, adapters, dtype, adapter_dtype)
+            first = sets[0]
             for T in T_list:
                 if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
                     print(f"--budget-s {args.budget_s} spent: stopping before {name} L={adapters} T={T}")
                     break
-                g = torch.Generator().manual_seed(T)
-                xs = [torch.randn(T, spec.hidden_size, generator=g).to("cuda", dtype) for _ in sets]
-                ids = torch.zeros(T, dtype=torch.int32)
-                if adapters > 1:
-                    ids = torch.randint(0, adapters, (T,), generator=g, dtype=torch.int32)
-                    ids[torch.rand(T, generator=g) < 0.1] = -1
-                ids = ids.cuda()
+                xs, ids = batch(spec.hidden_size, T, adapters, len(sets), dtype)
                 runners = [Runner(layer, x, ids, vllm) for layer, x in zip(sets, xs)]
                 ref = first.reference(xs[0], ids)
                 ms, errs = {}, {}

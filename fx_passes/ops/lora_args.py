@@ -138,6 +138,11 @@ class LoraSlices:
         return self.token_lora_ids is not None
 
     @property
+    def mixed_adapters(self) -> bool:
+        """Several adapters, chosen per token by ``token_lora_ids``."""
+        return self.has_ids and self.adapters > 1
+
+    @property
     def b_dtype(self) -> torch.dtype:
         return self.lora_b[0].dtype
 

@@ -6,9 +6,10 @@ Launch configurations come from rules on shapes and device properties, never fro
 ``benchmarks/sweep_t.py``). The few per-device scalars (the T thresholds between kernel paths) live in
 ``fx_passes/ops/configs/<device name>.json``, written from ``benchmarks/sweep_paths.py`` (the file says
 which sweep, versions and date); a file applies only to a device whose name, SM count and shared memory
-all match it. Any other device gets the defaults of :class:`Tuning`. Every launch configuration is checked against the device's shared memory
-before it is used (:func:`decode_config` shrinks one that does not fit; :func:`prefill_config` returns
-``None`` and the op takes another path), so a card with less shared memory never fails to launch.
+all match it. Any other device gets the defaults of :class:`Tuning`. Every launch configuration is
+checked against the device's shared memory before it is used (:func:`decode_launch` shrinks one that does
+not fit; :func:`prefill_launch` returns ``None`` and the op takes another path), so a card with less shared
+memory never fails to launch.
 
 Everything here is host arithmetic on shapes and device properties: no device work, no sync, so a CUDA
 graph captured at one T replays the same launches.
@@ -235,11 +236,10 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
     info = device_info(device)
     bt = block_t or block(T, 16, 64)
     elt = dtype.itemsize
-    bucket = 16 if bt <= 16 else 64
-    if lora is not None and lora.has_ids and lora.adapters > 1:
+    if lora is not None and lora.mixed_adapters:
         bn, bk, stages, warps = DECODE_BLOCKS_MIXED
     else:
-        bn, bk, stages, warps = _decode_blocks(bucket, bt, widths or [N], elt, info)
+        bn, bk, stages, warps = _decode_blocks(16 if bt <= 16 else 64, bt, widths or [N], elt, info)
     bn, bk, stages, warps = block_n or bn, block_k or bk, num_stages or stages, num_warps or warps
     while decode_smem(bn, bt, bk, stages, elt) > info.shared_memory and (stages > 2 or bk > 32):
         if stages > 2:
@@ -255,8 +255,7 @@ def decode_launch(T: int, K: int, N: int, device: torch.device, dtype: torch.dty
         # times, in programs that hold SMs through the GEMM's second wave (27B-wide, b / a folded in, r64
         # T 64: 60.6 -> 47.0 us; qkv / z alone r16 T 48: 48.4 -> 45.8 us; the other shapes within noise).
         # Several adapters mixed per token: no consistent winner measured (+-10 % either way), 16 stays.
-        one_adapter = not (lora.has_ids and lora.adapters > 1)
-        shrink_m = 64 if T > 32 and one_adapter else None
+        shrink_m = 64 if T > 32 and not lora.mixed_adapters else None
         shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, device, adapters=lora.adapters,
                              has_ids=lora.has_ids, shrink_block_m=shrink_m)
         cap = shrink_ksplit or _decode_ksplit_cap(T, lora)
@@ -293,7 +292,7 @@ def _decode_blocks(bucket: int, block_t: int, widths: Sequence[int], elt: int, i
 def _decode_ksplit_cap(T: int, lora) -> Optional[int]:
     if lora.lora_a[0].dtype == torch.float32:
         return None
-    rows = DECODE_SHRINK_PARTIAL_ROWS_MIXED if lora.has_ids and lora.adapters > 1 else DECODE_SHRINK_PARTIAL_ROWS
+    rows = DECODE_SHRINK_PARTIAL_ROWS_MIXED if lora.mixed_adapters else DECODE_SHRINK_PARTIAL_ROWS
     return max(1, rows // max(T, 1))
 
 
