@@ -16,7 +16,10 @@ replay medians with weight sets rotated past the L2, every variant checked again
                 folded into ``s``) and ``B`` laid out block-diagonally beside W (``L * G * r`` more K);
                 3-4 launches here (shrink GEMM, mask / scale, cat, GEMM), where a real version would
                 write ``s`` and ``x`` into the GEMM's input in one kernel;
-* ``kcat_gemm`` its final GEMM alone over a prepared ``[x | s]``: what the extra K costs cuBLAS.
+* ``kcat_gemm`` its final GEMM alone over a prepared ``[x | s]``: what the extra K costs cuBLAS;
+* ``kcat_fused`` the design in two launches: :func:`benchmarks.kcat_proto.shrink_pack` writes ``[x | s]``,
+                then the GEMM;
+* ``base1``     ``base`` plus one trivial dependent launch: the floor any design of two launches pays.
 
     python -m benchmarks.sweep_paths --shapes 27B,35B,397B --T 65,128,256,512 --adapters 1,4
 """
@@ -30,6 +33,7 @@ import torch
 import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
 from benchmarks.common import SHAPES, csv_list, environment, json_path, rel_err, result_row, \
     select_shapes, write_rows
+from benchmarks.kcat_proto import shrink_pack
 from benchmarks.sweep_t import HELD_OUT, SCALES, Layer, batch, layer_sets
 from fx_passes.ops.kernels.gemm_lora_decode import gemm_lora_decode, plan_decode
 from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill, prefill_fusable
@@ -68,6 +72,7 @@ class Paths:
         self.weights = tuple(layer.weights)
         self.ids = ids
         self._kcat = None
+        self._tiny = torch.zeros(1, device=x.device)
 
     def kcat_parts(self):
         """``(A_all, W_cat, token weights or None, xs)`` of the K-concatenated design (built once)."""
@@ -117,6 +122,19 @@ class Paths:
             a_all, w_cat, weights, _ = self.kcat_parts()
             s = self.kcat_s(x, a_all, weights, self.layer.L, len(self.layer.A) * self.layer.rank)
             return torch.mm(torch.cat([x, s], 1), w_cat.t())
+        if name == "kcat_fused":
+            a_all, w_cat, _, _ = self.kcat_parts()
+            lay = self.layer
+            block = len(lay.A) * lay.rank
+            if lay.L == 1:
+                xs = shrink_pack(x, a_all, block, scale=SCALES[0])
+            else:
+                xs = shrink_pack(x, a_all, block, self.ids, lay.scales)
+            return torch.mm(xs, w_cat.t())
+        if name == "base1":
+            out = torch.mm(x, self.layer.W.t())
+            self._tiny.add_(1)
+            return out
         if name == "kcat_gemm":
             _, w_cat, _, xs = self.kcat_parts()
             return torch.mm(xs, w_cat.t())
@@ -169,13 +187,13 @@ def main(argv=None):
                 for v in variants:
                     if v in PREFILL and not prefill_fusable(xs[0], runs[0].weights, runs[0].lora):
                         continue
-                    errs[v] = None if v == "base" else rel_err(runs[0].run(v), ref)
+                    errs[v] = None if v in ("base", "base1") else rel_err(runs[0].run(v), ref)
                     us[v] = 1e3 * do_bench_cudagraph(lambda v=v: [r.run(v) for r in runs], rep=args.rep,
                                                      return_mode="median") / len(runs)
                 rows.append(result_row(env, shape=name, adapters=adapters, T=T, rank=args.rank, dtype=args.dtype,
                                        us=us, rel_err=errs))
                 write_rows(path, rows)
-                best = min((k for k in us if k != "base"), key=us.get)
+                best = min((k for k in us if k not in ("base", "base1")), key=us.get)
                 print(f"{name:10} L={adapters} T={T:5d} base {us['base']:7.1f}  "
                       + " ".join(f"{k} {us[k] / us['base']:.2f}" for k in us if k != "base")
                       + f"  best {best}  maxerr {max(e for e in errs.values() if e is not None):.1e}", flush=True)
