@@ -130,7 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="skip the projection block alone (one GDN layer's four projections + LoRA compiled by "
                         "inductor and fx_passes: its share of the model time)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="print each compiled variant's N costliest GPU kernels (torch.profiler, 5 calls)")
+                   help="each compiled variant's N costliest GPU kernels (us per call, torch.profiler over 5 calls; "
+                        "printed and kept in the JSON cell)")
     p.add_argument("--quick", action="store_true", help=f"one preset, r=16, phases {QUICK_PHASES}")
     p.add_argument("--layers", type=int, default=4, help="decoder layers; every 4th is full attention")
     p.add_argument("--vocab", type=int, default=1024)
@@ -328,20 +329,10 @@ def measure(fn: Callable, ref: torch.Tensor, cell: dict, args) -> None:
     if args.timing in ("auto", "events") or "ms_graph" not in cell:
         cell["ms_events"] = time_events(fn, **_timing(args))
     if args.profile:
-        print_kernels(fn, args.profile)
+        from benchmarks.profile_block import kernel_times
 
-
-def print_kernels(fn: Callable, top: int, calls: int = 5) -> None:
-    """The ``top`` kernels by GPU time over ``calls`` calls (where a model-level time goes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=top, max_name_column_width=70), flush=True)
+        cell["top_kernels_us"] = dict(list(kernel_times(fn, iters=5).items())[:args.profile])
+        print("\n".join(f"    {us:9.1f} us  {name}" for name, us in cell["top_kernels_us"].items()), flush=True)
 
 
 def cell_ms(cell: Optional[dict], method: str) -> Optional[float]:

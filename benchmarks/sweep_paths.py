@@ -72,6 +72,7 @@ class Paths:
         self.weights = tuple(layer.weights)
         self.ids = ids
         self._kcat = None
+        self.kcat_block = len(layer.A) * layer.rank   # the s columns of one adapter: every A group's rank
         self._tiny = torch.zeros(1, device=x.device)
 
     def kcat_parts(self):
@@ -92,7 +93,7 @@ class Paths:
             else:   # per token: scale_l in adapter l's block, 0 elsewhere (vLLM-style per-batch metadata)
                 onehot = (self.ids[:, None] == torch.arange(L, device=x.device)[None, :]).float()
                 weights = (onehot * lay.scales[None, :].float())[:, :, None]               # [T, L, 1]
-            s = self.kcat_s(x, a_all, weights, L, G * r)
+            s = self.kcat_s(x, a_all, weights, L, self.kcat_block)
             self._kcat = (a_all, w_cat, weights, torch.cat([x, s], 1).contiguous())
         return self._kcat
 
@@ -120,16 +121,14 @@ class Paths:
             return gemm_lora_prefill(x, w, lora, config=PREFILL[name])
         if name == "kcat":
             a_all, w_cat, weights, _ = self.kcat_parts()
-            s = self.kcat_s(x, a_all, weights, self.layer.L, len(self.layer.A) * self.layer.rank)
+            s = self.kcat_s(x, a_all, weights, self.layer.L, self.kcat_block)
             return torch.mm(torch.cat([x, s], 1), w_cat.t())
         if name == "kcat_fused":
             a_all, w_cat, _, _ = self.kcat_parts()
-            lay = self.layer
-            block = len(lay.A) * lay.rank
-            if lay.L == 1:
-                xs = shrink_pack(x, a_all, block, scale=SCALES[0])
+            if self.layer.L == 1:
+                xs = shrink_pack(x, a_all, self.kcat_block, scale=SCALES[0])
             else:
-                xs = shrink_pack(x, a_all, block, self.ids, lay.scales)
+                xs = shrink_pack(x, a_all, self.kcat_block, self.ids, self.layer.scales)
             return torch.mm(xs, w_cat.t())
         if name == "base1":
             out = torch.mm(x, self.layer.W.t())
