@@ -212,10 +212,12 @@ def time_graph(fn: Callable, ref: torch.Tensor, *, reps: int = 50, warmup: int =
 
 
 def rel_err(got, ref: torch.Tensor) -> float:
-    """Relative Frobenius error of ``got`` (a tensor, or a tuple of column blocks concatenated) against
-    ``ref``; inf when ``got`` is not finite."""
+    """Relative Frobenius error of ``got`` against ``ref`` (each a tensor, or a tuple of column blocks
+    concatenated); inf when ``got`` is not finite."""
     if isinstance(got, (tuple, list)):
         got = torch.cat(list(got), -1)
+    if isinstance(ref, (tuple, list)):
+        ref = torch.cat(list(ref), -1)
     got, ref = got.float(), ref.float()
     if not torch.isfinite(got).all():
         return float("inf")

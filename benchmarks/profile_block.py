@@ -38,6 +38,33 @@ def kernel_times(fn, iters: int) -> dict[str, float]:
     return dict(sorted(times.items(), key=lambda kv: -kv[1]))
 
 
+def host_us(fn, iters: int, profile_top: int = 0) -> float:
+    """Host (CPU) time per call of ``fn`` in us: calls issued back to back without a sync (the GPU queue
+    absorbs the kernels), so this is the Python + dispatch + launch cost a caller without CUDA graphs pays.
+    ``profile_top``: also print cProfile's costliest functions (cumulative)."""
+    import cProfile
+    import pstats
+    import time
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    us = (time.perf_counter() - t0) * 1e6 / iters
+    torch.cuda.synchronize()
+    if profile_top:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(iters):
+            fn()
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(profile_top)
+    return us
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", default=",".join(SHAPES))
@@ -50,6 +77,9 @@ def main():
     p.add_argument("--ids", default="random", choices=["random", "runs"], help="token -> adapter layout (L > 1)")
     p.add_argument("--shrink-bm", default=None,
                    help="comma list: also profile the large-T LoRA delta (write mode) with these shrink token tiles")
+    p.add_argument("--host", type=int, default=0, metavar="N",
+                   help="also each variant's host time per call (no sync between calls) and cProfile's N "
+                        "costliest functions")
     args = p.parse_args()
     from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_, plan_lora
 
@@ -79,6 +109,9 @@ def main():
                         rows.append(result_row(env, shape=name, r=r, adapters=L, T=T, variant=variant,
                                                ids=args.ids, total_us=total,
                                                kernels_us={k: v / len(probs) for k, v in times.items()}))
+                        if args.host:
+                            rows[-1]["host_us"] = host_us(lambda: fns[0](x, ids, idxs), 200, args.host)
+                            print(f"    host {rows[-1]['host_us']:.1f} us per call", flush=True)
                         write_rows(path, rows)
                     for bm in ([int(v) for v in args.shrink_bm.split(",")] if args.shrink_bm else []):
                         pr = probs[0]

@@ -332,3 +332,71 @@ def test_op_bad_input_raises_clear_error(mutate, message):
     mutate(args)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fx_passes.qkvz_gemm_lora(*args, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# The plan cache: checks and launch planning once per call signature
+# ------------------------------------------------------------------------------------------------
+def _walk_tensors(obj, seen=None):
+    """Every tensor reachable through dataclass fields / tuples of ``obj``."""
+    import dataclasses as dc
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif dc.is_dataclass(obj):
+        for f in dc.fields(obj):
+            yield from _walk_tensors(getattr(obj, f.name))
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _walk_tensors(item)
+
+
+@pytest.mark.parametrize("T", [5, ACCUMULATE_MIN_T + 3])
+def test_plan_cache_checks_once_per_signature_and_keeps_no_tensors(T):
+    """The first call of a signature runs the op's checks and plans; a second call with other tensors of
+    the same signature (new values, new storage) reuses the plan, checks nothing and computes ITS result;
+    a call that changes metadata (T, strides of an adapter, weights no longer adjacent) plans anew.
+    A plan holds no tensor (it would keep weights alive)."""
+    cache = dispatch.PlanCache()
+    checks = []
+    x, weights, *rest = _case(T, "qkvzba", torch.float32, adapters=2, seed=11)
+    weights = _packed(weights)
+    lora = LoraSlices.of(*rest, 0.5)
+    plan = cache.get(x, tuple(weights), lora, lambda: checks.append(1))
+    assert checks == [1] and plan.path == ("decode" if T <= 64 else "accumulate")
+    assert not list(_walk_tensors(plan))
+
+    x2, weights2, *rest2 = _case(T, "qkvzba", torch.float32, adapters=2, seed=12)
+    weights2 = _packed(weights2)
+    assert cache.get(x2, tuple(weights2), LoraSlices.of(*rest2, 0.5), lambda: checks.append(1)) is plan
+    assert checks == [1]
+
+    x3 = torch.cat([x2, x2[:1]])                                    # T + 1
+    cache.get(x3, tuple(weights2), LoraSlices.of(*rest2, 0.5), lambda: checks.append(1))
+    unpacked = [w.clone() for w in weights2]                        # same shapes, not adjacent any more
+    cache.get(x2, tuple(unpacked), LoraSlices.of(*rest2, 0.5), lambda: checks.append(1))
+    a, b, *tail = rest2
+    b_strided = [b[0].transpose(-1, -2).contiguous().transpose(-1, -2)] + list(b[1:])   # same values
+    cache.get(x2, tuple(weights2), LoraSlices.of(a, b_strided, *tail, 0.5), lambda: checks.append(1))
+    assert checks == [1, 1, 1, 1]
+    assert len(cache._plans) == 4
+
+
+def test_gemm_lora_with_a_cached_plan_matches_the_reference_and_still_rejects_bad_input(monkeypatch):
+    """Through dispatch.gemm_lora (what the op's CUDA kernel calls): repeated calls hit the plan and give
+    each call's own result; a bad call (overlapping slices) is a new signature and fails the op's check."""
+    monkeypatch.setattr(dispatch, "PLANS", dispatch.PlanCache())
+    for seed in (1, 2):
+        x, weights, *rest = _case(9, "qkvz", torch.float32, adapters=3, seed=seed)
+        checks = []
+        got = dispatch.gemm_lora(x, tuple(weights), LoraSlices.of(*rest, 1.5), check=lambda: checks.append(1))
+        _assert_close(got, _reference(x, weights, *rest, 1.5), torch.float32)
+        assert checks == ([1] if seed == 1 else [])
+    a, b, slice_a, starts, ids, scales = rest
+    bad_starts = list(starts)
+    bad_starts[1] = starts[0] + 1       # slice 1 overlaps slice 0
+
+    def check():
+        from fx_passes.ops.qkvz_gemm_lora import _check
+        _check(x, weights, a, b, slice_a, bad_starts, ids, scales)
+    with pytest.raises(RuntimeError, match="overlap"):
+        dispatch.gemm_lora(x, tuple(weights), LoraSlices.of(a, b, slice_a, bad_starts, ids, scales, 1.5), check=check)

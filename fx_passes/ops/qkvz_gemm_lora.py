@@ -67,5 +67,8 @@ def _qkvz_gemm_lora_cuda(x, weights, lora_a, lora_b, slice_a, slice_start, token
                          lora_scales=None, scale=1.0):
     from fx_passes.ops.dispatch import gemm_lora   # imports Triton: only when a CUDA call comes
 
-    _check(x, weights, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    return gemm_lora(x, tuple(weights), LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale))
+    # the argument rules depend on metadata only: checked once per call signature (dispatch's plan cache)
+    return gemm_lora(x, tuple(weights), LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids,
+                                                      lora_scales, scale),
+                     check=lambda: _check(x, weights, lora_a, lora_b, slice_a, slice_start, token_lora_ids,
+                                          lora_scales))

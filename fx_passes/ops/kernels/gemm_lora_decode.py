@@ -185,8 +185,19 @@ class Segment:
     b: Optional[torch.Tensor] = None
 
 
-def plan_segments(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                  slice_start: Sequence[int]) -> Optional[list[Segment]]:
+@dataclasses.dataclass(frozen=True)
+class SegmentSpec:
+    """A :class:`Segment` without tensors (what a cached plan keeps): columns [start, start + n) are rows
+    [weight_row, weight_row + n) of ``weights[weight]``, plus LoRA slice ``lora_slice`` (or ``None``)."""
+    start: int
+    n: int
+    weight: int
+    weight_row: int
+    lora_slice: Optional[int] = None
+
+
+def segment_specs(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                  slice_start: Sequence[int]) -> Optional[tuple[SegmentSpec, ...]]:
     """Cut the output columns at every weight boundary and at every LoRA slice boundary.
 
     Returns None when that takes more than :data:`MAX_SEGMENTS` segments, or when a weight's last dim
@@ -200,19 +211,34 @@ def plan_segments(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor
         bounds.append(bounds[-1] + w.shape[0])
     spans = sorted((int(s), int(s) + b.shape[-2], i) for i, (s, b) in enumerate(zip(slice_start, lora_b)))
     cuts = sorted(set(bounds) | {c for s, e, _ in spans for c in (s, e)})
-    segments = []
+    specs = []
     for c0, c1 in zip(cuts, cuts[1:]):
         if c1 <= c0:
             continue
         j = max(i for i, b in enumerate(bounds[:-1]) if b <= c0)   # the weight holding columns [c0, c1)
-        w = weights[j][c0 - bounds[j]:c1 - bounds[j]]
         owner = next((i for s, e, i in spans if s <= c0 and c1 <= e), None)
+        specs.append(SegmentSpec(c0, c1 - c0, j, c0 - bounds[j], owner))
+    return tuple(specs) if len(specs) <= MAX_SEGMENTS else None
+
+
+def bind_segments(specs: Sequence[SegmentSpec], weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                  slice_start: Sequence[int]) -> list[Segment]:
+    """The segments of ``specs`` over these tensors (views, no copies)."""
+    segments = []
+    for sp in specs:
+        w = weights[sp.weight][sp.weight_row:sp.weight_row + sp.n]
         b = None
-        if owner is not None:
-            s0 = int(slice_start[owner])
-            b = lora_b[owner].narrow(-2, c0 - s0, c1 - c0)
-        segments.append(Segment(c0, c1 - c0, w, owner, b))
-    return segments if len(segments) <= MAX_SEGMENTS else None
+        if sp.lora_slice is not None:
+            b = lora_b[sp.lora_slice].narrow(-2, sp.start - int(slice_start[sp.lora_slice]), sp.n)
+        segments.append(Segment(sp.start, sp.n, w, sp.lora_slice, b))
+    return segments
+
+
+def plan_segments(weights: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                  slice_start: Sequence[int]) -> Optional[list[Segment]]:
+    """:func:`segment_specs` bound to these tensors (None where it is None)."""
+    specs = segment_specs(weights, lora_b, slice_start)
+    return None if specs is None else bind_segments(specs, weights, lora_b, slice_start)
 
 
 def plan_decode(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices],

@@ -35,7 +35,7 @@ from fx_passes.ops.kernels.jit_helpers import (
 from fx_passes.ops.kernels.lora_shrink import alloc_shrink_buffer, launch_shrink
 from fx_passes.ops.lora_args import LoraSlices
 from fx_passes.ops.qkvz_gemm import packed_view, weights_are_packed
-from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, lora_launch, prefill_launch
+from fx_passes.ops.tuning import LoraLaunch, PrefillLaunch, device_info, interpreting, lora_launch, prefill_launch
 
 _16BIT = (torch.float16, torch.bfloat16)
 _OFF_GPU_PROGRAMS = 4   # the interpreter runs programs one after another: any count is correct
@@ -146,12 +146,20 @@ def prefill_fusable(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Lora
     return _tma_ok(x) and _tma_ok(packed_view(weights)) and out_row_bytes % 16 == 0
 
 
+def prefill_shrink_launch(x: torch.Tensor, lora: LoraSlices) -> LoraLaunch:
+    """The shrink beside the prefill GEMM: one K chunk (its s is read whole by every epilogue)."""
+    groups, _ = lora.shrink_groups()
+    return lora_launch(x.shape[0], x.shape[1], len(groups), lora.max_rank(), 64, x.device, adapters=lora.adapters,
+                       has_ids=lora.has_ids, ksplit=1)
+
+
 def gemm_lora_prefill(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Optional[LoraSlices], *,
-                      config: Optional[PrefillLaunch] = None) -> torch.Tensor:
+                      config: Optional[PrefillLaunch] = None, shrink: Optional[LoraLaunch] = None) -> torch.Tensor:
     """``out = x @ [W_0; W_1; ...]^T + LoRA`` in two launches (shrink, then the persistent GEMM + expand).
 
     Arguments are assumed checked and :func:`prefill_fusable`; ``lora=None`` runs the GEMM alone
-    (benchmarks). ``config``: the launch (default :func:`fx_passes.ops.tuning.prefill_launch`).
+    (benchmarks). ``config``: the launch (default :func:`fx_passes.ops.tuning.prefill_launch`);
+    ``shrink``: the shrink's (default :func:`prefill_shrink_launch`).
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -168,8 +176,7 @@ def gemm_lora_prefill(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: Op
     adapters, block_r = 1, 16
     if lora is not None:
         groups, compact = lora.shrink_groups()
-        shrink = lora_launch(T, K, len(groups), lora.max_rank(), 64, x.device, adapters=lora.adapters,
-                             has_ids=lora.has_ids, ksplit=1)
+        shrink = shrink or prefill_shrink_launch(x, lora)
         scale, scales_arg, stride_scales, has_scales = scale_args(lora.lora_scales, lora.scale, x)
         has_ids, adapters, block_r = lora.has_ids, lora.adapters, shrink.block_r
         ids_arg = lora.token_lora_ids if has_ids else x

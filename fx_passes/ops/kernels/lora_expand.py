@@ -144,14 +144,15 @@ def plan_lora(x: torch.Tensor, lora: LoraSlices, **force) -> LoraLaunch:
 
 
 def lora_shrink_expand_(out: torch.Tensor, x: torch.Tensor, lora: LoraSlices, *, accumulate: bool = True,
-                        config: Optional[LoraLaunch] = None) -> None:
+                        config: Optional[LoraLaunch] = None, checked: bool = False) -> None:
     """Adds (``accumulate=False``: writes) the multi-slice LoRA of ``x`` into ``out``: two launches.
 
     Ranks up to :data:`~fx_passes.ops.lora_args.KERNEL_MAX_RANK`, contiguous last dims of A and B
     (:meth:`LoraSlices.kernel_calls` makes any call so). ``config``: the launch (default
-    :func:`plan_lora`); benchmarks and tests force one through it.
+    :func:`plan_lora`); benchmarks and tests force one through it. ``checked``: the caller has already
+    checked these arguments' rules (:mod:`fx_passes.ops.dispatch` does once per call signature).
     """
-    adapters = lora.check(out, x)
+    adapters = lora.adapters if checked else lora.check(out, x)
     T = x.shape[0]
     if T == 0:
         return
