@@ -39,6 +39,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.matcher import module_path
 from fx_passes.fusion.qkvz_lora_fusion import QkvzLoraFusionPass
+from fx_passes.fusion.train_lora_fusion import QkvzLoraTrainPass
 from fx_passes.ops.qkvz_gemm import weights_are_packed
 from fx_passes.packing import pack_weights, packing_choice
 from fx_passes.report import FROM_CACHE, NOT_RUN
@@ -134,6 +135,7 @@ class FxPassesBackend:
                  options: Optional[dict] = None, dynamic: Optional[bool] = None,
                  fusion_pass: Optional[QkvzLoraFusionPass] = None, inductor_options: Optional[dict] = None):
         self.fusion_pass = fusion_pass if fusion_pass is not None else QkvzLoraFusionPass(config)
+        self.train_pass = QkvzLoraTrainPass(self.fusion_pass.config)
         merged = {**(inductor_options or {}), **(options or {})}
         # torch's own mode table and option checks (an unknown option or mode raises here, as for Inductor)
         self.inductor = torch._TorchCompileInductorWrapper(mode, merged, dynamic)
@@ -147,6 +149,8 @@ class FxPassesBackend:
         from torch._inductor.compile_fx import compile_fx
 
         plans = self._plan_packing(gm, example_inputs)
+        if QkvzLoraTrainPass.applies(gm):   # a training graph: fuse before AOTAutograd traces the backward
+            self.train_pass(gm)
         patches = {**self.inductor.config}
         user_pass = patches.get(_CUSTOM_POST_PASS, getattr(torch._inductor.config, _CUSTOM_POST_PASS))
         patches[_CUSTOM_POST_PASS] = _compose(self.fusion_pass, user_pass)

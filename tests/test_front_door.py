@@ -113,3 +113,29 @@ def test_demo_passes_twice_on_one_machine(tmp_path):
     assert "served from Inductor's FX graph cache" in second.stdout, second.stdout
     assert f"{GDN_LAYERS} fx_passes.qkvz_gemm_lora" in second.stdout, second.stdout
     assert "ERROR" not in first.stdout + second.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Fine-tuning (issue 17): a PEFT training script through the backend name, cold then warm caches
+# ------------------------------------------------------------------------------------------------
+# (torch.compile takes mode or options, not both; the script always passes fallback_random in options)
+TRAIN_CASES = [dict(), dict(options={"epilogue_fusion": False, "max_autotune": False})]
+
+
+def _train_script(kwargs: dict, cache_dir: str) -> dict:
+    done = _run([os.path.join(HERE, "user_train_script.py"), json.dumps(kwargs)], cache_dir)
+    line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
+    return json.loads(line[len("RESULTS "):])
+
+
+@pytest.mark.parametrize("kwargs", TRAIN_CASES, ids=["default", "options"])
+def test_training_script_by_name_cold_then_warm_cache(tmp_path, kwargs):
+    """Both runs rewrite every GDN layer before AOTAutograd (the rewrite precedes Inductor's caches, so a
+    warm run reports it too) and train as eager does: two AdamW steps, loss, LoRA grads and adapters 1e-5."""
+    for run in ("cold", "warm"):
+        result = _train_script(kwargs, str(tmp_path))
+        train = [r for r in result["reports"] if r["pass_name"] == "qkvz_lora_train_fusion"]
+        layers = [layer for r in train for layer in r["layers"]]
+        assert len(layers) == GDN_LAYERS and all(layer["rewritten"] for layer in layers), (run, train)
+        assert result["lora_grads"] == 4 * GDN_LAYERS, run
+        assert result["loss_err"] < 1e-5 and result["grad_err"] < 1e-5 and result["param_err"] < 1e-5, (run, result)

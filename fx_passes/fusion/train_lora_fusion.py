@@ -1,0 +1,366 @@
+"""Fuse each GDN layer's projections and their TRAINABLE LoRA into one autograd-aware op (issue 17).
+
+Runs on the Dynamo graph (torch-level ops, before AOTAutograd), inside the ``fx_passes`` backend, when
+the graph is compiled with grad enabled and some LoRA parameter requires grad. There the LoRA is still
+one pattern per PEFT module, and the backward is not yet traced: the op's registered backward
+(:mod:`fx_passes.ops.qkvz_lora_train`) becomes the joint graph's, so forward and backward are fused
+together. (After AOTAutograd the forward would be split from the backward by the partitioner and every
+LoRA intermediate saved for backward would pin the unfused form: the post-grad pass leaves such layers
+alone.) Inference graphs (no grad, or frozen adapters) are left to the post-grad pass and its kernels.
+
+Unfused (per GDN layer, PEFT LoRA ``Linear``, train mode; per projection p in qkv, z (, b, a))::
+
+    base_p = linear(x, W_p)
+    xc     = x | x.to(adapter dtype)                 (PEFT casts x to the adapters' dtype)
+    d_p    = dropout(xc, p, True, False) | xc        (one dropout module per PEFT module and adapter)
+    y_p    = add(base_p, mul(linear(linear(d_p, A_p), B_p), scale_p))    (+ one add per extra adapter)
+    y_p    = y_p.to(x dtype)                         (PEFT's result.to(torch_result_dtype))
+
+Fused::
+
+    out, s = fx_passes.qkvz_lora_train(x2d, [d_qkv, d_z, ...], [W_qkv, W_z(, W_b, W_a)], [A_qkv, A_z, ...],
+                                       [B_qkv, B_z, ...], slice_a, slice_start, scales)
+    y_qkv, y_z(, y_b, y_a) = narrow(out.reshape(*x.shape[:-1], N), -1, start_p, n_p)
+
+The dropout nodes stay in the graph (the op reads their outputs), so the masks are Inductor's RNG as
+without the pass; only the graph position of a dropout may move (the op and its users are reordered
+topologically). A layer is rewritten only when every projection's chain matches exactly, every removed
+node has no user outside it (nothing else reads a LoRA intermediate), all projections read the same x,
+the base linears have no bias and the x / weight dtypes agree; otherwise it stays as it was and the
+report says which condition failed at which node.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import operator
+import re
+from typing import Any, Optional
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
+from fx_passes.config import QkvzFusionConfig
+from fx_passes.fusion.matcher import NoMatch, module_path
+from fx_passes.report import GraphReport, LayerMatch, count_ops
+
+logger = logging.getLogger("fx_passes")
+
+TRAIN_OP = torch.ops.fx_passes.qkvz_lora_train.default
+_LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
+_DROPOUT = (torch.nn.functional.dropout, torch.dropout)
+_ADD = (operator.add, torch.add)
+_MUL = (operator.mul, torch.mul)
+
+
+def _val(node: Any) -> Any:
+    return node.meta.get("example_value") if isinstance(node, Node) else node
+
+
+def _is(node: Any, targets: tuple) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def _cast_dtype(node: Any) -> Optional[torch.dtype]:
+    """The dtype of a ``t.to(dtype)`` / ``t.to(dtype=...)`` node, else None."""
+    if not (isinstance(node, Node) and node.op == "call_method" and node.target == "to"):
+        return None
+    args = list(node.args[1:]) + ([node.kwargs["dtype"]] if "dtype" in node.kwargs else [])
+    if len(args) != 1 or not isinstance(args[0], torch.dtype) or set(node.kwargs) - {"dtype"}:
+        return None
+    return args[0]
+
+
+def _only_user(node: Node, nodes_seen: list) -> Node:
+    users = list(node.users)
+    if len(users) != 1:
+        raise NoMatch(node, f"{len(users)} users (one expected: the value would be needed elsewhere)")
+    nodes_seen.append(node)
+    return users[0]
+
+
+@dataclasses.dataclass
+class LoraTerm:
+    xs: Node               # the LoRA input (dropout output, cast or x)
+    a: Node
+    b: Node
+    scale: float
+    dropout: Optional[float]
+
+
+@dataclasses.dataclass
+class Projection:
+    name: str
+    base: Node             # linear(x, W)
+    x: Node
+    weight: Node
+    end: Node              # what the rest of the graph reads
+    terms: list[LoraTerm]
+    removed: list[Node]    # nodes the rewrite deletes
+
+
+def _weight(node: Any, what: str) -> Node:
+    if not isinstance(node, Node) or node.op not in ("placeholder", "get_attr") \
+            or not isinstance(_val(node), torch.Tensor):
+        raise NoMatch(node if isinstance(node, Node) else None, f"{what} is not a graph input / parameter")
+    return node
+
+
+def _match_term(node: Node, x: Node, removed: list) -> LoraTerm:
+    """``mul(linear(linear(d, A), B), scale)``; d = dropout(xc) | xc; xc = x | x.to(dtype)."""
+    if not _is(node, _MUL):
+        raise NoMatch(node, "LoRA term is not a mul by the scaling")
+    up, scale = node.args
+    if isinstance(up, (int, float)):
+        up, scale = scale, up
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise NoMatch(node, f"LoRA scaling is not a constant number ({type(scale).__name__})")
+    if not _is(up, _LINEAR) or len(up.args) < 2 or (len(up.args) > 2 and up.args[2] is not None):
+        raise NoMatch(up, "LoRA B is not a bias-free linear")
+    shrink = up.args[0]
+    if not _is(shrink, _LINEAR) or len(shrink.args) < 2 or (len(shrink.args) > 2 and shrink.args[2] is not None):
+        raise NoMatch(shrink, "LoRA A is not a bias-free linear")
+    for n in (shrink, up):
+        _only_user(n, removed)
+    d, p = shrink.args[0], None
+    if _is(d, _DROPOUT):
+        args = list(d.args) + [d.kwargs.get(k) for k in ("p", "training", "inplace") if k in d.kwargs]
+        if len(args) < 3 or args[2] is not True or (len(args) > 3 and args[3]):
+            raise NoMatch(d, "dropout not in training mode, or in place")
+        p, xc = float(args[1]), args[0]
+    else:
+        xc = d
+    if xc is not x and not (_cast_dtype(xc) is not None and xc.args[0] is x):
+        raise NoMatch(xc, "the LoRA input is neither x nor a dtype cast of it")
+    return LoraTerm(d, _weight(shrink.args[1], "lora_A weight"), _weight(up.args[1], "lora_B weight"),
+                    float(scale), p)
+
+
+def match_projection(name: str, base: Node) -> Projection:
+    """The chain from one projection's base linear to the node its users read."""
+    if len(base.args) < 2 or (len(base.args) > 2 and base.args[2] is not None) or base.kwargs.get("bias") is not None:
+        raise NoMatch(base, "base linear has a bias")
+    x, weight = base.args[0], _weight(base.args[1], "base weight")
+    removed: list[Node] = []
+    terms, cur = [], base
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            break
+        user = users[0]
+        if _is(user, _ADD) and len(user.args) == 2 and cur in user.args:
+            other = user.args[1] if user.args[0] is cur else user.args[0]
+            term_removed: list[Node] = []
+            terms.append(_match_term(other, x, term_removed))
+            _only_user(other, term_removed)
+            removed += term_removed
+            removed.append(cur)
+            cur = user
+            continue
+        if terms and _cast_dtype(user) is not None:
+            removed.append(cur)
+            cur = user
+        break
+    removed.append(cur)
+    return Projection(name, base, x, weight, cur, terms, removed)
+
+
+class QkvzLoraTrainPass:
+    """The training rewrite, one instance per backend; one :class:`GraphReport` per graph in ``reports``."""
+
+    pass_name = "qkvz_lora_train_fusion"
+
+    def __init__(self, config: Optional[QkvzFusionConfig] = None):
+        self.config = config or QkvzFusionConfig()
+        self.reports: list[GraphReport] = []
+
+    @staticmethod
+    def applies(gm: GraphModule) -> bool:
+        """Grad enabled and some LoRA weight of the graph requires grad (the graph will be trained)."""
+        if not torch.is_grad_enabled():
+            return False
+        return any(isinstance(_val(n), torch.Tensor) and _val(n).requires_grad and "lora_" in str(n.target).lower()
+                   for g in _graphs(gm) for n in g.nodes if n.op in ("placeholder", "get_attr"))
+
+    def __call__(self, gm: GraphModule) -> GraphReport:
+        report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports))
+        for graph in _graphs(gm):
+            before = count_ops(graph)
+            changed = self._rewrite_graph(graph, report)
+            for k, v in before.items():
+                report.ops_before[k] = report.ops_before.get(k, 0) + v
+            for k, v in count_ops(graph).items():
+                report.ops_after[k] = report.ops_after.get(k, 0) + v
+            if changed:
+                graph.lint()
+        for sub in gm.modules():
+            if isinstance(sub, GraphModule):
+                sub.recompile()
+        self.reports.append(report)
+        logger.info(report.summary(), extra={"fx_passes_report": report.to_dict()})
+        for layer in report.layers:
+            logger.debug("%s", layer.line())
+        return report
+
+    # ------------------------------------------------------------------------------------------------
+    def _projection_nodes(self, graph: Graph) -> dict[str, dict[str, Node]]:
+        """``{layer: {projection name: base linear}}`` by module path (``<layer>.<name>[.base_layer]``)."""
+        cfg = self.config
+        names = [cfg.qkv_name, cfg.z_name] + ([cfg.b_name, cfg.a_name] if cfg.fold_ba else [])
+        # no prefix: the graph of a frame rooted at the GDN layer itself (Dynamo compiles the layer's
+        # forward on its own when a graph break elsewhere splits the model)
+        pattern = re.compile(rf"^(?:(.*)\.)?({'|'.join(map(re.escape, names))})(\.base_layer)?$")
+        layers: dict[str, dict[str, list[Node]]] = {}
+        for node in graph.nodes:
+            if _is(node, _LINEAR):
+                match = pattern.match(module_path(node) or "")
+                if match:
+                    layer = match.group(1) or "<graph root>"
+                    layers.setdefault(layer, {}).setdefault(match.group(2), []).append(node)
+        return {layer: {k: v[0] for k, v in found.items() if len(v) == 1} for layer, found in layers.items()}
+
+    def _rewrite_graph(self, graph: Graph, report: GraphReport) -> bool:
+        cfg, changed = self.config, False
+        for layer, found in self._projection_nodes(graph).items():
+            if cfg.qkv_name not in found or cfg.z_name not in found:
+                missing = cfg.z_name if cfg.qkv_name in found else cfg.qkv_name
+                present = found.get(cfg.qkv_name) or found.get(cfg.z_name)
+                report.layers.append(LayerMatch(layer=layer, rewritten=False, node=present.name if present else None,
+                                                reason=f"{missing} is not in this graph (or not once)"))
+                continue
+            try:
+                projections = [match_projection(name, found[name]) for name in (cfg.qkv_name, cfg.z_name)]
+                ba_reason = None
+                if cfg.b_name in found and cfg.a_name in found:
+                    try:
+                        projections += [match_projection(name, found[name]) for name in (cfg.b_name, cfg.a_name)]
+                    except NoMatch as e:
+                        ba_reason = f"{e.reason} (at {e.node_name})"
+                self._check_layer(projections)
+                match = self._rewrite_layer(graph, layer, projections)
+                match.ba_reason = ba_reason
+                report.layers.append(match)
+                changed = True
+            except NoMatch as e:
+                report.layers.append(LayerMatch(layer=layer, rewritten=False, reason=e.reason, node=e.node_name))
+        return changed
+
+    @staticmethod
+    def _check_layer(projections: list[Projection]) -> None:
+        x = projections[0].x
+        if not any(p.terms for p in projections[:2]):
+            raise NoMatch(projections[0].base, "no trainable LoRA on in_proj_qkv / in_proj_z")
+        x_val = _val(x)
+        for p in projections:
+            if p.x is not x:
+                raise NoMatch(p.base, f"{p.name} reads another input than {projections[0].name}")
+            if _val(p.weight).dtype != x_val.dtype:
+                raise NoMatch(p.base, f"{p.name} weight dtype {_val(p.weight).dtype} != x dtype {x_val.dtype}")
+            if _val(p.end).dtype != x_val.dtype:
+                raise NoMatch(p.end, f"{p.name} result dtype {_val(p.end).dtype} != x dtype {x_val.dtype}")
+        dtypes = {_val(n).dtype for p in projections for t in p.terms for n in (t.xs, t.a, t.b)}
+        if len(dtypes) > 1:
+            raise NoMatch(projections[0].base, f"LoRA inputs / weights of several dtypes {sorted(map(str, dtypes))}")
+
+    def _rewrite_layer(self, graph: Graph, layer: str, projections: list[Projection]) -> LayerMatch:
+        x = projections[0].x
+        xv = _val(x)
+        H = xv.shape[-1]
+        groups: dict[Node, int] = {}        # A node -> group index
+        xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
+        col, starts = 0, []
+        for p in projections:
+            starts.append(col)
+            for t in p.terms:
+                if t.a not in groups:
+                    groups[t.a] = len(lora_a)
+                    lora_a.append(t.a)
+                    xs.append(t.xs)
+                elif xs[groups[t.a]] is not t.xs:
+                    raise NoMatch(t.a, "one lora_A read through two different inputs")
+                lora_b.append(t.b)
+                slice_a.append(groups[t.a])
+                slice_start.append(col)
+                scales.append(t.scale)
+                names.append(p.name)
+            col += _val(p.weight).shape[0]
+        n_out = col
+        last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
+        anchor = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
+        src = projections[0].base
+        with graph.inserting_after(anchor):
+            x2d = _emit(graph, "call_method", "reshape", (x, -1, H), src)
+        with graph.inserting_after(x2d):
+            xs2d = [x2d if n is x else _emit(graph, "call_method", "reshape", (n, -1, H), src) for n in xs]
+        with graph.inserting_after(xs2d[-1] if xs2d else x2d):
+            op = _emit(graph, "call_function", TRAIN_OP,
+                       (x2d, xs2d, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales), src)
+        with graph.inserting_after(op):
+            out = _emit(graph, "call_function", operator.getitem, (op, 0), src)
+        lead = [_size(graph, x, d, out) for d in range(xv.dim() - 1)]
+        with graph.inserting_after(lead[-1] if lead and isinstance(lead[-1], Node) else out):
+            out_nd = _emit(graph, "call_method", "reshape", (out, *lead, n_out), src)
+        new_nodes = [x2d, *[n for n in xs2d if n is not x2d], op, out, out_nd]
+        prev = out_nd
+        for p, start in zip(projections, starts):
+            with graph.inserting_after(prev):
+                piece = _emit(graph, "call_function", torch.narrow, (out_nd, -1, start, _val(p.weight).shape[0]), p.end)
+            p.end.replace_all_uses_with(piece)
+            new_nodes.append(piece)
+            prev = piece
+        removed = []
+        for p in projections:
+            for node in reversed(p.removed):
+                if not node.users:
+                    removed.append(node.name)
+                    graph.erase_node(node)
+        from torch._inductor.pattern_matcher import stable_topological_sort
+
+        stable_topological_sort(graph)
+        sizes = [_val(p.weight).shape[0] for p in projections]
+        return LayerMatch(layer=layer, rewritten=True, qkv_node=projections[0].base.name,
+                          z_node=projections[1].base.name, folded=[p.name for p in projections],
+                          slice_sizes=sizes, adapters=[f"{len(lora_b)} LoRA slice(s)"],
+                          lora_slices=[[n] for n in names], shared_a=True, kernel="fx_passes.qkvz_lora_train",
+                          removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
+
+
+def _position(graph: Graph):
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    return lambda n: order[n]
+
+
+def _graphs(gm: GraphModule) -> list[Graph]:
+    """The graph and every subgraph module's (activation-checkpoint bodies, other higher-order ops)."""
+    return [m.graph for m in gm.modules() if isinstance(m, GraphModule)]
+
+
+def _size(graph: Graph, x: Node, dim: int, after: Node) -> Any:
+    """x's size along ``dim``: an int when static, else a ``x.size(dim)`` node."""
+    size = _val(x).shape[dim]
+    if isinstance(size, int):
+        return size
+    with graph.inserting_after(after):
+        return _emit(graph, "call_method", "size", (x, dim), after)
+
+
+def _emit(graph: Graph, op: str, target: Any, args: tuple, like: Node) -> Node:
+    """A node with the Dynamo metadata later passes read: its ``example_value`` (run on the inputs' fake
+    values) and the module stack / stack trace of ``like``."""
+    node = graph.create_node(op, target, args, {})
+    fake_args = torch.fx.node.map_arg(args, lambda n: _val(n))
+    # the inputs' own fake mode (the tracing context may hold another one while a backend runs)
+    mode = next((v.fake_mode for v in torch.utils._pytree.tree_leaves(fake_args)
+                 if isinstance(v, torch._subclasses.FakeTensor)), None)
+    with mode if mode is not None else contextlib.nullcontext():
+        if op == "call_method":
+            value = getattr(fake_args[0], target)(*fake_args[1:])
+        else:
+            value = target(*fake_args)
+    node.meta["example_value"] = value
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+        if key in like.meta:
+            node.meta[key] = like.meta[key]
+    return node

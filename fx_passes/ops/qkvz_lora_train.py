@@ -1,0 +1,188 @@
+"""The GDN projection block with trainable LoRA, as one autograd-aware op (issue 17).
+
+``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (out, s)``::
+
+    base      = x @ [W_0; W_1; ...]^T                       rounded to x's dtype (qkvz_gemm)
+    s[g]      = xs[g] @ lora_a[g]^T                         [T, r_g], the adapters' dtype
+    delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i)
+    out       = base + sum_i delta[i], accumulated in promote(x, adapters) dtype slice by slice, then
+                cast to x's dtype
+
+which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection, in the same order
+and the same dtypes (``result = base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling;
+result.to(x.dtype)``). ``xs[g]`` is the LoRA input of A group ``g``: ``x`` itself, or what PEFT made of it
+(the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG is the
+one that draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices may
+overlap (two adapters on one projection add up). ``s`` is returned so that autograd keeps it for the
+backward (dB needs it) instead of recomputing the shrink.
+
+Backward (:func:`_backward`; plain torch ops, so AOTAutograd traces them into the joint graph and
+Inductor compiles them): ``dx = dout @ [W_0; ...]`` through one GEMM per run of packed weights; per A group
+``ds = sum_i scales[i] * dout_i @ B_i`` (one GEMM over the group's B slices side by side when their
+columns are adjacent), ``dA = ds^T @ xs[g]`` (q, k, v: one dA), ``dxs[g] = ds @ A``; ``dB_i =
+scales[i] * dout_i^T @ s[g]``; frozen weights (no ``requires_grad``) get no gradient work.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.qkvz_gemm import check_gemm_args, packed_runs, packed_view, total_rows
+
+_ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                     lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
+                     slice_start: Sequence[int], scales: Sequence[float]) -> None:
+    """Every shape / dtype / device rule of the op (the fake and the real implementation run it)."""
+    name = "qkvz_lora_train"
+    check_gemm_args(x, weights)
+    n_out, T, H = total_rows(weights), x.shape[0], x.shape[1]
+    torch._check(len(lora_a) >= 1 and len(xs) == len(lora_a),
+                 lambda: f"{name}: need one xs per lora_a (>= 1), got {len(xs)} and {len(lora_a)}")
+    torch._check(len(lora_b) >= 1 and len(slice_a) == len(lora_b) == len(slice_start) == len(scales),
+                 lambda: f"{name}: lora_b, slice_a, slice_start, scales need one entry per slice, got "
+                         f"{len(lora_b)}, {len(slice_a)}, {len(slice_start)}, {len(scales)}")
+    ad = lora_a[0].dtype
+    torch._check(ad in _ADAPTER_DTYPES, lambda: f"{name}: adapter dtype {ad} is not fp16 / bf16 / fp32")
+    for g, (a, xg) in enumerate(zip(lora_a, xs)):
+        torch._check(a.dim() == 2 and a.shape[1] == H and a.shape[0] >= 1,
+                     lambda: f"{name}: lora_a[{g}] must be [r, H={H}], got {tuple(a.shape)}")
+        torch._check(xg.dim() == 2 and xg.shape[0] == T and xg.shape[1] == H,
+                     lambda: f"{name}: xs[{g}] must be [T={T}, H={H}], got {tuple(xg.shape)}")
+        torch._check(a.dtype == ad and xg.dtype == ad,
+                     lambda: f"{name}: lora_a[{g}] / xs[{g}] dtypes {a.dtype} / {xg.dtype}, adapters {ad}")
+        torch._check(a.device == x.device and xg.device == x.device,
+                     lambda: f"{name}: lora_a[{g}] / xs[{g}] not on {x.device}")
+    for i, b in enumerate(lora_b):
+        g = slice_a[i]
+        torch._check(0 <= g < len(lora_a), lambda: f"{name}: slice_a[{i}]={g} names no lora_a tensor")
+        torch._check(b.dim() == 2 and b.shape[1] == lora_a[g].shape[0],
+                     lambda: f"{name}: lora_b[{i}] must be [n, r={lora_a[g].shape[0]}], got {tuple(b.shape)}")
+        torch._check(b.dtype == ad and b.device == x.device,
+                     lambda: f"{name}: lora_b[{i}] is {b.dtype} on {b.device}, adapters {ad} on {x.device}")
+        torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= n_out,
+                     lambda: f"{name}: slice {i} [{slice_start[i]}, {slice_start[i] + b.shape[0]}) outside "
+                             f"the output's {n_out} columns")
+
+
+def _acc_dtype(x: torch.Tensor, lora_a: Sequence[torch.Tensor]) -> torch.dtype:
+    return torch.promote_types(x.dtype, lora_a[0].dtype)
+
+
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train", mutates_args=())
+def qkvz_lora_train(
+    x: torch.Tensor,
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    lora_a: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    slice_a: Sequence[int],
+    slice_start: Sequence[int],
+    scales: Sequence[float],
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(out, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
+    check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    base = torch.ops.fx_passes.qkvz_gemm(x, list(weights))
+    s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
+    acc = _acc_dtype(x, lora_a)
+    out = base if acc == base.dtype else base.to(acc)
+    for i, b in enumerate(lora_b):
+        cols = out[:, slice_start[i]:slice_start[i] + b.shape[0]]
+        cols += (s[slice_a[i]] @ b.t()) * scales[i]
+    return out.to(x.dtype), s
+
+
+@qkvz_lora_train.register_fake
+def _fake(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
+    check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    return x.new_empty((x.shape[0], total_rows(weights))), [xg.new_empty((xg.shape[0], a.shape[0]))
+                                                           for xg, a in zip(xs, lora_a)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = inputs
+    _, s = output
+    ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
+    ctx.n = (len(xs), len(weights), len(lora_a), len(lora_b))
+    ctx.save_for_backward(x, *xs, *weights, *lora_a, *lora_b, *s)
+
+
+def _unpack(ctx):
+    n_xs, n_w, n_a, n_b = ctx.n
+    saved = list(ctx.saved_tensors)
+    x = saved.pop(0)
+    parts = []
+    for count in (n_xs, n_w, n_a, n_b, n_a):
+        parts.append(saved[:count])
+        saved = saved[count:]
+    return (x, *parts)
+
+
+def _slice_runs(slice_a: Sequence[int], slice_start: Sequence[int], lora_b: Sequence[torch.Tensor],
+                scales: Sequence[float], group: int) -> list[tuple[int, int, list[int]]]:
+    """The slices of A group ``group`` as runs of adjacent output columns with one scale:
+    ``[(first column, columns, [slice indices in column order]), ...]`` (q | k | v: one run)."""
+    mine = sorted((slice_start[i], i) for i in range(len(lora_b)) if slice_a[i] == group)
+    runs: list[tuple[int, int, list[int]]] = []
+    for start, i in mine:
+        if runs:
+            first, n, members = runs[-1]
+            if first + n == start and scales[members[-1]] == scales[i]:
+                runs[-1] = (first, n + lora_b[i].shape[0], members + [i])
+                continue
+        runs.append((start, lora_b[i].shape[0], [i]))
+    return runs
+
+
+def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
+    x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
+    need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
+    n_b = len(lora_b)
+    d_x = d_w = None
+    d_xs: list = [None] * len(xs)
+    d_a: list = [None] * len(lora_a)
+    d_b: list = [None] * n_b
+    if grad_out is None:
+        grad_out = x.new_zeros((x.shape[0], total_rows(weights)))
+    ad = lora_a[0].dtype
+    if need[0]:   # dx: one GEMM per run of packed weights
+        col = 0
+        for first, count in packed_runs(weights):
+            run = list(weights[first:first + count])
+            w = packed_view(run) if count > 1 else run[0]
+            part = grad_out[:, col:col + w.shape[0]] @ w
+            d_x = part if d_x is None else d_x + part
+            col += w.shape[0]
+    if need[2]:   # frozen base weights (the usual case) skip this
+        d_w, col = [], 0
+        for w in weights:
+            d_w.append(grad_out[:, col:col + w.shape[0]].t() @ x if w.requires_grad else None)
+            col += w.shape[0]
+    grad_lora = grad_out.to(ad)
+    for g in range(len(lora_a)):
+        d_s = None if grad_s is None or grad_s[g] is None else grad_s[g].to(ad)
+        for first, n, members in _slice_runs(ctx.slice_a, ctx.slice_start, lora_b, ctx.scales, g):
+            dy = grad_lora[:, first:first + n] * ctx.scales[members[0]]      # d(s @ B^T) of the run
+            b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
+            part = dy @ b_run
+            d_s = part if d_s is None else d_s + part
+            if need[4]:
+                d_b_run = dy.t() @ s[g]
+                row = 0
+                for i in members:
+                    d_b[i] = d_b_run[row:row + lora_b[i].shape[0]]
+                    row += lora_b[i].shape[0]
+        if d_s is None:
+            continue
+        if need[3]:
+            d_a[g] = d_s.t() @ xs[g]
+        if need[1]:
+            d_xs[g] = d_s @ lora_a[g]
+    return d_x, d_xs, d_w, d_a, d_b, None, None, None
+
+
+qkvz_lora_train.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,87 @@
+"""A user's PEFT fine-tuning script, run by tests/test_front_door.py in a fresh interpreter (cold, then warm
+Inductor caches): tiny Qwen3.5 + PEFT LoRA (dropout 0.1) in train mode, ``torch.compile(model,
+backend="fx_passes", mode=..., options=...)`` without ``import fx_passes``, two AdamW steps, and the same two
+steps in eager from the same weights. Reports reach the script on the ``fx_passes`` logger. Prints one
+``RESULTS <json>`` line: the reports, the loss and LoRA-gradient errors against eager.
+
+    python user_train_script.py '<json: torch.compile keyword arguments>'
+
+``options`` always gets ``fallback_random`` (Inductor then draws eager's dropout masks: eager is a reference).
+"""
+import copy
+import json
+import logging
+import sys
+
+import torch
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.reports = []
+
+    def emit(self, record):
+        report = getattr(record, "fx_passes_report", None)
+        if report is not None:
+            self.reports.append(report)
+
+
+def build_model():
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
+
+    torch.manual_seed(0)
+    config = Qwen3_5TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=16,
+        linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
+        layer_types=["linear_attention", "full_attention"] * 2, use_cache=False)
+    model = Qwen3_5ForCausalLM(config)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["in_proj_qkv", "in_proj_z"],
+                      init_lora_weights=False)
+    return get_peft_model(model, lora).train()
+
+
+def steps(model, run, ids, n=2):
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses, grads = [], None
+    for step in range(n):
+        torch.manual_seed(10 + step)
+        loss = run(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+        if grads is None:
+            grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad()
+    return losses, grads
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def main():
+    kwargs = json.loads(sys.argv[1])
+    assert "fx_passes" not in sys.modules   # torch finds the backend by its entry point
+    kwargs["options"] = {**kwargs.get("options", {}), "fallback_random": True}
+    collect = Collect()
+    logger = logging.getLogger("fx_passes")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(collect)
+    model = build_model()
+    eager_model = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
+    losses, grads = steps(model, torch.compile(model, backend="fx_passes", **kwargs), ids)
+    ref_losses, ref_grads = steps(eager_model, eager_model, ids)
+    print("RESULTS " + json.dumps(dict(
+        reports=collect.reports, lora_grads=len(grads),
+        loss_err=max(abs(a - b) / abs(b) for a, b in zip(losses, ref_losses)),
+        grad_err=max(rel(grads[k], ref_grads[k]) for k in ref_grads),
+        param_err=max(rel(p, dict(eager_model.named_parameters())[k]) for k, p in model.named_parameters()
+                      if p.requires_grad))))
+
+
+if __name__ == "__main__":
+    main()
