@@ -149,8 +149,8 @@ class FxPassesBackend:
         from torch._inductor.compile_fx import compile_fx
 
         plans = self._plan_packing(gm, example_inputs)
-        if QkvzLoraTrainPass.applies(gm):   # a training graph: fuse before AOTAutograd traces the backward
-            self.train_pass(gm)
+        if self.config.fuse_training and QkvzLoraTrainPass.applies(gm):
+            self.train_pass(gm)   # a training graph: fused before AOTAutograd traces the backward
         patches = {**self.inductor.config}
         user_pass = patches.get(_CUSTOM_POST_PASS, getattr(torch._inductor.config, _CUSTOM_POST_PASS))
         patches[_CUSTOM_POST_PASS] = _compose(self.fusion_pass, user_pass)

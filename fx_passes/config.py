@@ -6,6 +6,7 @@ import os
 from typing import Optional
 
 DUMP_ENV = "FX_PASSES_DUMP_DIR"
+FUSE_TRAINING_ENV = "FX_PASSES_FUSE_TRAINING"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,11 @@ class QkvzFusionConfig:
         launch. Off: the weights stay as they are (two GEMM launches unless packed by the user).
     dump_dir: write before/after graphs and the match report of every graph here
         (``None``: read the ``FX_PASSES_DUMP_DIR`` environment variable when the pass is made).
+    fuse_training: the backend rewrites graphs compiled for training (grad enabled, trainable LoRA) into
+        ``fx_passes.qkvz_lora_train`` before AOTAutograd (:mod:`fx_passes.fusion.train_lora_fusion`). Off
+        by default: its plain-torch implementation is correct but slower than Inductor's unfused compile
+        on the GPU (``benchmarks/bench_train_block.py``: 0.62-0.80x, peak memory 1.02-1.05x); on with
+        ``FX_PASSES_FUSE_TRAINING=1`` or ``QkvzFusionConfig(fuse_training=True)``.
     """
 
     qkv_name: str = "in_proj_qkv"
@@ -45,6 +51,8 @@ class QkvzFusionConfig:
     structural_fallback: bool = True
     pack_weights: bool = True
     dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
+    fuse_training: bool = dataclasses.field(
+        default_factory=lambda: os.environ.get(FUSE_TRAINING_ENV, "0") not in ("", "0"))
 
     def cache_key(self) -> str:
         """Every field that shapes the rewrite: all of them but those in :data:`NOT_IN_CACHE_KEY`, so a

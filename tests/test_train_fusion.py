@@ -4,7 +4,8 @@ Qwen3.5 (+ MoE) with real PEFT: the report and the rewritten graph, loss and eve
 eager, a few optimizer steps, dropout, two adapters, gradient checkpointing, a bf16 base with fp32 adapters.
 
 Dropout > 0 runs with Inductor's ``fallback_random`` (its RNG then draws eager's masks in eager's order),
-so that eager is a reference; without it the masks are Inductor's own, with or without the pass.
+so that eager is a reference; without it the masks are Inductor's own, with or without the pass. The
+rewrite is off by default (``QkvzFusionConfig.fuse_training``): the tests turn it on.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 
 import fx_passes.ops  # noqa: F401
 from fx_passes.backend import FxPassesBackend
+from fx_passes.config import QkvzFusionConfig
 from fx_passes.fusion.train_lora_fusion import TRAIN_OP, QkvzLoraTrainPass
 from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35, example_inputs
 
@@ -22,6 +24,7 @@ OP = torch.ops.fx_passes.qkvz_lora_train
 FP32_TOL = 1e-5        # relative Frobenius error, fp32 (issue 17)
 # bf16 base: a compiled step may be at most this much farther from the fp32 model than eager bf16 is
 BF16_FACTOR = 1.5
+TRAINING = QkvzFusionConfig(fuse_training=True)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -190,7 +193,7 @@ def test_training_steps_fused_and_equal_to_eager_fp32(case):
     eager_model = _training_model(spec, **lora)
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
-    backend = FxPassesBackend(options={"fallback_random": True})
+    backend = FxPassesBackend(TRAINING, options={"fallback_random": True})
     graphs = _capture_graph(backend)
     losses, grads = _train(model, 3, ids, backend)
     ref_losses, ref_grads = _train(eager_model, 3, ids)
@@ -214,7 +217,7 @@ def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers():
     eager_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
-    backend = FxPassesBackend(options={"fallback_random": True})
+    backend = FxPassesBackend(TRAINING, options={"fallback_random": True})
     graphs = _capture_graph(backend)
     _, grads = _train(model, 1, ids, backend)
     _, ref_grads = _train(eager_model, 1, ids)
@@ -234,7 +237,7 @@ def test_bf16_base_with_fp32_adapters_as_close_to_fp32_as_eager():
     fp32_model = copy.deepcopy(eager_model).float()
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
-    backend = FxPassesBackend()
+    backend = FxPassesBackend(TRAINING)
     graphs = _capture_graph(backend)
     losses, grads = _train(model, 1, ids, backend)
     ref_losses, ref_grads = _train(eager_model, 1, ids)
@@ -246,15 +249,62 @@ def test_bf16_base_with_fp32_adapters_as_close_to_fp32_as_eager():
         assert ours <= BF16_FACTOR * eager + 1e-3, (name, ours, eager)
 
 
+def test_training_rewrite_is_off_by_default(monkeypatch):
+    """Off unless asked for (config or FX_PASSES_FUSE_TRAINING=1): a default backend trains as Inductor
+    does, every GDN layer reported as left alone by the post-grad pass, gradients equal to eager."""
+    monkeypatch.delenv("FX_PASSES_FUSE_TRAINING", raising=False)
+    assert not QkvzFusionConfig().fuse_training
+    monkeypatch.setenv("FX_PASSES_FUSE_TRAINING", "1")
+    assert QkvzFusionConfig().fuse_training
+    monkeypatch.delenv("FX_PASSES_FUSE_TRAINING")
+    spec = TinyQwen35Spec()
+    eager_model = _training_model(spec)
+    model = copy.deepcopy(eager_model)
+    ids = example_inputs(spec)
+    backend = FxPassesBackend()
+    _, grads = _train(model, 1, ids, backend)
+    _, ref_grads = _train(eager_model, 1, ids)
+    assert not backend.train_pass.reports
+    skipped = [layer for r in backend.fusion_pass.reports for layer in r.skipped]
+    assert len(skipped) >= spec.num_gdn_layers and not any(r.rewritten for r in backend.fusion_pass.reports)
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name
+
+
 def test_inference_graphs_are_left_to_the_post_grad_pass():
     """No grad (or frozen adapters): the training rewrite stays out; the post-grad pass fuses as before."""
     spec = TinyQwen35Spec()
     model = _training_model(spec).eval()
     ids = example_inputs(spec)
-    backend = FxPassesBackend()
+    backend = FxPassesBackend(TRAINING)
     with torch.no_grad():
         got = torch.compile(model, backend=backend)(input_ids=ids).logits
         want = model(input_ids=ids).logits
     assert not backend.train_pass.reports
     assert sum(r.fused_layers for r in backend.fusion_pass.reports) == spec.num_gdn_layers
     assert _rel(got, want) <= FP32_TOL
+
+
+def test_a_layer_the_op_rejects_stays_unfused_with_the_reason(monkeypatch):
+    """The op's own checks run on the layer's example values before the graph is touched: a rejection
+    leaves the layer as it was, reported with the op's message, and the compile trains as eager."""
+    import importlib
+
+    module = importlib.import_module("fx_passes.ops.qkvz_lora_train")
+
+    def reject(*args):
+        torch._check(False, lambda: "qkvz_lora_train: rejected for the test")
+    monkeypatch.setattr(module, "check_train_args", reject)
+    spec = TinyQwen35Spec()
+    eager_model = _training_model(spec)
+    model = copy.deepcopy(eager_model)
+    ids = example_inputs(spec)
+    backend = FxPassesBackend(TRAINING)
+    _, grads = _train(model, 1, ids, backend)
+    monkeypatch.undo()
+    _, ref_grads = _train(eager_model, 1, ids)
+    layers = [layer for r in backend.train_pass.reports for layer in r.layers]
+    assert len(layers) == spec.num_gdn_layers and not any(layer.rewritten for layer in layers)
+    assert all("rejected for the test" in layer.reason for layer in layers)
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name

@@ -13,7 +13,6 @@ one ``RESULTS <json>`` line with all of them.
 A case: ``{"name": str, "kwargs": {...torch.compile keyword arguments...}, "user_pass": bool}``.
 """
 import json
-import logging
 import sys
 import time
 
@@ -22,17 +21,7 @@ if "--import-first" in sys.argv:
 
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.reports = []
-
-    def emit(self, record):
-        report = getattr(record, "fx_passes_report", None)
-        if report is not None:
-            self.reports.append(report)
+from user_script_common import Collect, tiny_peft_qwen35
 
 
 class SeesFusedOps(CustomGraphPass):
@@ -53,26 +42,12 @@ DEVICE, DTYPE = ("cuda", torch.bfloat16) if CUDA else ("cpu", torch.float32)
 
 
 def build_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
-    torch.manual_seed(0)
-    config = Qwen3_5TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=16,
-        linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-        layer_types=["linear_attention", "full_attention"] * 2, use_cache=False)
-    model = Qwen3_5ForCausalLM(config).to(device=DEVICE, dtype=DTYPE).eval()
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["in_proj_qkv", "in_proj_z"], init_lora_weights=False)
-    return get_peft_model(model, lora).eval()
+    return tiny_peft_qwen35(DEVICE, DTYPE)
 
 
 def main():
     cases = json.loads(sys.argv[1])
-    collect = Collect()
-    logger = logging.getLogger("fx_passes")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(collect)
+    collect = Collect.on_fx_passes_logger()
     model = build_model()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():

@@ -10,37 +10,10 @@ steps in eager from the same weights. Reports reach the script on the ``fx_passe
 """
 import copy
 import json
-import logging
 import sys
 
 import torch
-
-
-class Collect(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.reports = []
-
-    def emit(self, record):
-        report = getattr(record, "fx_passes_report", None)
-        if report is not None:
-            self.reports.append(report)
-
-
-def build_model():
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-
-    torch.manual_seed(0)
-    config = Qwen3_5TextConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_key_head_dim=16,
-        linear_num_value_heads=4, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-        layer_types=["linear_attention", "full_attention"] * 2, use_cache=False)
-    model = Qwen3_5ForCausalLM(config)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["in_proj_qkv", "in_proj_z"],
-                      init_lora_weights=False)
-    return get_peft_model(model, lora).train()
+from user_script_common import Collect, tiny_peft_qwen35
 
 
 def steps(model, run, ids, n=2):
@@ -66,11 +39,8 @@ def main():
     kwargs = json.loads(sys.argv[1])
     assert "fx_passes" not in sys.modules   # torch finds the backend by its entry point
     kwargs["options"] = {**kwargs.get("options", {}), "fallback_random": True}
-    collect = Collect()
-    logger = logging.getLogger("fx_passes")
-    logger.setLevel(logging.INFO)
-    logger.addHandler(collect)
-    model = build_model()
+    collect = Collect.on_fx_passes_logger()
+    model = tiny_peft_qwen35(lora_dropout=0.1).train()
     eager_model = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(2))
     losses, grads = steps(model, torch.compile(model, backend="fx_passes", **kwargs), ids)

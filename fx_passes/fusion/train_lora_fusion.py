@@ -271,9 +271,12 @@ class QkvzLoraTrainPass:
         groups: dict[Node, int] = {}        # A node -> group index
         xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
         col, starts = 0, []
+        casts: dict[torch.dtype, Node] = {}   # PEFT casts x once per module: one cast per dtype is enough
         for p in projections:
             starts.append(col)
             for t in p.terms:
+                if t.dropout is None and _cast_dtype(t.xs) is not None:
+                    t.xs = casts.setdefault(_cast_dtype(t.xs), t.xs)
                 if t.a not in groups:
                     groups[t.a] = len(lora_a)
                     lora_a.append(t.a)
@@ -287,14 +290,20 @@ class QkvzLoraTrainPass:
                 names.append(p.name)
             col += _val(p.weight).shape[0]
         n_out = col
+        _check_op_accepts(x, xs, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales)
         last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
         anchor = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
         src = projections[0].base
         with graph.inserting_after(anchor):
             x2d = _emit(graph, "call_method", "reshape", (x, -1, H), src)
-        with graph.inserting_after(x2d):
-            xs2d = [x2d if n is x else _emit(graph, "call_method", "reshape", (n, -1, H), src) for n in xs]
-        with graph.inserting_after(xs2d[-1] if xs2d else x2d):
+        flat: dict[Node, Node] = {x: x2d}
+        prev = x2d
+        for n in xs:
+            if n not in flat:
+                with graph.inserting_after(prev):
+                    flat[n] = prev = _emit(graph, "call_method", "reshape", (n, -1, H), src)
+        xs2d = [flat[n] for n in xs]
+        with graph.inserting_after(prev):
             op = _emit(graph, "call_function", TRAIN_OP,
                        (x2d, xs2d, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales), src)
         with graph.inserting_after(op):
@@ -302,7 +311,7 @@ class QkvzLoraTrainPass:
         lead = [_size(graph, x, d, out) for d in range(xv.dim() - 1)]
         with graph.inserting_after(lead[-1] if lead and isinstance(lead[-1], Node) else out):
             out_nd = _emit(graph, "call_method", "reshape", (out, *lead, n_out), src)
-        new_nodes = [x2d, *[n for n in xs2d if n is not x2d], op, out, out_nd]
+        new_nodes = [*flat.values(), op, out, out_nd]
         prev = out_nd
         for p, start in zip(projections, starts):
             with graph.inserting_after(prev):
@@ -316,6 +325,10 @@ class QkvzLoraTrainPass:
                 if not node.users:
                     removed.append(node.name)
                     graph.erase_node(node)
+        for node in list(graph.nodes):   # casts of x replaced by an equal one (above) are dead now
+            if _cast_dtype(node) is not None and node.args[0] is x and not node.users:
+                removed.append(node.name)
+                graph.erase_node(node)
         from torch._inductor.pattern_matcher import stable_topological_sort
 
         stable_topological_sort(graph)
@@ -325,6 +338,23 @@ class QkvzLoraTrainPass:
                           slice_sizes=sizes, adapters=[f"{len(lora_b)} LoRA slice(s)"],
                           lora_slices=[[n] for n in names], shared_a=True, kernel="fx_passes.qkvz_lora_train",
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
+
+
+def _check_op_accepts(x: Node, xs: list, weights: list, lora_a: list, lora_b: list, slice_a: list,
+                      slice_start: list, scales: list) -> None:
+    """Run the op's fake implementation on the layer's example values before the graph is touched: a layer
+    the op would reject stays as it was (with the op's message) instead of failing the compile half-way."""
+    def flat(n: Node):
+        v = _val(n)
+        return v.reshape(-1, v.shape[-1])
+    mode = next((v.fake_mode for v in (_val(x), *map(_val, weights)) if isinstance(v, torch._subclasses.FakeTensor)),
+                None)
+    try:
+        with mode if mode is not None else contextlib.nullcontext():
+            TRAIN_OP(flat(x), [flat(n) for n in xs], [_val(w) for w in weights], [_val(a) for a in lora_a],
+                     [_val(b) for b in lora_b], slice_a, slice_start, scales)
+    except Exception as e:  # noqa: BLE001  (whatever the op's checks raise, the layer is reported, not fused)
+        raise NoMatch(x, f"fx_passes.qkvz_lora_train rejects the layer: {str(e).splitlines()[0][:200]}") from e
 
 
 def _position(graph: Graph):

@@ -5,12 +5,12 @@
     base      = x @ [W_0; W_1; ...]^T                       rounded to x's dtype (qkvz_gemm)
     s[g]      = xs[g] @ lora_a[g]^T                         [T, r_g], the adapters' dtype
     delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i)
-    out       = base + sum_i delta[i], accumulated in promote(x, adapters) dtype slice by slice, then
-                cast to x's dtype
+    out[:, slice i] = round(base[:, slice i] + delta[i]), summed in promote(x, adapters) dtype and
+                rounded to x's dtype once per slice (two slices over the same columns: once each)
 
-which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection, in the same order
-and the same dtypes (``result = base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling;
-result.to(x.dtype)``). ``xs[g]`` is the LoRA input of A group ``g``: ``x`` itself, or what PEFT made of it
+which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result =
+base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
+it rounds: the expand and its scaling are not rounded apart from the sum. ``xs[g]`` is the LoRA input of A group ``g``: ``x`` itself, or what PEFT made of it
 (the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG is the
 one that draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices may
 overlap (two adapters on one projection add up). ``s`` is returned so that autograd keeps it for the
@@ -86,14 +86,16 @@ def qkvz_lora_train(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(out, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    base = torch.ops.fx_passes.qkvz_gemm(x, list(weights))
+    out = torch.ops.fx_passes.qkvz_gemm(x, list(weights))
     s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
     acc = _acc_dtype(x, lora_a)
-    out = base if acc == base.dtype else base.to(acc)
     for i, b in enumerate(lora_b):
         cols = out[:, slice_start[i]:slice_start[i] + b.shape[0]]
-        cols += (s[slice_a[i]] @ b.t()) * scales[i]
-    return out.to(x.dtype), s
+        if acc == out.dtype:
+            cols.addmm_(s[slice_a[i]], b.t(), alpha=scales[i])
+        else:   # fp32 adapters on a 16-bit base: the slice's sum in fp32, rounded once (only [T, n_i] in fp32)
+            cols.copy_(torch.addmm(cols.to(acc), s[slice_a[i]], b.t(), alpha=scales[i]))
+    return out, s
 
 
 @qkvz_lora_train.register_fake
@@ -108,7 +110,9 @@ def _setup_context(ctx, inputs, output):
     _, s = output
     ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
     ctx.n = (len(xs), len(weights), len(lora_a), len(lora_b))
-    ctx.save_for_backward(x, *xs, *weights, *lora_a, *lora_b, *s)
+    # x itself is needed only for a trainable base weight's gradient (frozen: the usual case)
+    keep_x = x if any(w.requires_grad for w in weights) else None
+    ctx.save_for_backward(keep_x, *xs, *weights, *lora_a, *lora_b, *s)
 
 
 def _unpack(ctx):
@@ -146,8 +150,9 @@ def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
     d_xs: list = [None] * len(xs)
     d_a: list = [None] * len(lora_a)
     d_b: list = [None] * n_b
+    T = s[0].shape[0]
     if grad_out is None:
-        grad_out = x.new_zeros((x.shape[0], total_rows(weights)))
+        grad_out = weights[0].new_zeros((T, total_rows(weights)))
     ad = lora_a[0].dtype
     if need[0]:   # dx: one GEMM per run of packed weights
         col = 0
@@ -162,16 +167,16 @@ def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
         for w in weights:
             d_w.append(grad_out[:, col:col + w.shape[0]].t() @ x if w.requires_grad else None)
             col += w.shape[0]
-    grad_lora = grad_out.to(ad)
     for g in range(len(lora_a)):
         d_s = None if grad_s is None or grad_s[g] is None else grad_s[g].to(ad)
         for first, n, members in _slice_runs(ctx.slice_a, ctx.slice_start, lora_b, ctx.scales, g):
-            dy = grad_lora[:, first:first + n] * ctx.scales[members[0]]      # d(s @ B^T) of the run
+            dy = grad_out[:, first:first + n].to(ad)      # the run's columns only in the adapters' dtype
+            scale = ctx.scales[members[0]]                # d(s @ B^T) = scale * dy: folded into the products
             b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
-            part = dy @ b_run
+            part = torch.mm(dy, b_run) * scale
             d_s = part if d_s is None else d_s + part
             if need[4]:
-                d_b_run = dy.t() @ s[g]
+                d_b_run = torch.mm(dy.t(), s[g]) * scale
                 row = 0
                 for i in members:
                     d_b[i] = d_b_run[row:row + lora_b[i].shape[0]]

@@ -1,0 +1,177 @@
+"""Issue 17: one GDN layer's projection block in a training step (forward + backward), at real widths.
+
+The block is ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` (bf16, frozen) with PEFT LoRA on
+qkv and z (r, alpha 2r, ``--dropout``), in train mode; x requires grad (the layers below need dx). Variants,
+each ``torch.compile``d by name:
+
+* ``frozen``    the same four projections without LoRA (what the LoRA should ideally cost nothing above);
+* ``inductor``  PEFT's graph compiled by Inductor (unfused);
+* ``fx_passes`` the backend (an ``FxPassesBackend``, to read its report: the run stops unless the layer was
+                rewritten): the training rewrite (``fx_passes::qkvz_lora_train``, forward + backward).
+
+Per variant: ms per step (forward + ``backward`` with fixed output grads; CUDA events, median of
+``--reps``), peak memory of one step above what is allocated before it, and the relative error of every
+LoRA gradient against the same step in eager fp32.
+
+    python -m benchmarks.bench_train_block --shapes 27B,35B-A3B,397B-A17B --T 4096,16384 --rank 16,64
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
+from fx_passes.backend import FxPassesBackend
+
+VARIANTS = ("frozen", "inductor", "fx_passes")
+
+
+class Projections(torch.nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        H, k, v, nv = spec.hidden_size, spec.key_dim, spec.value_dim, spec.linear_num_value_heads
+        self.in_proj_qkv = torch.nn.Linear(H, 2 * k + v, bias=False)
+        self.in_proj_z = torch.nn.Linear(H, v, bias=False)
+        self.in_proj_b = torch.nn.Linear(H, nv, bias=False)
+        self.in_proj_a = torch.nn.Linear(H, nv, bias=False)
+
+    def forward(self, x):
+        return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
+
+
+class Block(torch.nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        self.linear_attn = Projections(spec)
+
+    def forward(self, x):
+        return self.linear_attn(x)
+
+
+def build(spec, rank: int, dropout: float, device: str, lora: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = Block(spec).to(device=device, dtype=torch.bfloat16)
+    for p in block.parameters():
+        p.requires_grad_(False)
+    if not lora:
+        return block
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=dropout, init_lora_weights=False,
+                        target_modules=["in_proj_qkv", "in_proj_z"])
+    return get_peft_model(block, config).train()   # fp32 adapters on the bf16 base (PEFT's default)
+
+
+def step_fn(model, x, grads):
+    def step():
+        x.grad = None
+        outs = model(x)
+        torch.autograd.backward(outs, grads)
+    return step
+
+
+def time_steps(step, reps: int) -> float:
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def peak_mb(step) -> float:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
+
+
+def lora_grads(model) -> dict:
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="27B,35B-A3B,397B-A17B")
+    ap.add_argument("--T", default="4096,16384")
+    ap.add_argument("--rank", default="16,64")
+    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting rows after this many seconds")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = args.device
+    env = environment(dev)
+    rows, t0 = [], time.perf_counter()
+    for name, spec in select_shapes(args.shapes).items():
+        for r in csv_list(args.rank, int):
+            models = {"frozen": build(spec, r, args.dropout, dev, lora=False),
+                      "lora": build(spec, r, args.dropout, dev, lora=True)}
+            exact = copy.deepcopy(models["lora"]).float()
+            for T in csv_list(args.T, int):
+                if args.budget_s and time.perf_counter() - t0 > args.budget_s:
+                    print(f"budget reached: {name} r{r} T{T} and later skipped", flush=True)
+                    continue
+                g = torch.Generator().manual_seed(T)
+                x = torch.randn(T, spec.hidden_size, generator=g).to(dev, torch.bfloat16).requires_grad_()
+                with torch.no_grad():
+                    outs = models["frozen"](x)
+                grads = [torch.randn(o.shape, generator=g).to(dev, o.dtype) for o in outs]
+                x32 = x.detach().float().requires_grad_()
+                torch.manual_seed(0)
+                exact.zero_grad()
+                torch.autograd.backward(exact(x32), [gr.float() for gr in grads])
+                ref = lora_grads(exact)
+                row = dict(shape=name, r=r, T=T, dropout=args.dropout, cells={})
+                for variant in VARIANTS:
+                    model = models["frozen" if variant == "frozen" else "lora"]
+                    torch._dynamo.reset()
+                    model.zero_grad()
+                    backend = FxPassesBackend() if variant == "fx_passes" else "inductor"
+                    compiled = torch.compile(model, backend=backend, dynamic=False)
+                    step = step_fn(compiled, x, grads)
+                    c0 = time.perf_counter()
+                    torch.manual_seed(0)
+                    step()
+                    cell = dict(compile_s=time.perf_counter() - c0)
+                    if variant == "fx_passes":
+                        cell["rewritten"] = sum(len(rep.rewritten) for rep in backend.train_pass.reports)
+                        if cell["rewritten"] != 1:
+                            raise RuntimeError(f"the training rewrite fused {cell['rewritten']} layers (1 expected): "
+                                               + "; ".join(rep.to_text() for rep in backend.train_pass.reports))
+                    if variant != "frozen":
+                        got = lora_grads(model)
+                        cell["grad_err_vs_fp32"] = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+                    cell["ms"] = time_steps(step, args.reps) if dev == "cuda" else float("nan")
+                    cell["peak_mb"] = peak_mb(step) if dev == "cuda" else float("nan")
+                    row["cells"][variant] = cell
+                    print(f"{name:10s} r{r:<3d} T{T:<6d} {variant:9s} {cell['ms']:8.3f} ms  peak {cell['peak_mb']:9.1f} MB"
+                          f"  grad err {cell.get('grad_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",
+                          flush=True)
+                c = row["cells"]
+                row["fx_over_frozen"] = c["fx_passes"]["ms"] / c["frozen"]["ms"]
+                row["inductor_over_fx"] = c["inductor"]["ms"] / c["fx_passes"]["ms"]
+                print(f"  -> fx_passes / frozen {row['fx_over_frozen']:.3f}x, inductor / fx_passes "
+                      f"{row['inductor_over_fx']:.3f}x, peak fx / inductor "
+                      f"{c['fx_passes']['peak_mb'] / max(c['inductor']['peak_mb'], 1e-9):.3f}", flush=True)
+                rows.append(result_row(env, **row))
+                write_rows(json_path("bench_train_block", args.json), rows)
+            del models, exact
+            torch.cuda.empty_cache() if dev == "cuda" else None
+
+
+if __name__ == "__main__":
+    main()
