@@ -53,6 +53,7 @@ _LINEAR = (torch._C._nn.linear, torch.nn.functional.linear)
 _DROPOUT = (torch.nn.functional.dropout, torch.dropout)
 _ADD = (operator.add, torch.add)
 _MUL = (operator.mul, torch.mul)
+ROOT_LAYER = "<graph root>"   # the layer name of projections with no module prefix (a frame rooted at the layer)
 
 
 def _val(node: Any) -> Any:
@@ -150,8 +151,10 @@ def match_projection(name: str, base: Node) -> Projection:
         if len(users) != 1:
             break
         user = users[0]
+        other = None
         if _is(user, _ADD) and len(user.args) == 2 and cur in user.args:
             other = user.args[1] if user.args[0] is cur else user.args[0]
+        if _is(other, _MUL):   # PEFT's `result + lora_B(lora_A(dropout(x))) * scaling`: must match whole
             term_removed: list[Node] = []
             terms.append(_match_term(other, x, term_removed))
             _only_user(other, term_removed)
@@ -217,7 +220,7 @@ class QkvzLoraTrainPass:
             if _is(node, _LINEAR):
                 match = pattern.match(module_path(node) or "")
                 if match:
-                    layer = match.group(1) or "<graph root>"
+                    layer = match.group(1) or ROOT_LAYER
                     layers.setdefault(layer, {}).setdefault(match.group(2), []).append(node)
         return {layer: {k: v[0] for k, v in found.items() if len(v) == 1} for layer, found in layers.items()}
 
@@ -239,6 +242,7 @@ class QkvzLoraTrainPass:
                     except NoMatch as e:
                         ba_reason = f"{e.reason} (at {e.node_name})"
                 self._check_layer(projections)
+                _check_no_lora_left(graph, layer, projections)
                 match = self._rewrite_layer(graph, layer, projections)
                 match.ba_reason = ba_reason
                 report.layers.append(match)
@@ -338,6 +342,19 @@ class QkvzLoraTrainPass:
                           slice_sizes=sizes, adapters=[f"{len(lora_b)} LoRA slice(s)"],
                           lora_slices=[[n] for n in names], shared_a=True, kernel="fx_passes.qkvz_lora_train",
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
+
+
+def _check_no_lora_left(graph: Graph, layer: str, projections: list[Projection]) -> None:
+    """Every PEFT node of the projections (``<layer>.<projection>.lora_*``) is in the matched chains: a LoRA
+    variant of another form (DoRA, ...) would otherwise keep running beside the op, its layer reported as
+    fused."""
+    prefix = "" if layer == ROOT_LAYER else layer + "."
+    covered = {n for p in projections for n in p.removed} | {t.xs for p in projections for t in p.terms}
+    owners = tuple(f"{prefix}{p.name}.lora_" for p in projections)
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method", "call_module") and node not in covered \
+                and (module_path(node) or "").startswith(owners):
+            raise NoMatch(node, f"a LoRA node outside the matched pattern ({module_path(node)}): another LoRA form")
 
 
 def _check_op_accepts(x: Node, xs: list, weights: list, lora_a: list, lora_b: list, slice_a: list,
