@@ -43,6 +43,7 @@ from torch.fx import Graph, GraphModule, Node
 
 import fx_passes.ops  # noqa: F401  (registers torch.ops.fx_passes.*)
 from fx_passes.config import QkvzFusionConfig
+from fx_passes.fusion.fx_utils import erase_dead, finish_rewrite
 from fx_passes.fusion.matcher import NoMatch, module_path
 from fx_passes.report import GraphReport, LayerMatch, count_ops
 
@@ -196,11 +197,8 @@ class QkvzLoraTrainPass:
                 report.ops_before[k] = report.ops_before.get(k, 0) + v
             for k, v in count_ops(graph).items():
                 report.ops_after[k] = report.ops_after.get(k, 0) + v
-            if changed:
-                graph.lint()
-        for sub in gm.modules():
-            if isinstance(sub, GraphModule):
-                sub.recompile()
+            if changed:   # the op's users may precede its last input: topological order restored here
+                finish_rewrite(graph)
         self.reports.append(report)
         logger.info(report.summary(), extra={"fx_passes_report": report.to_dict()})
         for layer in report.layers:
@@ -276,11 +274,15 @@ class QkvzLoraTrainPass:
         xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
         col, starts = 0, []
         casts: dict[torch.dtype, Node] = {}   # PEFT casts x once per module: one cast per dtype is enough
+        dropped_casts: set[Node] = set()
         for p in projections:
             starts.append(col)
             for t in p.terms:
                 if t.dropout is None and _cast_dtype(t.xs) is not None:
-                    t.xs = casts.setdefault(_cast_dtype(t.xs), t.xs)
+                    kept = casts.setdefault(_cast_dtype(t.xs), t.xs)
+                    if kept is not t.xs:
+                        dropped_casts.add(t.xs)
+                        t.xs = kept
                 if t.a not in groups:
                     groups[t.a] = len(lora_a)
                     lora_a.append(t.a)
@@ -312,10 +314,16 @@ class QkvzLoraTrainPass:
                        (x2d, xs2d, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales), src)
         with graph.inserting_after(op):
             out = _emit(graph, "call_function", operator.getitem, (op, 0), src)
-        lead = [_size(graph, x, d, out) for d in range(xv.dim() - 1)]
-        with graph.inserting_after(lead[-1] if lead and isinstance(lead[-1], Node) else out):
+        lead, prev = [], out
+        for d in range(xv.dim() - 1):   # x's leading sizes: ints when static, else x.size(d) nodes
+            size = _val(x).shape[d]
+            if not isinstance(size, int):
+                with graph.inserting_after(prev):
+                    size = prev = _emit(graph, "call_method", "size", (x, d), src)
+            lead.append(size)
+        with graph.inserting_after(prev):
             out_nd = _emit(graph, "call_method", "reshape", (out, *lead, n_out), src)
-        new_nodes = [*flat.values(), op, out, out_nd]
+        new_nodes = [*flat.values(), op, out, *[n for n in lead if isinstance(n, Node)], out_nd]
         prev = out_nd
         for p, start in zip(projections, starts):
             with graph.inserting_after(prev):
@@ -323,24 +331,13 @@ class QkvzLoraTrainPass:
             p.end.replace_all_uses_with(piece)
             new_nodes.append(piece)
             prev = piece
-        removed = []
-        for p in projections:
-            for node in reversed(p.removed):
-                if not node.users:
-                    removed.append(node.name)
-                    graph.erase_node(node)
-        for node in list(graph.nodes):   # casts of x replaced by an equal one (above) are dead now
-            if _cast_dtype(node) is not None and node.args[0] is x and not node.users:
-                removed.append(node.name)
-                graph.erase_node(node)
-        from torch._inductor.pattern_matcher import stable_topological_sort
-
-        stable_topological_sort(graph)
+        removed = erase_dead(graph, {n for p in projections for n in p.removed} | dropped_casts)
         sizes = [_val(p.weight).shape[0] for p in projections]
         return LayerMatch(layer=layer, rewritten=True, qkv_node=projections[0].base.name,
                           z_node=projections[1].base.name, folded=[p.name for p in projections],
-                          slice_sizes=sizes, adapters=[f"{len(lora_b)} LoRA slice(s)"],
-                          lora_slices=[[n] for n in names], shared_a=True, kernel="fx_passes.qkvz_lora_train",
+                          slice_sizes=sizes, lora_slices=[[n] for n in names],
+                          shared_a=bool(projections[0].terms),   # q, k, v: one PEFT module, one A
+                          kernel="fx_passes.qkvz_lora_train",
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
 
 
@@ -382,15 +379,6 @@ def _position(graph: Graph):
 def _graphs(gm: GraphModule) -> list[Graph]:
     """The graph and every subgraph module's (activation-checkpoint bodies, other higher-order ops)."""
     return [m.graph for m in gm.modules() if isinstance(m, GraphModule)]
-
-
-def _size(graph: Graph, x: Node, dim: int, after: Node) -> Any:
-    """x's size along ``dim``: an int when static, else a ``x.size(dim)`` node."""
-    size = _val(x).shape[dim]
-    if isinstance(size, int):
-        return size
-    with graph.inserting_after(after):
-        return _emit(graph, "call_method", "size", (x, dim), after)
 
 
 def _emit(graph: Graph, op: str, target: Any, args: tuple, like: Node) -> Node:
