@@ -112,6 +112,46 @@ def test_op_rejects_bad_arguments_with_a_clear_error(change, message):
         OP(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
 
 
+GRAD_OP = torch.ops.fx_passes.qkvz_lora_train_grad
+
+
+def _grad_case():
+    _, _, _, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2)
+    g = torch.Generator().manual_seed(3)
+    s = [torch.randn(6, a.shape[0], generator=g) for a in lora_a]
+    return [torch.randn(6, 32, generator=g), s, [b.detach() for b in lora_b], slice_a, slice_start, scales, True]
+
+
+def test_grad_op_opcheck_and_its_math():
+    args = _grad_case()
+    torch.library.opcheck(GRAD_OP.default, tuple(args))
+    dy, s, lora_b, slice_a, slice_start, scales, _ = args
+    d_s, d_b = GRAD_OP(*args)
+    for g in range(len(s)):
+        want = sum(scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]] @ b
+                   for i, b in enumerate(lora_b) if slice_a[i] == g)
+        assert _rel(d_s[g], want) <= FP32_TOL
+    for i, b in enumerate(lora_b):
+        want = scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]].t() @ s[slice_a[i]]
+        assert _rel(d_b[i], want) <= FP32_TOL
+    assert GRAD_OP(*args[:-1], False)[1] == []
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda a: a.__setitem__(4, [40, 24, 0, 24]), "outside dy"),
+    (lambda a: a.__setitem__(1, [a[1][0].double()] + a[1][1:]), "s\\[0\\] must be"),
+    (lambda a: a.__setitem__(3, [0, 9, 2, 3]), "names no s"),
+])
+def test_grad_op_rejects_bad_arguments_with_a_clear_error(change, message):
+    args = _grad_case()
+    change(args)
+    with pytest.raises(RuntimeError, match=message):
+        GRAD_OP(*args)
+    fake = torch._subclasses.FakeTensorMode()
+    with fake, pytest.raises(RuntimeError, match=message):
+        GRAD_OP(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
+
+
 # ------------------------------------------------------------------------------------------------
 # The rewrite on a PEFT training step
 # ------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.qkvz_gemm import check_gemm_args, packed_runs, packed_view, total_rows
 
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -69,10 +70,6 @@ def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
                              f"the output's {n_out} columns")
 
 
-def _acc_dtype(x: torch.Tensor, lora_a: Sequence[torch.Tensor]) -> torch.dtype:
-    return torch.promote_types(x.dtype, lora_a[0].dtype)
-
-
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train", mutates_args=())
 def qkvz_lora_train(
     x: torch.Tensor,
@@ -88,13 +85,31 @@ def qkvz_lora_train(
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     out = torch.ops.fx_passes.qkvz_gemm(x, list(weights))
     s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
-    acc = _acc_dtype(x, lora_a)
+    _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales)
+    return out, s
+
+
+def _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales) -> None:
+    acc = torch.promote_types(out.dtype, lora_b[0].dtype)
     for i, b in enumerate(lora_b):
         cols = out[:, slice_start[i]:slice_start[i] + b.shape[0]]
         if acc == out.dtype:
             cols.addmm_(s[slice_a[i]], b.t(), alpha=scales[i])
         else:   # fp32 adapters on a 16-bit base: the slice's sum in fp32, rounded once (only [T, n_i] in fp32)
             cols.copy_(torch.addmm(cols.to(acc), s[slice_a[i]], b.t(), alpha=scales[i]))
+
+
+@qkvz_lora_train.register_kernel("cuda")
+def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
+    check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    out = torch.ops.fx_passes.qkvz_gemm(x, list(weights))   # the library GEMM: the base rounded as PEFT's
+    s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
+    if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK or any(b.stride(-1) != 1 for b in lora_b):
+        _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales)
+    else:   # one launch over every slice, reading and writing out once in its own dtype
+        from fx_passes.ops.kernels.lora_train import expand_add_   # imports Triton: only on a CUDA call
+
+        expand_add_(out, s, lora_b, slice_a, slice_start, scales)
     return out, s
 
 
@@ -142,14 +157,97 @@ def _slice_runs(slice_a: Sequence[int], slice_start: Sequence[int], lora_b: Sequ
     return runs
 
 
+def lora_grads_reference(dy: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                         slice_a: Sequence[int], slice_start: Sequence[int], scales: Sequence[float],
+                         need_db: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(dS, dB)`` of :func:`qkvz_lora_train_grad` in torch ops: per A group, one GEMM per run of adjacent
+    slices with one scale (q | k | v: one), in the adapters' dtype."""
+    ad = lora_b[0].dtype
+    d_s: list = []
+    d_b: list = [None] * len(lora_b)
+    for g, sg in enumerate(s):
+        acc = None
+        for first, n, members in _slice_runs(slice_a, slice_start, lora_b, scales, g):
+            run = dy[:, first:first + n].to(ad)      # the run's columns only in the adapters' dtype
+            scale = scales[members[0]]               # d(s @ B^T) = scale * dy: folded into the products
+            b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
+            part = torch.mm(run, b_run) * scale
+            acc = part if acc is None else acc + part
+            if need_db:
+                d_b_run = torch.mm(run.t(), sg) * scale
+                row = 0
+                for i in members:
+                    d_b[i] = d_b_run[row:row + lora_b[i].shape[0]].clone()
+                    row += lora_b[i].shape[0]
+        d_s.append(acc if acc is not None else sg.new_zeros(sg.shape))
+    return d_s, (d_b if need_db else [])
+
+
+def _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales):
+    name = "qkvz_lora_train_grad"
+    torch._check(dy.dim() == 2, lambda: f"{name}: dy must be 2-D, got {tuple(dy.shape)}")
+    torch._check(len(s) >= 1 and len(lora_b) >= 1 and len(slice_a) == len(lora_b) == len(slice_start) == len(scales),
+                 lambda: f"{name}: need s (>= 1) and one slice_a / slice_start / scale per lora_b")
+    ad = lora_b[0].dtype
+    for g, sg in enumerate(s):
+        torch._check(sg.dim() == 2 and sg.shape[0] == dy.shape[0] and sg.dtype == ad,
+                     lambda: f"{name}: s[{g}] must be [T={dy.shape[0]}, r] in {ad}, got {tuple(sg.shape)} {sg.dtype}")
+    for i, b in enumerate(lora_b):
+        g = slice_a[i]
+        torch._check(0 <= g < len(s), lambda: f"{name}: slice_a[{i}]={g} names no s tensor")
+        torch._check(b.dim() == 2 and b.shape[1] == s[g].shape[1] and b.dtype == ad,
+                     lambda: f"{name}: lora_b[{i}] must be [n, r={s[g].shape[1]}] in {ad}, got "
+                             f"{tuple(b.shape)} {b.dtype}")
+        torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= dy.shape[1],
+                     lambda: f"{name}: slice {i} outside dy's {dy.shape[1]} columns")
+
+
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train_grad", mutates_args=())
+def qkvz_lora_train_grad(
+    dy: torch.Tensor,
+    s: Sequence[torch.Tensor],
+    lora_b: Sequence[torch.Tensor],
+    slice_a: Sequence[int],
+    slice_start: Sequence[int],
+    scales: Sequence[float],
+    need_db: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The LoRA gradients that read the output's gradient ``dy``: ``dS[g] = sum_i scales[i] * dy_i @ B_i``
+    over the slices of A group ``g``, and (``need_db``) ``dB_i = scales[i] * dy_i^T @ s[slice_a[i]]``; the
+    adapters' dtype (``dy_i``: slice i's columns of dy)."""
+    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
+    return lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, need_db)
+
+
+@qkvz_lora_train_grad.register_fake
+def _grad_fake(dy, s, lora_b, slice_a, slice_start, scales, need_db):
+    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
+    return [sg.new_empty(sg.shape) for sg in s], ([b.new_empty(b.shape) for b in lora_b] if need_db else [])
+
+
+@qkvz_lora_train_grad.register_kernel("cuda")
+def _grad_cuda(dy, s, lora_b, slice_a, slice_start, scales, need_db):
+    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
+    if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK:   # the kernels hold a whole rank in registers
+        return lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, need_db)
+    from fx_passes.ops.kernels.lora_train import lora_db, lora_ds   # imports Triton: only on a CUDA call
+    from fx_passes.ops.tuning import device_info
+
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()   # e.g. the expanded gradient of a sum
+    s = [t if t.stride(-1) == 1 else t.contiguous() for t in s]
+    lora_b = [b if b.stride(-1) == 1 else b.contiguous() for b in lora_b]
+    d_s = lora_ds(dy, lora_b, slice_a, slice_start, scales, [t.shape[1] for t in s])
+    d_b = lora_db(dy, s, lora_b, slice_a, slice_start, scales, device_info(dy.device).sms) if need_db else []
+    return d_s, d_b
+
+
 def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
     x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
     need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
-    n_b = len(lora_b)
     d_x = d_w = None
     d_xs: list = [None] * len(xs)
     d_a: list = [None] * len(lora_a)
-    d_b: list = [None] * n_b
+    d_b: list = [None] * len(lora_b)
     T = s[0].shape[0]
     if grad_out is None:
         grad_out = weights[0].new_zeros((T, total_rows(weights)))
@@ -167,26 +265,20 @@ def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
         for w in weights:
             d_w.append(grad_out[:, col:col + w.shape[0]].t() @ x if w.requires_grad else None)
             col += w.shape[0]
+    if not (need[1] or need[3] or need[4]):
+        return d_x, d_xs, d_w, d_a, d_b, None, None, None
+    d_s, grads_b = torch.ops.fx_passes.qkvz_lora_train_grad(grad_out, list(s), list(lora_b), ctx.slice_a,
+                                                             ctx.slice_start, ctx.scales, bool(need[4]))
+    if need[4]:
+        d_b = list(grads_b)
     for g in range(len(lora_a)):
-        d_s = None if grad_s is None or grad_s[g] is None else grad_s[g].to(ad)
-        for first, n, members in _slice_runs(ctx.slice_a, ctx.slice_start, lora_b, ctx.scales, g):
-            dy = grad_out[:, first:first + n].to(ad)      # the run's columns only in the adapters' dtype
-            scale = ctx.scales[members[0]]                # d(s @ B^T) = scale * dy: folded into the products
-            b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
-            part = torch.mm(dy, b_run) * scale
-            d_s = part if d_s is None else d_s + part
-            if need[4]:
-                d_b_run = torch.mm(dy.t(), s[g]) * scale
-                row = 0
-                for i in members:
-                    d_b[i] = d_b_run[row:row + lora_b[i].shape[0]]
-                    row += lora_b[i].shape[0]
-        if d_s is None:
-            continue
+        ds = d_s[g]
+        if grad_s is not None and grad_s[g] is not None:
+            ds = ds + grad_s[g].to(ad)
         if need[3]:
-            d_a[g] = d_s.t() @ xs[g]
+            d_a[g] = ds.t() @ xs[g]
         if need[1]:
-            d_xs[g] = d_s @ lora_a[g]
+            d_xs[g] = ds @ lora_a[g]
     return d_x, d_xs, d_w, d_a, d_b, None, None, None
 
 
