@@ -26,6 +26,7 @@ import torch
 
 from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
 from fx_passes.backend import FxPassesBackend
+from fx_passes.config import QkvzFusionConfig
 
 VARIANTS = ("frozen", "inductor", "fx_passes")
 
@@ -98,6 +99,16 @@ def peak_mb(step) -> float:
     return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
 
 
+def profile_step(step, title: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"--- {title}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=70))
+
+
 def lora_grads(model) -> dict:
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -111,8 +122,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting rows after this many seconds")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--tf32", action="store_true",
+                    help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32) in every variant")
+    ap.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels (one step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     dev = args.device
     env = environment(dev)
     rows, t0 = [], time.perf_counter()
@@ -135,12 +150,13 @@ def main() -> None:
                 exact.zero_grad()
                 torch.autograd.backward(exact(x32), [gr.float() for gr in grads])
                 ref = lora_grads(exact)
-                row = dict(shape=name, r=r, T=T, dropout=args.dropout, cells={})
+                row = dict(shape=name, r=r, T=T, dropout=args.dropout, tf32=args.tf32, cells={})
                 for variant in VARIANTS:
                     model = models["frozen" if variant == "frozen" else "lora"]
                     torch._dynamo.reset()
                     model.zero_grad()
-                    backend = FxPassesBackend() if variant == "fx_passes" else "inductor"
+                    backend = (FxPassesBackend(QkvzFusionConfig(fuse_training=True)) if variant == "fx_passes"
+                               else "inductor")
                     compiled = torch.compile(model, backend=backend, dynamic=False)
                     step = step_fn(compiled, x, grads)
                     c0 = time.perf_counter()
@@ -157,6 +173,8 @@ def main() -> None:
                         cell["grad_err_vs_fp32"] = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
                     cell["ms"] = time_steps(step, args.reps) if dev == "cuda" else float("nan")
                     cell["peak_mb"] = peak_mb(step) if dev == "cuda" else float("nan")
+                    if args.profile and dev == "cuda":
+                        profile_step(step, f"{name} r{r} T{T} {variant}")
                     row["cells"][variant] = cell
                     print(f"{name:10s} r{r:<3d} T{T:<6d} {variant:9s} {cell['ms']:8.3f} ms  peak {cell['peak_mb']:9.1f} MB"
                           f"  grad err {cell.get('grad_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",

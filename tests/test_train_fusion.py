@@ -72,7 +72,9 @@ def _peft_math(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     (torch.bfloat16, torch.bfloat16, 2)])
 def test_op_forward_and_every_gradient_match_peft_math(dtype, adapter_dtype, adapters):
     args = _op_case(dtype, adapter_dtype, adapters, dropout=0.25)
-    out, s = OP(*args)
+    outs, s = OP(*args)
+    assert [o.shape[1] for o in outs] == [24, 8]
+    out = torch.cat(outs, -1)
     ref = _peft_math(*args)
     assert out.dtype == dtype and len(s) == len(args[3])
     tol = FP32_TOL if dtype == torch.float32 else 1e-2
@@ -91,8 +93,8 @@ def test_op_opcheck_and_frozen_weights_get_no_gradient():
     x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2, dropout=0.25)
     xs = [t.detach().requires_grad_() for t in xs]
     torch.library.opcheck(OP.default, (x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales))
-    out, _ = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    out.sum().backward()
+    outs, _ = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    sum(o.sum() for o in outs).backward()
     assert all(w.grad is None for w in weights) and all(a.grad is not None for a in lora_a)
 
 
@@ -101,6 +103,7 @@ def test_op_opcheck_and_frozen_weights_get_no_gradient():
     (lambda a: a.__setitem__(3, [a[3][0].double()] + a[3][1:]), "dtype"),
     (lambda a: a.__setitem__(1, a[1][:1]), "one xs per lora_a"),
     (lambda a: a.__setitem__(5, [0, 7]), "names no lora_a"),
+    (lambda a: a.__setitem__(6, [8, 24]), "crosses the projections"),
 ])
 def test_op_rejects_bad_arguments_with_a_clear_error(change, message):
     args = list(_op_case())
@@ -119,13 +122,15 @@ def _grad_case():
     _, _, _, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2)
     g = torch.Generator().manual_seed(3)
     s = [torch.randn(6, a.shape[0], generator=g) for a in lora_a]
-    return [torch.randn(6, 32, generator=g), s, [b.detach() for b in lora_b], slice_a, slice_start, scales, True]
+    dys = [torch.randn(6, 24, generator=g), torch.randn(6, 8, generator=g)]
+    return [dys, s, [b.detach() for b in lora_b], slice_a, slice_start, scales, True]
 
 
 def test_grad_op_opcheck_and_its_math():
     args = _grad_case()
     torch.library.opcheck(GRAD_OP.default, tuple(args))
-    dy, s, lora_b, slice_a, slice_start, scales, _ = args
+    dys, s, lora_b, slice_a, slice_start, scales, _ = args
+    dy = torch.cat(dys, -1)
     d_s, d_b = GRAD_OP(*args)
     for g in range(len(s)):
         want = sum(scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]] @ b
@@ -138,7 +143,7 @@ def test_grad_op_opcheck_and_its_math():
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda a: a.__setitem__(4, [40, 24, 0, 24]), "outside dy"),
+    (lambda a: a.__setitem__(4, [0, 20, 0, 24]), "crosses the projections"),
     (lambda a: a.__setitem__(1, [a[1][0].double()] + a[1][1:]), "s\\[0\\] must be"),
     (lambda a: a.__setitem__(3, [0, 9, 2, 3]), "names no s"),
 ])

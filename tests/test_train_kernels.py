@@ -14,25 +14,27 @@ import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops.kernels import lora_train  # noqa: E402
-from fx_passes.ops.qkvz_lora_train import _add_lora_reference, lora_grads_reference  # noqa: E402
+from fx_passes.ops.qkvz_lora_train import _add_lora_reference, lora_grads_reference, slice_owners  # noqa: E402
 
-# (slice widths, slice_a, slice_start, ranks per group, N): q | k | v | z of one adapter; two adapters on
-# the same columns (overlapping slices: two expand waves); a group of one slice in the middle of another's
+# (slice widths, slice_a, slice_start, ranks per group, projection widths): q | k | v | z of one adapter
+# (+ b, a without LoRA); two adapters on the same columns (overlapping slices: two expand waves); a group of
+# one slice between another group's slices, one projection
 LAYOUTS = {
-    "qkvz": ([24, 24, 40, 40], [0, 0, 0, 1], [0, 24, 48, 88], [8, 8], 128),
-    "two_adapters": ([88, 40, 88, 40], [0, 1, 2, 3], [0, 88, 0, 88], [8, 8, 16, 5], 128),
-    "interleaved": ([30, 20, 30], [0, 1, 0], [0, 30, 50], [12, 4], 80),
+    "qkvz": ([24, 24, 40, 40], [0, 0, 0, 1], [0, 24, 48, 88], [8, 8], [88, 40, 4, 4]),
+    "two_adapters": ([88, 40, 88, 40], [0, 1, 2, 3], [0, 88, 0, 88], [8, 8, 16, 5], [88, 40]),
+    "interleaved": ([30, 20, 30], [0, 1, 0], [0, 30, 50], [12, 4], [80]),
 }
 
 
 def _case(T, layout, adapter_dtype, seed=0):
-    widths, slice_a, slice_start, ranks, N = LAYOUTS[layout]
+    """(per-projection tensors (outputs or their gradients), s, lora_b, slice_a, slice_start, scales, owners)"""
+    widths, slice_a, slice_start, ranks, proj = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
     s = [torch.randn(T, r, generator=g).to(adapter_dtype) for r in ranks]
     lora_b = [torch.randn(n, ranks[a], generator=g).to(adapter_dtype) for n, a in zip(widths, slice_a)]
     scales = [0.5 + i for i in range(len(widths))]
-    dy = torch.randn(T, N, generator=g).to(torch.float16)
-    return dy, s, lora_b, slice_a, slice_start, scales
+    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in proj]
+    return dys, s, lora_b, slice_a, slice_start, scales, slice_owners(proj, slice_start, widths)
 
 
 def _close(got, want, dtype):
@@ -44,28 +46,34 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("T", [1, 70])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_expand_add_matches_reference(layout, T, adapter_dtype):
-    out, s, lora_b, slice_a, slice_start, scales = _case(T, layout, adapter_dtype)
-    want = out.clone()
-    _add_lora_reference(want, s, lora_b, slice_a, slice_start, scales)
-    got = out.clone()
-    lora_train.expand_add_(got, s, lora_b, slice_a, slice_start, scales)
-    assert not torch.equal(got, out)
-    _close(got, want, torch.float16)
+    outs, s, lora_b, slice_a, slice_start, scales, owners = _case(T, layout, adapter_dtype)
+    want = [o.clone() for o in outs]
+    _add_lora_reference(want, s, lora_b, slice_a, owners, scales)
+    got = [o.clone() for o in outs]
+    lora_train.expand_add_(got, s, lora_b, slice_a, owners, slice_start, scales)
+    assert not torch.equal(got[0], outs[0])
+    for p in range(len(outs)):
+        _close(got[p], want[p], torch.float16)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("T", [1, 70, 200])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_grads_match_reference(layout, T, adapter_dtype):
-    dy, s, lora_b, slice_a, slice_start, scales = _case(T, layout, adapter_dtype, seed=1)
-    want_s, want_b = lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, True)
-    got_s = lora_train.lora_ds(dy, lora_b, slice_a, slice_start, scales, [t.shape[1] for t in s], chunk=32)
-    got_b = lora_train.lora_db(dy, s, lora_b, slice_a, slice_start, scales, sms=4)
+    dys, s, lora_b, slice_a, slice_start, scales, owners = _case(T, layout, adapter_dtype, seed=1)
+    want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, True)
+    got_s = lora_train.lora_ds(dys, lora_b, slice_a, owners, scales, [t.shape[1] for t in s], chunk=32)
+    got_b = lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, sms=4)
     assert [t.shape for t in got_s] == [t.shape for t in want_s]
     assert [t.shape for t in got_b] == [t.shape for t in want_b]
     for got, want in zip(got_s + got_b, want_s + want_b):
         assert got.dtype == adapter_dtype
         _close(got, want, adapter_dtype)
+
+
+def test_a_slice_across_two_projections_is_refused():
+    with pytest.raises(RuntimeError, match="crosses the projections"):
+        slice_owners([88, 40], [80], [16])
 
 
 def test_overlap_waves_keep_slice_order():
@@ -77,9 +85,9 @@ def test_overlap_waves_keep_slice_order():
 
 def test_db_token_splits_cover_every_token():
     # 1200 tokens: 3 splits of 8 x 64 tokens (the last one short) with many SMs, one with a single SM
-    dy, s, lora_b, slice_a, slice_start, scales = _case(1200, "qkvz", torch.float32, seed=2)
-    _, want_b = lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, True)
+    dys, s, lora_b, slice_a, slice_start, scales, owners = _case(1200, "qkvz", torch.float32, seed=2)
+    _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, True)
     for sms in (1, 64):
-        got_b = lora_train.lora_db(dy, s, lora_b, slice_a, slice_start, scales, sms=sms)
+        got_b = lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, sms=sms)
         for got, want in zip(got_b, want_b):
             _close(got, want, torch.float32)

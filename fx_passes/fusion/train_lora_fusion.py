@@ -18,9 +18,9 @@ Unfused (per GDN layer, PEFT LoRA ``Linear``, train mode; per projection p in qk
 
 Fused::
 
-    out, s = fx_passes.qkvz_lora_train(x2d, [d_qkv, d_z, ...], [W_qkv, W_z(, W_b, W_a)], [A_qkv, A_z, ...],
-                                       [B_qkv, B_z, ...], slice_a, slice_start, scales)
-    y_qkv, y_z(, y_b, y_a) = narrow(out.reshape(*x.shape[:-1], N), -1, start_p, n_p)
+    outs, s = fx_passes.qkvz_lora_train(x2d, [d_qkv, d_z, ...], [W_qkv, W_z(, W_b, W_a)], [A_qkv, A_z, ...],
+                                        [B_qkv, B_z, ...], slice_a, slice_start, scales)
+    y_qkv, y_z(, y_b, y_a) = outs[p].reshape(*x.shape[:-1], n_p)     (one output per projection)
 
 The dropout nodes stay in the graph (the op reads their outputs), so the masks are Inductor's RNG as
 without the pass; only the graph position of a dropout may move (the op and its users are reordered
@@ -272,11 +272,10 @@ class QkvzLoraTrainPass:
         H = xv.shape[-1]
         groups: dict[Node, int] = {}        # A node -> group index
         xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
-        col, starts = 0, []
+        col = 0
         casts: dict[torch.dtype, Node] = {}   # PEFT casts x once per module: one cast per dtype is enough
         dropped_casts: set[Node] = set()
         for p in projections:
-            starts.append(col)
             for t in p.terms:
                 if t.dropout is None and _cast_dtype(t.xs) is not None:
                     kept = casts.setdefault(_cast_dtype(t.xs), t.xs)
@@ -295,7 +294,6 @@ class QkvzLoraTrainPass:
                 scales.append(t.scale)
                 names.append(p.name)
             col += _val(p.weight).shape[0]
-        n_out = col
         _check_op_accepts(x, xs, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales)
         last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
         anchor = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
@@ -313,23 +311,22 @@ class QkvzLoraTrainPass:
             op = _emit(graph, "call_function", TRAIN_OP,
                        (x2d, xs2d, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales), src)
         with graph.inserting_after(op):
-            out = _emit(graph, "call_function", operator.getitem, (op, 0), src)
-        lead, prev = [], out
+            outs = _emit(graph, "call_function", operator.getitem, (op, 0), src)
+        lead, prev = [], outs
         for d in range(xv.dim() - 1):   # x's leading sizes: ints when static, else x.size(d) nodes
             size = _val(x).shape[d]
             if not isinstance(size, int):
                 with graph.inserting_after(prev):
                     size = prev = _emit(graph, "call_method", "size", (x, d), src)
             lead.append(size)
-        with graph.inserting_after(prev):
-            out_nd = _emit(graph, "call_method", "reshape", (out, *lead, n_out), src)
-        new_nodes = [*flat.values(), op, out, *[n for n in lead if isinstance(n, Node)], out_nd]
-        prev = out_nd
-        for p, start in zip(projections, starts):
+        new_nodes = [*flat.values(), op, outs, *[n for n in lead if isinstance(n, Node)]]
+        for k, p in enumerate(projections):
             with graph.inserting_after(prev):
-                piece = _emit(graph, "call_function", torch.narrow, (out_nd, -1, start, _val(p.weight).shape[0]), p.end)
+                flat_p = _emit(graph, "call_function", operator.getitem, (outs, k), p.end)
+            with graph.inserting_after(flat_p):
+                piece = _emit(graph, "call_method", "reshape", (flat_p, *lead, _val(p.weight).shape[0]), p.end)
             p.end.replace_all_uses_with(piece)
-            new_nodes.append(piece)
+            new_nodes += [flat_p, piece]
             prev = piece
         removed = erase_dead(graph, {n for p in projections for n in p.removed} | dropped_casts)
         sizes = [_val(p.weight).shape[0] for p in projections]

@@ -1,26 +1,32 @@
 """The GDN projection block with trainable LoRA, as one autograd-aware op (issue 17).
 
-``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (out, s)``::
+``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (outs, s)``::
 
-    base      = x @ [W_0; W_1; ...]^T                       rounded to x's dtype (qkvz_gemm)
+    outs[p]   = x @ W_p^T                                   rounded to x's dtype, one tensor per projection
     s[g]      = xs[g] @ lora_a[g]^T                         [T, r_g], the adapters' dtype
-    delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i)
-    out[:, slice i] = round(base[:, slice i] + delta[i]), summed in promote(x, adapters) dtype and
-                rounded to x's dtype once per slice (two slices over the same columns: once each)
+    delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i) of cat(outs)
+    outs[p][:, slice i] = round(base + delta[i]), summed in promote(x, adapters) dtype and rounded to x's
+                dtype once per slice (two slices over the same columns: once each)
 
 which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result =
 base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
-it rounds: the expand and its scaling are not rounded apart from the sum. ``xs[g]`` is the LoRA input of A group ``g``: ``x`` itself, or what PEFT made of it
-(the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG is the
-one that draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices may
-overlap (two adapters on one projection add up). ``s`` is returned so that autograd keeps it for the
-backward (dB needs it) instead of recomputing the shrink.
+it rounds: the expand and its scaling are not rounded apart from the sum. ``slice_start`` counts columns
+of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
+group ``g``: ``x`` itself, or what PEFT made of it (the cast to the adapters' dtype, its dropout): dropout
+stays outside the op, so Inductor's RNG is the one that draws the masks, and q / k / v (one PEFT module,
+one A) read one mask, z another. Slices may overlap (two adapters on one projection add up). ``s`` is
+returned so that autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
 
-Backward (:func:`_backward`; plain torch ops, so AOTAutograd traces them into the joint graph and
-Inductor compiles them): ``dx = dout @ [W_0; ...]`` through one GEMM per run of packed weights; per A group
-``ds = sum_i scales[i] * dout_i @ B_i`` (one GEMM over the group's B slices side by side when their
-columns are adjacent), ``dA = ds^T @ xs[g]`` (q, k, v: one dA), ``dxs[g] = ds @ A``; ``dB_i =
-scales[i] * dout_i^T @ s[g]``; frozen weights (no ``requires_grad``) get no gradient work.
+One output per projection, not one packed [T, N] tensor: the graph reads the projections apart, and the
+backward of slicing one output is a zero-filled [T, N] gradient per slice summed up (4 fills, 4 copies
+and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with one output each, each
+gradient arrives as it is.
+
+Backward (:func:`_backward`, traced by AOTAutograd into the joint graph): ``dx = sum_p dout_p @ W_p``
+(GEMMs accumulating into one buffer); the LoRA gradients that read ``dout``, :func:`qkvz_lora_train_grad`
+(``dS[g] = sum_i scales[i] * dout_i @ B_i``, ``dB_i = scales[i] * dout_i^T @ s[g]``: Triton on CUDA,
+:mod:`fx_passes.ops.kernels.lora_train`); then ``dA = dS^T @ xs[g]`` (q, k, v: one dA) and ``dxs[g] = dS @
+A``; frozen weights (no ``requires_grad``) get no gradient work.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import torch
 
 from fx_passes.ops.library import LIB_NAMESPACE
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
-from fx_passes.ops.qkvz_gemm import check_gemm_args, packed_runs, packed_view, total_rows
+from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
 
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -68,6 +74,23 @@ def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
         torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= n_out,
                      lambda: f"{name}: slice {i} [{slice_start[i]}, {slice_start[i] + b.shape[0]}) outside "
                              f"the output's {n_out} columns")
+    slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b], name)
+
+
+def slice_owners(widths: Sequence[int], slice_start: Sequence[int], slice_widths: Sequence[int],
+                 name: str = "qkvz_lora_train") -> list[tuple[int, int]]:
+    """``(projection, first column in it)`` of every slice (``slice_start``: columns of the projections
+    side by side); a slice must lie inside one projection."""
+    bounds = [0]
+    for w in widths:
+        bounds.append(bounds[-1] + w)
+    owners = []
+    for i, (start, n) in enumerate(zip(slice_start, slice_widths)):
+        p = next((k for k in range(len(widths)) if bounds[k] <= start < bounds[k + 1]), None)
+        torch._check(p is not None and start + n <= bounds[p + 1],
+                     lambda: f"{name}: slice {i} [{start}, {start + n}) crosses the projections' bounds {bounds}")
+        owners.append((p, start - bounds[p]))
+    return owners
 
 
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train", mutates_args=())
@@ -80,20 +103,25 @@ def qkvz_lora_train(
     slice_a: Sequence[int],
     slice_start: Sequence[int],
     scales: Sequence[float],
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(out, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    out = torch.ops.fx_passes.qkvz_gemm(x, list(weights))
+    outs = [x @ w.t() for w in weights]
     s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
-    _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales)
-    return out, s
+    _add_lora_reference(outs, s, lora_b, slice_a, _owners(weights, slice_start, lora_b), scales)
+    return outs, s
 
 
-def _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales) -> None:
-    acc = torch.promote_types(out.dtype, lora_b[0].dtype)
+def _owners(weights, slice_start, lora_b) -> list[tuple[int, int]]:
+    return slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b])
+
+
+def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
+    acc = torch.promote_types(outs[0].dtype, lora_b[0].dtype)
     for i, b in enumerate(lora_b):
-        cols = out[:, slice_start[i]:slice_start[i] + b.shape[0]]
-        if acc == out.dtype:
+        p, start = owners[i]
+        cols = outs[p][:, start:start + b.shape[0]]
+        if acc == cols.dtype:
             cols.addmm_(s[slice_a[i]], b.t(), alpha=scales[i])
         else:   # fp32 adapters on a 16-bit base: the slice's sum in fp32, rounded once (only [T, n_i] in fp32)
             cols.copy_(torch.addmm(cols.to(acc), s[slice_a[i]], b.t(), alpha=scales[i]))
@@ -102,22 +130,23 @@ def _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales) -> None:
 @qkvz_lora_train.register_kernel("cuda")
 def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    out = torch.ops.fx_passes.qkvz_gemm(x, list(weights))   # the library GEMM: the base rounded as PEFT's
+    outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
     s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
+    owners = _owners(weights, slice_start, lora_b)
     if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK or any(b.stride(-1) != 1 for b in lora_b):
-        _add_lora_reference(out, s, lora_b, slice_a, slice_start, scales)
-    else:   # one launch over every slice, reading and writing out once in its own dtype
+        _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
+    else:   # one launch over every slice, reading and writing each output once in its own dtype
         from fx_passes.ops.kernels.lora_train import expand_add_   # imports Triton: only on a CUDA call
 
-        expand_add_(out, s, lora_b, slice_a, slice_start, scales)
-    return out, s
+        expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales)
+    return outs, s
 
 
 @qkvz_lora_train.register_fake
 def _fake(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    return x.new_empty((x.shape[0], total_rows(weights))), [xg.new_empty((xg.shape[0], a.shape[0]))
-                                                           for xg, a in zip(xs, lora_a)]
+    return ([x.new_empty((x.shape[0], w.shape[0])) for w in weights],
+            [xg.new_empty((xg.shape[0], a.shape[0])) for xg, a in zip(xs, lora_a)])
 
 
 def _setup_context(ctx, inputs, output):
@@ -141,34 +170,35 @@ def _unpack(ctx):
     return (x, *parts)
 
 
-def _slice_runs(slice_a: Sequence[int], slice_start: Sequence[int], lora_b: Sequence[torch.Tensor],
-                scales: Sequence[float], group: int) -> list[tuple[int, int, list[int]]]:
-    """The slices of A group ``group`` as runs of adjacent output columns with one scale:
-    ``[(first column, columns, [slice indices in column order]), ...]`` (q | k | v: one run)."""
-    mine = sorted((slice_start[i], i) for i in range(len(lora_b)) if slice_a[i] == group)
-    runs: list[tuple[int, int, list[int]]] = []
-    for start, i in mine:
+def _slice_runs(slice_a: Sequence[int], owners: Sequence[tuple[int, int]], lora_b: Sequence[torch.Tensor],
+                scales: Sequence[float], group: int) -> list[tuple[int, int, int, list[int]]]:
+    """The slices of A group ``group`` as runs of adjacent columns of one projection with one scale:
+    ``[(projection, first column, columns, [slice indices in column order]), ...]`` (q | k | v: one run)."""
+    mine = sorted((owners[i], i) for i in range(len(lora_b)) if slice_a[i] == group)
+    runs: list[tuple[int, int, int, list[int]]] = []
+    for (p, start), i in mine:
         if runs:
-            first, n, members = runs[-1]
-            if first + n == start and scales[members[-1]] == scales[i]:
-                runs[-1] = (first, n + lora_b[i].shape[0], members + [i])
+            q, first, n, members = runs[-1]
+            if q == p and first + n == start and scales[members[-1]] == scales[i]:
+                runs[-1] = (p, first, n + lora_b[i].shape[0], members + [i])
                 continue
-        runs.append((start, lora_b[i].shape[0], [i]))
+        runs.append((p, start, lora_b[i].shape[0], [i]))
     return runs
 
 
-def lora_grads_reference(dy: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+def lora_grads_reference(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
                          slice_a: Sequence[int], slice_start: Sequence[int], scales: Sequence[float],
                          need_db: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(dS, dB)`` of :func:`qkvz_lora_train_grad` in torch ops: per A group, one GEMM per run of adjacent
     slices with one scale (q | k | v: one), in the adapters' dtype."""
     ad = lora_b[0].dtype
+    owners = slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b])
     d_s: list = []
     d_b: list = [None] * len(lora_b)
     for g, sg in enumerate(s):
         acc = None
-        for first, n, members in _slice_runs(slice_a, slice_start, lora_b, scales, g):
-            run = dy[:, first:first + n].to(ad)      # the run's columns only in the adapters' dtype
+        for p, first, n, members in _slice_runs(slice_a, owners, lora_b, scales, g):
+            run = dys[p][:, first:first + n].to(ad)  # the run's columns only in the adapters' dtype
             scale = scales[members[0]]               # d(s @ B^T) = scale * dy: folded into the products
             b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
             part = torch.mm(run, b_run) * scale
@@ -183,28 +213,28 @@ def lora_grads_reference(dy: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Se
     return d_s, (d_b if need_db else [])
 
 
-def _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales):
+def _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales):
     name = "qkvz_lora_train_grad"
-    torch._check(dy.dim() == 2, lambda: f"{name}: dy must be 2-D, got {tuple(dy.shape)}")
+    torch._check(len(dys) >= 1 and all(d.dim() == 2 and d.shape[0] == dys[0].shape[0] for d in dys),
+                 lambda: f"{name}: dys must be 2-D [T, n_p] tensors, got {[tuple(d.shape) for d in dys]}")
     torch._check(len(s) >= 1 and len(lora_b) >= 1 and len(slice_a) == len(lora_b) == len(slice_start) == len(scales),
                  lambda: f"{name}: need s (>= 1) and one slice_a / slice_start / scale per lora_b")
-    ad = lora_b[0].dtype
+    T, ad = dys[0].shape[0], lora_b[0].dtype
     for g, sg in enumerate(s):
-        torch._check(sg.dim() == 2 and sg.shape[0] == dy.shape[0] and sg.dtype == ad,
-                     lambda: f"{name}: s[{g}] must be [T={dy.shape[0]}, r] in {ad}, got {tuple(sg.shape)} {sg.dtype}")
+        torch._check(sg.dim() == 2 and sg.shape[0] == T and sg.dtype == ad,
+                     lambda: f"{name}: s[{g}] must be [T={T}, r] in {ad}, got {tuple(sg.shape)} {sg.dtype}")
     for i, b in enumerate(lora_b):
         g = slice_a[i]
         torch._check(0 <= g < len(s), lambda: f"{name}: slice_a[{i}]={g} names no s tensor")
         torch._check(b.dim() == 2 and b.shape[1] == s[g].shape[1] and b.dtype == ad,
                      lambda: f"{name}: lora_b[{i}] must be [n, r={s[g].shape[1]}] in {ad}, got "
                              f"{tuple(b.shape)} {b.dtype}")
-        torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= dy.shape[1],
-                     lambda: f"{name}: slice {i} outside dy's {dy.shape[1]} columns")
+    slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b], name)
 
 
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train_grad", mutates_args=())
 def qkvz_lora_train_grad(
-    dy: torch.Tensor,
+    dys: Sequence[torch.Tensor],
     s: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
     slice_a: Sequence[int],
@@ -212,36 +242,37 @@ def qkvz_lora_train_grad(
     scales: Sequence[float],
     need_db: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The LoRA gradients that read the output's gradient ``dy``: ``dS[g] = sum_i scales[i] * dy_i @ B_i``
-    over the slices of A group ``g``, and (``need_db``) ``dB_i = scales[i] * dy_i^T @ s[slice_a[i]]``; the
-    adapters' dtype (``dy_i``: slice i's columns of dy)."""
-    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
-    return lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, need_db)
+    """The LoRA gradients that read the outputs' gradients ``dys`` (one per projection): ``dS[g] = sum_i
+    scales[i] * dy_i @ B_i`` over the slices of A group ``g``, and (``need_db``) ``dB_i = scales[i] * dy_i^T @
+    s[slice_a[i]]``; the adapters' dtype (``dy_i``: slice i's columns, ``slice_start`` as in the forward)."""
+    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
+    return lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, need_db)
 
 
 @qkvz_lora_train_grad.register_fake
-def _grad_fake(dy, s, lora_b, slice_a, slice_start, scales, need_db):
-    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
+def _grad_fake(dys, s, lora_b, slice_a, slice_start, scales, need_db):
+    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
     return [sg.new_empty(sg.shape) for sg in s], ([b.new_empty(b.shape) for b in lora_b] if need_db else [])
 
 
 @qkvz_lora_train_grad.register_kernel("cuda")
-def _grad_cuda(dy, s, lora_b, slice_a, slice_start, scales, need_db):
-    _check_grad_args(dy, s, lora_b, slice_a, slice_start, scales)
+def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
+    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
     if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK:   # the kernels hold a whole rank in registers
-        return lora_grads_reference(dy, s, lora_b, slice_a, slice_start, scales, need_db)
+        return lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, need_db)
     from fx_passes.ops.kernels.lora_train import lora_db, lora_ds   # imports Triton: only on a CUDA call
     from fx_passes.ops.tuning import device_info
 
-    dy = dy if dy.stride(-1) == 1 else dy.contiguous()   # e.g. the expanded gradient of a sum
+    unit = [t if t.stride(-1) == 1 else t.contiguous() for t in dys]   # e.g. the expanded gradient of a sum
     s = [t if t.stride(-1) == 1 else t.contiguous() for t in s]
     lora_b = [b if b.stride(-1) == 1 else b.contiguous() for b in lora_b]
-    d_s = lora_ds(dy, lora_b, slice_a, slice_start, scales, [t.shape[1] for t in s])
-    d_b = lora_db(dy, s, lora_b, slice_a, slice_start, scales, device_info(dy.device).sms) if need_db else []
+    owners = slice_owners([d.shape[1] for d in unit], slice_start, [b.shape[0] for b in lora_b])
+    d_s = lora_ds(unit, lora_b, slice_a, owners, scales, [t.shape[1] for t in s])
+    d_b = lora_db(unit, s, lora_b, slice_a, owners, scales, device_info(unit[0].device).sms) if need_db else []
     return d_s, d_b
 
 
-def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
+def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
     x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
     need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
     d_x = d_w = None
@@ -249,25 +280,20 @@ def _backward(ctx, grad_out: Optional[torch.Tensor], grad_s: Optional[list]):
     d_a: list = [None] * len(lora_a)
     d_b: list = [None] * len(lora_b)
     T = s[0].shape[0]
-    if grad_out is None:
-        grad_out = weights[0].new_zeros((T, total_rows(weights)))
+    grad_outs = list(grad_outs) if grad_outs is not None else [None] * len(weights)
+    dys = [g if g is not None else w.new_zeros((T, w.shape[0])) for g, w in zip(grad_outs, weights)]
     ad = lora_a[0].dtype
-    if need[0]:   # dx: one GEMM per run of packed weights
-        col = 0
-        for first, count in packed_runs(weights):
-            run = list(weights[first:first + count])
-            w = packed_view(run) if count > 1 else run[0]
-            part = grad_out[:, col:col + w.shape[0]] @ w
-            d_x = part if d_x is None else d_x + part
-            col += w.shape[0]
+    if need[0]:   # dx = sum_p dy_p @ W_p: each GEMM after the first accumulates into the same buffer
+        for g, w in zip(grad_outs, weights):
+            if g is not None:
+                d_x = g @ w if d_x is None else torch.addmm(d_x, g, w)
+        if d_x is None:
+            d_x = weights[0].new_zeros((T, weights[0].shape[1]))
     if need[2]:   # frozen base weights (the usual case) skip this
-        d_w, col = [], 0
-        for w in weights:
-            d_w.append(grad_out[:, col:col + w.shape[0]].t() @ x if w.requires_grad else None)
-            col += w.shape[0]
+        d_w = [dy.t() @ x if w.requires_grad else None for dy, w in zip(dys, weights)]
     if not (need[1] or need[3] or need[4]):
         return d_x, d_xs, d_w, d_a, d_b, None, None, None
-    d_s, grads_b = torch.ops.fx_passes.qkvz_lora_train_grad(grad_out, list(s), list(lora_b), ctx.slice_a,
+    d_s, grads_b = torch.ops.fx_passes.qkvz_lora_train_grad(dys, list(s), list(lora_b), ctx.slice_a,
                                                              ctx.slice_start, ctx.scales, bool(need[4]))
     if need[4]:
         d_b = list(grads_b)

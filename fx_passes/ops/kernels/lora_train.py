@@ -20,9 +20,9 @@ buffer and summed by torch afterwards: deterministic (no atomics), and enough pr
 T 2048 where one program per token tile (dS) or per column tile (dB) would not. dy is multiplied in the
 adapters' dtype (fp32 adapters: an exact upcast).
 
-fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (:func:`fp32_dot_precision`): exact fp32
-(``ieee``) by default, like the ``torch.mm`` calls of the unfused graph; TF32 where the user allowed it
-for every matmul.
+fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (:func:`fp32_dot_precision`): fp32-level
+accuracy (``tf32x3``) by default, like the ``torch.mm`` calls of the unfused graph; TF32 where the user
+allowed it for every matmul.
 """
 from __future__ import annotations
 
@@ -42,8 +42,10 @@ DB_PROGRAMS_PER_SM = 2
 
 
 def fp32_dot_precision() -> str:
-    """``tl.dot``'s precision for fp32 operands: what ``torch.mm`` does with fp32 on this process's setting."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``tl.dot``'s precision for fp32 operands, after this process's setting for ``torch.mm``: TF32 where
+    allowed, else three TF32 products per product (``tf32x3``: fp32-level error, ~2^-22 relative, on the
+    tensor cores; exact fp32 FMA dots made these kernels 2-3x slower than their memory traffic)."""
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
 def rank_block(ranks: Sequence[int]) -> int:
@@ -89,16 +91,16 @@ def _expand_add_tile(out_ptr, s_ptr, stride_st, b_ptr, stride_bn, n, col_start, 
 
 
 @triton.jit
-def _expand_add_kernel(out_ptr, s_ptrs, s_strides, b_ptrs, b_strides, b_n, b_start, b_rank, scales, tile_off,
-                       T, stride_ot, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _expand_add_kernel(out_ptrs, out_strides, s_ptrs, s_strides, b_ptrs, b_strides, b_n, b_start, b_rank, scales,
+                       tile_off, T, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):   # separate tensors per slice: a branch each, unrolled
         if sl == i:
-            _expand_add_tile(out_ptr, s_ptrs[i], s_strides[i], b_ptrs[i], b_strides[i], b_n[i], b_start[i],
-                             b_rank[i], scales[i], pid_n - tile_off[i], pid_m, T, stride_ot,
+            _expand_add_tile(out_ptrs[i], s_ptrs[i], s_strides[i], b_ptrs[i], b_strides[i], b_n[i], b_start[i],
+                             b_rank[i], scales[i], pid_n - tile_off[i], pid_m, T, out_strides[i],
                              DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
@@ -114,24 +116,27 @@ def _precision(dtype: torch.dtype) -> str:
     return fp32_dot_precision() if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
 
 
-def expand_add_(out: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                slice_a: Sequence[int], slice_start: Sequence[int], scales: Sequence[float]) -> None:
-    """``out[:, slice i] = round(out[:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
-    slice (arguments checked by the op)."""
-    T = out.shape[0]
+def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+                slice_a: Sequence[int], owners: Sequence[tuple[int, int]], slice_start: Sequence[int],
+                scales: Sequence[float]) -> None:
+    """``outs[p][:, slice i] = round(outs[p][:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
+    slice; ``owners[i] = (p, first column of slice i in outs[p])``, ``slice_start``: the slices' columns
+    over all outputs (which overlap). Arguments checked by the op."""
+    T = outs[0].shape[0]
     if T == 0:
         return
     block_m, block_n = 64, 128
     block_r = rank_block([b.shape[1] for b in lora_b])
-    with on_device(out):
+    with on_device(outs[0]):
         for wave in overlap_waves(slice_start, [b.shape[0] for b in lora_b]):
             bs = [lora_b[i] for i in wave]
             ss = [s[slice_a[i]] for i in wave]
+            os_ = [outs[owners[i][0]] for i in wave]
             tile_off, n_tiles = _tiles([b.shape[0] for b in bs], block_n)
             _expand_add_kernel[(triton.cdiv(T, block_m), n_tiles)](
-                out, tuple(ss), tuple(t.stride(0) for t in ss), tuple(bs), tuple(b.stride(0) for b in bs),
-                tuple(b.shape[0] for b in bs), tuple(slice_start[i] for i in wave), tuple(b.shape[1] for b in bs),
-                tuple(float(scales[i]) for i in wave), tile_off, T, out.stride(0),
+                tuple(os_), tuple(o.stride(0) for o in os_), tuple(ss), tuple(t.stride(0) for t in ss), tuple(bs),
+                tuple(b.stride(0) for b in bs), tuple(b.shape[0] for b in bs), tuple(owners[i][1] for i in wave),
+                tuple(b.shape[1] for b in bs), tuple(float(scales[i]) for i in wave), tile_off, T,
                 NUM_SLICES=len(wave), DOT_PRECISION=_precision(bs[0].dtype),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
             )
@@ -165,35 +170,38 @@ def _ds_chunk(dy_ptr, part_ptr, b_ptr, stride_bn, n, col_start, rank, scale, chu
 
 
 @triton.jit
-def _ds_kernel(dy_ptr, part_ptr, b_ptrs, b_strides, b_n, b_start, b_rank, scales, chunk_off,
-               T, stride_dt, stride_pc, stride_pt, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
+def _ds_kernel(dy_ptrs, dy_strides, part_ptr, b_ptrs, b_strides, b_n, b_start, b_rank, scales, chunk_off,
+               T, stride_pc, stride_pt, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     sl = tile_owner(pid_c, chunk_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _ds_chunk(dy_ptr, part_ptr, b_ptrs[i], b_strides[i], b_n[i], b_start[i], b_rank[i], scales[i],
-                      pid_c - chunk_off[i], pid_m, pid_c, T, stride_dt, stride_pc, stride_pt,
+            _ds_chunk(dy_ptrs[i], part_ptr, b_ptrs[i], b_strides[i], b_n[i], b_start[i], b_rank[i], scales[i],
+                      pid_c - chunk_off[i], pid_m, pid_c, T, dy_strides[i], stride_pc, stride_pt,
                       CHUNK, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def lora_ds(dy: torch.Tensor, lora_b: Sequence[torch.Tensor], slice_a: Sequence[int], slice_start: Sequence[int],
-            scales: Sequence[float], ranks: Sequence[int], *, chunk: int = DS_CHUNK) -> list[torch.Tensor]:
-    """``dS[g] = sum over the slices i of group g of scales[i] * dy[:, slice i] @ lora_b[i]`` ([T, r_g], the
-    adapters' dtype); ``ranks[g]``: group g's rank; ``chunk``: columns per program (tests force small)."""
-    T = dy.shape[0]
+def lora_ds(dys: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
+            owners: Sequence[tuple[int, int]], scales: Sequence[float], ranks: Sequence[int], *,
+            chunk: int = DS_CHUNK) -> list[torch.Tensor]:
+    """``dS[g] = sum over the slices i of group g of scales[i] * dy_i @ lora_b[i]`` ([T, r_g], the adapters'
+    dtype; ``dy_i``: the columns of slice i in ``dys[owners[i][0]]`` from ``owners[i][1]``); ``ranks[g]``:
+    group g's rank; ``chunk``: columns per program (tests force small)."""
+    T = dys[0].shape[0]
+    dy_s = [dys[p] for p, _ in owners]
     ad = lora_b[0].dtype
     block_m, block_n = 64, 64
     block_r = rank_block(ranks)
     chunk_off, n_chunks = _tiles([b.shape[0] for b in lora_b], chunk)
-    part = torch.empty((n_chunks, T, block_r), dtype=torch.float32, device=dy.device)
+    part = torch.empty((n_chunks, T, block_r), dtype=torch.float32, device=dys[0].device)
     if T > 0:
-        with on_device(dy):
+        with on_device(dys[0]):
             _ds_kernel[(triton.cdiv(T, block_m), n_chunks)](
-                dy, part, tuple(lora_b), tuple(b.stride(0) for b in lora_b), tuple(b.shape[0] for b in lora_b),
-                tuple(slice_start), tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales), chunk_off,
-                T, dy.stride(0), part.stride(0), part.stride(1),
+                tuple(dy_s), tuple(d.stride(0) for d in dy_s), part, tuple(lora_b), tuple(b.stride(0) for b in lora_b),
+                tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(b.shape[1] for b in lora_b),
+                tuple(float(c) for c in scales), chunk_off, T, part.stride(0), part.stride(1),
                 NUM_SLICES=len(lora_b), CHUNK=chunk, DOT_PRECISION=_precision(ad),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
             )
@@ -233,24 +241,26 @@ def _db_tile(dy_ptr, s_ptr, stride_st, part_ptr, n, col_start, row0, rank, scale
 
 
 @triton.jit
-def _db_kernel(dy_ptr, part_ptr, s_ptrs, s_strides, b_n, b_start, b_row, b_rank, scales, tile_off,
-               T, t_per_split, stride_dt, stride_ps, stride_pn, NUM_SLICES: tl.constexpr,
+def _db_kernel(dy_ptrs, dy_strides, part_ptr, s_ptrs, s_strides, b_n, b_start, b_row, b_rank, scales, tile_off,
+               T, t_per_split, stride_ps, stride_pn, NUM_SLICES: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _db_tile(dy_ptr, s_ptrs[i], s_strides[i], part_ptr, b_n[i], b_start[i], b_row[i], b_rank[i], scales[i],
-                     pid_n - tile_off[i], pid_s, T, t_per_split, stride_dt, stride_ps, stride_pn,
+            _db_tile(dy_ptrs[i], s_ptrs[i], s_strides[i], part_ptr, b_n[i], b_start[i], b_row[i], b_rank[i],
+                     scales[i], pid_n - tile_off[i], pid_s, T, t_per_split, dy_strides[i], stride_ps, stride_pn,
                      DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def lora_db(dy: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
-            slice_start: Sequence[int], scales: Sequence[float], sms: int) -> list[torch.Tensor]:
-    """``dB_i = scales[i] * dy[:, slice i]^T @ s[slice_a[i]]`` ([n_i, r], the adapters' dtype); ``sms``: the
-    device's SM count (how far the tokens are split)."""
-    T = dy.shape[0]
+def lora_db(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
+            slice_a: Sequence[int], owners: Sequence[tuple[int, int]], scales: Sequence[float],
+            sms: int) -> list[torch.Tensor]:
+    """``dB_i = scales[i] * dy_i^T @ s[slice_a[i]]`` ([n_i, r], the adapters' dtype; ``dy_i`` as in
+    :func:`lora_ds`); ``sms``: the device's SM count (how far the tokens are split)."""
+    T = dys[0].shape[0]
+    dy_s = [dys[p] for p, _ in owners]
     ad = lora_b[0].dtype
     block_m, block_n = 64, 64
     block_r = rank_block([b.shape[1] for b in lora_b])
@@ -261,15 +271,15 @@ def lora_db(dy: torch.Tensor, s: Sequence[torch.Tensor], lora_b: Sequence[torch.
     rows = [0]
     for b in lora_b:
         rows.append(rows[-1] + b.shape[0])
-    part = torch.zeros((splits, rows[-1], block_r), dtype=torch.float32, device=dy.device)
+    part = torch.zeros((splits, rows[-1], block_r), dtype=torch.float32, device=dys[0].device)
     if T > 0:
         ss = [s[g] for g in slice_a]
-        with on_device(dy):
+        with on_device(dys[0]):
             _db_kernel[(n_tiles, splits)](
-                dy, part, tuple(ss), tuple(t.stride(0) for t in ss), tuple(b.shape[0] for b in lora_b),
-                tuple(slice_start), tuple(rows[:-1]), tuple(b.shape[1] for b in lora_b),
-                tuple(float(c) for c in scales), tile_off, T, t_per_split, dy.stride(0), part.stride(0),
-                part.stride(1), NUM_SLICES=len(lora_b), DOT_PRECISION=_precision(ad),
+                tuple(dy_s), tuple(d.stride(0) for d in dy_s), part, tuple(ss), tuple(t.stride(0) for t in ss),
+                tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(rows[:-1]),
+                tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales), tile_off, T, t_per_split,
+                part.stride(0), part.stride(1), NUM_SLICES=len(lora_b), DOT_PRECISION=_precision(ad),
                 BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
             )
     return [part[:, rows[i]:rows[i + 1], :b.shape[1]].sum(0).to(ad) for i, b in enumerate(lora_b)]
