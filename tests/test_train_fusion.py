@@ -142,6 +142,15 @@ def test_grad_op_opcheck_and_its_math():
     assert GRAD_OP(*args[:-1], False)[1] == []
 
 
+def test_grad_input_op_opcheck_and_its_math():
+    g = torch.Generator().manual_seed(4)
+    dys = [torch.randn(6, 24, generator=g), torch.randn(6, 8, generator=g)]
+    weights = [torch.randn(24, 16, generator=g), torch.randn(8, 16, generator=g)]
+    torch.library.opcheck(torch.ops.fx_passes.qkvz_grad_input.default, (dys, weights))
+    got = torch.ops.fx_passes.qkvz_grad_input(dys, weights)
+    assert _rel(got, dys[0] @ weights[0] + dys[1] @ weights[1]) <= FP32_TOL
+
+
 @pytest.mark.parametrize("change,message", [
     (lambda a: a.__setitem__(4, [0, 20, 0, 24]), "crosses the projections"),
     (lambda a: a.__setitem__(1, [a[1][0].double()] + a[1][1:]), "s\\[0\\] must be"),

@@ -23,10 +23,11 @@ and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with
 gradient arrives as it is.
 
 Backward (:func:`_backward`, traced by AOTAutograd into the joint graph): ``dx = sum_p dout_p @ W_p``
-(GEMMs accumulating into one buffer); the LoRA gradients that read ``dout``, :func:`qkvz_lora_train_grad`
+(:func:`qkvz_grad_input`: GEMMs accumulating into one buffer); the LoRA gradients that read ``dout``, :func:`qkvz_lora_train_grad`
 (``dS[g] = sum_i scales[i] * dout_i @ B_i``, ``dB_i = scales[i] * dout_i^T @ s[g]``: Triton on CUDA,
 :mod:`fx_passes.ops.kernels.lora_train`); then ``dA = dS^T @ xs[g]`` (q, k, v: one dA) and ``dxs[g] = dS @
-A``; frozen weights (no ``requires_grad``) get no gradient work.
+A``, one GEMM each per distinct LoRA input (A groups reading the same tensor side by side); frozen weights
+(no ``requires_grad``) get no gradient work.
 """
 from __future__ import annotations
 
@@ -153,10 +154,14 @@ def _setup_context(ctx, inputs, output):
     x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = inputs
     _, s = output
     ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
-    ctx.n = (len(xs), len(weights), len(lora_a), len(lora_b))
+    # A groups reading one input (no dropout: q/k/v and z read the same cast of x) share its tensor and,
+    # in the backward, its dA / dx GEMMs
+    ctx.xs_of = [next(h for h in range(len(xs)) if xs[h] is xg) for xg in xs]
+    distinct = [xg for g, xg in enumerate(xs) if ctx.xs_of[g] == g]
+    ctx.n = (len(distinct), len(weights), len(lora_a), len(lora_b))
     # x itself is needed only for a trainable base weight's gradient (frozen: the usual case)
     keep_x = x if any(w.requires_grad for w in weights) else None
-    ctx.save_for_backward(keep_x, *xs, *weights, *lora_a, *lora_b, *s)
+    ctx.save_for_backward(keep_x, *distinct, *weights, *lora_a, *lora_b, *s)
 
 
 def _unpack(ctx):
@@ -167,6 +172,8 @@ def _unpack(ctx):
     for count in (n_xs, n_w, n_a, n_b, n_a):
         parts.append(saved[:count])
         saved = saved[count:]
+    distinct = dict(zip(sorted(set(ctx.xs_of)), parts[0]))
+    parts[0] = [distinct[h] for h in ctx.xs_of]
     return (x, *parts)
 
 
@@ -272,6 +279,25 @@ def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
     return d_s, d_b
 
 
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_grad_input", mutates_args=())
+def qkvz_grad_input(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``dx = sum_p dys[p] @ weights[p]``: the GEMMs after the first accumulate into its result in place
+    (library GEMM, beta = 1), where out-of-place ``addmm``s copy the [T, H] sum before each."""
+    torch._check(len(dys) == len(weights) >= 1 and all(d.dim() == 2 and d.shape[1] == w.shape[0]
+                                                          for d, w in zip(dys, weights)),
+                 lambda: "qkvz_grad_input: need one [T, n_p] gradient per [n_p, H] weight")
+    d_x = dys[0] @ weights[0]
+    for dy, w in zip(dys[1:], weights[1:]):
+        d_x.addmm_(dy, w)
+    return d_x
+
+
+@qkvz_grad_input.register_fake
+def _grad_input_fake(dys, weights):
+    torch._check(len(dys) == len(weights) >= 1, lambda: "qkvz_grad_input: need one gradient per weight")
+    return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
+
+
 def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
     x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
     need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
@@ -283,12 +309,8 @@ def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
     grad_outs = list(grad_outs) if grad_outs is not None else [None] * len(weights)
     dys = [g if g is not None else w.new_zeros((T, w.shape[0])) for g, w in zip(grad_outs, weights)]
     ad = lora_a[0].dtype
-    if need[0]:   # dx = sum_p dy_p @ W_p: each GEMM after the first accumulates into the same buffer
-        for g, w in zip(grad_outs, weights):
-            if g is not None:
-                d_x = g @ w if d_x is None else torch.addmm(d_x, g, w)
-        if d_x is None:
-            d_x = weights[0].new_zeros((T, weights[0].shape[1]))
+    if need[0]:
+        d_x = torch.ops.fx_passes.qkvz_grad_input(dys, list(weights))
     if need[2]:   # frozen base weights (the usual case) skip this
         d_w = [dy.t() @ x if w.requires_grad else None for dy, w in zip(dys, weights)]
     if not (need[1] or need[3] or need[4]):
@@ -297,14 +319,21 @@ def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
                                                              ctx.slice_start, ctx.scales, bool(need[4]))
     if need[4]:
         d_b = list(grads_b)
-    for g in range(len(lora_a)):
-        ds = d_s[g]
-        if grad_s is not None and grad_s[g] is not None:
-            ds = ds + grad_s[g].to(ad)
+    d_s = list(d_s)
+    if grad_s is not None:
+        d_s = [ds if gs is None else ds + gs.to(ad) for ds, gs in zip(d_s, grad_s)]
+    for h in sorted(set(ctx.xs_of)):   # one dA GEMM and one dxs GEMM per distinct LoRA input
+        groups = [g for g in range(len(lora_a)) if ctx.xs_of[g] == h]
+        ds = d_s[groups[0]] if len(groups) == 1 else torch.cat([d_s[g] for g in groups], 1)
         if need[3]:
-            d_a[g] = ds.t() @ xs[g]
-        if need[1]:
-            d_xs[g] = ds @ lora_a[g]
+            d_a_all = ds.t() @ xs[h]
+            row = 0
+            for g in groups:
+                d_a[g] = d_a_all[row:row + lora_a[g].shape[0]]
+                row += lora_a[g].shape[0]
+        if need[1]:   # autograd sums the gradients of one input passed twice: it gets the whole sum once
+            a = lora_a[groups[0]] if len(groups) == 1 else torch.cat([lora_a[g] for g in groups], 0)
+            d_xs[h] = ds @ a
     return d_x, d_xs, d_w, d_a, d_b, None, None, None
 
 

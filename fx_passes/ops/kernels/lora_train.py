@@ -209,7 +209,13 @@ def lora_ds(dys: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a
     out = []
     for g, r in enumerate(ranks):
         mine = [c for i in range(len(lora_b)) if slice_a[i] == g for c in range(chunk_off[i], ends[i])]
-        out.append(part[mine].sum(0)[:, :r].to(ad).contiguous())
+        if not mine:
+            out.append(torch.zeros((T, r), dtype=ad, device=part.device))
+        elif len(mine) == 1:   # its own tensor: the op's outputs may not alias each other
+            out.append(part[mine[0], :, :r].to(ad, copy=True))
+        else:   # a group's slices are usually adjacent (q | k | v): its chunks one range, summed without a gather
+            rows = part[mine[0]:mine[-1] + 1] if mine == list(range(mine[0], mine[-1] + 1)) else part[mine]
+            out.append(rows.sum(0)[:, :r].to(ad))
     return out
 
 
