@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
 
@@ -128,7 +128,7 @@ def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
             cols.copy_(torch.addmm(cols.to(acc), s[slice_a[i]], b.t(), alpha=scales[i]))
 
 
-@qkvz_lora_train.register_kernel("cuda")
+@cuda_impl("qkvz_lora_train")
 def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
@@ -262,7 +262,7 @@ def _grad_fake(dys, s, lora_b, slice_a, slice_start, scales, need_db):
     return [sg.new_empty(sg.shape) for sg in s], ([b.new_empty(b.shape) for b in lora_b] if need_db else [])
 
 
-@qkvz_lora_train_grad.register_kernel("cuda")
+@cuda_impl("qkvz_lora_train_grad")
 def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
     _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
     if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK:   # the kernels hold a whole rank in registers
@@ -279,13 +279,22 @@ def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
     return d_s, d_b
 
 
+def _check_grad_input_args(dys, weights):
+    torch._check(len(dys) == len(weights) >= 1 and all(d.dim() == 2 and w.dim() == 2 and d.shape[1] == w.shape[0]
+                                                          and d.shape[0] == dys[0].shape[0] for d, w in zip(dys, weights)),
+                 lambda: "qkvz_grad_input: need one [T, n_p] gradient per [n_p, H] weight")
+
+
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_grad_input", mutates_args=())
 def qkvz_grad_input(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``dx = sum_p dys[p] @ weights[p]``: the GEMMs after the first accumulate into its result in place
     (library GEMM, beta = 1), where out-of-place ``addmm``s copy the [T, H] sum before each."""
-    torch._check(len(dys) == len(weights) >= 1 and all(d.dim() == 2 and d.shape[1] == w.shape[0]
-                                                          for d, w in zip(dys, weights)),
-                 lambda: "qkvz_grad_input: need one [T, n_p] gradient per [n_p, H] weight")
+    return _grad_input(dys, weights)
+
+
+@cuda_impl("qkvz_grad_input")
+def _grad_input(dys, weights):
+    _check_grad_input_args(dys, weights)
     d_x = dys[0] @ weights[0]
     for dy, w in zip(dys[1:], weights[1:]):
         d_x.addmm_(dy, w)
@@ -294,7 +303,7 @@ def qkvz_grad_input(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]
 
 @qkvz_grad_input.register_fake
 def _grad_input_fake(dys, weights):
-    torch._check(len(dys) == len(weights) >= 1, lambda: "qkvz_grad_input: need one gradient per weight")
+    _check_grad_input_args(dys, weights)
     return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
 
 

@@ -1,0 +1,118 @@
+"""Host cost of the training op's calls (issue 17): at small T the GPU finishes before the host has
+launched the next kernel, so a step's time is its Python and launch work. Times (perf_counter, GPU
+synchronized at the end, median of --reps) one compiled forward + backward step of the projection block
+per variant at T --T, and each piece of the fused op called directly.
+
+    python -m benchmarks.train_host --shape 35B-A3B --T 64
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import time
+
+import torch
+
+from benchmarks.bench_train_block import build, step_fn
+from benchmarks.common import select_shapes
+from fx_passes.backend import FxPassesBackend
+from fx_passes.config import QkvzFusionConfig
+from fx_passes.ops.kernels import lora_train
+from fx_passes.ops.qkvz_lora_train import check_train_args, slice_owners
+
+qlt = importlib.import_module("fx_passes.ops.qkvz_lora_train")   # the module (fx_passes.ops exports the op)
+
+
+def host_us(fn, reps: int) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def profile_calls(name: str, fn, calls: int) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"--- cProfile: {name} x {calls}")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="35B-A3B")
+    ap.add_argument("--T", type=int, default=64)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--cprofile", action="store_true", help="cProfile the op calls (top functions by own time)")
+    args = ap.parse_args()
+    spec = select_shapes(args.shape)[args.shape]
+    frozen = build(spec, args.rank, 0.0, "cuda", lora=False)
+    lora = build(spec, args.rank, 0.0, "cuda", lora=True)
+    x = torch.randn(args.T, spec.hidden_size, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    with torch.no_grad():
+        grads = [torch.randn_like(o) for o in frozen(x)]
+    for variant, model in (("frozen", frozen), ("inductor", lora), ("fx_passes", lora)):
+        torch._dynamo.reset()
+        backend = FxPassesBackend(QkvzFusionConfig(fuse_training=True)) if variant == "fx_passes" else "inductor"
+        step = step_fn(torch.compile(model, backend=backend, dynamic=False), x, grads)
+        print(f"step {variant:9s} {host_us(step, args.reps):8.1f} us host", flush=True)
+        if args.cprofile and variant != "frozen":
+            profile_calls(f"step {variant}", step, 100)
+
+    # the pieces, on arguments shaped like the rewrite's
+    g = torch.Generator().manual_seed(0)
+    H, T, r = spec.hidden_size, args.T, args.rank
+    widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
+              spec.linear_num_value_heads]
+    dev = dict(device="cuda")
+    xb = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+    xf = xb.float()
+    weights = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for n in widths]
+    lora_a = [torch.randn(r, H, **dev), torch.randn(r, H, **dev)]
+    lora_b = [torch.randn(widths[0], r, **dev), torch.randn(widths[1], r, **dev)]
+    slice_a, slice_start, scales = [0, 1], [0, widths[0]], [2.0, 2.0]
+    xs = [xf, xf]
+    owners = slice_owners(widths, slice_start, [b.shape[0] for b in lora_b])
+    outs, s = torch.ops.fx_passes.qkvz_lora_train(xb, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    dys = [torch.randn_like(o) for o in outs]
+    pieces = {
+        "op forward (no grad)": lambda: torch.ops.fx_passes.qkvz_lora_train(xb, xs, weights, lora_a, lora_b,
+                                                                             slice_a, slice_start, scales),
+        "_train_cuda (no dispatcher)": lambda: qlt._train_cuda(xb, xs, weights, lora_a, lora_b, slice_a, slice_start,
+                                                                scales),
+        "check_train_args": lambda: check_train_args(xb, xs, weights, lora_a, lora_b, slice_a, slice_start, scales),
+        "4 base mm + 2 shrink mm": lambda: ([xb @ w.t() for w in weights], [xf @ a.t() for a in lora_a]),
+        "expand_add_": lambda: lora_train.expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales),
+        "qkvz_lora_train_grad op": lambda: torch.ops.fx_passes.qkvz_lora_train_grad(dys, s, lora_b, slice_a,
+                                                                                      slice_start, scales, True),
+        "_grad_cuda (no dispatcher)": lambda: qlt._grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, True),
+        "lora_ds": lambda: lora_train.lora_ds(dys, lora_b, slice_a, owners, scales, [r, r]),
+        "lora_db": lambda: lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, 132),
+        "qkvz_grad_input op": lambda: torch.ops.fx_passes.qkvz_grad_input(dys, weights),
+        "1 mm": lambda: xb @ weights[0].t(),
+        "1 empty op": lambda: torch.empty(1, device="cuda"),
+    }
+    with torch.no_grad():
+        for name, fn in pieces.items():
+            print(f"{name:28s} {host_us(fn, args.reps):8.1f} us host", flush=True)
+        if args.cprofile:
+            for name in ("op forward (no grad)", "qkvz_lora_train_grad op"):
+                profile_calls(name, pieces[name], 200)
+
+
+if __name__ == "__main__":
+    main()
