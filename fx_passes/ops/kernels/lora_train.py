@@ -26,13 +26,27 @@ allowed it for every matmul.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import dataclasses
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
 from fx_passes.ops.kernels.jit_helpers import on_device, tile_owner
+
+@dataclasses.dataclass(frozen=True)
+class TrainLaunch:
+    """One kernel's tiles: ``block_m`` tokens x ``block_n`` columns, its warps and pipeline stages."""
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+EXPAND_LAUNCH = TrainLaunch(64, 128)
+DS_LAUNCH = TrainLaunch(64, 64)
+DB_LAUNCH = TrainLaunch(64, 64)
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -118,14 +132,15 @@ def _precision(dtype: torch.dtype) -> str:
 
 def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
                 slice_a: Sequence[int], owners: Sequence[tuple[int, int]], slice_start: Sequence[int],
-                scales: Sequence[float]) -> None:
+                scales: Sequence[float], *, launch: Optional[TrainLaunch] = None) -> None:
     """``outs[p][:, slice i] = round(outs[p][:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
     slice; ``owners[i] = (p, first column of slice i in outs[p])``, ``slice_start``: the slices' columns
     over all outputs (which overlap). Arguments checked by the op."""
     T = outs[0].shape[0]
     if T == 0:
         return
-    block_m, block_n = 64, 128
+    cfg = launch or EXPAND_LAUNCH
+    block_m, block_n = cfg.block_m, cfg.block_n
     block_r = rank_block([b.shape[1] for b in lora_b])
     with on_device(outs[0]):
         for wave in overlap_waves(slice_start, [b.shape[0] for b in lora_b]):
@@ -138,7 +153,8 @@ def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b:
                 tuple(b.stride(0) for b in bs), tuple(b.shape[0] for b in bs), tuple(owners[i][1] for i in wave),
                 tuple(b.shape[1] for b in bs), tuple(float(scales[i]) for i in wave), tile_off, T,
                 NUM_SLICES=len(wave), DOT_PRECISION=_precision(bs[0].dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
 
 
@@ -185,14 +201,15 @@ def _ds_kernel(dy_ptrs, dy_strides, part_ptr, b_ptrs, b_strides, b_n, b_start, b
 
 def lora_ds(dys: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
             owners: Sequence[tuple[int, int]], scales: Sequence[float], ranks: Sequence[int], *,
-            chunk: int = DS_CHUNK) -> list[torch.Tensor]:
+            chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None) -> list[torch.Tensor]:
     """``dS[g] = sum over the slices i of group g of scales[i] * dy_i @ lora_b[i]`` ([T, r_g], the adapters'
     dtype; ``dy_i``: the columns of slice i in ``dys[owners[i][0]]`` from ``owners[i][1]``); ``ranks[g]``:
     group g's rank; ``chunk``: columns per program (tests force small)."""
     T = dys[0].shape[0]
     dy_s = [dys[p] for p, _ in owners]
     ad = lora_b[0].dtype
-    block_m, block_n = 64, 64
+    cfg = launch or DS_LAUNCH
+    block_m, block_n = cfg.block_m, cfg.block_n
     block_r = rank_block(ranks)
     chunk_off, n_chunks = _tiles([b.shape[0] for b in lora_b], chunk)
     part = torch.empty((n_chunks, T, block_r), dtype=torch.float32, device=dys[0].device)
@@ -203,7 +220,8 @@ def lora_ds(dys: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a
                 tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(b.shape[1] for b in lora_b),
                 tuple(float(c) for c in scales), chunk_off, T, part.stride(0), part.stride(1),
                 NUM_SLICES=len(lora_b), CHUNK=chunk, DOT_PRECISION=_precision(ad),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
     ends = list(chunk_off[1:]) + [n_chunks]
     out = []
@@ -262,22 +280,26 @@ def _db_kernel(dy_ptrs, dy_strides, part_ptr, s_ptrs, s_strides, b_n, b_start, b
 
 def lora_db(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
             slice_a: Sequence[int], owners: Sequence[tuple[int, int]], scales: Sequence[float],
-            sms: int) -> list[torch.Tensor]:
+            sms: int, *, launch: Optional[TrainLaunch] = None,
+            programs_per_sm: int = DB_PROGRAMS_PER_SM) -> list[torch.Tensor]:
     """``dB_i = scales[i] * dy_i^T @ s[slice_a[i]]`` ([n_i, r], the adapters' dtype; ``dy_i`` as in
     :func:`lora_ds`); ``sms``: the device's SM count (how far the tokens are split)."""
     T = dys[0].shape[0]
     dy_s = [dys[p] for p, _ in owners]
     ad = lora_b[0].dtype
-    block_m, block_n = 64, 64
+    cfg = launch or DB_LAUNCH
+    block_m, block_n = cfg.block_m, cfg.block_n
     block_r = rank_block([b.shape[1] for b in lora_b])
     tile_off, n_tiles = _tiles([b.shape[0] for b in lora_b], block_n)
-    splits = max(1, min(triton.cdiv(DB_PROGRAMS_PER_SM * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
+    splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
     t_per_split = triton.cdiv(triton.cdiv(T, splits), block_m) * block_m
     splits = max(1, triton.cdiv(T, t_per_split))
     rows = [0]
     for b in lora_b:
         rows.append(rows[-1] + b.shape[0])
-    part = torch.zeros((splits, rows[-1], block_r), dtype=torch.float32, device=dys[0].device)
+    # every split writes every row of its tiles (no T: no split runs, and dB is 0)
+    part = (torch.empty if T > 0 else torch.zeros)((splits, rows[-1], block_r), dtype=torch.float32,
+                                                   device=dys[0].device)
     if T > 0:
         ss = [s[g] for g in slice_a]
         with on_device(dys[0]):
@@ -286,6 +308,7 @@ def lora_db(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequ
                 tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(rows[:-1]),
                 tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales), tile_off, T, t_per_split,
                 part.stride(0), part.stride(1), NUM_SLICES=len(lora_b), DOT_PRECISION=_precision(ad),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
             )
     return [part[:, rows[i]:rows[i + 1], :b.shape[1]].sum(0).to(ad) for i, b in enumerate(lora_b)]

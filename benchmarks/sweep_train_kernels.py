@@ -1,0 +1,95 @@
+"""Tiles of the training op's three Triton kernels (issue 17): each of ``expand_add_``, ``lora_ds`` and
+``lora_db`` over a grid of launches at the given widths and T (CUDA events, median of --reps), with the
+default launch's time beside the best one. bf16 base, fp32 adapters (PEFT's default), LoRA on qkv and z.
+
+    python -m benchmarks.sweep_train_kernels --shapes 35B-A3B,27B --T 4096,16384
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+
+import torch
+
+from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
+from fx_passes.ops.kernels import lora_train as lt
+from fx_passes.ops.qkvz_lora_train import slice_owners
+from fx_passes.ops.tuning import device_info
+
+
+def cuda_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def launches(block_ms, block_ns, warps, stages):
+    return [lt.TrainLaunch(m, n, w, st) for m, n, w, st in itertools.product(block_ms, block_ns, warps, stages)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="35B-A3B,27B")
+    ap.add_argument("--T", default="4096,16384")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    env = environment("cuda")
+    sms = device_info(torch.device("cuda")).sms
+    grid = {
+        "expand": (lt.EXPAND_LAUNCH, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3])),
+        "ds": (lt.DS_LAUNCH, launches([32, 64, 128], [64, 128], [4, 8], [2, 3, 4])),
+        "db": (lt.DB_LAUNCH, launches([32, 64, 128], [32, 64, 128], [4, 8], [2, 3, 4])),
+    }
+    rows = []
+    for name, spec in select_shapes(args.shapes).items():
+        widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
+                  spec.linear_num_value_heads]
+        r = args.rank
+        lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]
+        slice_a, slice_start, scales = [0, 1], [0, widths[0]], [2.0, 2.0]
+        owners = slice_owners(widths, slice_start, [b.shape[0] for b in lora_b])
+        for T in csv_list(args.T, int):
+            outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths]
+            s = [torch.randn(T, r, device="cuda"), torch.randn(T, r, device="cuda")]
+            calls = {
+                "expand": lambda cfg: lt.expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales, launch=cfg),
+                "ds": lambda cfg: lt.lora_ds(outs, lora_b, slice_a, owners, scales, [r, r], launch=cfg),
+                "db": lambda cfg: lt.lora_db(outs, s, lora_b, slice_a, owners, scales, sms, launch=cfg),
+            }
+            for kernel, (default, cands) in grid.items():
+                timed = []
+                for cfg in cands:
+                    try:
+                        timed.append((cuda_ms(lambda: calls[kernel](cfg), args.reps), cfg))
+                    except Exception as e:   # out of shared memory / registers: not a candidate here
+                        print(f"  {kernel} {cfg}: {type(e).__name__}", flush=True)
+                timed.sort(key=lambda t: t[0])
+                base = cuda_ms(lambda: calls[kernel](default), args.reps)
+                best_ms, best = timed[0]
+                print(f"{name:10s} T{T:<6d} {kernel:6s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
+                      f"{best}  next: " + ", ".join(f"{t * 1e3:.0f} {c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"
+                                                    for t, c in timed[1:4]), flush=True)
+                rows.append(result_row(env, shape=name, T=T, kernel=kernel, default_us=base * 1e3,
+                                       best_us=best_ms * 1e3, best=dataclass_dict(best),
+                                       all=[(t * 1e3, dataclass_dict(c)) for t, c in timed]))
+                write_rows(json_path("sweep_train_kernels", args.json), rows)
+
+
+def dataclass_dict(cfg) -> dict:
+    return dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+if __name__ == "__main__":
+    main()
