@@ -89,6 +89,42 @@ def test_op_forward_and_every_gradient_match_peft_math(dtype, adapter_dtype, ada
         assert _rel(g1, g2) <= tol, name
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_op_reading_x_itself_matches_peft_math(dtype, adapter_dtype):
+    """No dropout: every A group reads x itself (the op casts it); x's gradient gets the LoRA part too."""
+    x, _, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(dtype, adapter_dtype)
+    xs = [x, x]
+    outs, _ = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    ref = _peft_math(x, [x.to(adapter_dtype)] * 2, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    tol = FP32_TOL if dtype == torch.float32 else 1e-2
+    assert _rel(torch.cat(outs, -1), ref) <= tol
+    grad = torch.randn_like(ref)
+    inputs = [x, *lora_a, *lora_b]
+    got = torch.autograd.grad(torch.cat(outs, -1), inputs, grad)
+    want = torch.autograd.grad(ref, inputs, grad)
+    for name, g1, g2 in zip(["x", "A0", "A1", "B0", "B1"], got, want):
+        assert _rel(g1, g2) <= tol, name
+
+
+def test_input_grad_op_opcheck_and_its_math():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 16, generator=g)
+    ds = [torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g)]
+    lora_a = [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]
+    d_x = torch.randn(6, 16, generator=g)
+    op = torch.ops.fx_passes.qkvz_lora_input_grad
+    torch.library.opcheck(op.default, (x, ds, lora_a, d_x))
+    torch.library.opcheck(op.default, (x, ds, lora_a, None))
+    d_a, new = op(x, ds, lora_a, d_x)
+    for d, a, got in zip(ds, lora_a, d_a):
+        assert got.shape == a.shape and _rel(got, d.t() @ x) <= FP32_TOL
+    assert _rel(new, d_x + ds[0] @ lora_a[0] + ds[1] @ lora_a[1]) <= FP32_TOL
+    assert op(x, ds, lora_a, None)[1].numel() == 0
+    with pytest.raises(RuntimeError, match="do not fit x"):
+        op(x, ds[::-1], lora_a, d_x)
+
+
 def test_op_opcheck_and_frozen_weights_get_no_gradient():
     x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2, dropout=0.25)
     xs = [t.detach().requires_grad_() for t in xs]

@@ -91,3 +91,23 @@ def test_db_token_splits_cover_every_token():
         got_b = lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, sms=sms)
         for got, want in zip(got_b, want_b):
             _close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("T", [1, 70])
+@pytest.mark.parametrize("shared", [True, False])
+def test_shrink_and_input_grads_of_x_itself(T, shared):
+    """fp16 x under fp32 adapters: s = x @ A^T, dA = ds^T @ x, d_x + sum ds @ A, x cast in registers
+    (H 80: a tail in every column tile; T 70: in every token tile)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(T, 80, generator=g).to(torch.float16)
+    lora_a = [torch.randn(8, 80, generator=g), torch.randn(5, 80, generator=g)]
+    xs = [x, x] if shared else [x, torch.randn(T, 80, generator=g).to(torch.float16)]
+    for got, xg, a in zip(lora_train.shrink(xs, lora_a), xs, lora_a):
+        _close(got, xg.float() @ a.t(), torch.float32)
+    ds = [torch.randn(T, 8, generator=g), torch.randn(T, 5, generator=g)]
+    d_x = torch.randn(T, 80, generator=g).to(torch.float16)
+    d_a, new = lora_train.input_grads(x, ds, lora_a, d_x, sms=4)
+    for got, d in zip(d_a, ds):
+        _close(got, d.t() @ x.float(), torch.float32)
+    _close(new, d_x.float() + ds[0] @ lora_a[0] + ds[1] @ lora_a[1], torch.float16)
+    assert lora_train.input_grads(x, ds, lora_a, None, sms=4)[1] is None

@@ -273,15 +273,14 @@ class QkvzLoraTrainPass:
         groups: dict[Node, int] = {}        # A node -> group index
         xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
         col = 0
-        casts: dict[torch.dtype, Node] = {}   # PEFT casts x once per module: one cast per dtype is enough
+        # Without dropout the op reads x itself: its kernels cast it in registers (PEFT's x.to(adapter dtype)
+        # would be a [T, H] fp32 copy written, read by the shrink and kept for dA)
         dropped_casts: set[Node] = set()
         for p in projections:
             for t in p.terms:
-                if t.dropout is None and _cast_dtype(t.xs) is not None:
-                    kept = casts.setdefault(_cast_dtype(t.xs), t.xs)
-                    if kept is not t.xs:
-                        dropped_casts.add(t.xs)
-                        t.xs = kept
+                if t.dropout is None and _cast_dtype(t.xs) is not None and t.xs.args[0] is x:
+                    dropped_casts.add(t.xs)
+                    t.xs = x
                 if t.a not in groups:
                     groups[t.a] = len(lora_a)
                     lora_a.append(t.a)

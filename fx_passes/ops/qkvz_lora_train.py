@@ -61,8 +61,9 @@ def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
                      lambda: f"{name}: lora_a[{g}] must be [r, H={H}], got {tuple(a.shape)}")
         torch._check(xg.dim() == 2 and xg.shape[0] == T and xg.shape[1] == H,
                      lambda: f"{name}: xs[{g}] must be [T={T}, H={H}], got {tuple(xg.shape)}")
-        torch._check(a.dtype == ad and xg.dtype == ad,
-                     lambda: f"{name}: lora_a[{g}] / xs[{g}] dtypes {a.dtype} / {xg.dtype}, adapters {ad}")
+        torch._check(a.dtype == ad and xg.dtype in (ad, x.dtype),
+                     lambda: f"{name}: lora_a[{g}] / xs[{g}] dtypes {a.dtype} / {xg.dtype}: need the adapters' "
+                             f"{ad} (xs: or x's {x.dtype})")
         torch._check(a.device == x.device and xg.device == x.device,
                      lambda: f"{name}: lora_a[{g}] / xs[{g}] not on {x.device}")
     for i, b in enumerate(lora_b):
@@ -108,7 +109,7 @@ def qkvz_lora_train(
     """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]
-    s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
+    s = [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
     _add_lora_reference(outs, s, lora_b, slice_a, _owners(weights, slice_start, lora_b), scales)
     return outs, s
 
@@ -132,15 +133,33 @@ def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
 def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
-    s = [xg @ a.t() for xg, a in zip(xs, lora_a)]
     owners = _owners(weights, slice_start, lora_b)
-    if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK or any(b.stride(-1) != 1 for b in lora_b):
+    kernels = max(b.shape[1] for b in lora_b) <= KERNEL_MAX_RANK and all(b.stride(-1) == 1 for b in lora_b)
+    s = _shrink_cuda(xs, lora_a) if kernels else [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
+    if not kernels:
         _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
     else:   # one launch over every slice, reading and writing each output once in its own dtype
         from fx_passes.ops.kernels.lora_train import expand_add_   # imports Triton: only on a CUDA call
 
         expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales)
     return outs, s
+
+
+def _shrink_cuda(xs, lora_a) -> list[torch.Tensor]:
+    """``s[g] = xs[g].to(ad) @ A_g^T``: an input in the adapters' dtype through the library GEMM; a 16-bit
+    one under fp32 adapters (x itself, no dropout) through the kernel, which casts it in registers where
+    the library GEMM would need an fp32 copy of [T, H]."""
+    s: list = [None] * len(xs)
+    for g, (xg, a) in enumerate(zip(xs, lora_a)):
+        if xg.dtype == a.dtype:
+            s[g] = xg @ a.t()
+    rest = [g for g in range(len(xs)) if s[g] is None]
+    if rest:
+        from fx_passes.ops.kernels.lora_train import shrink   # imports Triton: only on a CUDA call
+
+        for g, sg in zip(rest, shrink([xs[g] for g in rest], [lora_a[g] for g in rest])):
+            s[g] = sg
+    return s
 
 
 @qkvz_lora_train.register_fake
@@ -157,6 +176,7 @@ def _setup_context(ctx, inputs, output):
     # A groups reading one input (no dropout: q/k/v and z read the same cast of x) share its tensor and,
     # in the backward, its dA / dx GEMMs
     ctx.xs_of = [next(h for h in range(len(xs)) if xs[h] is xg) for xg in xs]
+    ctx.xs_is_x = [xg is x for xg in xs]   # no dropout: the LoRA reads x itself (cast in the kernels)
     distinct = [xg for g, xg in enumerate(xs) if ctx.xs_of[g] == g]
     ctx.n = (len(distinct), len(weights), len(lora_a), len(lora_b))
     # x itself is needed only for a trainable base weight's gradient (frozen: the usual case)
@@ -307,6 +327,60 @@ def _grad_input_fake(dys, weights):
     return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
 
 
+def _check_input_grad_args(x, ds, lora_a, d_x):
+    name = "qkvz_lora_input_grad"
+    torch._check(x.dim() == 2 and len(ds) == len(lora_a) >= 1,
+                 lambda: f"{name}: need a 2-D x and one ds per lora_a, got {tuple(x.shape)}, {len(ds)}, {len(lora_a)}")
+    for g, (d, a) in enumerate(zip(ds, lora_a)):
+        torch._check(d.dim() == 2 and a.dim() == 2 and d.shape == (x.shape[0], a.shape[0]) and a.shape[1] == x.shape[1]
+                     and d.dtype == a.dtype,
+                     lambda: f"{name}: ds[{g}] {tuple(d.shape)} {d.dtype} / lora_a[{g}] {tuple(a.shape)} {a.dtype} do not "
+                             f"fit x {tuple(x.shape)}")
+    torch._check(d_x is None or (d_x.shape == x.shape and d_x.dtype == x.dtype),
+                 lambda: f"{name}: d_x must be like x {tuple(x.shape)} {x.dtype}")
+
+
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_input_grad", mutates_args=())
+def qkvz_lora_input_grad(x: torch.Tensor, ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor],
+                         d_x: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The gradients through A groups whose LoRA input is ``x`` itself (read in the adapters' dtype):
+    ``dA_g = ds_g^T @ x`` and, given ``d_x`` (x's gradient so far), ``d_x + sum_g ds_g @ A_g`` summed in
+    promote(x, adapters) dtype and rounded once to x's dtype (an empty tensor without ``d_x``)."""
+    _check_input_grad_args(x, ds, lora_a, d_x)
+    return _input_grad_reference(x, ds, lora_a, d_x)
+
+
+def _input_grad_reference(x, ds, lora_a, d_x):
+    ad = lora_a[0].dtype
+    d_a = [d.t() @ x.to(ad) for d in ds]
+    if d_x is None:
+        return d_a, x.new_empty((0,))
+    acc = torch.promote_types(x.dtype, ad)
+    total = d_x.to(acc)
+    for d, a in zip(ds, lora_a):
+        total = total + (d @ a).to(acc)
+    return d_a, total.to(x.dtype)
+
+
+@qkvz_lora_input_grad.register_fake
+def _input_grad_fake(x, ds, lora_a, d_x):
+    _check_input_grad_args(x, ds, lora_a, d_x)
+    return [a.new_empty(a.shape) for a in lora_a], (x.new_empty((0,)) if d_x is None else d_x.new_empty(d_x.shape))
+
+
+@cuda_impl("qkvz_lora_input_grad")
+def _input_grad_cuda(x, ds, lora_a, d_x):
+    _check_input_grad_args(x, ds, lora_a, d_x)
+    if max(a.shape[0] for a in lora_a) > KERNEL_MAX_RANK or x.stride(-1) != 1:
+        return _input_grad_reference(x, ds, lora_a, d_x)
+    from fx_passes.ops.kernels.lora_train import input_grads   # imports Triton: only on a CUDA call
+    from fx_passes.ops.tuning import device_info
+
+    ds = [d if d.stride(-1) == 1 else d.contiguous() for d in ds]
+    d_a, new = input_grads(x, ds, lora_a, d_x, device_info(x.device).sms)
+    return d_a, (x.new_empty((0,)) if new is None else new)
+
+
 def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
     x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
     need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
@@ -333,16 +407,25 @@ def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
         d_s = [ds if gs is None else ds + gs.to(ad) for ds, gs in zip(d_s, grad_s)]
     for h in sorted(set(ctx.xs_of)):   # one dA GEMM and one dxs GEMM per distinct LoRA input
         groups = [g for g in range(len(lora_a)) if ctx.xs_of[g] == h]
+        if ctx.xs_is_x[h] and xs[h].dtype != ad:   # x itself under wider adapters: its side in the kernels
+            grads_a, new_dx = torch.ops.fx_passes.qkvz_lora_input_grad(
+                xs[h], [d_s[g] for g in groups], [lora_a[g] for g in groups], d_x)
+            if need[3]:
+                for g, da in zip(groups, grads_a):
+                    d_a[g] = da
+            if d_x is not None:
+                d_x = new_dx   # xs[h]'s gradient folded into x's (the same tensor): none for xs[h]
+            continue
         ds = d_s[groups[0]] if len(groups) == 1 else torch.cat([d_s[g] for g in groups], 1)
         if need[3]:
-            d_a_all = ds.t() @ xs[h]
+            d_a_all = ds.t() @ xs[h].to(ad)
             row = 0
             for g in groups:
                 d_a[g] = d_a_all[row:row + lora_a[g].shape[0]]
                 row += lora_a[g].shape[0]
         if need[1]:   # autograd sums the gradients of one input passed twice: it gets the whole sum once
             a = lora_a[groups[0]] if len(groups) == 1 else torch.cat([lora_a[g] for g in groups], 0)
-            d_xs[h] = ds @ a
+            d_xs[h] = (ds @ a).to(xs[h].dtype)
     return d_x, d_xs, d_w, d_a, d_b, None, None, None
 
 

@@ -83,8 +83,8 @@ def overlap_waves(slice_start: Sequence[int], widths: Sequence[int]) -> list[lis
 # forward: out += scale * s @ B^T
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _expand_add_tile(out_ptr, s_ptr, stride_st, b_ptr, stride_bn, n, col_start, rank, scale, tile_n, pid_m,
-                     T, stride_ot, DOT_PRECISION: tl.constexpr,
+def _expand_add_tile(out_ptr, src_ptr, stride_src, s_ptr, stride_st, b_ptr, stride_bn, n, col_start, rank, scale,
+                     tile_n, pid_m, T, stride_ot, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,14 +98,15 @@ def _expand_add_tile(out_ptr, s_ptr, stride_st, b_ptr, stride_bn, n, col_start, 
     bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
                  other=0.0)   # [BLOCK_R, BLOCK_N] = B^T
     delta = tl.dot(s, bt, input_precision=DOT_PRECISION) * scale
-    o_ptrs = out_ptr + rows64[:, None] * stride_ot + (col_start + offs_n)[None, :]
+    cols = (col_start + offs_n)[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
-    o = tl.load(o_ptrs, mask=o_mask, other=0.0)
-    tl.store(o_ptrs, (o.to(tl.float32) + delta.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=o_mask)
+    o = tl.load(src_ptr + rows64[:, None] * stride_src + cols, mask=o_mask, other=0.0)
+    tl.store(out_ptr + rows64[:, None] * stride_ot + cols, (o.to(tl.float32) + delta.to(tl.float32))
+             .to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
-def _expand_add_kernel(out_ptrs, out_strides, s_ptrs, s_strides, b_ptrs, b_strides, b_n, b_start, b_rank, scales,
+def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptrs, s_strides, b_ptrs, b_strides, b_n, b_start, b_rank, scales,
                        tile_off, T, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -113,7 +114,7 @@ def _expand_add_kernel(out_ptrs, out_strides, s_ptrs, s_strides, b_ptrs, b_strid
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):   # separate tensors per slice: a branch each, unrolled
         if sl == i:
-            _expand_add_tile(out_ptrs[i], s_ptrs[i], s_strides[i], b_ptrs[i], b_strides[i], b_n[i], b_start[i],
+            _expand_add_tile(out_ptrs[i], src_ptrs[i], src_strides[i], s_ptrs[i], s_strides[i], b_ptrs[i], b_strides[i], b_n[i], b_start[i],
                              b_rank[i], scales[i], pid_n - tile_off[i], pid_m, T, out_strides[i],
                              DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
@@ -132,10 +133,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
                 slice_a: Sequence[int], owners: Sequence[tuple[int, int]], slice_start: Sequence[int],
-                scales: Sequence[float], *, launch: Optional[TrainLaunch] = None) -> None:
-    """``outs[p][:, slice i] = round(outs[p][:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
-    slice; ``owners[i] = (p, first column of slice i in outs[p])``, ``slice_start``: the slices' columns
+                scales: Sequence[float], *, srcs: Optional[Sequence[torch.Tensor]] = None,
+                launch: Optional[TrainLaunch] = None) -> None:
+    """``outs[p][:, slice i] = round(srcs[p][:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
+    slice (``srcs``: default ``outs``, in place; else the slices' columns read from there, written to
+    ``outs``); ``owners[i] = (p, first column of slice i in outs[p])``, ``slice_start``: the slices' columns
     over all outputs (which overlap). Arguments checked by the op."""
+    srcs = outs if srcs is None else srcs
     T = outs[0].shape[0]
     if T == 0:
         return
@@ -147,9 +151,10 @@ def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b:
             bs = [lora_b[i] for i in wave]
             ss = [s[slice_a[i]] for i in wave]
             os_ = [outs[owners[i][0]] for i in wave]
+            src = [srcs[owners[i][0]] for i in wave]
             tile_off, n_tiles = _tiles([b.shape[0] for b in bs], block_n)
             _expand_add_kernel[(triton.cdiv(T, block_m), n_tiles)](
-                tuple(os_), tuple(o.stride(0) for o in os_), tuple(ss), tuple(t.stride(0) for t in ss), tuple(bs),
+                tuple(os_), tuple(o.stride(0) for o in os_), tuple(src), tuple(t.stride(0) for t in src), tuple(ss), tuple(t.stride(0) for t in ss), tuple(bs),
                 tuple(b.stride(0) for b in bs), tuple(b.shape[0] for b in bs), tuple(owners[i][1] for i in wave),
                 tuple(b.shape[1] for b in bs), tuple(float(scales[i]) for i in wave), tile_off, T,
                 NUM_SLICES=len(wave), DOT_PRECISION=_precision(bs[0].dtype),
@@ -312,3 +317,42 @@ def lora_db(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequ
                 num_stages=cfg.num_stages,
             )
     return [part[:, rows[i]:rows[i + 1], :b.shape[1]].sum(0).to(ad) for i, b in enumerate(lora_b)]
+
+
+# --------------------------------------------------------------------------------------------
+# the LoRA input's side, when it is x itself in 16 bits (no dropout) under fp32 adapters
+# --------------------------------------------------------------------------------------------
+def _as_slices(lora_a: Sequence[torch.Tensor]):
+    """The A groups as the kernels' slices over the H columns of one input: B_g = A_g^T ([H, r], contiguous)."""
+    n = len(lora_a)
+    return [a.t().contiguous() for a in lora_a], list(range(n)), [(0, 0)] * n, [1.0] * n
+
+
+def shrink(xs: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """``s[g] = xs[g] @ lora_a[g]^T`` in the adapters' dtype, xs cast in registers (the ``dS`` kernel over
+    the H columns: ``x @ A^T`` is ``dy @ B`` with B = A^T); one launch per distinct input tensor."""
+    out: list = [None] * len(xs)
+    for g0, xg in enumerate(xs):
+        if out[g0] is not None:
+            continue
+        groups = [g for g in range(len(xs)) if xs[g] is xg]
+        a_t, slice_a, owners, ones = _as_slices([lora_a[g] for g in groups])
+        for g, sg in zip(groups, lora_ds([xg], a_t, slice_a, owners, ones, [lora_a[g].shape[0] for g in groups])):
+            out[g] = sg
+    return out
+
+
+def input_grads(x: torch.Tensor, ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor],
+                d_x: Optional[torch.Tensor], sms: int) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
+    """For A groups whose LoRA input is ``x``: ``dA_g = ds_g^T @ x`` (the dB kernel over x's H columns,
+    as ``(x^T @ ds_g)^T``) and, given ``d_x``, ``round(d_x + sum_g ds_g @ A_g)`` as a new tensor (the expand
+    kernel over x's columns: every group side by side as one slice of rank sum r_g, one launch)."""
+    a_t, slice_a, owners, ones = _as_slices(lora_a)
+    d_a = [t.t().contiguous() for t in lora_db([x], ds, a_t, slice_a, owners, ones, sms)]
+    if d_x is None:
+        return d_a, None
+    new = torch.empty_like(d_x)
+    ds_all = ds[0] if len(ds) == 1 else torch.cat(list(ds), 1)
+    a_all = a_t[0] if len(a_t) == 1 else torch.cat(a_t, 1)
+    expand_add_([new], [ds_all], [a_all], [0], [(0, 0)], [0], [1.0], srcs=[d_x])
+    return d_a, new
