@@ -95,6 +95,7 @@ def test_op_reading_x_itself_matches_peft_math(dtype, adapter_dtype):
     """No dropout: every A group reads x itself (the op casts it); x's gradient gets the LoRA part too."""
     x, _, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(dtype, adapter_dtype)
     xs = [x, x]
+    torch.library.opcheck(OP.default, (x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales))
     outs, _ = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     ref = _peft_math(x, [x.to(adapter_dtype)] * 2, weights, lora_a, lora_b, slice_a, slice_start, scales)
     tol = FP32_TOL if dtype == torch.float32 else 1e-2

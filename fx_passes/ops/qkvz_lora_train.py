@@ -166,7 +166,7 @@ def _shrink_cuda(xs, lora_a) -> list[torch.Tensor]:
 def _fake(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     return ([x.new_empty((x.shape[0], w.shape[0])) for w in weights],
-            [xg.new_empty((xg.shape[0], a.shape[0])) for xg, a in zip(xs, lora_a)])
+            [a.new_empty((xg.shape[0], a.shape[0])) for xg, a in zip(xs, lora_a)])
 
 
 def _setup_context(ctx, inputs, output):
