@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tf32", action="store_true",
                     help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32) in every variant")
+    ap.add_argument("--mode", default=None, help="torch.compile mode of every variant (e.g. reduce-overhead)")
     ap.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels (one step)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -150,14 +151,16 @@ def main() -> None:
                 exact.zero_grad()
                 torch.autograd.backward(exact(x32), [gr.float() for gr in grads])
                 ref = lora_grads(exact)
-                row = dict(shape=name, r=r, T=T, dropout=args.dropout, tf32=args.tf32, cells={})
+                row = dict(shape=name, r=r, T=T, dropout=args.dropout, tf32=args.tf32, mode=args.mode, cells={})
                 for variant in VARIANTS:
                     model = models["frozen" if variant == "frozen" else "lora"]
                     torch._dynamo.reset()
                     model.zero_grad()
-                    backend = (FxPassesBackend(QkvzFusionConfig(fuse_training=True)) if variant == "fx_passes"
-                               else "inductor")
-                    compiled = torch.compile(model, backend=backend, dynamic=False)
+                    if variant == "fx_passes":
+                        backend = FxPassesBackend(QkvzFusionConfig(fuse_training=True), mode=args.mode)
+                        compiled = torch.compile(model, backend=backend, dynamic=False)
+                    else:
+                        compiled = torch.compile(model, backend="inductor", mode=args.mode, dynamic=False)
                     step = step_fn(compiled, x, grads)
                     c0 = time.perf_counter()
                     torch.manual_seed(0)

@@ -34,8 +34,9 @@ class QkvzFusionConfig:
         (``None``: read the ``FX_PASSES_DUMP_DIR`` environment variable when the pass is made).
     fuse_training: the backend rewrites graphs compiled for training (grad enabled, trainable LoRA) into
         ``fx_passes.qkvz_lora_train`` before AOTAutograd (:mod:`fx_passes.fusion.train_lora_fusion`). Off
-        by default: its plain-torch implementation is correct but slower than Inductor's unfused compile
-        on the GPU (``benchmarks/bench_train_block.py``: 0.62-0.80x, peak memory 1.02-1.05x); on with
+        by default while it is not faster than Inductor's unfused compile everywhere: faster where the
+        GPU bounds the step (1.23-1.43x at 16384 tokens), slower where the host does (0.45-0.64x at 35B-A3B
+        widths and <= 4096 tokens), peak memory 0.28-0.45x (``benchmarks/bench_train_block.py``); on with
         ``FX_PASSES_FUSE_TRAINING=1`` or ``QkvzFusionConfig(fuse_training=True)``.
     """
 

@@ -111,3 +111,37 @@ def test_shrink_and_input_grads_of_x_itself(T, shared):
         _close(got, d.t() @ x.float(), torch.float32)
     _close(new, d_x.float() + ds[0] @ lora_a[0] + ds[1] @ lora_a[1], torch.float16)
     assert lora_train.input_grads(x, ds, lora_a, None, sms=4)[1] is None
+
+
+def test_the_ops_cuda_glue_matches_their_torch_implementations():
+    """The ops' CUDA implementations (called directly on CPU tensors: the interpreter runs their kernels)
+    against the same ops' torch implementations: a GDN-like layer with q | k | v | z LoRA, b / a without,
+    x itself as the LoRA input (fp16 under fp32 adapters), then the three backward ops."""
+    import importlib
+
+    train = importlib.import_module("fx_passes.ops.qkvz_lora_train")
+    g = torch.Generator().manual_seed(7)
+    T, H = 70, 48
+    widths = [88, 40, 4, 4]
+    x = torch.randn(T, H, generator=g).to(torch.float16)
+    weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
+    lora_a = [torch.randn(8, H, generator=g) * 0.3, torch.randn(8, H, generator=g) * 0.3]
+    lora_b = [torch.randn(88, 8, generator=g) * 0.3, torch.randn(40, 8, generator=g) * 0.3]
+    args = (x, [x, x], weights, lora_a, lora_b, [0, 1], [0, 88], [2.0, 0.5])
+    got_outs, got_s = train._train_cuda(*args)
+    want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
+    for got, want in zip(got_outs + got_s, want_outs + want_s):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        _close(got, want, got.dtype if got.dtype == torch.float16 else torch.float32)
+    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
+    grad_args = (dys, want_s, lora_b, [0, 1], [0, 88], [2.0, 0.5], True)
+    for got, want in zip(sum(train._grad_cuda(*grad_args), []), sum(torch.ops.fx_passes.qkvz_lora_train_grad(*grad_args), [])):
+        _close(got, want, torch.float32)
+    d_x = torch.ops.fx_passes.qkvz_grad_input(dys, weights)
+    _close(train._grad_input(dys, weights), d_x, torch.float16)
+    ds = [torch.randn(T, 8, generator=g), torch.randn(T, 8, generator=g)]
+    got_a, got_dx = train._input_grad_cuda(x, ds, lora_a, d_x)
+    want_a, want_dx = torch.ops.fx_passes.qkvz_lora_input_grad(x, ds, lora_a, d_x)
+    for got, want in zip(got_a, want_a):
+        _close(got, want, torch.float32)
+    _close(got_dx, want_dx, torch.float16)

@@ -22,6 +22,9 @@ Fused::
                                         [B_qkv, B_z, ...], slice_a, slice_start, scales)
     y_qkv, y_z(, y_b, y_a) = outs[p].reshape(*x.shape[:-1], n_p)     (one output per projection)
 
+where ``d_p`` is the dropout's output, or x2d itself without dropout (PEFT's cast of x to the adapters'
+dtype is dropped: the op casts x in its kernels, and keeps x rather than an fp32 copy for the backward).
+
 The dropout nodes stay in the graph (the op reads their outputs), so the masks are Inductor's RNG as
 without the pass; only the graph position of a dropout may move (the op and its users are reordered
 topologically). A layer is rewritten only when every projection's chain matches exactly, every removed

@@ -11,8 +11,9 @@ Importing this package registers them:
   :mod:`fx_passes.ops.qkvz_gemm_lora`).
 * ``torch.ops.fx_passes.qkvz_lora_train(x, xs, weights, lora_a, lora_b, ...) -> (Tensor[], Tensor[])`` — the
   same block with trainable LoRA, one output per projection (per-group LoRA inputs, e.g. dropout masks;
-  autograd-aware: its backward calls ``torch.ops.fx_passes.qkvz_lora_train_grad`` for dS / dB, batched
-  over the slices; see :mod:`fx_passes.ops.qkvz_lora_train`).
+  autograd-aware: its backward calls ``qkvz_grad_input`` (dx), ``qkvz_lora_train_grad`` (dS / dB, batched
+  over the slices) and ``qkvz_lora_input_grad`` (dA and x's LoRA gradient when the LoRA reads x itself);
+  see :mod:`fx_passes.ops.qkvz_lora_train`).
 """
 from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed
 from fx_passes.ops.qkvz_lora import qkvz_lora_, qkvz_lora_reference

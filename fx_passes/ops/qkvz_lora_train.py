@@ -3,7 +3,7 @@
 ``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (outs, s)``::
 
     outs[p]   = x @ W_p^T                                   rounded to x's dtype, one tensor per projection
-    s[g]      = xs[g] @ lora_a[g]^T                         [T, r_g], the adapters' dtype
+    s[g]      = xs[g].to(adapters) @ lora_a[g]^T            [T, r_g], the adapters' dtype
     delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i) of cat(outs)
     outs[p][:, slice i] = round(base + delta[i]), summed in promote(x, adapters) dtype and rounded to x's
                 dtype once per slice (two slices over the same columns: once each)
@@ -12,7 +12,8 @@ which is what PEFT's LoRA ``Linear`` computes for every adapter of every project
 base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
 it rounds: the expand and its scaling are not rounded apart from the sum. ``slice_start`` counts columns
 of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
-group ``g``: ``x`` itself, or what PEFT made of it (the cast to the adapters' dtype, its dropout): dropout
+group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels' registers), or what PEFT
+made of it (the cast to the adapters' dtype, its dropout): dropout
 stays outside the op, so Inductor's RNG is the one that draws the masks, and q / k / v (one PEFT module,
 one A) read one mask, z another. Slices may overlap (two adapters on one projection add up). ``s`` is
 returned so that autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
@@ -26,7 +27,8 @@ Backward (:func:`_backward`, traced by AOTAutograd into the joint graph): ``dx =
 (:func:`qkvz_grad_input`: GEMMs accumulating into one buffer); the LoRA gradients that read ``dout``, :func:`qkvz_lora_train_grad`
 (``dS[g] = sum_i scales[i] * dout_i @ B_i``, ``dB_i = scales[i] * dout_i^T @ s[g]``: Triton on CUDA,
 :mod:`fx_passes.ops.kernels.lora_train`); then ``dA = dS^T @ xs[g]`` (q, k, v: one dA) and ``dxs[g] = dS @
-A``, one GEMM each per distinct LoRA input (A groups reading the same tensor side by side); frozen weights
+A``, one GEMM each per distinct LoRA input (A groups reading the same tensor side by side; for x itself
+under wider adapters :func:`qkvz_lora_input_grad`, which adds ``dS @ A`` into dx in the kernels); frozen weights
 (no ``requires_grad``) get no gradient work.
 """
 from __future__ import annotations

@@ -4,7 +4,8 @@
 * :mod:`.lora_shrink` -- ``s = x @ A^T`` per A group and adapter (split-K);
 * :mod:`.lora_expand` -- ``out[:, slice] += scale * s @ B^T`` (the two-launch LoRA of ``qkvz_lora_``);
 * :mod:`.gemm_lora_decode` -- small-T GEMM with the expand in its epilogue;
-* :mod:`.gemm_lora_prefill` -- persistent TMA GEMM with the expand in its epilogue (Hopper+).
+* :mod:`.gemm_lora_prefill` -- persistent TMA GEMM with the expand in its epilogue (Hopper+);
+* :mod:`.lora_train` -- the training op's LoRA: expand-add over every slice, dS / dB, x's side.
 
 :mod:`fx_passes.ops.dispatch` chooses among them; launch choices come from :mod:`fx_passes.ops.tuning`.
 """

@@ -1,16 +1,17 @@
-"""The LoRA half of ``fx_passes::qkvz_lora_train`` on a GPU (semantics: :mod:`fx_passes.ops.qkvz_lora_train`):
-three kernels around the library GEMMs, each reading the [T, N] tensor it works on once, in its own
-16-bit dtype, where the unfused graph makes fp32 copies of it and reads them two or three times.
+"""The LoRA half of ``fx_passes::qkvz_lora_train`` and its backward ops on a GPU (semantics:
+:mod:`fx_passes.ops.qkvz_lora_train`): kernels around the library GEMMs, each reading the [T, N] (or [T, H])
+tensor it works on once, in its own 16-bit dtype, where the unfused graph makes fp32 copies of it and reads
+them two or three times.
 
-Forward, after the base GEMM wrote ``out`` (x's dtype) and the shrink ``s[g]`` (the adapters' dtype)::
+Forward, after the base GEMMs wrote ``outs`` (one per projection, x's dtype) and the shrink ``s[g]``::
 
-    _expand_add_kernel   out[:, slice i] = round(out[:, slice i] + scales[i] * s[slice_a[i]] @ B_i^T)
+    _expand_add_kernel   outs[p][:, slice i] = round(outs[p][:, slice i] + scales[i] * s[slice_a[i]] @ B_i^T)
 
 grid ``(cdiv(T, BLOCK_M), column tiles of all slices)``: the sum in fp32, rounded once per slice, as
 PEFT's ``result + lora_B(lora_A(x)) * scaling`` then ``.to(x.dtype)``. Slices over the same columns (two
 adapters on one projection) go to successive launches, in slice order (:func:`overlap_waves`).
 
-Backward, given ``dy`` = the output's gradient (x's dtype)::
+Backward, given ``dy_p`` = the outputs' gradients (x's dtype)::
 
     _ds_kernel   part[c] = scales[i] * dy[:, chunk c of slice i] @ B_i[chunk c]     dS[g] = sum of g's chunks
     _db_kernel   part[p, rows of i] = scales[i] * dy[T-split p, slice i]^T @ s[g]   dB_i = sum over p
@@ -19,6 +20,11 @@ Both split their reduction (the columns of a group, the tokens) into fixed chunk
 buffer and summed by torch afterwards: deterministic (no atomics), and enough programs to fill the GPU at
 T 2048 where one program per token tile (dS) or per column tile (dB) would not. dy is multiplied in the
 adapters' dtype (fp32 adapters: an exact upcast).
+
+The same two kernels serve the LoRA input's side when it is x itself (no dropout; :func:`shrink`,
+:func:`input_grads`): ``x @ A^T`` is the dS kernel over x's H columns with B = A^T, ``dA^T = x^T @ dS`` the
+dB kernel, and x's LoRA gradient ``dS @ A`` the expand kernel adding into x's gradient: x is cast to the
+adapters' dtype in registers, never written as an fp32 [T, H] copy.
 
 fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (:func:`fp32_dot_precision`): fp32-level
 accuracy (``tf32x3``) by default, like the ``torch.mm`` calls of the unfused graph; TF32 where the user
