@@ -184,11 +184,12 @@ def clean_dump_dir(out_dir: str) -> None:
 
 def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional[QkvzFusionConfig] = None, *,
                  dynamic: Optional[bool] = None, inductor_options: Optional[dict] = None, use_depyf: bool = True,
-                 clean: bool = True, what: Optional[str] = None) -> DumpResult:
+                 clean: bool = True, what: Optional[str] = None, backward: bool = False) -> DumpResult:
     """Compile ``model`` with the fx_passes backend, run it once, and write one dump folder.
 
     ``example_inputs``: a dict (keyword arguments), a tuple / list (positional arguments) or one
-    argument. Runs in the caller's grad mode. ``config``: the pass configuration (its ``dump_dir`` is
+    argument. Runs in the caller's grad mode. ``backward``: also run the backward of the output's sum (its
+    first tensor, or ``.logits``), so a training compile's backward graph is compiled and dumped too. ``config``: the pass configuration (its ``dump_dir`` is
     replaced by ``out_dir``). Resets Dynamo before and after (a function compiled earlier would
     otherwise not recompile, so the pass would not run) and disables Inductor's caches for the compile.
     ``clean`` removes an earlier dump's files from ``out_dir`` first.
@@ -218,6 +219,8 @@ def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional
             with depyf_context as depyf_on:
                 compiled = torch.compile(model, backend=backend, dynamic=dynamic)
                 output = compiled(*args, **kwargs)
+                if backward:
+                    _first_tensor(output).float().sum().backward()
                 # `compiled` stays alive until depyf has read the cache entries on exit
     except Exception as error:  # noqa: BLE001  (record, then re-raise)
         info["error"] = f"{type(error).__name__}: {error}"
@@ -245,6 +248,18 @@ def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional
                       report_json=os.path.join(out_dir, REPORT_JSON))
 
 
+def _first_tensor(output: Any):
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"dump_compile(backward=True): no tensor to take the backward of in a {type(output).__name__}")
+
+
 def _split_inputs(example_inputs: Any) -> tuple[tuple, dict]:
     if isinstance(example_inputs, dict):
         return (), dict(example_inputs)
@@ -263,6 +278,9 @@ def add_arguments(parser) -> None:
                                                                 "an earlier dump's files in it are replaced)")
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="LoRA dropout; > 0 compiles in train mode, so every layer is skipped (a report demo)")
+    parser.add_argument("--train", action="store_true",
+                        help="a training step (train mode, grad enabled, forward + backward) with the training "
+                             "rewrite on: its Dynamo graphs before / after, then Inductor's forward and backward")
     parser.add_argument("--no-depyf", action="store_true", help="only our before/after graphs and the report")
 
 
@@ -275,16 +293,18 @@ def run(args) -> int:
     spec = TinyQwen35Spec(num_layers=args.layers, moe=args.moe)
     model = add_lora(build_tiny_qwen35(spec, dtype=getattr(torch, args.dtype), device=args.device),
                      r=args.rank, dropout=args.dropout)
-    packed = 0 if args.no_pack else pack_qkvz_weights(model)
-    if args.dropout > 0:
+    packed = 0 if args.no_pack or args.train else pack_qkvz_weights(model)
+    if args.dropout > 0 or args.train:
         model.train()
     what = (f"tiny Qwen3.5{'-MoE' if args.moe else ''} ({spec.num_gdn_layers} GDN layer(s)), PEFT LoRA r={args.rank}"
-            f"{f' dropout={args.dropout} (train mode)' if args.dropout > 0 else ''}, {args.dtype} on {args.device}, "
-            f"weights of {packed} layer(s) packed{', dynamic' if args.dynamic else ''}")
+            f"{f' dropout={args.dropout} (train mode)' if args.dropout > 0 else ''}"
+            f"{', a training step (forward + backward, training rewrite on)' if args.train else ''}, {args.dtype} on "
+            f"{args.device}, weights of {packed} layer(s) packed{', dynamic' if args.dynamic else ''}")
     ids = example_inputs(spec, device=args.device)
-    with torch.no_grad():
-        result = dump_compile(model, {"input_ids": ids}, args.out, dynamic=args.dynamic or None,
-                              use_depyf=not args.no_depyf, what=what)
+    config = QkvzFusionConfig(fuse_training=True) if args.train else None
+    with torch.set_grad_enabled(args.train):
+        result = dump_compile(model, {"input_ids": ids}, args.out, config, dynamic=args.dynamic or None,
+                              use_depyf=not args.no_depyf, what=what, backward=args.train)
     depyf_note = (f"depyf: {len(result.depyf_files)} files in {result.depyf_dir}" if result.depyf_available
                   else "depyf: not run" + (" (not installed)" if not args.no_depyf else ""))
     print(f"wrote {result.out_dir}: {len(result.graphs)} graph(s), {len(result.layers)} GDN layer candidate(s), "

@@ -43,9 +43,10 @@ class DumpedGraph:
 
 
 def write_pass_dump(dump_dir: str, report: GraphReport, before_code: Optional[str],
-                    after_code: Optional[str]) -> Optional[DumpedGraph]:
-    """Called by the pass after each graph: write graph_<i>_{before,after}.py and graph_<i>.json, then
-    rebuild report.txt / report.json. A failure to write is logged as a warning (it never breaks a compile).
+                    after_code: Optional[str], graph_kind: str = "post-grad ATen graph") -> Optional[DumpedGraph]:
+    """Called by a pass after each graph: write graph_<i>_{before,after}.py and graph_<i>.json, then
+    rebuild report.txt / report.json. ``graph_kind``: which graph the pass saw (the headers say it). A
+    failure to write is logged as a warning (it never breaks a compile).
 
     Logs one DEBUG line only: the pass itself already logs the INFO summary and the per-layer lines.
     """
@@ -54,7 +55,7 @@ def write_pass_dump(dump_dir: str, report: GraphReport, before_code: Optional[st
             os.makedirs(dump_dir, exist_ok=True)
             index, before_path = _reserve_index(dump_dir)
             header = (f"# fx_passes {report.pass_name}: dump graph {index:03d} (pass graph {report.graph_index}, "
-                      f"pid {os.getpid()}), post-grad ATen graph {{}} the pass\n")
+                      f"pid {os.getpid()}), {graph_kind} {{}} the pass\n")
             with open(before_path, "w") as out:
                 out.write(header.format("BEFORE") + _as_python(before_code))
             after_path = os.path.join(dump_dir, f"graph_{index:03d}_after.py")
@@ -66,8 +67,9 @@ def write_pass_dump(dump_dir: str, report: GraphReport, before_code: Optional[st
             write_summary(dump_dir)
         logger.debug("dump: graph %03d of %s -> %s", index, report.pass_name, os.path.abspath(dump_dir))
         return DumpedGraph(index, before_path, after_path, json_path)
-    except OSError as error:
-        logger.warning("fx_passes dump to %s failed: %s", dump_dir, error)
+    except Exception as error:  # noqa: BLE001  (a dump is a side product: it never breaks a compile)
+        logger.warning("fx_passes dump to %s failed: %s: %s", dump_dir, type(error).__name__, error,
+                       exc_info=logger.isEnabledFor(logging.DEBUG))
         return None
 
 

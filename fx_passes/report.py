@@ -65,6 +65,9 @@ def count_ops(graph: torch.fx.Graph) -> dict[str, int]:
 # The ops a rewritten layer runs; each rewritten layer emits exactly one qkvz_gemm or qkvz_gemm_lora.
 FUSED_OPS = ("qkvz_gemm_lora", "qkvz_gemm", "qkvz_lora_")
 _LAYER_OPS = ("qkvz_gemm_lora", "qkvz_gemm")
+# What a layer fused by the training rewrite (fx_passes.fusion.train_lora_fusion) runs: the op in the forward
+# graph, its backward ops in the backward graph.
+TRAIN_OPS = ("qkvz_lora_train", "qkvz_lora_train_grad")
 # A call of one of our ops in Inductor's output code: the Python wrapper's `torch.ops.fx_passes.<op>.default(`
 # or the C++ wrapper's "fx_passes::<op>" (comment lines, which name source nodes, are skipped).
 _CALL_RE = re.compile(r"torch\.ops\.fx_passes\.(\w+)\.default\(|\"fx_passes::(\w+)\"")
@@ -129,6 +132,11 @@ class GraphReport(LayerViews):
             why = ("served from Inductor's FX graph cache, the pass did not run" if self.source == FROM_CACHE
                    else "the pass was not called for it in this process")
             return f"{self.pass_name} graph {self.graph_index}: {why}; its compiled code calls {calls}"
+        trained = {op: self.ops_before.get(f"fx_passes.{op}.default", 0) for op in TRAIN_OPS}
+        if not self.layers and any(trained.values()):   # a training graph the backend rewrote before AOTAutograd
+            calls = ", ".join(f"{n} fx_passes.{op}" for op, n in trained.items() if n)
+            return (f"{self.pass_name} graph {self.graph_index}: no GDN layer left to fuse: fused by the training "
+                    f"rewrite ({calls})")
         return (f"{self.pass_name} graph {self.graph_index}: {len(self.layers)} GDN layer(s) found, "
                 f"{len(self.rewritten)} rewritten, {len(self.skipped)} skipped")
 

@@ -142,6 +142,30 @@ def test_cli_dump_reports_skip_reason_without_depyf(tmp_path, monkeypatch, capsy
         (out / "graph_000_after.py").read_text().split("\n", 1)[1]          # unchanged graph
 
 
+def test_cli_dump_of_a_training_step_shows_the_training_rewrite(tmp_path, monkeypatch, capsys):
+    """`python -m fx_passes dump --train`: the training rewrite's Dynamo graph before / after (PEFT's LoRA
+    linears -> one fx_passes.qkvz_lora_train), then Inductor's forward and backward graphs, which name the
+    op and its backward op as what fused their GDN layer."""
+    from fx_passes.__main__ import main
+
+    monkeypatch.setitem(sys.modules, "depyf", None)
+    out = tmp_path / "dump"
+    assert main(["dump", "--layers", "1", "--train", "--out", str(out)]) == 0
+    assert "1 rewritten, 0 skipped" in capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+    passes = [g["report"]["pass_name"] for g in data["graphs"]]
+    assert passes == ["qkvz_lora_train_fusion", "qkvz_lora_fusion", "qkvz_lora_fusion"], passes
+    before, after = (out / "graph_000_before.py").read_text(), (out / "graph_000_after.py").read_text()
+    assert "Dynamo graph" in before.splitlines()[0] and "fx_passes.qkvz_lora_train" not in before
+    assert after.count("fx_passes.qkvz_lora_train") == 1
+    assert before.count("lora_A") > after.count("lora_A")      # the LoRA linears left; their weights stay inputs
+    text = (out / "report.txt").read_text()
+    assert "REWRITTEN" in text and LAYER in text
+    assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train)" in text
+    assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train_grad)" in text
+    assert "qkvz_lora_train_grad" in (out / "graph_002_after.py").read_text()
+
+
 def test_env_switch_dumps_every_graph_of_every_pass_instance(tmp_path, monkeypatch):
     """FX_PASSES_DUMP_DIR alone (read when the pass is made): two backends = two pass instances, both
     numbering their graph 0, write into one folder without colliding; report.json holds both. Caches are

@@ -267,6 +267,17 @@ def _assert_rewritten(backend: FxPassesBackend, graphs: list, layers: int, graph
         assert not lora_linears, [n.name for n in lora_linears]
         if not graph_breaks:   # (a graph Inductor failed on may be left half-way through its own passes)
             assert sum(n.target is TRAIN_OP for n in nodes) == len(report.rewritten)
+    if not graph_breaks:
+        # what Inductor compiled, after AOTAutograd (the post-grad pass's view of the forward and backward
+        # graphs): the op in the forward (a checkpointed step recomputes it in the backward too), its
+        # backward ops once per layer, and no GDN layer left for the post-grad pass to fuse
+        post = backend.fusion_pass.reports
+        calls = {op: sum(r.ops_before.get(f"fx_passes.{op}.default", 0) for r in post)
+                 for op in ("qkvz_lora_train", "qkvz_lora_train_grad", "qkvz_grad_input")}
+        assert calls["qkvz_lora_train"] >= layers and calls["qkvz_lora_train_grad"] == layers, calls
+        # (the first layer's input, the frozen embeddings' output, needs no gradient: no dx there)
+        assert layers - 1 <= calls["qkvz_grad_input"] <= layers and not any(r.layers for r in post), calls
+        assert any("fused by the training rewrite" in r.summary() for r in post), [r.summary() for r in post]
 
 
 @pytest.mark.parametrize("case", [

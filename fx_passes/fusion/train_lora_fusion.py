@@ -193,6 +193,7 @@ class QkvzLoraTrainPass:
 
     def __call__(self, gm: GraphModule) -> GraphReport:
         report = GraphReport(pass_name=self.pass_name, graph_index=len(self.reports))
+        before_code = gm.print_readable(print_output=False) if self.config.dump_dir else None
         for graph in _graphs(gm):
             before = count_ops(graph)
             changed = self._rewrite_graph(graph, report)
@@ -206,6 +207,12 @@ class QkvzLoraTrainPass:
         logger.info(report.summary(), extra={"fx_passes_report": report.to_dict()})
         for layer in report.layers:
             logger.debug("%s", layer.line())
+        if self.config.dump_dir:
+            from fx_passes.dump_files import write_pass_dump
+
+            gm.recompile()
+            write_pass_dump(self.config.dump_dir, report, before_code, gm.print_readable(print_output=False),
+                            graph_kind="Dynamo graph (torch level, before AOTAutograd; checkpoint bodies inside)")
         return report
 
     # ------------------------------------------------------------------------------------------------
