@@ -8,29 +8,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
-
 import torch
 
+from benchmarks.bench_train_block import time_steps
 from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
 from fx_passes.ops.kernels import lora_train as lt
 from fx_passes.ops.qkvz_lora_train import slice_owners
 from fx_passes.ops.tuning import device_info
-
-
-def cuda_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def launches(block_ms, block_ns, warps, stages):
@@ -72,11 +56,11 @@ def main() -> None:
                 timed = []
                 for cfg in cands:
                     try:
-                        timed.append((cuda_ms(lambda: calls[kernel](cfg), args.reps), cfg))
+                        timed.append((time_steps(lambda: calls[kernel](cfg), args.reps), cfg))
                     except Exception as e:   # out of shared memory / registers: not a candidate here
                         print(f"  {kernel} {cfg}: {type(e).__name__}", flush=True)
                 timed.sort(key=lambda t: t[0])
-                base = cuda_ms(lambda: calls[kernel](default), args.reps)
+                base = time_steps(lambda: calls[kernel](default), args.reps)
                 best_ms, best = timed[0]
                 print(f"{name:10s} T{T:<6d} {kernel:6s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
                       f"{best}  next: " + ", ".join(f"{t * 1e3:.0f} {c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"

@@ -145,11 +145,16 @@ def test_op_opcheck_and_frozen_weights_get_no_gradient():
 def test_op_rejects_bad_arguments_with_a_clear_error(change, message):
     args = list(_op_case())
     change(args)
+    _raises_real_and_fake(OP, args, message)
+
+
+def _raises_real_and_fake(op, args, message) -> None:
+    """The same clear error from the real implementation and from the fake (what a compile runs)."""
     with pytest.raises(RuntimeError, match=message):
-        OP(*args)
+        op(*args)
     fake = torch._subclasses.FakeTensorMode()
     with fake, pytest.raises(RuntimeError, match=message):
-        OP(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
+        op(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
 
 
 GRAD_OP = torch.ops.fx_passes.qkvz_lora_train_grad
@@ -196,11 +201,7 @@ def test_grad_input_op_opcheck_and_its_math():
 def test_grad_op_rejects_bad_arguments_with_a_clear_error(change, message):
     args = _grad_case()
     change(args)
-    with pytest.raises(RuntimeError, match=message):
-        GRAD_OP(*args)
-    fake = torch._subclasses.FakeTensorMode()
-    with fake, pytest.raises(RuntimeError, match=message):
-        GRAD_OP(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
+    _raises_real_and_fake(GRAD_OP, args, message)
 
 
 # ------------------------------------------------------------------------------------------------

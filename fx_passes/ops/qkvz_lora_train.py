@@ -153,8 +153,8 @@ def _shrink_cuda(xs, lora_a) -> list[torch.Tensor]:
     the library GEMM would need an fp32 copy of [T, H]."""
     s: list = [None] * len(xs)
     for g, (xg, a) in enumerate(zip(xs, lora_a)):
-        if xg.dtype == a.dtype:
-            s[g] = xg @ a.t()
+        if xg.dtype == a.dtype or xg.stride(-1) != 1:   # (the kernel reads rows of unit stride)
+            s[g] = xg.to(a.dtype) @ a.t()
     rest = [g for g in range(len(xs)) if s[g] is None]
     if rest:
         from fx_passes.ops.kernels.lora_train import shrink   # imports Triton: only on a CUDA call
@@ -379,6 +379,7 @@ def _input_grad_cuda(x, ds, lora_a, d_x):
     from fx_passes.ops.tuning import device_info
 
     ds = [d if d.stride(-1) == 1 else d.contiguous() for d in ds]
+    d_x = d_x if d_x is None or d_x.is_contiguous() else d_x.contiguous()
     d_a, new = input_grads(x, ds, lora_a, d_x, device_info(x.device).sms)
     return d_a, (x.new_empty((0,)) if new is None else new)
 
