@@ -271,6 +271,41 @@ def _(query, key, value, g, beta, use_qk_l2norm):
     return value.new_empty(value.shape, dtype=query.dtype)  # [batch, seq, v_heads, v_dim], query's dtype
 
 
+@torch.library.custom_op("bench_model::gdn_chunk_rule_bwd", mutates_args=())
+def gdn_chunk_rule_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                       beta: torch.Tensor, use_qk_l2norm: bool, grad: torch.Tensor) -> list[torch.Tensor]:
+    """The rule's input gradients (training benchmarks), by recomputing it eagerly under ``torch.func.vjp``
+    (not torch.autograd: a custom op's kernel runs below the autograd dispatch keys)."""
+    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+
+    chunked = hf.torch_chunk_gated_delta_rule
+    chunked = getattr(chunked, "bench_original", chunked)
+
+    def rule(q, k, v, gg, b):
+        return chunked(q, k, v, g=gg, beta=b, initial_state=None, output_final_state=False,
+                       use_qk_l2norm_in_kernel=use_qk_l2norm)[0]
+
+    out, vjp = torch.func.vjp(rule, query, key, value, g, beta)
+    return [d.to(t.dtype).contiguous() for t, d in zip((query, key, value, g, beta), vjp(grad.to(out.dtype)))]
+
+
+@gdn_chunk_rule_bwd.register_fake
+def _(query, key, value, g, beta, use_qk_l2norm, grad):
+    return [t.new_empty(t.shape) for t in (query, key, value, g, beta)]
+
+
+def _gdn_rule_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:5])
+    ctx.l2 = inputs[5]
+
+
+def _gdn_rule_backward(ctx, grad):
+    return (*torch.ops.bench_model.gdn_chunk_rule_bwd(*ctx.saved_tensors, ctx.l2, grad), None)
+
+
+gdn_chunk_rule_op.register_autograd(_gdn_rule_backward, setup_context=_gdn_rule_setup)
+
+
 @functools.lru_cache(maxsize=None)
 def _recurrent_step():
     """transformers' recurrent rule compiled on its own (lazily: the first call compiles per shape)."""

@@ -6,7 +6,7 @@ adapters: PEFT's default) on ``in_proj_qkv`` / ``in_proj_z``, train mode. One st
 cross-entropy of the logits (eager, outside the compiled model), ``loss.backward()``, AdamW step on the adapters, ``zero_grad``. Per variant: ms
 per step (CUDA events, median of ``--reps``), peak memory of a step above what is allocated before it, the
 loss against Inductor's. The gated-delta core (transformers' chunked torch rule) runs as one opaque op with
-a recomputing backward in both variants (compiled as Python, Dynamo unrolls its 64-token chunk loop: minutes
+a recomputing backward in both variants (``benchmarks.bench_model.gdn_core``) (compiled as Python, Dynamo unrolls its 64-token chunk loop: minutes
 of compile; it is not what the pass rewrites).
 
     python -m benchmarks.bench_train_model --preset 35b,27b --seq 2048,8192
@@ -14,91 +14,18 @@ of compile; it is not what the pass rewrites).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import statistics
 import time
-from unittest import mock
 
 import torch
 
-from benchmarks.bench_model import PRESETS, build_base_model, preset_names
+from benchmarks.bench_model import PRESETS, build_base_model, gdn_core, preset_names
 from benchmarks.common import csv_list, environment, json_path, result_row, write_rows
 from fx_passes.backend import FxPassesBackend
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.models import add_lora
 
 VARIANTS = ("inductor", "fx_passes")
-
-
-def _chunked():
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
-
-    fn = hf.torch_chunk_gated_delta_rule
-    return getattr(fn, "bench_original", fn)
-
-
-@torch.library.custom_op("bench_train::gdn_chunk_rule", mutates_args=())
-def gdn_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-             use_qk_l2norm: bool) -> torch.Tensor:
-    """transformers' chunked gated-delta rule (zero state) as one opaque op, the same in every variant."""
-    out, _ = _chunked()(query, key, value, g=g, beta=beta, initial_state=None, output_final_state=False,
-                        use_qk_l2norm_in_kernel=use_qk_l2norm)
-    return out.contiguous()
-
-
-@gdn_rule.register_fake
-def _(query, key, value, g, beta, use_qk_l2norm):
-    return value.new_empty(value.shape, dtype=query.dtype)
-
-
-@torch.library.custom_op("bench_train::gdn_chunk_rule_bwd", mutates_args=())
-def gdn_rule_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                 use_qk_l2norm: bool, grad: torch.Tensor) -> list[torch.Tensor]:
-    """The rule's input gradients, by recomputing it (eager) under ``torch.func.vjp``."""
-    def rule(q, k, v, gg, b):
-        return _chunked()(q, k, v, g=gg, beta=b, initial_state=None, output_final_state=False,
-                          use_qk_l2norm_in_kernel=use_qk_l2norm)[0]
-
-    # torch.func, not torch.autograd: a custom op's kernel runs below the autograd dispatch keys
-    out, vjp = torch.func.vjp(rule, query, key, value, g, beta)
-    return [d.to(t.dtype).contiguous() for t, d in zip((query, key, value, g, beta), vjp(grad.to(out.dtype)))]
-
-
-@gdn_rule_bwd.register_fake
-def _(query, key, value, g, beta, use_qk_l2norm, grad):
-    return [t.new_empty(t.shape) for t in (query, key, value, g, beta)]
-
-
-def _setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:5])
-    ctx.l2 = inputs[5]
-
-
-def _backward(ctx, grad):
-    return (*torch.ops.bench_train.gdn_chunk_rule_bwd(*ctx.saved_tensors, ctx.l2, grad), None)
-
-
-gdn_rule.register_autograd(_backward, setup_context=_setup)
-
-
-@contextlib.contextmanager
-def opaque_core():
-    from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
-
-    chunked = hf.torch_chunk_gated_delta_rule
-
-    def patched(query, key, value, *args, **kwargs):
-        simple = (not args and kwargs.get("initial_state") is None and not kwargs.get("output_final_state")
-                  and kwargs.get("cu_seqlens") is None and kwargs.get("chunk_size", 64) == 64)
-        if not simple:
-            return chunked(query, key, value, *args, **kwargs)
-        return gdn_rule(query, key, value, kwargs["g"], kwargs["beta"],
-                        bool(kwargs.get("use_qk_l2norm_in_kernel", False))), None
-
-    patched.bench_original = chunked
-    with mock.patch.object(hf, "torch_chunk_gated_delta_rule", patched):
-        yield
 
 
 def build(preset, layers: int, vocab: int, rank: int, device: str) -> torch.nn.Module:
@@ -146,7 +73,7 @@ def main() -> None:
                     opt.zero_grad(set_to_none=True)
                     losses.append(loss.detach())
 
-                with opaque_core():
+                with gdn_core("opaque", "chunked"):
                     c0 = time.perf_counter()
                     step()
                     cell = dict(compile_s=time.perf_counter() - c0, first_loss=losses[0].item())
@@ -181,7 +108,7 @@ def main() -> None:
                 print(f"{name:10s} S{S:<6d} {variant:9s} {cell['ms']:8.2f} ms  peak {cell['peak_mb']:9.1f} MB  "
                       f"loss {cell['first_loss']:.5f}  compile {cell['compile_s']:.1f} s"
                       + (f"  rewritten {cell['rewritten']}" if "rewritten" in cell else ""), flush=True)
-                del model, opt, compiled
+                model = opt = compiled = step = None   # free the variant before the next one is built
                 if cuda:
                     torch.cuda.empty_cache()
             c = row["cells"]

@@ -210,7 +210,6 @@ class QkvzLoraTrainPass:
         if self.config.dump_dir:
             from fx_passes.dump_files import write_pass_dump
 
-            gm.recompile()
             write_pass_dump(self.config.dump_dir, report, before_code, gm.print_readable(print_output=False),
                             graph_kind="Dynamo graph (torch level, before AOTAutograd; checkpoint bodies inside)")
         return report

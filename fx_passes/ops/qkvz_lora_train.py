@@ -46,8 +46,9 @@ _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
                      lora_a: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
-                     slice_start: Sequence[int], scales: Sequence[float]) -> None:
-    """Every shape / dtype / device rule of the op (the fake and the real implementation run it)."""
+                     slice_start: Sequence[int], scales: Sequence[float]) -> list[tuple[int, int]]:
+    """Every shape / dtype / device rule of the op (the fake and the real implementation run it); returns
+    each slice's ``(projection, first column in it)`` (:func:`slice_owners`)."""
     name = "qkvz_lora_train"
     check_gemm_args(x, weights)
     n_out, T, H = total_rows(weights), x.shape[0], x.shape[1]
@@ -78,7 +79,7 @@ def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
         torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= n_out,
                      lambda: f"{name}: slice {i} [{slice_start[i]}, {slice_start[i] + b.shape[0]}) outside "
                              f"the output's {n_out} columns")
-    slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b], name)
+    return slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b], name)
 
 
 def slice_owners(widths: Sequence[int], slice_start: Sequence[int], slice_widths: Sequence[int],
@@ -109,15 +110,16 @@ def qkvz_lora_train(
     scales: Sequence[float],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
-    check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]
     s = [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
-    _add_lora_reference(outs, s, lora_b, slice_a, _owners(weights, slice_start, lora_b), scales)
+    _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
     return outs, s
 
 
-def _owners(weights, slice_start, lora_b) -> list[tuple[int, int]]:
-    return slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b])
+def _kernels_hold(ranks) -> bool:
+    """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation)."""
+    return max(ranks) <= KERNEL_MAX_RANK
 
 
 def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
@@ -133,10 +135,9 @@ def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
 
 @cuda_impl("qkvz_lora_train")
 def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
-    check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
-    owners = _owners(weights, slice_start, lora_b)
-    kernels = max(b.shape[1] for b in lora_b) <= KERNEL_MAX_RANK and all(b.stride(-1) == 1 for b in lora_b)
+    kernels = _kernels_hold([b.shape[1] for b in lora_b]) and all(b.stride(-1) == 1 for b in lora_b)
     s = _shrink_cuda(xs, lora_a) if kernels else [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
     if not kernels:
         _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
@@ -258,7 +259,7 @@ def _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales):
         torch._check(b.dim() == 2 and b.shape[1] == s[g].shape[1] and b.dtype == ad,
                      lambda: f"{name}: lora_b[{i}] must be [n, r={s[g].shape[1]}] in {ad}, got "
                              f"{tuple(b.shape)} {b.dtype}")
-    slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b], name)
+    return slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b], name)
 
 
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train_grad", mutates_args=())
@@ -286,8 +287,8 @@ def _grad_fake(dys, s, lora_b, slice_a, slice_start, scales, need_db):
 
 @cuda_impl("qkvz_lora_train_grad")
 def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
-    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
-    if max(b.shape[1] for b in lora_b) > KERNEL_MAX_RANK:   # the kernels hold a whole rank in registers
+    owners = _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
+    if not _kernels_hold([b.shape[1] for b in lora_b]):
         return lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, need_db)
     from fx_passes.ops.kernels.lora_train import lora_db, lora_ds   # imports Triton: only on a CUDA call
     from fx_passes.ops.tuning import device_info
@@ -295,7 +296,6 @@ def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
     unit = [t if t.stride(-1) == 1 else t.contiguous() for t in dys]   # e.g. the expanded gradient of a sum
     s = [t if t.stride(-1) == 1 else t.contiguous() for t in s]
     lora_b = [b if b.stride(-1) == 1 else b.contiguous() for b in lora_b]
-    owners = slice_owners([d.shape[1] for d in unit], slice_start, [b.shape[0] for b in lora_b])
     d_s = lora_ds(unit, lora_b, slice_a, owners, scales, [t.shape[1] for t in s])
     d_b = lora_db(unit, s, lora_b, slice_a, owners, scales, device_info(unit[0].device).sms) if need_db else []
     return d_s, d_b
@@ -373,7 +373,7 @@ def _input_grad_fake(x, ds, lora_a, d_x):
 @cuda_impl("qkvz_lora_input_grad")
 def _input_grad_cuda(x, ds, lora_a, d_x):
     _check_input_grad_args(x, ds, lora_a, d_x)
-    if max(a.shape[0] for a in lora_a) > KERNEL_MAX_RANK or x.stride(-1) != 1:
+    if not _kernels_hold([a.shape[0] for a in lora_a]) or x.stride(-1) != 1:
         return _input_grad_reference(x, ds, lora_a, d_x)
     from fx_passes.ops.kernels.lora_train import input_grads   # imports Triton: only on a CUDA call
     from fx_passes.ops.tuning import device_info
