@@ -13,7 +13,6 @@ import torch
 from benchmarks.bench_train_block import time_steps
 from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
 from fx_passes.ops.kernels import lora_train as lt
-from fx_passes.ops.qkvz_lora_train import slice_owners
 from fx_passes.ops.tuning import device_info
 
 
@@ -42,15 +41,14 @@ def main() -> None:
                   spec.linear_num_value_heads]
         r = args.rank
         lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]
-        slice_a, slice_start, scales = [0, 1], [0, widths[0]], [2.0, 2.0]
-        owners = slice_owners(widths, slice_start, [b.shape[0] for b in lora_b])
+        sl = lt.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
         for T in csv_list(args.T, int):
-            outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths]
-            s = [torch.randn(T, r, device="cuda"), torch.randn(T, r, device="cuda")]
+            outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths[:2]]
+            s = torch.randn(T, 2 * r, device="cuda")
             calls = {
-                "expand": lambda cfg: lt.expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales, launch=cfg),
-                "ds": lambda cfg: lt.lora_ds(outs, lora_b, slice_a, owners, scales, [r, r], launch=cfg),
-                "db": lambda cfg: lt.lora_db(outs, s, lora_b, slice_a, owners, scales, sms, launch=cfg),
+                "expand": lambda cfg: lt.expand_add_(outs, s, lora_b, sl, launch=cfg),
+                "ds": lambda cfg: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg),
+                "db": lambda cfg: lt.lora_db(outs, s, sl, sms, launch=cfg),
             }
             for kernel, (default, cands) in grid.items():
                 timed = []

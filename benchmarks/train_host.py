@@ -19,7 +19,7 @@ from benchmarks.common import select_shapes
 from fx_passes.backend import FxPassesBackend
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.ops.kernels import lora_train
-from fx_passes.ops.qkvz_lora_train import check_train_args, slice_owners
+from fx_passes.ops.qkvz_lora_train import check_train_args
 
 qlt = importlib.import_module("fx_passes.ops.qkvz_lora_train")   # the module (fx_passes.ops exports the op)
 
@@ -49,6 +49,7 @@ def profile_calls(name: str, fn, calls: int) -> None:
     torch.cuda.synchronize()
     print(f"--- cProfile: {name} x {calls}")
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(45)
 
 
 def main() -> None:
@@ -73,36 +74,31 @@ def main() -> None:
         if args.cprofile and variant != "frozen":
             profile_calls(f"step {variant}", step, 100)
 
-    # the pieces, on arguments shaped like the rewrite's
+    # the pieces, on arguments shaped like the rewrite's without dropout (x itself as every group's input)
     g = torch.Generator().manual_seed(0)
     H, T, r = spec.hidden_size, args.T, args.rank
     widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
               spec.linear_num_value_heads]
     dev = dict(device="cuda")
     xb = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
-    xf = xb.float()
     weights = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for n in widths]
     lora_a = [torch.randn(r, H, **dev), torch.randn(r, H, **dev)]
     lora_b = [torch.randn(widths[0], r, **dev), torch.randn(widths[1], r, **dev)]
     slice_a, slice_start, scales = [0, 1], [0, widths[0]], [2.0, 2.0]
-    xs = [xf, xf]
-    owners = slice_owners(widths, slice_start, [b.shape[0] for b in lora_b])
-    outs, s = torch.ops.fx_passes.qkvz_lora_train(xb, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    fwd = (xb, [xb, xb], weights, lora_a, lora_b, slice_a, slice_start, scales)
+    outs, s = torch.ops.fx_passes.qkvz_lora_train(*fwd)
     dys = [torch.randn_like(o) for o in outs]
+    bwd = (dys, [xb], weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, [0, 0], 0, True, False, True,
+           True)
+    sl = lora_train.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
     pieces = {
-        "op forward (no grad)": lambda: torch.ops.fx_passes.qkvz_lora_train(xb, xs, weights, lora_a, lora_b,
-                                                                             slice_a, slice_start, scales),
-        "_train_cuda (no dispatcher)": lambda: qlt._train_cuda(xb, xs, weights, lora_a, lora_b, slice_a, slice_start,
-                                                                scales),
-        "check_train_args": lambda: check_train_args(xb, xs, weights, lora_a, lora_b, slice_a, slice_start, scales),
-        "4 base mm + 2 shrink mm": lambda: ([xb @ w.t() for w in weights], [xf @ a.t() for a in lora_a]),
-        "expand_add_": lambda: lora_train.expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales),
-        "qkvz_lora_train_grad op": lambda: torch.ops.fx_passes.qkvz_lora_train_grad(dys, s, lora_b, slice_a,
-                                                                                      slice_start, scales, True),
-        "_grad_cuda (no dispatcher)": lambda: qlt._grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, True),
-        "lora_ds": lambda: lora_train.lora_ds(dys, lora_b, slice_a, owners, scales, [r, r]),
-        "lora_db": lambda: lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, 132),
-        "qkvz_grad_input op": lambda: torch.ops.fx_passes.qkvz_grad_input(dys, weights),
+        "op forward (no grad)": lambda: torch.ops.fx_passes.qkvz_lora_train(*fwd),
+        "_train_cuda (no dispatcher)": lambda: qlt._train_cuda(*fwd),
+        "check_train_args": lambda: check_train_args(*fwd),
+        "4 base mm": lambda: [xb @ w.t() for w in weights],
+        "expand_add_": lambda: lora_train.expand_add_([outs[0], outs[1]], s, lora_b, sl),
+        "backward op": lambda: torch.ops.fx_passes.qkvz_lora_train_backward(*bwd),
+        "_backward_cuda (no dispatcher)": lambda: qlt._backward_cuda(*bwd),
         "1 mm": lambda: xb @ weights[0].t(),
         "1 empty op": lambda: torch.empty(1, device="cuda"),
     }
@@ -110,7 +106,7 @@ def main() -> None:
         for name, fn in pieces.items():
             print(f"{name:28s} {host_us(fn, args.reps):8.1f} us host", flush=True)
         if args.cprofile:
-            for name in ("op forward (no grad)", "qkvz_lora_train_grad op"):
+            for name in ("op forward (no grad)", "backward op"):
                 profile_calls(name, pieces[name], 200)
 
 

@@ -67,7 +67,7 @@ FUSED_OPS = ("qkvz_gemm_lora", "qkvz_gemm", "qkvz_lora_")
 _LAYER_OPS = ("qkvz_gemm_lora", "qkvz_gemm")
 # What a layer fused by the training rewrite (fx_passes.fusion.train_lora_fusion) runs: the op in the forward
 # graph, its backward ops in the backward graph.
-TRAIN_OPS = ("qkvz_lora_train", "qkvz_lora_train_grad")
+TRAIN_OPS = ("qkvz_lora_train", "qkvz_lora_train_backward")
 # A call of one of our ops in Inductor's output code: the Python wrapper's `torch.ops.fx_passes.<op>.default(`
 # or the C++ wrapper's "fx_passes::<op>" (comment lines, which name source nodes, are skipped).
 _CALL_RE = re.compile(r"torch\.ops\.fx_passes\.(\w+)\.default\(|\"fx_passes::(\w+)\"")

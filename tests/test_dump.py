@@ -162,8 +162,8 @@ def test_cli_dump_of_a_training_step_shows_the_training_rewrite(tmp_path, monkey
     text = (out / "report.txt").read_text()
     assert "REWRITTEN" in text and LAYER in text
     assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train)" in text
-    assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train_grad)" in text
-    assert "qkvz_lora_train_grad" in (out / "graph_002_after.py").read_text()
+    assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train_backward)" in text
+    assert "qkvz_lora_train_backward" in (out / "graph_002_after.py").read_text()
 
 
 def test_env_switch_dumps_every_graph_of_every_pass_instance(tmp_path, monkeypatch):

@@ -76,7 +76,7 @@ def test_op_forward_and_every_gradient_match_peft_math(dtype, adapter_dtype, ada
     assert [o.shape[1] for o in outs] == [24, 8]
     out = torch.cat(outs, -1)
     ref = _peft_math(*args)
-    assert out.dtype == dtype and len(s) == len(args[3])
+    assert out.dtype == dtype and s.shape == (6, sum(a.shape[0] for a in args[3]))
     tol = FP32_TOL if dtype == torch.float32 else 1e-2
     assert _rel(out, ref) <= tol
     x, xs, _, lora_a, lora_b = args[:5]
@@ -106,24 +106,6 @@ def test_op_reading_x_itself_matches_peft_math(dtype, adapter_dtype):
     want = torch.autograd.grad(ref, inputs, grad)
     for name, g1, g2 in zip(["x", "A0", "A1", "B0", "B1"], got, want):
         assert _rel(g1, g2) <= tol, name
-
-
-def test_input_grad_op_opcheck_and_its_math():
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(6, 16, generator=g)
-    ds = [torch.randn(6, 4, generator=g), torch.randn(6, 2, generator=g)]
-    lora_a = [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]
-    d_x = torch.randn(6, 16, generator=g)
-    op = torch.ops.fx_passes.qkvz_lora_input_grad
-    torch.library.opcheck(op.default, (x, ds, lora_a, d_x))
-    torch.library.opcheck(op.default, (x, ds, lora_a, None))
-    d_a, new = op(x, ds, lora_a, d_x)
-    for d, a, got in zip(ds, lora_a, d_a):
-        assert got.shape == a.shape and _rel(got, d.t() @ x) <= FP32_TOL
-    assert _rel(new, d_x + ds[0] @ lora_a[0] + ds[1] @ lora_a[1]) <= FP32_TOL
-    assert op(x, ds, lora_a, None)[1].numel() == 0
-    with pytest.raises(RuntimeError, match="do not fit x"):
-        op(x, ds[::-1], lora_a, d_x)
 
 
 def test_op_opcheck_and_frozen_weights_get_no_gradient():
@@ -157,51 +139,67 @@ def _raises_real_and_fake(op, args, message) -> None:
         op(*[torch.utils._pytree.tree_map_only(torch.Tensor, fake.from_tensor, a) for a in args])
 
 
-GRAD_OP = torch.ops.fx_passes.qkvz_lora_train_grad
+BACKWARD_OP = torch.ops.fx_passes.qkvz_lora_train_backward
 
 
-def _grad_case():
-    _, _, _, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2)
+def _backward_case(shared_x: bool, flags=(True, True, True, True), dtype=torch.float32):
+    """The backward op's arguments for ``_op_case`` with two adapters (4 A groups): x itself as every group's
+    input (``shared_x``), or one dropout output per group; output gradients; s from the forward op."""
+    x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(dtype, adapters=2, dropout=0.25)
+    x, lora_a, lora_b = x.detach(), [a.detach() for a in lora_a], [b.detach() for b in lora_b]
+    xs = [x] * len(lora_a) if shared_x else [t.detach() for t in xs]
+    _, s = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     g = torch.Generator().manual_seed(3)
-    s = [torch.randn(6, a.shape[0], generator=g) for a in lora_a]
-    dys = [torch.randn(6, 24, generator=g), torch.randn(6, 8, generator=g)]
-    return [dys, s, [b.detach() for b in lora_b], slice_a, slice_start, scales, True]
+    dys = [torch.randn(6, 24, generator=g).to(dtype), torch.randn(6, 8, generator=g).to(dtype)]
+    distinct, xs_of, x_input = ([x], [0] * 4, 0) if shared_x else (xs, [0, 1, 2, 3], -1)
+    return [dys, distinct, weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, xs_of, x_input, *flags]
 
 
-def test_grad_op_opcheck_and_its_math():
-    args = _grad_case()
-    torch.library.opcheck(GRAD_OP.default, tuple(args))
-    dys, s, lora_b, slice_a, slice_start, scales, _ = args
+@pytest.mark.parametrize("shared_x", [True, False])
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, False, True, False), (True, False, False, True)])
+def test_backward_op_opcheck_and_its_math(shared_x, flags):
+    """Every gradient against PEFT's formulas written out; what is not asked for is empty; x itself gets
+    its LoRA gradient in dx."""
+    args = _backward_case(shared_x, flags)
+    torch.library.opcheck(BACKWARD_OP.default, tuple(args))
+    dys, xs, weights, lora_a, lora_b, s, _, slice_a, slice_start, scales, xs_of, x_input, *_ = args
+    need_dx, need_dxs, need_da, need_db = flags
+    d_x, d_xs, d_a, d_b = BACKWARD_OP(*args)
     dy = torch.cat(dys, -1)
-    d_s, d_b = GRAD_OP(*args)
-    for g in range(len(s)):
-        want = sum(scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]] @ b
-                   for i, b in enumerate(lora_b) if slice_a[i] == g)
-        assert _rel(d_s[g], want) <= FP32_TOL
-    for i, b in enumerate(lora_b):
-        want = scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]].t() @ s[slice_a[i]]
-        assert _rel(d_b[i], want) <= FP32_TOL
-    assert GRAD_OP(*args[:-1], False)[1] == []
-
-
-def test_grad_input_op_opcheck_and_its_math():
-    g = torch.Generator().manual_seed(4)
-    dys = [torch.randn(6, 24, generator=g), torch.randn(6, 8, generator=g)]
-    weights = [torch.randn(24, 16, generator=g), torch.randn(8, 16, generator=g)]
-    torch.library.opcheck(torch.ops.fx_passes.qkvz_grad_input.default, (dys, weights))
-    got = torch.ops.fx_passes.qkvz_grad_input(dys, weights)
-    assert _rel(got, dys[0] @ weights[0] + dys[1] @ weights[1]) <= FP32_TOL
+    offs = [0, 4, 8, 12]
+    d_s = [sum(scales[i] * dy[:, slice_start[i]:slice_start[i] + b.shape[0]] @ b
+               for i, b in enumerate(lora_b) if slice_a[i] == g) for g in range(4)]
+    lora_dx = [d @ a for d, a in zip(d_s, lora_a)]
+    if need_dx:
+        want = dys[0] @ weights[0] + dys[1] @ weights[1] + (sum(lora_dx) if shared_x else 0)
+        assert _rel(d_x, want) <= FP32_TOL
+    else:
+        assert d_x.numel() == 0
+    for h, got in enumerate(d_xs):
+        if need_dxs and not shared_x:
+            assert _rel(got, lora_dx[h]) <= FP32_TOL
+        else:
+            assert got.numel() == 0
+    assert len(d_a) == (4 if need_da else 0) and len(d_b) == (4 if need_db else 0)
+    for g, got in enumerate(d_a):
+        assert _rel(got, d_s[g].t() @ xs[xs_of[g]]) <= FP32_TOL
+    for i, got in enumerate(d_b):
+        want = scales[i] * dy[:, slice_start[i]:slice_start[i] + lora_b[i].shape[0]].t() @ s[:, offs[slice_a[i]]:
+                                                                                             offs[slice_a[i]] + 4]
+        assert _rel(got, want) <= FP32_TOL
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda a: a.__setitem__(4, [0, 20, 0, 24]), "crosses the projections"),
-    (lambda a: a.__setitem__(1, [a[1][0].double()] + a[1][1:]), "s\\[0\\] must be"),
-    (lambda a: a.__setitem__(3, [0, 9, 2, 3]), "names no s"),
+    (lambda a: a.__setitem__(8, [0, 0, 20, 24]), "crosses the projections"),
+    (lambda a: a.__setitem__(5, a[5].double()), "s must be"),
+    (lambda a: a.__setitem__(7, [0, 9, 2, 3]), "names no lora_a"),
+    (lambda a: a.__setitem__(10, [0, 0, 0, 5]), "do not index"),
+    (lambda a: a.__setitem__(2, a[2][:1]), "one \\[n_p, H=16\\] weight"),
 ])
-def test_grad_op_rejects_bad_arguments_with_a_clear_error(change, message):
-    args = _grad_case()
+def test_backward_op_rejects_bad_arguments_with_a_clear_error(change, message):
+    args = _backward_case(shared_x=False)
     change(args)
-    _raises_real_and_fake(GRAD_OP, args, message)
+    _raises_real_and_fake(BACKWARD_OP, args, message)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -274,10 +272,9 @@ def _assert_rewritten(backend: FxPassesBackend, graphs: list, layers: int, graph
         # backward ops once per layer, and no GDN layer left for the post-grad pass to fuse
         post = backend.fusion_pass.reports
         calls = {op: sum(r.ops_before.get(f"fx_passes.{op}.default", 0) for r in post)
-                 for op in ("qkvz_lora_train", "qkvz_lora_train_grad", "qkvz_grad_input")}
-        assert calls["qkvz_lora_train"] >= layers and calls["qkvz_lora_train_grad"] == layers, calls
-        # (the first layer's input, the frozen embeddings' output, needs no gradient: no dx there)
-        assert layers - 1 <= calls["qkvz_grad_input"] <= layers and not any(r.layers for r in post), calls
+                 for op in ("qkvz_lora_train", "qkvz_lora_train_backward")}
+        assert calls["qkvz_lora_train"] >= layers and calls["qkvz_lora_train_backward"] == layers, calls
+        assert not any(r.layers for r in post), calls
         assert any("fused by the training rewrite" in r.summary() for r in post), [r.summary() for r in post]
 
 

@@ -1,10 +1,12 @@
-"""The Triton kernels of ``fx_passes::qkvz_lora_train`` (forward expand-add) and
-``fx_passes::qkvz_lora_train_grad`` (dS, dB) against the ops' plain-torch implementations.
+"""The Triton kernels of ``fx_passes::qkvz_lora_train`` (forward shrink and expand-add) and
+``fx_passes::qkvz_lora_train_backward`` (dS, dB, dA, x's LoRA gradient) against the ops' plain-torch
+implementations.
 
 Runs on the CPU through the Triton interpreter (fp16 base: the interpreter has no bf16), called directly on
 CPU tensors with small column chunks and token splits, so dS sums several chunks per group and dB several
 token splits, with tails in T, in the columns and in the rank.
 """
+import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,7 +16,11 @@ import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops.kernels import lora_train  # noqa: E402
-from fx_passes.ops.qkvz_lora_train import _add_lora_reference, lora_grads_reference, slice_owners  # noqa: E402
+from fx_passes.ops.kernels.lora_train import Slices  # noqa: E402
+from fx_passes.ops.qkvz_lora_train import (_add_lora_reference, group_columns, lora_grads_reference,  # noqa: E402
+                                           slice_owners)
+
+train = importlib.import_module("fx_passes.ops.qkvz_lora_train")   # the module (fx_passes.ops exports the op)
 
 # (slice widths, slice_a, slice_start, ranks per group, projection widths): q | k | v | z of one adapter
 # (+ b, a without LoRA); two adapters on the same columns (overlapping slices: two expand waves); a group of
@@ -27,14 +33,19 @@ LAYOUTS = {
 
 
 def _case(T, layout, adapter_dtype, seed=0):
-    """(per-projection tensors (outputs or their gradients), s, lora_b, slice_a, slice_start, scales, owners)"""
+    """(per-projection tensors (outputs or their gradients), s [T, R], lora_b, slice_a, scales, owners, ranks,
+    the kernels' Slices, each slice's projection)"""
     widths, slice_a, slice_start, ranks, proj = LAYOUTS[layout]
     g = torch.Generator().manual_seed(seed)
-    s = [torch.randn(T, r, generator=g).to(adapter_dtype) for r in ranks]
+    s = torch.randn(T, sum(ranks), generator=g).to(adapter_dtype)
     lora_b = [torch.randn(n, ranks[a], generator=g).to(adapter_dtype) for n, a in zip(widths, slice_a)]
     scales = [0.5 + i for i in range(len(widths))]
     dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in proj]
-    return dys, s, lora_b, slice_a, slice_start, scales, slice_owners(proj, slice_start, widths)
+    owners = slice_owners(proj, slice_start, widths)
+    offs = group_columns(ranks)
+    sl = Slices(tuple(widths), tuple(c for _, c in owners), tuple(offs[a] for a in slice_a),
+                tuple(ranks[a] for a in slice_a), tuple(scales))
+    return dys, s, lora_b, slice_a, scales, owners, ranks, sl, [p for p, _ in owners]
 
 
 def _close(got, want, dtype):
@@ -46,11 +57,11 @@ def _close(got, want, dtype):
 @pytest.mark.parametrize("T", [1, 70])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_expand_add_matches_reference(layout, T, adapter_dtype):
-    outs, s, lora_b, slice_a, slice_start, scales, owners = _case(T, layout, adapter_dtype)
+    outs, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype)
     want = [o.clone() for o in outs]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales)
+    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     got = [o.clone() for o in outs]
-    lora_train.expand_add_(got, s, lora_b, slice_a, owners, slice_start, scales)
+    lora_train.expand_add_([got[p] for p in out_of], s, lora_b, sl)
     assert not torch.equal(got[0], outs[0])
     for p in range(len(outs)):
         _close(got[p], want[p], torch.float16)
@@ -60,15 +71,17 @@ def test_expand_add_matches_reference(layout, T, adapter_dtype):
 @pytest.mark.parametrize("T", [1, 70, 200])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_grads_match_reference(layout, T, adapter_dtype):
-    dys, s, lora_b, slice_a, slice_start, scales, owners = _case(T, layout, adapter_dtype, seed=1)
-    want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, True)
-    got_s = lora_train.lora_ds(dys, lora_b, slice_a, owners, scales, [t.shape[1] for t in s], chunk=32)
-    got_b = lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, sms=4)
-    assert [t.shape for t in got_s] == [t.shape for t in want_s]
-    assert [t.shape for t in got_b] == [t.shape for t in want_b]
-    for got, want in zip(got_s + got_b, want_s + want_b):
-        assert got.dtype == adapter_dtype
-        _close(got, want, adapter_dtype)
+    dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype, seed=1)
+    want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
+    dy_of = [dys[p] for p in out_of]
+    got_s = lora_train.lora_ds(dy_of, lora_b, sl, s.shape[1], chunk=32)
+    assert got_s.shape == want_s.shape and got_s.dtype == torch.float32
+    _close(got_s, want_s, adapter_dtype)
+    part = lora_train.lora_db(dy_of, s, sl, sms=4)
+    row = 0
+    for b, want in zip(lora_b, want_b):
+        _close(part[:, row:row + b.shape[0], :b.shape[1]].sum(0), want, adapter_dtype)
+        row += b.shape[0]
 
 
 def test_a_slice_across_two_projections_is_refused():
@@ -85,76 +98,96 @@ def test_overlap_waves_keep_slice_order():
 
 def test_db_token_splits_cover_every_token():
     # 1200 tokens: 3 splits of 8 x 64 tokens (the last one short) with many SMs, one with a single SM
-    dys, s, lora_b, slice_a, slice_start, scales, owners = _case(1200, "qkvz", torch.float32, seed=2)
-    _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, True)
+    dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(1200, "qkvz", torch.float32, seed=2)
+    _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
     for sms in (1, 64):
-        got_b = lora_train.lora_db(dys, s, lora_b, slice_a, owners, scales, sms=sms)
-        for got, want in zip(got_b, want_b):
-            _close(got, want, torch.float32)
+        part = lora_train.lora_db([dys[p] for p in out_of], s, sl, sms=sms)
+        assert part.shape[0] == (1 if sms == 1 else 3)
+        row = 0
+        for b, want in zip(lora_b, want_b):
+            _close(part[:, row:row + b.shape[0]].sum(0), want, torch.float32)
+            row += b.shape[0]
 
 
 @pytest.mark.parametrize("T", [1, 70])
-@pytest.mark.parametrize("shared", [True, False])
-def test_shrink_and_input_grads_of_x_itself(T, shared):
-    """fp16 x under fp32 adapters: s = x @ A^T, dA = ds^T @ x, d_x + sum ds @ A, x cast in registers
-    (H 80: a tail in every column tile; T 70: in every token tile)."""
+@pytest.mark.parametrize("one_slice", [True, False])
+def test_x_side_shrink_da_and_dx(T, one_slice):
+    """fp16 x under fp32 adapters, two A groups over x's columns, B = A^T read as a strided view: as one
+    slice of rank 8 + 5 over cat(A) (one read of x) or one slice per group; s = x @ A^T, dA = dS^T @ x,
+    d_x + sum dS @ A, x cast in registers (H 80: a tail in every column tile; T 70: in every token tile)."""
     g = torch.Generator().manual_seed(6)
     x = torch.randn(T, 80, generator=g).to(torch.float16)
     lora_a = [torch.randn(8, 80, generator=g), torch.randn(5, 80, generator=g)]
-    xs = [x, x] if shared else [x, torch.randn(T, 80, generator=g).to(torch.float16)]
-    for got, xg, a in zip(lora_train.shrink(xs, lora_a), xs, lora_a):
-        _close(got, xg.float() @ a.t(), torch.float32)
-    ds = [torch.randn(T, 8, generator=g), torch.randn(T, 5, generator=g)]
+    if one_slice:
+        sl, bs = Slices((80,), (0,), (0,), (13,), (1.0,)), [torch.cat(lora_a).t()]
+    else:
+        sl, bs = Slices((80, 80), (0, 0), (0, 8), (8, 5), (1.0, 1.0)), [a.t() for a in lora_a]
+    s = lora_train.lora_ds([x] * len(sl), bs, sl, 13, chunk=32)
+    _close(s, torch.cat([x.float() @ a.t() for a in lora_a], 1), torch.float32)
+    ds = torch.randn(T, 13, generator=g)
+    part = lora_train.lora_db([x] * len(sl), ds, sl, sms=4, transposed=True)
+    assert part.shape[1:] == (13, 80)
+    _close(part[:, :8].sum(0), ds[:, :8].t() @ x.float(), torch.float32)
+    _close(part[:, 8:].sum(0), ds[:, 8:].t() @ x.float(), torch.float32)
     d_x = torch.randn(T, 80, generator=g).to(torch.float16)
-    d_a, new = lora_train.input_grads(x, ds, lora_a, d_x, sms=4)
-    for got, d in zip(d_a, ds):
-        _close(got, d.t() @ x.float(), torch.float32)
-    _close(new, d_x.float() + ds[0] @ lora_a[0] + ds[1] @ lora_a[1], torch.float16)
-    assert lora_train.input_grads(x, ds, lora_a, None, sms=4)[1] is None
+    want = d_x.float() + ds[:, :8] @ lora_a[0] + ds[:, 8:] @ lora_a[1]
+    if one_slice:
+        new = torch.empty_like(d_x)
+        lora_train.expand_add_([new], ds, bs, sl, srcs=[d_x])
+    else:
+        new = d_x.clone()
+        lora_train.expand_add_([new, new], ds, bs, sl)
+    _close(new, want, torch.float16)
 
 
-def test_the_ops_cuda_glue_matches_their_torch_implementations():
-    """The ops' CUDA implementations (called directly on CPU tensors: the interpreter runs their kernels)
-    against the same ops' torch implementations: a GDN-like layer with q | k | v | z LoRA, b / a without,
-    x itself as the LoRA input (fp16 under fp32 adapters), then the three backward ops."""
-    import importlib
-
-    train = importlib.import_module("fx_passes.ops.qkvz_lora_train")
-    g = torch.Generator().manual_seed(7)
-    T, H = 70, 48
-    widths = [88, 40, 4, 4]
+def _layer(seed, H=48):
+    g = torch.Generator().manual_seed(seed)
+    T, widths = 70, [88, 40, 4, 4]
     x = torch.randn(T, H, generator=g).to(torch.float16)
     weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
     lora_a = [torch.randn(8, H, generator=g) * 0.3, torch.randn(8, H, generator=g) * 0.3]
     lora_b = [torch.randn(88, 8, generator=g) * 0.3, torch.randn(40, 8, generator=g) * 0.3]
+    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
+    return x, weights, lora_a, lora_b, dys, g
+
+
+@pytest.mark.parametrize("inputs", ["x itself", "dropout outputs"])
+def test_the_ops_cuda_glue_matches_their_torch_implementations(inputs):
+    """The ops' CUDA implementations (called directly on CPU tensors: the interpreter runs their kernels)
+    against the same ops' torch implementations: a GDN-like layer with q | k | v | z LoRA, b / a without;
+    x itself as the LoRA input (fp16 under fp32 adapters: the x-side kernels), or one fp32 tensor per group
+    (library GEMMs); every gradient asked for, then only some."""
+    x, weights, lora_a, lora_b, dys, g = _layer(7)
+    xs = [x, x] if inputs == "x itself" else [torch.randn(70, 48, generator=g) for _ in range(2)]
+    args = (x, xs, weights, lora_a, lora_b, [0, 1], [0, 88], [2.0, 0.5])
+    for _ in range(2):   # the second call runs the memoized plan
+        got_outs, got_s = train._train_cuda(*args)
+    want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
+    for got, want in zip(got_outs + [got_s], want_outs + [want_s]):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        _close(got, want, got.dtype if got.dtype == torch.float16 else torch.float32)
+    distinct, xs_of, x_input = ([x], [0, 0], 0) if inputs == "x itself" else (xs, [0, 1], -1)
+    for flags in [(True, True, True, True), (True, False, False, True), (False, True, True, False)]:
+        back = (dys, distinct, weights, lora_a, lora_b, want_s, None, [0, 1], [0, 88], [2.0, 0.5], xs_of, x_input,
+                *flags)
+        got = train._backward_cuda(*back)
+        want = torch.ops.fx_passes.qkvz_lora_train_backward(*back)
+        assert [len(t) for t in got[1:]] == [len(t) for t in want[1:]]
+        for got_t, want_t in zip([got[0]] + got[1] + got[2] + got[3], [want[0]] + want[1] + want[2] + want[3]):
+            assert got_t.dtype == want_t.dtype and got_t.shape == want_t.shape
+            if got_t.numel():   # (what was not asked for: empty)
+                _close(got_t, want_t, got_t.dtype if got_t.dtype == torch.float16 else torch.float32)
+
+
+def test_a_column_strided_x_takes_the_library_path():
+    """The kernels read rows of unit stride: a column-strided x (a view) goes through the library GEMMs,
+    with the same result as the op's torch implementation."""
+    x, weights, lora_a, lora_b, dys, g = _layer(8, H=96)
+    x = x[:, ::2]
+    weights, lora_a = [w[:, :48] for w in weights], [a[:, :48].contiguous() for a in lora_a]
     args = (x, [x, x], weights, lora_a, lora_b, [0, 1], [0, 88], [2.0, 0.5])
     got_outs, got_s = train._train_cuda(*args)
     want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
-    for got, want in zip(got_outs + got_s, want_outs + want_s):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        _close(got, want, got.dtype if got.dtype == torch.float16 else torch.float32)
-    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
-    grad_args = (dys, want_s, lora_b, [0, 1], [0, 88], [2.0, 0.5], True)
-    for got, want in zip(sum(train._grad_cuda(*grad_args), []), sum(torch.ops.fx_passes.qkvz_lora_train_grad(*grad_args), [])):
-        _close(got, want, torch.float32)
-    d_x = torch.ops.fx_passes.qkvz_grad_input(dys, weights)
-    _close(train._grad_input(dys, weights), d_x, torch.float16)
-    ds = [torch.randn(T, 8, generator=g), torch.randn(T, 8, generator=g)]
-    got_a, got_dx = train._input_grad_cuda(x, ds, lora_a, d_x)
-    want_a, want_dx = torch.ops.fx_passes.qkvz_lora_input_grad(x, ds, lora_a, d_x)
-    for got, want in zip(got_a, want_a):
-        _close(got, want, torch.float32)
-    _close(got_dx, want_dx, torch.float16)
-
-
-def test_shrink_of_a_column_strided_input_takes_the_library_path():
-    """The kernels read rows of unit stride: a column-strided x (a view) goes through the library GEMM, with
-    the same result as the op's torch implementation."""
-    import importlib
-
-    train = importlib.import_module("fx_passes.ops.qkvz_lora_train")
-    g = torch.Generator().manual_seed(8)
-    x = torch.randn(20, 96, generator=g).to(torch.float16)[:, ::2]
-    lora_a = [torch.randn(8, 48, generator=g)]
-    got, = train._shrink_cuda([x], lora_a)
-    _close(got, x.float() @ lora_a[0].t(), torch.float32)
+    _close(got_s, want_s, torch.float32)
+    for got, want in zip(got_outs, want_outs):
+        _close(got, want, torch.float16)

@@ -9,11 +9,10 @@ Importing this package registers them:
 * ``torch.ops.fx_passes.qkvz_gemm_lora(x, weights, lora_a, lora_b, ...) -> Tensor`` — both in
   one functional op; at decode on CUDA the LoRA expand runs in the GEMM's epilogue (see
   :mod:`fx_passes.ops.qkvz_gemm_lora`).
-* ``torch.ops.fx_passes.qkvz_lora_train(x, xs, weights, lora_a, lora_b, ...) -> (Tensor[], Tensor[])`` — the
+* ``torch.ops.fx_passes.qkvz_lora_train(x, xs, weights, lora_a, lora_b, ...) -> (Tensor[], Tensor)`` — the
   same block with trainable LoRA, one output per projection (per-group LoRA inputs, e.g. dropout masks;
-  autograd-aware: its backward calls ``qkvz_grad_input`` (dx), ``qkvz_lora_train_grad`` (dS / dB, batched
-  over the slices) and ``qkvz_lora_input_grad`` (dA and x's LoRA gradient when the LoRA reads x itself);
-  see :mod:`fx_passes.ops.qkvz_lora_train`).
+  autograd-aware: its backward is one op, ``qkvz_lora_train_backward`` (dx, the LoRA inputs' gradients, dA and
+  dB of every slice, batched); see :mod:`fx_passes.ops.qkvz_lora_train`).
 """
 from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed
 from fx_passes.ops.qkvz_lora import qkvz_lora_, qkvz_lora_reference

@@ -27,7 +27,6 @@ weight alive); a call whose key was seen checks nothing again and binds the plan
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 from typing import Callable, Optional
 
@@ -38,6 +37,7 @@ from fx_passes.ops.kernels.gemm_lora_decode import (SegmentSpec, bind_segments, 
 from fx_passes.ops.kernels.gemm_lora_prefill import gemm_lora_prefill, prefill_fusable, prefill_shrink_launch
 from fx_passes.ops.kernels.lora_expand import lora_shrink_expand_, plan_lora
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK, LoraSlices
+from fx_passes.ops.memo import LruMemo, tensor_meta
 from fx_passes.ops.qkvz_gemm import packed_runs, qkvz_gemm_accumulate_, total_rows
 from fx_passes.ops.tuning import DecodeLaunch, LoraLaunch, device_info, interpreting, tuning_for
 
@@ -59,18 +59,14 @@ class Plan:
                                                 # prefill: the shrink beside the GEMM
 
 
-def _meta(t: Optional[torch.Tensor]) -> Optional[tuple]:
-    return None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.device)
-
-
 def call_key(x: torch.Tensor, weights: tuple, lora: LoraSlices) -> tuple:
     """Everything the argument checks and :func:`make_plan` read: shapes, strides, dtypes, devices of
     every tensor, the slice lists, which weights are adjacent in memory (one packed GEMM), the 16-byte
     alignment of x and the first weight (TMA descriptors) and whether the Triton interpreter runs."""
-    return (_meta(x), x.data_ptr() % 16, tuple(_meta(w) for w in weights), weights[0].data_ptr() % 16,
+    return (tensor_meta(x), x.data_ptr() % 16, tuple(tensor_meta(w) for w in weights), weights[0].data_ptr() % 16,
             tuple(packed_runs(weights)),
-            tuple(_meta(a) for a in lora.lora_a), tuple(_meta(b) for b in lora.lora_b), lora.slice_a,
-            lora.slice_start, _meta(lora.token_lora_ids), _meta(lora.lora_scales), interpreting())
+            tuple(tensor_meta(a) for a in lora.lora_a), tuple(tensor_meta(b) for b in lora.lora_b), lora.slice_a,
+            lora.slice_start, tensor_meta(lora.token_lora_ids), tensor_meta(lora.lora_scales), interpreting())
 
 
 def make_plan(x: torch.Tensor, weights: tuple, lora: LoraSlices) -> Plan:
@@ -94,27 +90,18 @@ def make_plan(x: torch.Tensor, weights: tuple, lora: LoraSlices) -> Plan:
 
 
 class PlanCache:
-    """A bounded LRU memo of :func:`make_plan` by :func:`call_key` (a model has a few signatures per
-    layer shape and token count; the bound only caps a caller that cycles through many)."""
+    """:func:`make_plan` memoized by :func:`call_key` (bounded LRU)."""
 
     def __init__(self, size: int = 1024):
-        self.size = size
-        self._plans: collections.OrderedDict = collections.OrderedDict()
+        self._plans = LruMemo(size)
 
     def get(self, x: torch.Tensor, weights: tuple, lora: LoraSlices, check: Optional[Callable[[], None]]) -> Plan:
         """The plan of this call; on a new key, ``check()`` (the op's argument rules) runs first."""
-        key = call_key(x, weights, lora)
-        plan = self._plans.get(key)
-        if plan is not None:
-            self._plans.move_to_end(key)
-            return plan
-        if check is not None:
-            check()
-        plan = make_plan(x, weights, lora)
-        self._plans[key] = plan
-        if len(self._plans) > self.size:
-            self._plans.popitem(last=False)
-        return plan
+        def make() -> Plan:
+            if check is not None:
+                check()
+            return make_plan(x, weights, lora)
+        return self._plans.get(call_key(x, weights, lora), make)
 
 
 PLANS = PlanCache()

@@ -3,8 +3,9 @@
 ``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (outs, s)``::
 
     outs[p]   = x @ W_p^T                                   rounded to x's dtype, one tensor per projection
-    s[g]      = xs[g].to(adapters) @ lora_a[g]^T            [T, r_g], the adapters' dtype
-    delta[i]  = scales[i] * s[slice_a[i]] @ lora_b[i]^T     columns [slice_start[i], + n_i) of cat(outs)
+    s[:, g]   = xs[g].to(adapters) @ lora_a[g]^T            [T, sum of ranks], A group g in columns
+                                                            off_g = r_0 + .. + r_{g-1} .. off_g + r_g
+    delta[i]  = scales[i] * s[:, slice_a[i]] @ lora_b[i]^T  columns [slice_start[i], + n_i) of cat(outs)
     outs[p][:, slice i] = round(base + delta[i]), summed in promote(x, adapters) dtype and rounded to x's
                 dtype once per slice (two slices over the same columns: once each)
 
@@ -13,32 +14,37 @@ base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to
 it rounds: the expand and its scaling are not rounded apart from the sum. ``slice_start`` counts columns
 of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
 group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels' registers), or what PEFT
-made of it (the cast to the adapters' dtype, its dropout): dropout
-stays outside the op, so Inductor's RNG is the one that draws the masks, and q / k / v (one PEFT module,
-one A) read one mask, z another. Slices may overlap (two adapters on one projection add up). ``s`` is
-returned so that autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
+made of it (the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG
+draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices may overlap (two
+adapters on one projection add up). ``s`` (every group's shrink, side by side) is returned so that
+autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
 
 One output per projection, not one packed [T, N] tensor: the graph reads the projections apart, and the
 backward of slicing one output is a zero-filled [T, N] gradient per slice summed up (4 fills, 4 copies
 and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with one output each, each
 gradient arrives as it is.
 
-Backward (:func:`_backward`, traced by AOTAutograd into the joint graph): ``dx = sum_p dout_p @ W_p``
-(:func:`qkvz_grad_input`: GEMMs accumulating into one buffer); the LoRA gradients that read ``dout``, :func:`qkvz_lora_train_grad`
-(``dS[g] = sum_i scales[i] * dout_i @ B_i``, ``dB_i = scales[i] * dout_i^T @ s[g]``: Triton on CUDA,
-:mod:`fx_passes.ops.kernels.lora_train`); then ``dA = dS^T @ xs[g]`` (q, k, v: one dA) and ``dxs[g] = dS @
-A``, one GEMM each per distinct LoRA input (A groups reading the same tensor side by side; for x itself
-under wider adapters :func:`qkvz_lora_input_grad`, which adds ``dS @ A`` into dx in the kernels); frozen weights
-(no ``requires_grad``) get no gradient work.
+Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph), with
+every gradient of the block: ``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer), ``dS[:, g] =
+sum_i scales[i] * dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g =
+dS_g^T @ xs[g]`` and the LoRA inputs' gradients ``dS_g @ A_g`` (x itself: added into dx, summed in
+promote(x, adapters) dtype and rounded once); frozen weights (no ``requires_grad``) get no gradient work.
+One op, not three: at T <= 4096 a step's time is the host's, and each op call costs a dispatcher
+crossing with its list arguments boxed and its checks.
+
+Host cost: the argument checks and everything planned from shapes alone run once per call signature
+(:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
+from fx_passes.ops.memo import LruMemo, tensor_meta
 from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
 
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -51,35 +57,43 @@ def check_train_args(x: torch.Tensor, xs: Sequence[torch.Tensor], weights: Seque
     each slice's ``(projection, first column in it)`` (:func:`slice_owners`)."""
     name = "qkvz_lora_train"
     check_gemm_args(x, weights)
-    n_out, T, H = total_rows(weights), x.shape[0], x.shape[1]
+    T, H = x.shape[0], x.shape[1]
     torch._check(len(lora_a) >= 1 and len(xs) == len(lora_a),
                  lambda: f"{name}: need one xs per lora_a (>= 1), got {len(xs)} and {len(lora_a)}")
+    ad = lora_a[0].dtype
+    torch._check(ad in _ADAPTER_DTYPES, lambda: f"{name}: adapter dtype {ad} is not fp16 / bf16 / fp32")
+    for g, (a, xg) in enumerate(zip(lora_a, xs)):
+        torch._check(xg.dim() == 2 and xg.shape[0] == T and xg.shape[1] == H,
+                     lambda: f"{name}: xs[{g}] must be [T={T}, H={H}], got {tuple(xg.shape)}")
+        torch._check(xg.dtype in (ad, x.dtype) and xg.device == x.device,
+                     lambda: f"{name}: xs[{g}] is {xg.dtype} on {xg.device}: need the adapters' {ad} or x's "
+                             f"{x.dtype} on {x.device}")
+    return _check_lora(name, [w.shape[0] for w in weights], H, x.device, lora_a, lora_b, slice_a, slice_start,
+                       scales)
+
+
+def _check_lora(name, widths, H, device, lora_a, lora_b, slice_a, slice_start, scales) -> list[tuple[int, int]]:
+    """The adapters' rules shared by the forward and the backward op; returns :func:`slice_owners`."""
     torch._check(len(lora_b) >= 1 and len(slice_a) == len(lora_b) == len(slice_start) == len(scales),
                  lambda: f"{name}: lora_b, slice_a, slice_start, scales need one entry per slice, got "
                          f"{len(lora_b)}, {len(slice_a)}, {len(slice_start)}, {len(scales)}")
     ad = lora_a[0].dtype
-    torch._check(ad in _ADAPTER_DTYPES, lambda: f"{name}: adapter dtype {ad} is not fp16 / bf16 / fp32")
-    for g, (a, xg) in enumerate(zip(lora_a, xs)):
-        torch._check(a.dim() == 2 and a.shape[1] == H and a.shape[0] >= 1,
-                     lambda: f"{name}: lora_a[{g}] must be [r, H={H}], got {tuple(a.shape)}")
-        torch._check(xg.dim() == 2 and xg.shape[0] == T and xg.shape[1] == H,
-                     lambda: f"{name}: xs[{g}] must be [T={T}, H={H}], got {tuple(xg.shape)}")
-        torch._check(a.dtype == ad and xg.dtype in (ad, x.dtype),
-                     lambda: f"{name}: lora_a[{g}] / xs[{g}] dtypes {a.dtype} / {xg.dtype}: need the adapters' "
-                             f"{ad} (xs: or x's {x.dtype})")
-        torch._check(a.device == x.device and xg.device == x.device,
-                     lambda: f"{name}: lora_a[{g}] / xs[{g}] not on {x.device}")
+    for g, a in enumerate(lora_a):
+        torch._check(a.dim() == 2 and a.shape[1] == H and a.shape[0] >= 1 and a.dtype == ad and a.device == device,
+                     lambda: f"{name}: lora_a[{g}] must be [r, H={H}] in {ad} on {device}, got "
+                             f"{tuple(a.shape)} {a.dtype} on {a.device}")
+    n_out = sum(widths)
     for i, b in enumerate(lora_b):
         g = slice_a[i]
         torch._check(0 <= g < len(lora_a), lambda: f"{name}: slice_a[{i}]={g} names no lora_a tensor")
         torch._check(b.dim() == 2 and b.shape[1] == lora_a[g].shape[0],
                      lambda: f"{name}: lora_b[{i}] must be [n, r={lora_a[g].shape[0]}], got {tuple(b.shape)}")
-        torch._check(b.dtype == ad and b.device == x.device,
-                     lambda: f"{name}: lora_b[{i}] is {b.dtype} on {b.device}, adapters {ad} on {x.device}")
+        torch._check(b.dtype == ad and b.device == device,
+                     lambda: f"{name}: lora_b[{i}] is {b.dtype} on {b.device}, adapters {ad} on {device}")
         torch._check(0 <= slice_start[i] and slice_start[i] + b.shape[0] <= n_out,
                      lambda: f"{name}: slice {i} [{slice_start[i]}, {slice_start[i] + b.shape[0]}) outside "
                              f"the output's {n_out} columns")
-    return slice_owners([w.shape[0] for w in weights], slice_start, [b.shape[0] for b in lora_b], name)
+    return slice_owners(widths, slice_start, [b.shape[0] for b in lora_b], name)
 
 
 def slice_owners(widths: Sequence[int], slice_start: Sequence[int], slice_widths: Sequence[int],
@@ -98,6 +112,23 @@ def slice_owners(widths: Sequence[int], slice_start: Sequence[int], slice_widths
     return owners
 
 
+def group_columns(ranks: Sequence[int]) -> list[int]:
+    """First column of each A group in ``s`` (the groups side by side, in order)."""
+    offs, total = [], 0
+    for r in ranks:
+        offs.append(total)
+        total += r
+    return offs
+
+
+def _kernels_hold(ranks) -> bool:
+    """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation)."""
+    return max(ranks) <= KERNEL_MAX_RANK
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
 @torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train", mutates_args=())
 def qkvz_lora_train(
     x: torch.Tensor,
@@ -108,328 +139,418 @@ def qkvz_lora_train(
     slice_a: Sequence[int],
     slice_start: Sequence[int],
     scales: Sequence[float],
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs = [x @ w.t() for w in weights]
-    s = [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
-    _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
+    s = _shrink_reference(xs, lora_a)
+    _add_lora_reference(outs, s, lora_b, slice_a, owners, scales, group_columns([a.shape[0] for a in lora_a]))
     return outs, s
 
 
-def _kernels_hold(ranks) -> bool:
-    """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation)."""
-    return max(ranks) <= KERNEL_MAX_RANK
+def _shrink_reference(xs, lora_a) -> torch.Tensor:
+    """``s[:, group g] = xs[g].to(adapters) @ A_g^T``, each group's GEMM writing its columns of ``s``."""
+    ad = lora_a[0].dtype
+    offs = group_columns([a.shape[0] for a in lora_a])
+    s = torch.empty((xs[0].shape[0], offs[-1] + lora_a[-1].shape[0]), dtype=ad, device=xs[0].device)
+    for xg, a, off in zip(xs, lora_a, offs):
+        torch.mm(xg.to(ad), a.t(), out=s[:, off:off + a.shape[0]])
+    return s
 
 
-def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales) -> None:
+def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales, offs) -> None:
     acc = torch.promote_types(outs[0].dtype, lora_b[0].dtype)
     for i, b in enumerate(lora_b):
         p, start = owners[i]
         cols = outs[p][:, start:start + b.shape[0]]
+        sg = s[:, offs[slice_a[i]]:offs[slice_a[i]] + b.shape[1]]
         if acc == cols.dtype:
-            cols.addmm_(s[slice_a[i]], b.t(), alpha=scales[i])
+            cols.addmm_(sg, b.t(), alpha=scales[i])
         else:   # fp32 adapters on a 16-bit base: the slice's sum in fp32, rounded once (only [T, n_i] in fp32)
-            cols.copy_(torch.addmm(cols.to(acc), s[slice_a[i]], b.t(), alpha=scales[i]))
+            cols.copy_(torch.addmm(cols.to(acc), sg, b.t(), alpha=scales[i]))
+
+
+def _distinct(xs: Sequence[torch.Tensor], x: Optional[torch.Tensor]) -> tuple[list[int], list[int], int]:
+    """The distinct LoRA inputs: their first positions in ``xs``, each group's index among them, and which
+    one is ``x`` itself (-1: none). Groups reading one tensor (q/k/v and z without dropout) share it."""
+    firsts: list[int] = []
+    xs_of = []
+    for g, xg in enumerate(xs):
+        h = next((k for k, f in enumerate(firsts) if xs[f] is xg), None)
+        if h is None:
+            firsts.append(g)
+            h = len(firsts) - 1
+        xs_of.append(h)
+    x_input = next((h for h, f in enumerate(firsts) if xs[f] is x), -1)
+    return firsts, xs_of, x_input
+
+
+@dataclasses.dataclass(frozen=True)
+class _XSide:
+    """How the kernels treat the LoRA input that is x itself in 16 bits under wider adapters (cast in
+    registers): its A groups as one slice of rank sum(r_g) over B = cat(A_g)^T when their columns of ``s``
+    are adjacent and the rank fits a kernel tile (one read of x), else one slice per group."""
+    groups: tuple[int, ...]
+    slices: object            # kernels.lora_train.Slices over x's H columns
+    cat: bool                 # the slices' B: cat(A of groups)^T (one slice) or each A^T
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainPlan:
+    """What one call signature of the forward and the backward op runs (no tensors)."""
+    kernels: bool
+    owners: tuple[tuple[int, int], ...]
+    offs: tuple[int, ...]                # each group's first column in s
+    R: int                               # columns of s
+    slices: object = None                # kernels.lora_train.Slices of the outputs (col: in its projection)
+    out_of: tuple[int, ...] = ()         # each slice's projection
+    db_rows: tuple[int, ...] = ()        # each slice's first row in lora_db's partial sums
+    x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
+
+
+def _plan(x_input_tensor: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners) -> _TrainPlan:
+    ranks = [a.shape[0] for a in lora_a]
+    offs = tuple(group_columns(ranks))
+    R = offs[-1] + ranks[-1]
+    if not _kernels_hold(ranks):
+        return _TrainPlan(False, tuple(owners), offs, R)
+    from fx_passes.ops.kernels.lora_train import Slices   # imports Triton: only for a CUDA call
+
+    slices = Slices(tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners),
+                    tuple(offs[g] for g in slice_a), tuple(ranks[g] for g in slice_a), tuple(float(c) for c in scales))
+    db_rows = tuple(group_columns(slices.width))
+    x_side = None
+    xt = x_input_tensor
+    if xt is not None and xt.dtype != lora_a[0].dtype and xt.stride(-1) == 1:
+        groups = tuple(range(len(lora_a)))   # (x_input_tensor is given only when every group reads x)
+        H = xt.shape[1]
+        if sum(ranks) <= KERNEL_MAX_RANK:
+            x_side = _XSide(groups, Slices((H,), (0,), (0,), (R,), (1.0,)), True)
+        else:
+            x_side = _XSide(groups, Slices((H,) * len(groups), (0,) * len(groups), offs, tuple(ranks),
+                                           (1.0,) * len(groups)), False)
+    return _TrainPlan(True, tuple(owners), offs, R, slices, tuple(p for p, _ in owners), db_rows, x_side)
+
+
+def _x_side_bs(side: _XSide, lora_a) -> list[torch.Tensor]:
+    """The B of each x-side slice: A^T as a view (the kernels take both strides), one cat for one slice."""
+    if not side.cat:
+        return [lora_a[g].t() for g in side.groups]
+    a = lora_a[side.groups[0]] if len(side.groups) == 1 else torch.cat([lora_a[g] for g in side.groups])
+    return [a.t()]
+
+
+_FORWARD_PLANS = LruMemo()
+_BACKWARD_PLANS = LruMemo()
+
+
+def _signature(*parts) -> tuple:
+    """A call signature: tensors by :func:`tensor_meta`, lists of them, anything else as it is."""
+    key = []
+    for p in parts:
+        if isinstance(p, torch.Tensor):
+            key.append(tensor_meta(p))
+        elif isinstance(p, (list, tuple)) and p and isinstance(p[0], torch.Tensor):
+            key.append(tuple(tensor_meta(t) for t in p))
+        else:
+            key.append(tuple(p) if isinstance(p, list) else p)
+    return tuple(key)
 
 
 @cuda_impl("qkvz_lora_train")
 def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
-    owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+    firsts, xs_of, x_input = _distinct(xs, x)
+    every_reads_x = x_input == 0 and len(firsts) == 1
+
+    def make() -> _TrainPlan:
+        owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
+        return _plan(x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners)
+
+    from fx_passes.ops.tuning import interpreting
+
+    plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
+                                         tuple(xs_of), x_input, interpreting()), make)
     outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
-    kernels = _kernels_hold([b.shape[1] for b in lora_b]) and all(b.stride(-1) == 1 for b in lora_b)
-    s = _shrink_cuda(xs, lora_a) if kernels else [xg.to(a.dtype) @ a.t() for xg, a in zip(xs, lora_a)]
-    if not kernels:
-        _add_lora_reference(outs, s, lora_b, slice_a, owners, scales)
-    else:   # one launch over every slice, reading and writing each output once in its own dtype
-        from fx_passes.ops.kernels.lora_train import expand_add_   # imports Triton: only on a CUDA call
+    if not plan.kernels:
+        s = _shrink_reference(xs, lora_a)
+        _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
+        return outs, s
+    from fx_passes.ops.kernels.lora_train import expand_add_, lora_ds   # imports Triton: only on a CUDA call
 
-        expand_add_(outs, s, lora_b, slice_a, owners, slice_start, scales)
+    side = plan.x_side
+    if side is None:
+        s = _shrink_reference(xs, lora_a)
+    else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
+        s = lora_ds([x] * len(side.slices), _x_side_bs(side, lora_a), side.slices, plan.R)
+        s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
+    expand_add_([outs[p] for p in plan.out_of], s, lora_b, plan.slices)
     return outs, s
-
-
-def _shrink_cuda(xs, lora_a) -> list[torch.Tensor]:
-    """``s[g] = xs[g].to(ad) @ A_g^T``: an input in the adapters' dtype through the library GEMM; a 16-bit
-    one under fp32 adapters (x itself, no dropout) through the kernel, which casts it in registers where
-    the library GEMM would need an fp32 copy of [T, H]."""
-    s: list = [None] * len(xs)
-    for g, (xg, a) in enumerate(zip(xs, lora_a)):
-        if xg.dtype == a.dtype or xg.stride(-1) != 1:   # (the kernel reads rows of unit stride)
-            s[g] = xg.to(a.dtype) @ a.t()
-    rest = [g for g in range(len(xs)) if s[g] is None]
-    if rest:
-        from fx_passes.ops.kernels.lora_train import shrink   # imports Triton: only on a CUDA call
-
-        for g, sg in zip(rest, shrink([xs[g] for g in rest], [lora_a[g] for g in rest])):
-            s[g] = sg
-    return s
 
 
 @qkvz_lora_train.register_fake
 def _fake(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
     check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     return ([x.new_empty((x.shape[0], w.shape[0])) for w in weights],
-            [a.new_empty((xg.shape[0], a.shape[0])) for xg, a in zip(xs, lora_a)])
+            lora_a[0].new_empty((x.shape[0], sum(a.shape[0] for a in lora_a))))
 
 
-def _setup_context(ctx, inputs, output):
-    x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = inputs
-    _, s = output
-    ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
-    # A groups reading one input (no dropout: q/k/v and z read the same cast of x) share its tensor and,
-    # in the backward, its dA / dx GEMMs
-    ctx.xs_of = [next(h for h in range(len(xs)) if xs[h] is xg) for xg in xs]
-    ctx.xs_is_x = [xg is x for xg in xs]   # no dropout: the LoRA reads x itself (cast in the kernels)
-    distinct = [xg for g, xg in enumerate(xs) if ctx.xs_of[g] == g]
-    ctx.n = (len(distinct), len(weights), len(lora_a), len(lora_b))
-    # x itself is needed only for a trainable base weight's gradient (frozen: the usual case)
-    keep_x = x if any(w.requires_grad for w in weights) else None
-    ctx.save_for_backward(keep_x, *distinct, *weights, *lora_a, *lora_b, *s)
-
-
-def _unpack(ctx):
-    n_xs, n_w, n_a, n_b = ctx.n
-    saved = list(ctx.saved_tensors)
-    x = saved.pop(0)
-    parts = []
-    for count in (n_xs, n_w, n_a, n_b, n_a):
-        parts.append(saved[:count])
-        saved = saved[count:]
-    distinct = dict(zip(sorted(set(ctx.xs_of)), parts[0]))
-    parts[0] = [distinct[h] for h in ctx.xs_of]
-    return (x, *parts)
-
-
-def _slice_runs(slice_a: Sequence[int], owners: Sequence[tuple[int, int]], lora_b: Sequence[torch.Tensor],
-                scales: Sequence[float], group: int) -> list[tuple[int, int, int, list[int]]]:
-    """The slices of A group ``group`` as runs of adjacent columns of one projection with one scale:
-    ``[(projection, first column, columns, [slice indices in column order]), ...]`` (q | k | v: one run)."""
-    mine = sorted((owners[i], i) for i in range(len(lora_b)) if slice_a[i] == group)
-    runs: list[tuple[int, int, int, list[int]]] = []
-    for (p, start), i in mine:
-        if runs:
-            q, first, n, members = runs[-1]
-            if q == p and first + n == start and scales[members[-1]] == scales[i]:
-                runs[-1] = (p, first, n + lora_b[i].shape[0], members + [i])
-                continue
-        runs.append((p, start, lora_b[i].shape[0], [i]))
-    return runs
-
-
-def lora_grads_reference(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                         slice_a: Sequence[int], slice_start: Sequence[int], scales: Sequence[float],
-                         need_db: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """``(dS, dB)`` of :func:`qkvz_lora_train_grad` in torch ops: per A group, one GEMM per run of adjacent
-    slices with one scale (q | k | v: one), in the adapters' dtype."""
-    ad = lora_b[0].dtype
-    owners = slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b])
-    d_s: list = []
-    d_b: list = [None] * len(lora_b)
-    for g, sg in enumerate(s):
-        acc = None
-        for p, first, n, members in _slice_runs(slice_a, owners, lora_b, scales, g):
-            run = dys[p][:, first:first + n].to(ad)  # the run's columns only in the adapters' dtype
-            scale = scales[members[0]]               # d(s @ B^T) = scale * dy: folded into the products
-            b_run = lora_b[members[0]] if len(members) == 1 else torch.cat([lora_b[i] for i in members])
-            part = torch.mm(run, b_run) * scale
-            acc = part if acc is None else acc + part
-            if need_db:
-                d_b_run = torch.mm(run.t(), sg) * scale
-                row = 0
-                for i in members:
-                    d_b[i] = d_b_run[row:row + lora_b[i].shape[0]].clone()
-                    row += lora_b[i].shape[0]
-        d_s.append(acc if acc is not None else sg.new_zeros(sg.shape))
-    return d_s, (d_b if need_db else [])
-
-
-def _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales):
-    name = "qkvz_lora_train_grad"
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+def _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input,
+                         need_dx):
+    name = "qkvz_lora_train_backward"
     torch._check(len(dys) >= 1 and all(d.dim() == 2 and d.shape[0] == dys[0].shape[0] for d in dys),
                  lambda: f"{name}: dys must be 2-D [T, n_p] tensors, got {[tuple(d.shape) for d in dys]}")
-    torch._check(len(s) >= 1 and len(lora_b) >= 1 and len(slice_a) == len(lora_b) == len(slice_start) == len(scales),
-                 lambda: f"{name}: need s (>= 1) and one slice_a / slice_start / scale per lora_b")
-    T, ad = dys[0].shape[0], lora_b[0].dtype
-    for g, sg in enumerate(s):
-        torch._check(sg.dim() == 2 and sg.shape[0] == T and sg.dtype == ad,
-                     lambda: f"{name}: s[{g}] must be [T={T}, r] in {ad}, got {tuple(sg.shape)} {sg.dtype}")
-    for i, b in enumerate(lora_b):
-        g = slice_a[i]
-        torch._check(0 <= g < len(s), lambda: f"{name}: slice_a[{i}]={g} names no s tensor")
-        torch._check(b.dim() == 2 and b.shape[1] == s[g].shape[1] and b.dtype == ad,
-                     lambda: f"{name}: lora_b[{i}] must be [n, r={s[g].shape[1]}] in {ad}, got "
-                             f"{tuple(b.shape)} {b.dtype}")
-    return slice_owners([d.shape[1] for d in dys], slice_start, [b.shape[0] for b in lora_b], name)
+    T, H, dev = dys[0].shape[0], lora_a[0].shape[-1], dys[0].device
+    torch._check(len(xs_of) == len(lora_a) and all(0 <= h < len(xs) for h in xs_of) and -1 <= x_input < len(xs),
+                 lambda: f"{name}: xs_of {list(xs_of)} / x_input {x_input} do not index the {len(xs)} xs")
+    for h, xh in enumerate(xs):
+        torch._check(xh.dim() == 2 and xh.shape[0] == T and xh.shape[1] == H and xh.device == dev,
+                     lambda: f"{name}: xs[{h}] must be [T={T}, H={H}] on {dev}, got {tuple(xh.shape)} on {xh.device}")
+    torch._check(not need_dx or (len(weights) == len(dys) and all(
+        w.dim() == 2 and w.shape == (d.shape[1], H) and w.dtype == d.dtype for w, d in zip(weights, dys))),
+        lambda: f"{name}: x's gradient needs one [n_p, H={H}] weight per gradient, in its dtype")
+    owners = _check_lora(name, [d.shape[1] for d in dys], H, dev, lora_a, lora_b, slice_a, slice_start, scales)
+    R = sum(a.shape[0] for a in lora_a)
+    torch._check(s.shape == (T, R) and s.dtype == lora_a[0].dtype,
+                 lambda: f"{name}: s must be [T={T}, R={R}] in {lora_a[0].dtype}, got {tuple(s.shape)} {s.dtype}")
+    torch._check(grad_s is None or grad_s.shape == s.shape,
+                 lambda: f"{name}: grad_s must be shaped like s {tuple(s.shape)}")
+    return owners
 
 
-@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train_grad", mutates_args=())
-def qkvz_lora_train_grad(
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_train_backward", mutates_args=())
+def qkvz_lora_train_backward(
     dys: Sequence[torch.Tensor],
-    s: Sequence[torch.Tensor],
+    xs: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    lora_a: Sequence[torch.Tensor],
     lora_b: Sequence[torch.Tensor],
+    s: torch.Tensor,
+    grad_s: Optional[torch.Tensor],
     slice_a: Sequence[int],
     slice_start: Sequence[int],
     scales: Sequence[float],
+    xs_of: Sequence[int],
+    x_input: int,
+    need_dx: bool,
+    need_dxs: bool,
+    need_da: bool,
     need_db: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The LoRA gradients that read the outputs' gradients ``dys`` (one per projection): ``dS[g] = sum_i
-    scales[i] * dy_i @ B_i`` over the slices of A group ``g``, and (``need_db``) ``dB_i = scales[i] * dy_i^T @
-    s[slice_a[i]]``; the adapters' dtype (``dy_i``: slice i's columns, ``slice_start`` as in the forward)."""
-    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
-    return lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, need_db)
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """The gradients of :func:`qkvz_lora_train` given its outputs' gradients ``dys`` (and ``grad_s``, s's):
+    ``(dx, dxs, dA, dB)``. ``xs``: the distinct LoRA inputs, group g reading ``xs[xs_of[g]]``, ``xs[x_input]``
+    being x itself (-1: none), whose gradient is added into dx. ``dx = sum_p dys[p] @ weights[p] (+ x's LoRA
+    part)`` in x's dtype if ``need_dx`` (``weights`` may be empty otherwise), ``dxs[h]`` for every other
+    input if ``need_dxs``, ``dA`` per group if ``need_da``, ``dB`` per slice if ``need_db``; what is not asked
+    for is an empty tensor (dx, dxs) or list (dA, dB)."""
+    owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of,
+                                  x_input, need_dx)
+    return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input, need_dx,
+                               need_dxs, need_da, need_db, owners)
 
 
-@qkvz_lora_train_grad.register_fake
-def _grad_fake(dys, s, lora_b, slice_a, slice_start, scales, need_db):
-    _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
-    return [sg.new_empty(sg.shape) for sg in s], ([b.new_empty(b.shape) for b in lora_b] if need_db else [])
-
-
-@cuda_impl("qkvz_lora_train_grad")
-def _grad_cuda(dys, s, lora_b, slice_a, slice_start, scales, need_db):
-    owners = _check_grad_args(dys, s, lora_b, slice_a, slice_start, scales)
-    if not _kernels_hold([b.shape[1] for b in lora_b]):
-        return lora_grads_reference(dys, s, lora_b, slice_a, slice_start, scales, need_db)
-    from fx_passes.ops.kernels.lora_train import lora_db, lora_ds   # imports Triton: only on a CUDA call
-    from fx_passes.ops.tuning import device_info
-
-    unit = [t if t.stride(-1) == 1 else t.contiguous() for t in dys]   # e.g. the expanded gradient of a sum
-    s = [t if t.stride(-1) == 1 else t.contiguous() for t in s]
-    lora_b = [b if b.stride(-1) == 1 else b.contiguous() for b in lora_b]
-    d_s = lora_ds(unit, lora_b, slice_a, owners, scales, [t.shape[1] for t in s])
-    d_b = lora_db(unit, s, lora_b, slice_a, owners, scales, device_info(unit[0].device).sms) if need_db else []
+def lora_grads_reference(dys: Sequence[torch.Tensor], s: torch.Tensor, lora_b: Sequence[torch.Tensor],
+                         slice_a: Sequence[int], owners: Sequence[tuple[int, int]], scales: Sequence[float],
+                         ranks: Sequence[int], need_db: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(dS, dB)`` in torch ops, the adapters' dtype: ``dS`` [T, R] (group g in its columns of s),
+    ``dB_i = scales[i] * dy_i^T @ s[:, group of i]``; dy read per slice in the adapters' dtype."""
+    ad = lora_b[0].dtype
+    offs = group_columns(ranks)
+    d_s = torch.zeros(s.shape, dtype=ad, device=s.device)
+    d_b = []
+    for i, b in enumerate(lora_b):
+        p, first = owners[i]
+        g = slice_a[i]
+        run = dys[p][:, first:first + b.shape[0]].to(ad)
+        cols = slice(offs[g], offs[g] + ranks[g])
+        d_s[:, cols] += torch.mm(run, b) * scales[i]   # d(s @ B^T) = scale * dy: folded into the products
+        if need_db:
+            d_b.append(torch.mm(run.t(), s[:, cols]) * scales[i])
     return d_s, d_b
 
 
-def _check_grad_input_args(dys, weights):
-    torch._check(len(dys) == len(weights) >= 1 and all(d.dim() == 2 and w.dim() == 2 and d.shape[1] == w.shape[0]
-                                                          and d.shape[0] == dys[0].shape[0] for d, w in zip(dys, weights)),
-                 lambda: "qkvz_grad_input: need one [T, n_p] gradient per [n_p, H] weight")
-
-
-@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_grad_input", mutates_args=())
-def qkvz_grad_input(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``dx = sum_p dys[p] @ weights[p]``: the GEMMs after the first accumulate into its result in place
-    (library GEMM, beta = 1), where out-of-place ``addmm``s copy the [T, H] sum before each."""
-    return _grad_input(dys, weights)
-
-
-@cuda_impl("qkvz_grad_input")
-def _grad_input(dys, weights):
-    _check_grad_input_args(dys, weights)
+def _grad_input(dys, weights) -> torch.Tensor:
+    """``sum_p dys[p] @ weights[p]``: the GEMMs after the first accumulate into its result in place (library
+    GEMM, beta = 1), where out-of-place ``addmm``s copy the [T, H] sum before each."""
     d_x = dys[0] @ weights[0]
     for dy, w in zip(dys[1:], weights[1:]):
         d_x.addmm_(dy, w)
     return d_x
 
 
-@qkvz_grad_input.register_fake
-def _grad_input_fake(dys, weights):
-    _check_grad_input_args(dys, weights)
-    return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
+def _placeholders(dys, xs):
+    """dx and dxs where they are not asked for: empty tensors."""
+    return dys[0].new_empty((0,)), [xh.new_empty((0,)) for xh in xs]
 
 
-def _check_input_grad_args(x, ds, lora_a, d_x):
-    name = "qkvz_lora_input_grad"
-    torch._check(x.dim() == 2 and len(ds) == len(lora_a) >= 1,
-                 lambda: f"{name}: need a 2-D x and one ds per lora_a, got {tuple(x.shape)}, {len(ds)}, {len(lora_a)}")
-    for g, (d, a) in enumerate(zip(ds, lora_a)):
-        torch._check(d.dim() == 2 and a.dim() == 2 and d.shape == (x.shape[0], a.shape[0]) and a.shape[1] == x.shape[1]
-                     and d.dtype == a.dtype,
-                     lambda: f"{name}: ds[{g}] {tuple(d.shape)} {d.dtype} / lora_a[{g}] {tuple(a.shape)} {a.dtype} do not "
-                             f"fit x {tuple(x.shape)}")
-    torch._check(d_x is None or (d_x.shape == x.shape and d_x.dtype == x.dtype),
-                 lambda: f"{name}: d_x must be like x {tuple(x.shape)} {x.dtype}")
-
-
-@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_lora_input_grad", mutates_args=())
-def qkvz_lora_input_grad(x: torch.Tensor, ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor],
-                         d_x: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """The gradients through A groups whose LoRA input is ``x`` itself (read in the adapters' dtype):
-    ``dA_g = ds_g^T @ x`` and, given ``d_x`` (x's gradient so far), ``d_x + sum_g ds_g @ A_g`` summed in
-    promote(x, adapters) dtype and rounded once to x's dtype (an empty tensor without ``d_x``)."""
-    _check_input_grad_args(x, ds, lora_a, d_x)
-    return _input_grad_reference(x, ds, lora_a, d_x)
-
-
-def _input_grad_reference(x, ds, lora_a, d_x):
+def _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input, need_dx,
+                        need_dxs, need_da, need_db, owners):
     ad = lora_a[0].dtype
-    d_a = [d.t() @ x.to(ad) for d in ds]
-    if d_x is None:
-        return d_a, x.new_empty((0,))
-    acc = torch.promote_types(x.dtype, ad)
-    total = d_x.to(acc)
-    for d, a in zip(ds, lora_a):
-        total = total + (d @ a).to(acc)
-    return d_a, total.to(x.dtype)
+    ranks = [a.shape[0] for a in lora_a]
+    offs = group_columns(ranks)
+    d_s, d_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, need_db)
+    if grad_s is not None:
+        d_s = d_s + grad_s.to(ad)
+    d_x, d_xs = _placeholders(dys, xs)
+    if need_dx:
+        d_x = _grad_input(dys, weights)
+    d_a: list = [None] * len(lora_a)
+    for h, xh in enumerate(xs):
+        groups = [g for g in range(len(lora_a)) if xs_of[g] == h]
+        dsg = [d_s[:, offs[g]:offs[g] + ranks[g]] for g in groups]
+        if need_da:
+            for g, d in zip(groups, dsg):
+                d_a[g] = d.t() @ xh.to(ad)
+        if (h == x_input and need_dx) or (h != x_input and need_dxs):
+            lora_dx = sum(d @ lora_a[g] for g, d in zip(groups, dsg))
+            if h == x_input:   # x's gradient: the base part (rounded by its GEMMs) plus this, rounded once
+                acc = torch.promote_types(d_x.dtype, ad)
+                d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
+            else:
+                d_xs[h] = lora_dx.to(xh.dtype)
+    return d_x, d_xs, (d_a if need_da else []), d_b
 
 
-@qkvz_lora_input_grad.register_fake
-def _input_grad_fake(x, ds, lora_a, d_x):
-    _check_input_grad_args(x, ds, lora_a, d_x)
-    return [a.new_empty(a.shape) for a in lora_a], (x.new_empty((0,)) if d_x is None else d_x.new_empty(d_x.shape))
+@qkvz_lora_train_backward.register_fake
+def _backward_fake(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input, need_dx,
+                   need_dxs, need_da, need_db):
+    _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input,
+                         need_dx)
+    d_x, d_xs = _placeholders(dys, xs)
+    if need_dx:
+        d_x = dys[0].new_empty((dys[0].shape[0], lora_a[0].shape[1]))
+    if need_dxs:
+        d_xs = [xh.new_empty(xh.shape) if h != x_input else d for h, (xh, d) in enumerate(zip(xs, d_xs))]
+    return (d_x, d_xs, [a.new_empty(a.shape) for a in lora_a] if need_da else [],
+            [b.new_empty(b.shape) for b in lora_b] if need_db else [])
 
 
-@cuda_impl("qkvz_lora_input_grad")
-def _input_grad_cuda(x, ds, lora_a, d_x):
-    _check_input_grad_args(x, ds, lora_a, d_x)
-    if not _kernels_hold([a.shape[0] for a in lora_a]) or x.stride(-1) != 1:
-        return _input_grad_reference(x, ds, lora_a, d_x)
-    from fx_passes.ops.kernels.lora_train import input_grads   # imports Triton: only on a CUDA call
+@cuda_impl("qkvz_lora_train_backward")
+def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input, need_dx,
+                   need_dxs, need_da, need_db):
+    every_reads_x = x_input == 0 and len(xs) == 1
+
+    def make() -> _TrainPlan:
+        owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
+                                      xs_of, x_input, need_dx)
+        return _plan(xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners)
+
+    from fx_passes.ops.tuning import interpreting
+
+    plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
+                                          xs_of, x_input, need_dx, need_dxs, need_da, need_db, interpreting()), make)
+    if not plan.kernels:
+        return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
+                                   need_dx, need_dxs, need_da, need_db, plan.owners)
+    from fx_passes.ops.kernels.lora_train import expand_add_, lora_db, lora_ds   # imports Triton: CUDA calls only
     from fx_passes.ops.tuning import device_info
 
-    ds = [d if d.stride(-1) == 1 else d.contiguous() for d in ds]
-    d_x = d_x if d_x is None or d_x.is_contiguous() else d_x.contiguous()
-    d_a, new = input_grads(x, ds, lora_a, d_x, device_info(x.device).sms)
-    return d_a, (x.new_empty((0,)) if new is None else new)
-
-
-def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[list]):
-    x, xs, weights, lora_a, lora_b, s = _unpack(ctx)
-    need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales
-    d_x = d_w = None
-    d_xs: list = [None] * len(xs)
-    d_a: list = [None] * len(lora_a)
-    d_b: list = [None] * len(lora_b)
-    T = s[0].shape[0]
-    grad_outs = list(grad_outs) if grad_outs is not None else [None] * len(weights)
-    dys = [g if g is not None else w.new_zeros((T, w.shape[0])) for g, w in zip(grad_outs, weights)]
     ad = lora_a[0].dtype
-    if need[0]:
-        d_x = torch.ops.fx_passes.qkvz_grad_input(dys, list(weights))
-    if need[2]:   # frozen base weights (the usual case) skip this
-        d_w = [dy.t() @ x if w.requires_grad else None for dy, w in zip(dys, weights)]
-    if not (need[1] or need[3] or need[4]):
-        return d_x, d_xs, d_w, d_a, d_b, None, None, None
-    d_s, grads_b = torch.ops.fx_passes.qkvz_lora_train_grad(dys, list(s), list(lora_b), ctx.slice_a,
-                                                             ctx.slice_start, ctx.scales, bool(need[4]))
-    if need[4]:
-        d_b = list(grads_b)
-    d_s = list(d_s)
+    ranks = [a.shape[0] for a in lora_a]
+    sms = device_info(s.device).sms
+    s = s if s.stride(-1) == 1 else s.contiguous()   # (the kernels read its rows with unit stride)
+    dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
+    d_x, d_xs = _placeholders(dys, xs)
+    if need_dx:
+        d_x = _grad_input(dys, weights)
+    dy_of = [dys[p] for p in plan.out_of]
+    d_s = lora_ds(dy_of, lora_b, plan.slices, plan.R)   # fp32 [T, R]
+    if ad != torch.float32:
+        d_s = d_s.to(ad)   # (the torch implementation's dS, in the adapters' dtype)
     if grad_s is not None:
-        d_s = [ds if gs is None else ds + gs.to(ad) for ds, gs in zip(d_s, grad_s)]
-    for h in sorted(set(ctx.xs_of)):   # one dA GEMM and one dxs GEMM per distinct LoRA input
-        groups = [g for g in range(len(lora_a)) if ctx.xs_of[g] == h]
-        if ctx.xs_is_x[h] and xs[h].dtype != ad:   # x itself under wider adapters: its side in the kernels
-            grads_a, new_dx = torch.ops.fx_passes.qkvz_lora_input_grad(
-                xs[h], [d_s[g] for g in groups], [lora_a[g] for g in groups], d_x)
-            if need[3]:
-                for g, da in zip(groups, grads_a):
-                    d_a[g] = da
-            if d_x is not None:
-                d_x = new_dx   # xs[h]'s gradient folded into x's (the same tensor): none for xs[h]
-            continue
-        ds = d_s[groups[0]] if len(groups) == 1 else torch.cat([d_s[g] for g in groups], 1)
-        if need[3]:
-            d_a_all = ds.t() @ xs[h].to(ad)
-            row = 0
-            for g in groups:
-                d_a[g] = d_a_all[row:row + lora_a[g].shape[0]]
-                row += lora_a[g].shape[0]
-        if need[1]:   # autograd sums the gradients of one input passed twice: it gets the whole sum once
-            a = lora_a[groups[0]] if len(groups) == 1 else torch.cat([lora_a[g] for g in groups], 0)
-            d_xs[h] = (ds @ a).to(xs[h].dtype)
-    return d_x, d_xs, d_w, d_a, d_b, None, None, None
+        d_s = d_s + grad_s.to(ad)
+    d_b = []
+    if need_db:
+        part = lora_db(dy_of, s, plan.slices, sms)
+        d_b = [part[:, row:row + b.shape[0], :b.shape[1]].sum(0).to(ad) for row, b in zip(plan.db_rows, lora_b)]
+    side = plan.x_side
+    d_a: list = [None] * len(lora_a)
+    if side is not None:   # x itself, every group: x read in its dtype by the kernels
+        x = xs[0]
+        if need_da:
+            part = lora_db([x] * len(side.slices), d_s, side.slices, sms, transposed=True)
+            d_a = [part[:, off:off + r].sum(0).to(ad) for off, r in zip(plan.offs, ranks)]
+        if need_dx:
+            bs = _x_side_bs(side, lora_a)
+            if side.cat:
+                new = torch.empty_like(d_x)
+                expand_add_([new], d_s, bs, side.slices, srcs=[d_x])
+            else:   # one slice per group over the same columns: in place, one after another
+                new = d_x.clone()
+                expand_add_([new] * len(bs), d_s, bs, side.slices)
+            d_x = new
+        return d_x, d_xs, (d_a if need_da else []), d_b
+    offs = plan.offs
+    for h, xh in enumerate(xs):   # library GEMMs per group: dropout outputs, fp32 inputs, strided x
+        groups = [g for g in range(len(lora_a)) if xs_of[g] == h]
+        dsg = [d_s[:, offs[g]:offs[g] + ranks[g]] for g in groups]
+        if need_da:
+            for g, d in zip(groups, dsg):
+                d_a[g] = d.t() @ xh.to(ad)
+        if (h == x_input and need_dx) or (h != x_input and need_dxs):
+            lora_dx = sum(d @ lora_a[g] for g, d in zip(groups, dsg))
+            if h == x_input:
+                acc = torch.promote_types(d_x.dtype, ad)
+                d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
+            else:
+                d_xs[h] = lora_dx.to(xh.dtype)
+    return d_x, d_xs, (d_a if need_da else []), d_b
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = inputs
+    _, s = output
+    ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
+    # A groups reading one input (no dropout: q/k/v and z read x itself) share it, and its dA / dx work
+    firsts, ctx.xs_of, ctx.x_input = _distinct(xs, x)
+    ctx.firsts = firsts
+    ctx.n = (len(firsts), len(weights), len(lora_a), len(lora_b))
+    # x itself is needed only for a trainable base weight's gradient (frozen: the usual case)
+    keep_x = x if any(w.requires_grad for w in weights) else None
+    ctx.save_for_backward(keep_x, s, *[xs[f] for f in firsts], *weights, *lora_a, *lora_b)
+
+
+def _unpack(ctx):
+    n_xs, n_w, n_a, n_b = ctx.n
+    x, s, *saved = ctx.saved_tensors
+    parts = []
+    for count in (n_xs, n_w, n_a, n_b):
+        parts.append(saved[:count])
+        saved = saved[count:]
+    return (x, s, *parts)
+
+
+def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[torch.Tensor]):
+    x, s, xs, weights, lora_a, lora_b = _unpack(ctx)
+    need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b (lists: one flag per tensor), ...
+    n_groups = len(lora_a)
+    need_x = bool(need[0])
+    need_da, need_db = any(need[3]), any(need[4])
+    # an input other than x that needs its own gradient (x itself: folded into dx)
+    need_dxs = any(need[1][g] for g in range(n_groups) if ctx.xs_of[g] != ctx.x_input)
+    d_w: list = [None] * len(weights)
+    T = s.shape[0]
+    dys = [g if g is not None else w.new_zeros((T, w.shape[0])) for g, w in
+           zip(grad_outs if grad_outs is not None else [None] * len(weights), weights)]
+    if any(need[2]):   # frozen base weights (the usual case) skip this
+        d_w = [dy.t() @ x if w.requires_grad else None for dy, w in zip(dys, weights)]
+    d_xs: list = [None] * n_groups
+    if not (need_x or need_dxs or need_da or need_db):
+        return None, d_xs, d_w, [None] * n_groups, [None] * len(lora_b), None, None, None
+    d_x, d_xs_distinct, d_a, d_b = torch.ops.fx_passes.qkvz_lora_train_backward(
+        dys, list(xs), list(weights) if need_x else [], list(lora_a), list(lora_b), s, grad_s, ctx.slice_a,
+        ctx.slice_start, ctx.scales, ctx.xs_of, ctx.x_input, need_x, need_dxs, need_da, need_db)
+    if need_dxs:   # autograd sums the gradients of one input passed twice: it gets the whole sum once
+        for h, first in enumerate(ctx.firsts):
+            if h != ctx.x_input:
+                d_xs[first] = d_xs_distinct[h]
+    return (d_x if need_x else None, d_xs, d_w, list(d_a) if need_da else [None] * n_groups,
+            list(d_b) if need_db else [None] * len(lora_b), None, None, None)
 
 
 qkvz_lora_train.register_autograd(_backward, setup_context=_setup_context)

@@ -98,3 +98,8 @@ def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tenso
 def on_device(x: torch.Tensor):
     """The context a launch for ``x`` runs in (its CUDA device current)."""
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def launch(kernel, grid: tuple, args: tuple, meta: dict) -> None:
+    """``kernel[grid](*args, **meta)``."""
+    kernel[grid](*args, **meta)

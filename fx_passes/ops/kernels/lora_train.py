@@ -1,45 +1,56 @@
-"""The LoRA half of ``fx_passes::qkvz_lora_train`` and its backward ops on a GPU (semantics:
+"""The LoRA half of ``fx_passes::qkvz_lora_train`` and its backward op on a GPU (semantics:
 :mod:`fx_passes.ops.qkvz_lora_train`): kernels around the library GEMMs, each reading the [T, N] (or [T, H])
 tensor it works on once, in its own 16-bit dtype, where the unfused graph makes fp32 copies of it and reads
 them two or three times.
 
-Forward, after the base GEMMs wrote ``outs`` (one per projection, x's dtype) and the shrink ``s[g]``::
+Every kernel takes the LoRA as :class:`Slices`: slice ``i`` covers columns ``[col_i, col_i + width_i)`` of
+its own [T, *] tensor (an output, an output's gradient, x), its B is ``[width_i, rank_i]`` (any strides:
+``A^T`` is read as a view, never copied) and its rank-``rank_i`` factor is columns ``[scol_i, scol_i +
+rank_i)`` of ONE [T, R] tensor ``s`` holding every A group side by side. Forward, after the base GEMMs wrote
+``outs`` and the shrink wrote ``s``::
 
-    _expand_add_kernel   outs[p][:, slice i] = round(outs[p][:, slice i] + scales[i] * s[slice_a[i]] @ B_i^T)
+    _expand_add_kernel   out_i[:, slice i] = round(src_i[:, slice i] + scale_i * s[:, scols i] @ B_i^T)
 
 grid ``(cdiv(T, BLOCK_M), column tiles of all slices)``: the sum in fp32, rounded once per slice, as
 PEFT's ``result + lora_B(lora_A(x)) * scaling`` then ``.to(x.dtype)``. Slices over the same columns (two
 adapters on one projection) go to successive launches, in slice order (:func:`overlap_waves`).
 
-Backward, given ``dy_p`` = the outputs' gradients (x's dtype)::
+Backward, given ``dy`` = the outputs' gradients (x's dtype)::
 
-    _ds_kernel   part[c] = scales[i] * dy[:, chunk c of slice i] @ B_i[chunk c]     dS[g] = sum of g's chunks
-    _db_kernel   part[p, rows of i] = scales[i] * dy[T-split p, slice i]^T @ s[g]   dB_i = sum over p
+    _ds_kernel   part[c, :, scols i] = scale_i * dy[:, chunk c of slice i] @ B_i[chunk c]    dS = part.sum(0)
+    _db_kernel   part[p, rows i]    = scale_i * dy[T-split p, slice i]^T @ s[:, scols i]   dB_i = part[:, rows i].sum(0)
 
 Both split their reduction (the columns of a group, the tokens) into fixed chunks written to an fp32
 buffer and summed by torch afterwards: deterministic (no atomics), and enough programs to fill the GPU at
 T 2048 where one program per token tile (dS) or per column tile (dB) would not. dy is multiplied in the
 adapters' dtype (fp32 adapters: an exact upcast).
 
-The same two kernels serve the LoRA input's side when it is x itself (no dropout; :func:`shrink`,
-:func:`input_grads`): ``x @ A^T`` is the dS kernel over x's H columns with B = A^T, ``dA^T = x^T @ dS`` the
-dB kernel, and x's LoRA gradient ``dS @ A`` the expand kernel adding into x's gradient: x is cast to the
+The same kernels serve the LoRA input's side when it is x itself (no dropout): the shrink ``x @ A^T`` is
+the dS kernel over x's H columns with B = A^T, ``dA = dS^T x`` the dB kernel storing its partial sums
+transposed, and x's LoRA gradient ``dS @ A`` the expand kernel adding into x's gradient: x is cast to the
 adapters' dtype in registers, never written as an fp32 [T, H] copy.
 
 fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32`` (:func:`fp32_dot_precision`): fp32-level
 accuracy (``tf32x3``) by default, like the ``torch.mm`` calls of the unfused graph; TF32 where the user
 allowed it for every matmul.
+
+Host cost: at T <= 4096 a training step's time is the host's (a 35B-A3B layer's GPU work is ~1.3 ms at T
+4096), so everything these functions compute from shapes alone (waves, tile and chunk offsets, splits) is
+memoized per :class:`Slices` and T, and launches go through :func:`~.jit_helpers.launch`.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from fx_passes.ops.kernels.jit_helpers import launch as launch_kernel
 from fx_passes.ops.kernels.jit_helpers import on_device, tile_owner
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainLaunch:
@@ -61,11 +72,33 @@ DS_CHUNK = 2048
 DB_PROGRAMS_PER_SM = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class Slices:
+    """The LoRA slices one launch works on, without tensors (hashable: the launch geometry is memoized on
+    it). Slice ``i``: columns ``[col[i], col[i] + width[i])`` of its [T, *] tensor, rank ``rank[i]`` read
+    from columns ``[scol[i], scol[i] + rank[i])`` of ``s``, scale ``scale[i]``."""
+    width: tuple[int, ...]
+    col: tuple[int, ...]
+    scol: tuple[int, ...]
+    rank: tuple[int, ...]
+    scale: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.width)
+
+    def pick(self, idx: Sequence[int]) -> "Slices":
+        return Slices(*(tuple(getattr(self, f.name)[i] for i in idx) for f in dataclasses.fields(self)))
+
+
 def fp32_dot_precision() -> str:
     """``tl.dot``'s precision for fp32 operands, after this process's setting for ``torch.mm``: TF32 where
     allowed, else three TF32 products per product (``tf32x3``: fp32-level error, ~2^-22 relative, on the
     tensor cores; exact fp32 FMA dots made these kernels 2-3x slower than their memory traffic)."""
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return fp32_dot_precision() if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
 
 
 def rank_block(ranks: Sequence[int]) -> int:
@@ -85,12 +118,24 @@ def overlap_waves(slice_start: Sequence[int], widths: Sequence[int]) -> list[lis
     return [[i for i, w in enumerate(wave_of) if w == wave] for wave in range(max(wave_of) + 1)]
 
 
+def _offsets(counts: Sequence[int]) -> tuple[tuple[int, ...], int]:
+    off, total = [], 0
+    for n in counts:
+        off.append(total)
+        total += n
+    return tuple(off), total
+
+
+def _strides(ts: Sequence[torch.Tensor], dim: int = 0) -> tuple[int, ...]:
+    return tuple(t.stride(dim) for t in ts)
+
+
 # --------------------------------------------------------------------------------------------
 # forward: out += scale * s @ B^T
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _expand_add_tile(out_ptr, src_ptr, stride_src, s_ptr, stride_st, b_ptr, stride_bn, n, col_start, rank, scale,
-                     tile_n, pid_m, T, stride_ot, DOT_PRECISION: tl.constexpr,
+def _expand_add_tile(out_ptr, stride_ot, src_ptr, stride_src, s_ptr, stride_st, s_col, b_ptr, stride_bn, stride_br,
+                     n, col_start, rank, scale, tile_n, pid_m, T, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,10 +144,10 @@ def _expand_add_tile(out_ptr, src_ptr, stride_src, s_ptr, stride_st, b_ptr, stri
     m_mask = offs_m < T
     n_mask = offs_n < n
     r_mask = offs_r < rank
-    s = tl.load(s_ptr + rows64[:, None] * stride_st + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                other=0.0)
-    bt = tl.load(b_ptr + offs_n[None, :] * stride_bn + offs_r[:, None], mask=n_mask[None, :] & r_mask[:, None],
-                 other=0.0)   # [BLOCK_R, BLOCK_N] = B^T
+    s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
+                mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+    bt = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br,
+                 mask=n_mask[None, :] & r_mask[:, None], other=0.0)   # [BLOCK_R, BLOCK_N] = B^T
     delta = tl.dot(s, bt, input_precision=DOT_PRECISION) * scale
     cols = (col_start + offs_n)[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
@@ -112,69 +157,62 @@ def _expand_add_tile(out_ptr, src_ptr, stride_src, s_ptr, stride_st, b_ptr, stri
 
 
 @triton.jit
-def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptrs, s_strides, b_ptrs, b_strides, b_n, b_start, b_rank, scales,
-                       tile_off, T, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptr, stride_st, b_ptrs, b_strides_n,
+                       b_strides_r, widths, cols, scols, ranks, scales, tile_off, T, NUM_SLICES: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):   # separate tensors per slice: a branch each, unrolled
         if sl == i:
-            _expand_add_tile(out_ptrs[i], src_ptrs[i], src_strides[i], s_ptrs[i], s_strides[i], b_ptrs[i], b_strides[i], b_n[i], b_start[i],
-                             b_rank[i], scales[i], pid_n - tile_off[i], pid_m, T, out_strides[i],
-                             DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _expand_add_tile(out_ptrs[i], out_strides[i], src_ptrs[i], src_strides[i], s_ptr, stride_st, scols[i],
+                             b_ptrs[i], b_strides_n[i], b_strides_r[i], widths[i], cols[i], ranks[i], scales[i],
+                             pid_n - tile_off[i], pid_m, T, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def _tiles(widths: Sequence[int], block: int) -> tuple[tuple[int, ...], int]:
-    off, total = [], 0
-    for n in widths:
-        off.append(total)
-        total += triton.cdiv(n, block)
-    return tuple(off), total
+@functools.lru_cache(maxsize=1024)
+def _expand_geometry(sl: Slices, block_n: int) -> tuple:
+    """Per launch (wave): its slices, as :class:`Slices`, their column-tile offsets and tile count."""
+    waves = []
+    for wave in overlap_waves(sl.col, sl.width):   # (slices over one tensor: their columns overlap or not)
+        part = sl.pick(wave)
+        tile_off, n_tiles = _offsets([triton.cdiv(n, block_n) for n in part.width])
+        waves.append((tuple(wave), part, tile_off, n_tiles))
+    return tuple(waves), rank_block(sl.rank)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return fp32_dot_precision() if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
-
-
-def expand_add_(outs: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-                slice_a: Sequence[int], owners: Sequence[tuple[int, int]], slice_start: Sequence[int],
-                scales: Sequence[float], *, srcs: Optional[Sequence[torch.Tensor]] = None,
-                launch: Optional[TrainLaunch] = None) -> None:
-    """``outs[p][:, slice i] = round(srcs[p][:, slice i] + scales[i] * s[slice_a[i]] @ lora_b[i]^T)`` for every
-    slice (``srcs``: default ``outs``, in place; else the slices' columns read from there, written to
-    ``outs``); ``owners[i] = (p, first column of slice i in outs[p])``, ``slice_start``: the slices' columns
-    over all outputs (which overlap). Arguments checked by the op."""
+def expand_add_(outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor], sl: Slices, *,
+                srcs: Optional[Sequence[torch.Tensor]] = None, launch: Optional[TrainLaunch] = None) -> None:
+    """``outs[i][:, slice i] = round(srcs[i][:, slice i] + scale_i * s[:, scols i] @ bs[i]^T)`` for every slice
+    ``i`` of ``sl`` (``outs[i]``: slice i's tensor, the same tensor for slices of one output; ``srcs``: default
+    ``outs``, in place). Slices over the same columns of one tensor run in slice order. Arguments checked
+    by the caller."""
     srcs = outs if srcs is None else srcs
-    T = outs[0].shape[0]
+    T = s.shape[0]
     if T == 0:
         return
     cfg = launch or EXPAND_LAUNCH
-    block_m, block_n = cfg.block_m, cfg.block_n
-    block_r = rank_block([b.shape[1] for b in lora_b])
-    with on_device(outs[0]):
-        for wave in overlap_waves(slice_start, [b.shape[0] for b in lora_b]):
-            bs = [lora_b[i] for i in wave]
-            ss = [s[slice_a[i]] for i in wave]
-            os_ = [outs[owners[i][0]] for i in wave]
-            src = [srcs[owners[i][0]] for i in wave]
-            tile_off, n_tiles = _tiles([b.shape[0] for b in bs], block_n)
-            _expand_add_kernel[(triton.cdiv(T, block_m), n_tiles)](
-                tuple(os_), tuple(o.stride(0) for o in os_), tuple(src), tuple(t.stride(0) for t in src), tuple(ss), tuple(t.stride(0) for t in ss), tuple(bs),
-                tuple(b.stride(0) for b in bs), tuple(b.shape[0] for b in bs), tuple(owners[i][1] for i in wave),
-                tuple(b.shape[1] for b in bs), tuple(float(scales[i]) for i in wave), tile_off, T,
-                NUM_SLICES=len(wave), DOT_PRECISION=_precision(bs[0].dtype),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
+    waves, block_r = _expand_geometry(sl, cfg.block_n)
+    precision = _precision(bs[0].dtype)
+    with on_device(s):
+        for wave, part, tile_off, n_tiles in waves:
+            os_ = tuple(outs[i] for i in wave)
+            src = tuple(srcs[i] for i in wave)
+            b = tuple(bs[i] for i in wave)
+            launch_kernel(_expand_add_kernel, (triton.cdiv(T, cfg.block_m), n_tiles), (
+                os_, _strides(os_), src, _strides(src), s, s.stride(0), b, _strides(b), _strides(b, 1),
+                part.width, part.col, part.scol, part.rank, part.scale, tile_off, T),
+                dict(NUM_SLICES=len(wave), DOT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                     BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
 # --------------------------------------------------------------------------------------------
-# backward: dS per A group
+# backward: dS (and the shrink x @ A^T)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _ds_chunk(dy_ptr, part_ptr, b_ptr, stride_bn, n, col_start, rank, scale, chunk, pid_m, pid_c,
-              T, stride_dt, stride_pc, stride_pt, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _ds_chunk(dy_ptr, stride_dt, part_ptr, stride_pc, stride_pt, b_ptr, stride_bn, stride_br, n, col_start, s_col,
+              rank, scale, chunk, part_chunk, pid_m, T, CHUNK: tl.constexpr, DOT_PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
@@ -189,71 +227,76 @@ def _ds_chunk(dy_ptr, part_ptr, b_ptr, stride_bn, n, col_start, rank, scale, chu
         n_mask = offs_n < c_hi
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dt + (col_start + offs_n)[None, :],
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :], mask=n_mask[:, None] & r_mask[None, :],
-                    other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
+                    mask=n_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(dy.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    tl.store(part_ptr + pid_c * stride_pc + rows64[:, None] * stride_pt + offs_r[None, :], acc * scale,
-             mask=m_mask[:, None])
+    tl.store(part_ptr + part_chunk * stride_pc + rows64[:, None] * stride_pt + (s_col + offs_r)[None, :],
+             acc * scale, mask=m_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
-def _ds_kernel(dy_ptrs, dy_strides, part_ptr, b_ptrs, b_strides, b_n, b_start, b_rank, scales, chunk_off,
-               T, stride_pc, stride_pt, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
+def _ds_kernel(dy_ptrs, dy_strides, part_ptr, stride_pc, stride_pt, b_ptrs, b_strides_n, b_strides_r, widths, cols,
+               scols, ranks, scales, chunk_off, chunk_base, T, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     sl = tile_owner(pid_c, chunk_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _ds_chunk(dy_ptrs[i], part_ptr, b_ptrs[i], b_strides[i], b_n[i], b_start[i], b_rank[i], scales[i],
-                      pid_c - chunk_off[i], pid_m, pid_c, T, dy_strides[i], stride_pc, stride_pt,
-                      CHUNK, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _ds_chunk(dy_ptrs[i], dy_strides[i], part_ptr, stride_pc, stride_pt, b_ptrs[i], b_strides_n[i],
+                      b_strides_r[i], widths[i], cols[i], scols[i], ranks[i], scales[i], pid_c - chunk_off[i],
+                      chunk_base[i] + pid_c - chunk_off[i], pid_m, T, CHUNK, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                      BLOCK_R)
 
 
-def lora_ds(dys: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor], slice_a: Sequence[int],
-            owners: Sequence[tuple[int, int]], scales: Sequence[float], ranks: Sequence[int], *,
-            chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None) -> list[torch.Tensor]:
-    """``dS[g] = sum over the slices i of group g of scales[i] * dy_i @ lora_b[i]`` ([T, r_g], the adapters'
-    dtype; ``dy_i``: the columns of slice i in ``dys[owners[i][0]]`` from ``owners[i][1]``); ``ranks[g]``:
-    group g's rank; ``chunk``: columns per program (tests force small)."""
+@functools.lru_cache(maxsize=1024)
+def _ds_geometry(sl: Slices, chunk: int) -> tuple:
+    """Each slice's column chunks: their program offsets, where the slice's chunks start in the partial
+    sums (chunks of slices over the same ``s`` columns, i.e. one A group, take successive rows of ``part``;
+    other groups reuse the same rows in other columns), the programs, the rows, and whether some
+    group leaves rows unwritten (then ``part`` starts zeroed)."""
+    counts = [triton.cdiv(n, chunk) for n in sl.width]
+    chunk_off, n_programs = _offsets(counts)
+    used: dict = {}
+    base = []
+    for i, c in enumerate(counts):
+        key = (sl.scol[i], sl.rank[i])
+        base.append(used.get(key, 0))
+        used[key] = base[-1] + c
+    rows = max(used.values())
+    return chunk_off, tuple(base), n_programs, rows, any(v != rows for v in used.values())
+
+
+def lora_ds(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], sl: Slices, R: int, *,
+            chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None) -> torch.Tensor:
+    """``dS[:, scols of group g] = sum over the slices i of group g of scale_i * dys[i][:, slice i] @ bs[i]``:
+    [T, R] fp32 (the slices of one group share their ``scol`` / ``rank``; ``R``: the width of ``s``);
+    ``chunk``: columns per program (tests force small)."""
     T = dys[0].shape[0]
-    dy_s = [dys[p] for p, _ in owners]
-    ad = lora_b[0].dtype
     cfg = launch or DS_LAUNCH
-    block_m, block_n = cfg.block_m, cfg.block_n
-    block_r = rank_block(ranks)
-    chunk_off, n_chunks = _tiles([b.shape[0] for b in lora_b], chunk)
-    part = torch.empty((n_chunks, T, block_r), dtype=torch.float32, device=dys[0].device)
+    chunk_off, base, n_programs, rows, zero = _ds_geometry(sl, chunk)
+    # one row of chunks (one slice): dS itself, no sum
+    shape = (rows, T, R) if rows > 1 else (T, R)
+    part = (torch.zeros if zero or T == 0 else torch.empty)(shape, dtype=torch.float32, device=dys[0].device)
     if T > 0:
+        dys, bs = tuple(dys), tuple(bs)
         with on_device(dys[0]):
-            _ds_kernel[(triton.cdiv(T, block_m), n_chunks)](
-                tuple(dy_s), tuple(d.stride(0) for d in dy_s), part, tuple(lora_b), tuple(b.stride(0) for b in lora_b),
-                tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(b.shape[1] for b in lora_b),
-                tuple(float(c) for c in scales), chunk_off, T, part.stride(0), part.stride(1),
-                NUM_SLICES=len(lora_b), CHUNK=chunk, DOT_PRECISION=_precision(ad),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-    ends = list(chunk_off[1:]) + [n_chunks]
-    out = []
-    for g, r in enumerate(ranks):
-        mine = [c for i in range(len(lora_b)) if slice_a[i] == g for c in range(chunk_off[i], ends[i])]
-        if not mine:
-            out.append(torch.zeros((T, r), dtype=ad, device=part.device))
-        elif len(mine) == 1:   # its own tensor: the op's outputs may not alias each other
-            out.append(part[mine[0], :, :r].to(ad, copy=True))
-        else:   # a group's slices are usually adjacent (q | k | v): its chunks one range, summed without a gather
-            rows = part[mine[0]:mine[-1] + 1] if mine == list(range(mine[0], mine[-1] + 1)) else part[mine]
-            out.append(rows.sum(0)[:, :r].to(ad))
-    return out
+            launch_kernel(_ds_kernel, (triton.cdiv(T, cfg.block_m), n_programs), (
+                dys, _strides(dys), part, part.stride(0) if rows > 1 else 0, part.stride(-2), bs, _strides(bs),
+                _strides(bs, 1),
+                sl.width, sl.col, sl.scol, sl.rank, sl.scale, chunk_off, base, T),
+                dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=_precision(bs[0].dtype),
+                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
+                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    return part if rows == 1 else part.sum(0)
 
 
 # --------------------------------------------------------------------------------------------
-# backward: dB per slice
+# backward: dB per slice (and dA^T)
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _db_tile(dy_ptr, s_ptr, stride_st, part_ptr, n, col_start, row0, rank, scale, tile_n, pid_s,
-             T, t_per_split, stride_dt, stride_ps, stride_pn, DOT_PRECISION: tl.constexpr,
+def _db_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, part_ptr, stride_ps, stride_pn, stride_pr, n, col_start,
+             row0, rcol0, rank, scale, tile_n, pid_s, T, t_per_split, DOT_PRECISION: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, BLOCK_R)
@@ -268,97 +311,59 @@ def _db_tile(dy_ptr, s_ptr, stride_st, part_ptr, n, col_start, row0, rank, scale
         m_mask = offs_m < t_hi
         dyt = tl.load(dy_ptr + rows64[None, :] * stride_dt + (col_start + offs_n)[:, None],
                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)   # [BLOCK_N, BLOCK_M] = dy^T
-        s = tl.load(s_ptr + rows64[:, None] * stride_st + offs_r[None, :], mask=m_mask[:, None] & r_mask[None, :],
-                    other=0.0)
+        s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
         acc = tl.dot(dyt.to(s.dtype), s, acc, input_precision=DOT_PRECISION)
-    tl.store(part_ptr + pid_s * stride_ps + (row0 + offs_n)[:, None].to(tl.int64) * stride_pn + offs_r[None, :],
-             acc * scale, mask=n_mask[:, None])
+    tl.store(part_ptr + pid_s * stride_ps + (row0 + offs_n)[:, None].to(tl.int64) * stride_pn
+             + (rcol0 + offs_r)[None, :].to(tl.int64) * stride_pr, acc * scale, mask=n_mask[:, None] & r_mask[None, :])
 
 
 @triton.jit
-def _db_kernel(dy_ptrs, dy_strides, part_ptr, s_ptrs, s_strides, b_n, b_start, b_row, b_rank, scales, tile_off,
-               T, t_per_split, stride_ps, stride_pn, NUM_SLICES: tl.constexpr,
+def _db_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, part_ptr, stride_ps, stride_pn, stride_pr, widths, cols, scols,
+               rows, rcols, ranks, scales, tile_off, T, t_per_split, NUM_SLICES: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _db_tile(dy_ptrs[i], s_ptrs[i], s_strides[i], part_ptr, b_n[i], b_start[i], b_row[i], b_rank[i],
-                     scales[i], pid_n - tile_off[i], pid_s, T, t_per_split, dy_strides[i], stride_ps, stride_pn,
-                     DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _db_tile(dy_ptrs[i], dy_strides[i], s_ptr, stride_st, scols[i], part_ptr, stride_ps, stride_pn,
+                     stride_pr, widths[i], cols[i], rows[i], rcols[i], ranks[i], scales[i], pid_n - tile_off[i], pid_s, T,
+                     t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-def lora_db(dys: Sequence[torch.Tensor], s: Sequence[torch.Tensor], lora_b: Sequence[torch.Tensor],
-            slice_a: Sequence[int], owners: Sequence[tuple[int, int]], scales: Sequence[float],
-            sms: int, *, launch: Optional[TrainLaunch] = None,
-            programs_per_sm: int = DB_PROGRAMS_PER_SM) -> list[torch.Tensor]:
-    """``dB_i = scales[i] * dy_i^T @ s[slice_a[i]]`` ([n_i, r], the adapters' dtype; ``dy_i`` as in
-    :func:`lora_ds`); ``sms``: the device's SM count (how far the tokens are split)."""
-    T = dys[0].shape[0]
-    dy_s = [dys[p] for p, _ in owners]
-    ad = lora_b[0].dtype
-    cfg = launch or DB_LAUNCH
-    block_m, block_n = cfg.block_m, cfg.block_n
-    block_r = rank_block([b.shape[1] for b in lora_b])
-    tile_off, n_tiles = _tiles([b.shape[0] for b in lora_b], block_n)
-    splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
+@functools.lru_cache(maxsize=1024)
+def _db_geometry(sl: Slices, T: int, block_m: int, block_n: int, programs: int) -> tuple:
+    tile_off, n_tiles = _offsets([triton.cdiv(n, block_n) for n in sl.width])
+    splits = max(1, min(triton.cdiv(programs, n_tiles), triton.cdiv(T, 8 * block_m)))
     t_per_split = triton.cdiv(triton.cdiv(T, splits), block_m) * block_m
-    splits = max(1, triton.cdiv(T, t_per_split))
-    rows = [0]
-    for b in lora_b:
-        rows.append(rows[-1] + b.shape[0])
-    # every split writes every row of its tiles (no T: no split runs, and dB is 0)
-    part = (torch.empty if T > 0 else torch.zeros)((splits, rows[-1], block_r), dtype=torch.float32,
-                                                   device=dys[0].device)
-    if T > 0:
-        ss = [s[g] for g in slice_a]
-        with on_device(dys[0]):
-            _db_kernel[(n_tiles, splits)](
-                tuple(dy_s), tuple(d.stride(0) for d in dy_s), part, tuple(ss), tuple(t.stride(0) for t in ss),
-                tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners), tuple(rows[:-1]),
-                tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales), tile_off, T, t_per_split,
-                part.stride(0), part.stride(1), NUM_SLICES=len(lora_b), DOT_PRECISION=_precision(ad),
-                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages,
-            )
-    return [part[:, rows[i]:rows[i + 1], :b.shape[1]].sum(0).to(ad) for i, b in enumerate(lora_b)]
+    return tile_off, n_tiles, max(1, triton.cdiv(T, t_per_split)), t_per_split
 
 
-# --------------------------------------------------------------------------------------------
-# the LoRA input's side, when it is x itself in 16 bits (no dropout) under fp32 adapters
-# --------------------------------------------------------------------------------------------
-def _as_slices(lora_a: Sequence[torch.Tensor]):
-    """The A groups as the kernels' slices over the H columns of one input: B_g = A_g^T ([H, r], contiguous)."""
-    n = len(lora_a)
-    return [a.t().contiguous() for a in lora_a], list(range(n)), [(0, 0)] * n, [1.0] * n
-
-
-def shrink(xs: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``s[g] = xs[g] @ lora_a[g]^T`` in the adapters' dtype, xs cast in registers (the ``dS`` kernel over
-    the H columns: ``x @ A^T`` is ``dy @ B`` with B = A^T); one launch per distinct input tensor."""
-    out: list = [None] * len(xs)
-    for g0, xg in enumerate(xs):
-        if out[g0] is not None:
-            continue
-        groups = [g for g in range(len(xs)) if xs[g] is xg]
-        a_t, slice_a, owners, ones = _as_slices([lora_a[g] for g in groups])
-        for g, sg in zip(groups, lora_ds([xg], a_t, slice_a, owners, ones, [lora_a[g].shape[0] for g in groups])):
-            out[g] = sg
-    return out
-
-
-def input_grads(x: torch.Tensor, ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor],
-                d_x: Optional[torch.Tensor], sms: int) -> tuple[list[torch.Tensor], Optional[torch.Tensor]]:
-    """For A groups whose LoRA input is ``x``: ``dA_g = ds_g^T @ x`` (the dB kernel over x's H columns,
-    as ``(x^T @ ds_g)^T``) and, given ``d_x``, ``round(d_x + sum_g ds_g @ A_g)`` as a new tensor (the expand
-    kernel over x's columns: every group side by side as one slice of rank sum r_g, one launch)."""
-    a_t, slice_a, owners, ones = _as_slices(lora_a)
-    d_a = [t.t().contiguous() for t in lora_db([x], ds, a_t, slice_a, owners, ones, sms)]
-    if d_x is None:
-        return d_a, None
-    new = torch.empty_like(d_x)
-    ds_all = ds[0] if len(ds) == 1 else torch.cat(list(ds), 1)
-    a_all = a_t[0] if len(a_t) == 1 else torch.cat(a_t, 1)
-    expand_add_([new], [ds_all], [a_all], [0], [(0, 0)], [0], [1.0], srcs=[d_x])
-    return d_a, new
+def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *, transposed: bool = False,
+            launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM) -> torch.Tensor:
+    """Partial sums over token splits (fp32; sum over dim 0 to finish) of ``scale_i * dys[i][:, slice i]^T @
+    s[:, scols i]``: ``[splits, sum of widths, max rank]`` with slice i in rows ``sum(width[:i]) ..`` (dB_i), or
+    ``transposed``: ``[splits, s columns, width]`` with slice i in rows ``scols i`` (dA of A groups over the
+    same columns of x). ``sms``: the device's SM count (how far the tokens are split)."""
+    T = dys[0].shape[0]
+    cfg = launch or DB_LAUNCH
+    tile_off, n_tiles, splits, t_per_split = _db_geometry(sl, T, cfg.block_m, cfg.block_n, programs_per_sm * sms)
+    if transposed:   # element (n, r) of slice i at part[:, scol_i + r, n]
+        part = torch.empty((splits, s.shape[1], sl.width[0]), dtype=torch.float32, device=s.device)
+        rows, rcols, stride_pn, stride_pr = (0,) * len(sl), sl.scol, part.stride(2), part.stride(1)
+    else:            # element (n, r) of slice i at part[:, row_i + n, r]
+        rows, total = _offsets(sl.width)
+        part = torch.empty((splits, total, max(sl.rank)), dtype=torch.float32, device=s.device)
+        rcols, stride_pn, stride_pr = (0,) * len(sl), part.stride(1), part.stride(2)
+    if T == 0:
+        return part.zero_()   # no split runs: dB is 0
+    dys = tuple(dys)
+    with on_device(s):
+        launch_kernel(_db_kernel, (n_tiles, splits), (
+            dys, _strides(dys), s, s.stride(0), part, part.stride(0), stride_pn, stride_pr, sl.width, sl.col,
+            sl.scol, rows, rcols, sl.rank, sl.scale, tile_off, T, t_per_split),
+            dict(NUM_SLICES=len(sl), DOT_PRECISION=_precision(s.dtype), BLOCK_M=cfg.block_m,
+                 BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+                 num_stages=cfg.num_stages))
+    return part
