@@ -42,10 +42,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from fx_passes.ops.kernels.jit_helpers import on_device
 from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.memo import LruMemo, tensor_meta
 from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
+from fx_passes.ops.tuning import interpreting
 
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -197,39 +199,55 @@ class _XSide:
 
 @dataclasses.dataclass(frozen=True)
 class _TrainPlan:
-    """What one call signature of the forward and the backward op runs (no tensors)."""
+    """What one call signature of the forward or the backward op runs: the checked slice owners, the
+    layout of s, and the kernels' launches planned for it (no tensors)."""
     kernels: bool
     owners: tuple[tuple[int, int], ...]
     offs: tuple[int, ...]                # each group's first column in s
     R: int                               # columns of s
-    slices: object = None                # kernels.lora_train.Slices of the outputs (col: in its projection)
     out_of: tuple[int, ...] = ()         # each slice's projection
-    db_rows: tuple[int, ...] = ()        # each slice's first row in lora_db's partial sums
+    db_rows: tuple[int, ...] = ()        # each slice's first row in the dB partial sums
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
+    expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
+    shrink: object = None
+    ds: object = None                    # backward: LoraDs, LoraDb of the slices; x's side: dA, dx
+    db: object = None
+    da: object = None
+    dx: object = None
 
 
-def _plan(x_input_tensor: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners) -> _TrainPlan:
+def _plan(T: int, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
+          backward: bool) -> _TrainPlan:
+    """``x_itself``: x, when it is every group's LoRA input (else None)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
     if not _kernels_hold(ranks):
         return _TrainPlan(False, tuple(owners), offs, R)
-    from fx_passes.ops.kernels.lora_train import Slices   # imports Triton: only for a CUDA call
+    from fx_passes.ops.kernels.lora_train import ExpandAdd, LoraDb, LoraDs, Slices   # imports Triton: CUDA only
+    from fx_passes.ops.tuning import device_info
 
+    ad = lora_a[0].dtype
     slices = Slices(tuple(b.shape[0] for b in lora_b), tuple(c for _, c in owners),
                     tuple(offs[g] for g in slice_a), tuple(ranks[g] for g in slice_a), tuple(float(c) for c in scales))
-    db_rows = tuple(group_columns(slices.width))
-    x_side = None
-    xt = x_input_tensor
-    if xt is not None and xt.dtype != lora_a[0].dtype and xt.stride(-1) == 1:
-        groups = tuple(range(len(lora_a)))   # (x_input_tensor is given only when every group reads x)
-        H = xt.shape[1]
+    side = None
+    if x_itself is not None and x_itself.dtype != ad and x_itself.stride(-1) == 1:
+        groups, H = tuple(range(len(lora_a))), x_itself.shape[1]
         if sum(ranks) <= KERNEL_MAX_RANK:
-            x_side = _XSide(groups, Slices((H,), (0,), (0,), (R,), (1.0,)), True)
+            side = _XSide(groups, Slices((H,), (0,), (0,), (R,), (1.0,)), True)
         else:
-            x_side = _XSide(groups, Slices((H,) * len(groups), (0,) * len(groups), offs, tuple(ranks),
-                                           (1.0,) * len(groups)), False)
-    return _TrainPlan(True, tuple(owners), offs, R, slices, tuple(p for p, _ in owners), db_rows, x_side)
+            side = _XSide(groups, Slices((H,) * len(groups), (0,) * len(groups), offs, tuple(ranks),
+                                         (1.0,) * len(groups)), False)
+    common = dict(kernels=True, owners=tuple(owners), offs=offs, R=R, out_of=tuple(p for p, _ in owners),
+                  x_side=side)
+    if not backward:
+        return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad),
+                          shrink=None if side is None else LoraDs(side.slices, T, R, ad))
+    sms = device_info(lora_a[0].device).sms
+    return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, ad),
+                      db=LoraDb(slices, T, R, ad, sms),
+                      da=None if side is None else LoraDb(side.slices, T, R, ad, sms, transposed=True),
+                      dx=None if side is None else ExpandAdd(side.slices, T, ad))
 
 
 def _x_side_bs(side: _XSide, lora_a) -> list[torch.Tensor]:
@@ -245,8 +263,9 @@ _BACKWARD_PLANS = LruMemo()
 
 
 def _signature(*parts) -> tuple:
-    """A call signature: tensors by :func:`tensor_meta`, lists of them, anything else as it is."""
-    key = []
+    """A call signature: tensors by :func:`tensor_meta`, lists of them, anything else as it is, and what
+    else the plans depend on: the Triton interpreter, TF32 for fp32 dots."""
+    key = [interpreting(), torch.backends.cuda.matmul.allow_tf32]
     for p in parts:
         if isinstance(p, torch.Tensor):
             key.append(tensor_meta(p))
@@ -264,26 +283,22 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
 
     def make() -> _TrainPlan:
         owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-        return _plan(x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners)
-
-    from fx_passes.ops.tuning import interpreting
+        return _plan(x.shape[0], x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, False)
 
     plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
-                                         tuple(xs_of), x_input, interpreting()), make)
-    outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
-    if not plan.kernels:
-        s = _shrink_reference(xs, lora_a)
-        _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
-        return outs, s
-    from fx_passes.ops.kernels.lora_train import expand_add_, lora_ds   # imports Triton: only on a CUDA call
-
-    side = plan.x_side
-    if side is None:
-        s = _shrink_reference(xs, lora_a)
-    else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
-        s = lora_ds([x] * len(side.slices), _x_side_bs(side, lora_a), side.slices, plan.R)
-        s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
-    expand_add_([outs[p] for p in plan.out_of], s, lora_b, plan.slices)
+                                         tuple(xs_of), x_input), make)
+    with on_device(x):
+        outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
+        if not plan.kernels:
+            s = _shrink_reference(xs, lora_a)
+            _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
+            return outs, s
+        if plan.shrink is None:
+            s = _shrink_reference(xs, lora_a)
+        else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
+            s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a))
+            s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
+        plan.expand([outs[p] for p in plan.out_of], s, lora_b)
     return outs, s
 
 
@@ -435,51 +450,52 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
     def make() -> _TrainPlan:
         owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                       xs_of, x_input, need_dx)
-        return _plan(xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners)
-
-    from fx_passes.ops.tuning import interpreting
+        return _plan(s.shape[0], xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, True)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
-                                          xs_of, x_input, need_dx, need_dxs, need_da, need_db, interpreting()), make)
+                                          xs_of, x_input, need_dx, need_dxs, need_da, need_db), make)
     if not plan.kernels:
         return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
                                    need_dx, need_dxs, need_da, need_db, plan.owners)
-    from fx_passes.ops.kernels.lora_train import expand_add_, lora_db, lora_ds   # imports Triton: CUDA calls only
-    from fx_passes.ops.tuning import device_info
+    with on_device(s):
+        return _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx,
+                                 need_dxs, need_da, need_db)
 
+
+def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx, need_dxs, need_da,
+                      need_db):
     ad = lora_a[0].dtype
     ranks = [a.shape[0] for a in lora_a]
-    sms = device_info(s.device).sms
     s = s if s.stride(-1) == 1 else s.contiguous()   # (the kernels read its rows with unit stride)
     dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
     d_x, d_xs = _placeholders(dys, xs)
     if need_dx:
         d_x = _grad_input(dys, weights)
     dy_of = [dys[p] for p in plan.out_of]
-    d_s = lora_ds(dy_of, lora_b, plan.slices, plan.R)   # fp32 [T, R]
+    d_s = plan.ds(dy_of, lora_b)   # fp32 [T, R]
     if ad != torch.float32:
         d_s = d_s.to(ad)   # (the torch implementation's dS, in the adapters' dtype)
     if grad_s is not None:
         d_s = d_s + grad_s.to(ad)
     d_b = []
     if need_db:
-        part = lora_db(dy_of, s, plan.slices, sms)
+        part = plan.db(dy_of, s)
         d_b = [part[:, row:row + b.shape[0], :b.shape[1]].sum(0).to(ad) for row, b in zip(plan.db_rows, lora_b)]
     side = plan.x_side
     d_a: list = [None] * len(lora_a)
     if side is not None:   # x itself, every group: x read in its dtype by the kernels
         x = xs[0]
         if need_da:
-            part = lora_db([x] * len(side.slices), d_s, side.slices, sms, transposed=True)
+            part = plan.da([x] * len(side.slices), d_s)
             d_a = [part[:, off:off + r].sum(0).to(ad) for off, r in zip(plan.offs, ranks)]
         if need_dx:
             bs = _x_side_bs(side, lora_a)
             if side.cat:
                 new = torch.empty_like(d_x)
-                expand_add_([new], d_s, bs, side.slices, srcs=[d_x])
+                plan.dx([new], d_s, bs, srcs=[d_x])
             else:   # one slice per group over the same columns: in place, one after another
                 new = d_x.clone()
-                expand_add_([new] * len(bs), d_s, bs, side.slices)
+                plan.dx([new] * len(bs), d_s, bs)
             d_x = new
         return d_x, d_xs, (d_a if need_da else []), d_b
     offs = plan.offs

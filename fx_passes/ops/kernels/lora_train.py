@@ -35,21 +35,22 @@ accuracy (``tf32x3``) by default, like the ``torch.mm`` calls of the unfused gra
 allowed it for every matmul.
 
 Host cost: at T <= 4096 a training step's time is the host's (a 35B-A3B layer's GPU work is ~1.3 ms at T
-4096), so everything these functions compute from shapes alone (waves, tile and chunk offsets, splits) is
-memoized per :class:`Slices` and T, and launches go through :func:`~.jit_helpers.launch`.
+4096), so each kernel has a class (:class:`ExpandAdd`, :class:`LoraDs`, :class:`LoraDb`) that plans its
+launches for one call signature (waves, tile and chunk offsets, splits) and launches through
+:class:`~.jit_helpers.CompiledLaunches`; the ops keep them in their per-signature plans. The functions
+(:func:`expand_add_`, :func:`lora_ds`, :func:`lora_db`) plan and launch once. Launches run on the current
+CUDA device (the ops make the tensors' device current).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from fx_passes.ops.kernels.jit_helpers import launch as launch_kernel
-from fx_passes.ops.kernels.jit_helpers import on_device, tile_owner
+from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,15 +172,35 @@ def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptr, stri
                              pid_n - tile_off[i], pid_m, T, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-@functools.lru_cache(maxsize=1024)
-def _expand_geometry(sl: Slices, block_n: int) -> tuple:
-    """Per launch (wave): its slices, as :class:`Slices`, their column-tile offsets and tile count."""
-    waves = []
-    for wave in overlap_waves(sl.col, sl.width):   # (slices over one tensor: their columns overlap or not)
-        part = sl.pick(wave)
-        tile_off, n_tiles = _offsets([triton.cdiv(n, block_n) for n in part.width])
-        waves.append((tuple(wave), part, tile_off, n_tiles))
-    return tuple(waves), rank_block(sl.rank)
+class ExpandAdd:
+    """:func:`expand_add_` for one call signature (``sl``, T, the tiles and the dot precision fixed; the
+    tensors' strides and dtypes the same on every call): its launches planned once."""
+
+    def __init__(self, sl: Slices, T: int, adapter_dtype: torch.dtype, launch: Optional[TrainLaunch] = None):
+        cfg = launch or EXPAND_LAUNCH
+        self.T = T
+        self.waves = []
+        for wave in overlap_waves(sl.col, sl.width):   # (slices over one tensor: their columns overlap or not)
+            part = sl.pick(wave)
+            tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in part.width])
+            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=_precision(adapter_dtype), BLOCK_M=cfg.block_m,
+                        BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages)
+            self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles),
+                               (part.width, part.col, part.scol, part.rank, part.scale, tile_off, T), meta))
+        self.launches = CompiledLaunches(_expand_add_kernel)
+
+    def __call__(self, outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor],
+                 srcs: Optional[Sequence[torch.Tensor]] = None) -> None:
+        if self.T == 0:
+            return
+        srcs = outs if srcs is None else srcs
+        for k, (wave, grid, tail, meta) in enumerate(self.waves):
+            os_ = tuple(outs[i] for i in wave)
+            src = os_ if srcs is outs else tuple(srcs[i] for i in wave)
+            b = tuple(bs[i] for i in wave)
+            self.launches.launch(k, grid, (os_, _strides(os_), src, _strides(src), s, s.stride(0), b, _strides(b),
+                                           _strides(b, 1), *tail), meta, (*os_, *src, s, *b))
 
 
 def expand_add_(outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor], sl: Slices, *,
@@ -187,24 +208,8 @@ def expand_add_(outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torc
     """``outs[i][:, slice i] = round(srcs[i][:, slice i] + scale_i * s[:, scols i] @ bs[i]^T)`` for every slice
     ``i`` of ``sl`` (``outs[i]``: slice i's tensor, the same tensor for slices of one output; ``srcs``: default
     ``outs``, in place). Slices over the same columns of one tensor run in slice order. Arguments checked
-    by the caller."""
-    srcs = outs if srcs is None else srcs
-    T = s.shape[0]
-    if T == 0:
-        return
-    cfg = launch or EXPAND_LAUNCH
-    waves, block_r = _expand_geometry(sl, cfg.block_n)
-    precision = _precision(bs[0].dtype)
-    with on_device(s):
-        for wave, part, tile_off, n_tiles in waves:
-            os_ = tuple(outs[i] for i in wave)
-            src = tuple(srcs[i] for i in wave)
-            b = tuple(bs[i] for i in wave)
-            launch_kernel(_expand_add_kernel, (triton.cdiv(T, cfg.block_m), n_tiles), (
-                os_, _strides(os_), src, _strides(src), s, s.stride(0), b, _strides(b), _strides(b, 1),
-                part.width, part.col, part.scol, part.rank, part.scale, tile_off, T),
-                dict(NUM_SLICES=len(wave), DOT_PRECISION=precision, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                     BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    by the caller; launched on the current CUDA device."""
+    ExpandAdd(sl, s.shape[0], bs[0].dtype, launch)(outs, s, bs, srcs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,46 +254,51 @@ def _ds_kernel(dy_ptrs, dy_strides, part_ptr, stride_pc, stride_pt, b_ptrs, b_st
                       BLOCK_R)
 
 
-@functools.lru_cache(maxsize=1024)
-def _ds_geometry(sl: Slices, chunk: int) -> tuple:
-    """Each slice's column chunks: their program offsets, where the slice's chunks start in the partial
-    sums (chunks of slices over the same ``s`` columns, i.e. one A group, take successive rows of ``part``;
-    other groups reuse the same rows in other columns), the programs, the rows, and whether some
-    group leaves rows unwritten (then ``part`` starts zeroed)."""
-    counts = [triton.cdiv(n, chunk) for n in sl.width]
-    chunk_off, n_programs = _offsets(counts)
-    used: dict = {}
-    base = []
-    for i, c in enumerate(counts):
-        key = (sl.scol[i], sl.rank[i])
-        base.append(used.get(key, 0))
-        used[key] = base[-1] + c
-    rows = max(used.values())
-    return chunk_off, tuple(base), n_programs, rows, any(v != rows for v in used.values())
+class LoraDs:
+    """:func:`lora_ds` for one call signature: its launch planned once. The chunks of each slice: program
+    offsets, and where they start in the partial sums (chunks of slices over the same ``s`` columns, i.e.
+    one A group, take successive rows of ``part``; other groups reuse the same rows in other columns; a
+    group with fewer chunks than the most leaves rows unwritten: then ``part`` starts zeroed)."""
+
+    def __init__(self, sl: Slices, T: int, R: int, adapter_dtype: torch.dtype, *, chunk: int = DS_CHUNK,
+                 launch: Optional[TrainLaunch] = None):
+        cfg = launch or DS_LAUNCH
+        counts = [triton.cdiv(n, chunk) for n in sl.width]
+        chunk_off, n_programs = _offsets(counts)
+        used: dict = {}
+        base = []
+        for i, c in enumerate(counts):
+            key = (sl.scol[i], sl.rank[i])
+            base.append(used.get(key, 0))
+            used[key] = base[-1] + c
+        self.rows = max(used.values())
+        self.zero = T == 0 or any(v != self.rows for v in used.values())
+        self.T, self.R = T, R
+        self.grid = (triton.cdiv(T, cfg.block_m), n_programs)
+        self.tail = (sl.width, sl.col, sl.scol, sl.rank, sl.scale, chunk_off, tuple(base), T)
+        self.meta = dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=_precision(adapter_dtype),
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_ds_kernel)
+
+    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor]) -> torch.Tensor:
+        T, R, rows = self.T, self.R, self.rows
+        shape = (rows, T, R) if rows > 1 else (T, R)   # one row of chunks (one slice): dS itself, no sum
+        part = (torch.zeros if self.zero else torch.empty)(shape, dtype=torch.float32, device=dys[0].device)
+        if T > 0:
+            dys, bs = tuple(dys), tuple(bs)
+            self.launches.launch(0, self.grid, (dys, _strides(dys), part, part.stride(0) if rows > 1 else 0,
+                                                part.stride(-2), bs, _strides(bs), _strides(bs, 1), *self.tail),
+                                 self.meta, (*dys, part, *bs))
+        return part if rows == 1 else part.sum(0)
 
 
 def lora_ds(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], sl: Slices, R: int, *,
             chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None) -> torch.Tensor:
     """``dS[:, scols of group g] = sum over the slices i of group g of scale_i * dys[i][:, slice i] @ bs[i]``:
     [T, R] fp32 (the slices of one group share their ``scol`` / ``rank``; ``R``: the width of ``s``);
-    ``chunk``: columns per program (tests force small)."""
-    T = dys[0].shape[0]
-    cfg = launch or DS_LAUNCH
-    chunk_off, base, n_programs, rows, zero = _ds_geometry(sl, chunk)
-    # one row of chunks (one slice): dS itself, no sum
-    shape = (rows, T, R) if rows > 1 else (T, R)
-    part = (torch.zeros if zero or T == 0 else torch.empty)(shape, dtype=torch.float32, device=dys[0].device)
-    if T > 0:
-        dys, bs = tuple(dys), tuple(bs)
-        with on_device(dys[0]):
-            launch_kernel(_ds_kernel, (triton.cdiv(T, cfg.block_m), n_programs), (
-                dys, _strides(dys), part, part.stride(0) if rows > 1 else 0, part.stride(-2), bs, _strides(bs),
-                _strides(bs, 1),
-                sl.width, sl.col, sl.scol, sl.rank, sl.scale, chunk_off, base, T),
-                dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=_precision(bs[0].dtype),
-                     BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
-                     num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    return part if rows == 1 else part.sum(0)
+    ``chunk``: columns per program (tests force small). Launched on the current CUDA device."""
+    return LoraDs(sl, dys[0].shape[0], R, bs[0].dtype, chunk=chunk, launch=launch)(dys, bs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,12 +342,40 @@ def _db_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, part_ptr, stride_ps, strid
                      t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
-@functools.lru_cache(maxsize=1024)
-def _db_geometry(sl: Slices, T: int, block_m: int, block_n: int, programs: int) -> tuple:
-    tile_off, n_tiles = _offsets([triton.cdiv(n, block_n) for n in sl.width])
-    splits = max(1, min(triton.cdiv(programs, n_tiles), triton.cdiv(T, 8 * block_m)))
-    t_per_split = triton.cdiv(triton.cdiv(T, splits), block_m) * block_m
-    return tile_off, n_tiles, max(1, triton.cdiv(T, t_per_split)), t_per_split
+class LoraDb:
+    """:func:`lora_db` for one call signature: its launch planned once."""
+
+    def __init__(self, sl: Slices, T: int, R: int, s_dtype: torch.dtype, sms: int, *, transposed: bool = False,
+                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM):
+        cfg = launch or DB_LAUNCH
+        tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in sl.width])
+        splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * cfg.block_m)))
+        t_per_split = triton.cdiv(triton.cdiv(T, splits), cfg.block_m) * cfg.block_m
+        splits = max(1, triton.cdiv(T, t_per_split))
+        self.T, self.transposed = T, transposed
+        if transposed:   # element (n, r) of slice i at part[:, scol_i + r, n]
+            self.shape = (splits, R, sl.width[0])
+            rows, rcols = (0,) * len(sl), sl.scol
+        else:            # element (n, r) of slice i at part[:, row_i + n, r]
+            rows, total = _offsets(sl.width)
+            self.shape = (splits, total, max(sl.rank))
+            rcols = (0,) * len(sl)
+        self.grid = (n_tiles, splits)
+        self.tail = (sl.width, sl.col, sl.scol, rows, rcols, sl.rank, sl.scale, tile_off, T, t_per_split)
+        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=_precision(s_dtype), BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_db_kernel)
+
+    def __call__(self, dys: Sequence[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+        part = torch.empty(self.shape, dtype=torch.float32, device=s.device)
+        if self.T == 0:
+            return part.zero_()   # no split runs: the sums are 0
+        stride_pn, stride_pr = (part.stride(2), part.stride(1)) if self.transposed else (part.stride(1), part.stride(2))
+        dys = tuple(dys)
+        self.launches.launch(0, self.grid, (dys, _strides(dys), s, s.stride(0), part, part.stride(0), stride_pn,
+                                            stride_pr, *self.tail), self.meta, (*dys, s, part))
+        return part
 
 
 def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *, transposed: bool = False,
@@ -345,25 +383,7 @@ def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, 
     """Partial sums over token splits (fp32; sum over dim 0 to finish) of ``scale_i * dys[i][:, slice i]^T @
     s[:, scols i]``: ``[splits, sum of widths, max rank]`` with slice i in rows ``sum(width[:i]) ..`` (dB_i), or
     ``transposed``: ``[splits, s columns, width]`` with slice i in rows ``scols i`` (dA of A groups over the
-    same columns of x). ``sms``: the device's SM count (how far the tokens are split)."""
-    T = dys[0].shape[0]
-    cfg = launch or DB_LAUNCH
-    tile_off, n_tiles, splits, t_per_split = _db_geometry(sl, T, cfg.block_m, cfg.block_n, programs_per_sm * sms)
-    if transposed:   # element (n, r) of slice i at part[:, scol_i + r, n]
-        part = torch.empty((splits, s.shape[1], sl.width[0]), dtype=torch.float32, device=s.device)
-        rows, rcols, stride_pn, stride_pr = (0,) * len(sl), sl.scol, part.stride(2), part.stride(1)
-    else:            # element (n, r) of slice i at part[:, row_i + n, r]
-        rows, total = _offsets(sl.width)
-        part = torch.empty((splits, total, max(sl.rank)), dtype=torch.float32, device=s.device)
-        rcols, stride_pn, stride_pr = (0,) * len(sl), part.stride(1), part.stride(2)
-    if T == 0:
-        return part.zero_()   # no split runs: dB is 0
-    dys = tuple(dys)
-    with on_device(s):
-        launch_kernel(_db_kernel, (n_tiles, splits), (
-            dys, _strides(dys), s, s.stride(0), part, part.stride(0), stride_pn, stride_pr, sl.width, sl.col,
-            sl.scol, rows, rcols, sl.rank, sl.scale, tile_off, T, t_per_split),
-            dict(NUM_SLICES=len(sl), DOT_PRECISION=_precision(s.dtype), BLOCK_M=cfg.block_m,
-                 BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
-                 num_stages=cfg.num_stages))
-    return part
+    same columns of x). ``sms``: the device's SM count (how far the tokens are split). Launched on the
+    current CUDA device."""
+    return LoraDb(sl, dys[0].shape[0], s.shape[1], s.dtype, sms, transposed=transposed, launch=launch,
+                  programs_per_sm=programs_per_sm)(dys, s)
