@@ -46,7 +46,7 @@ from fx_passes.ops.kernels.jit_helpers import on_device
 from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.memo import LruMemo, tensor_meta
-from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
+from fx_passes.ops.qkvz_gemm import check_gemm_args
 from fx_passes.ops.tuning import interpreting
 
 _ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -395,6 +395,15 @@ def _grad_input(dys, weights) -> torch.Tensor:
     return d_x
 
 
+def _sum_of_products(ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_g ds[g] @ lora_a[g]``, the products after the first accumulated in place (a [T, H] temporary
+    less than ``sum()``)."""
+    total = ds[0] @ lora_a[0]
+    for d, a in zip(ds[1:], lora_a[1:]):
+        total.addmm_(d, a)
+    return total
+
+
 def _placeholders(dys, xs):
     """dx and dxs where they are not asked for: empty tensors."""
     return dys[0].new_empty((0,)), [xh.new_empty((0,)) for xh in xs]
@@ -411,21 +420,30 @@ def _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, sc
     d_x, d_xs = _placeholders(dys, xs)
     if need_dx:
         d_x = _grad_input(dys, weights)
+    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need_dxs, need_da)
+    return d_x, d_xs, d_a, d_b
+
+
+def _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need_dxs, need_da):
+    """dA per group and the LoRA inputs' gradients by library GEMMs, one distinct input at a time (dropout
+    outputs, inputs in the adapters' dtype, a strided x): ``d_xs[h]`` filled in, ``(dx, dA)`` returned, x's
+    LoRA part added into dx (its base part rounded by its GEMMs, the sum rounded once)."""
+    ad = lora_a[0].dtype
     d_a: list = [None] * len(lora_a)
     for h, xh in enumerate(xs):
         groups = [g for g in range(len(lora_a)) if xs_of[g] == h]
-        dsg = [d_s[:, offs[g]:offs[g] + ranks[g]] for g in groups]
+        dsg = [d_s[:, offs[g]:offs[g] + lora_a[g].shape[0]] for g in groups]
         if need_da:
             for g, d in zip(groups, dsg):
                 d_a[g] = d.t() @ xh.to(ad)
         if (h == x_input and need_dx) or (h != x_input and need_dxs):
-            lora_dx = sum(d @ lora_a[g] for g, d in zip(groups, dsg))
-            if h == x_input:   # x's gradient: the base part (rounded by its GEMMs) plus this, rounded once
+            lora_dx = _sum_of_products(dsg, [lora_a[g] for g in groups])
+            if h == x_input:
                 acc = torch.promote_types(d_x.dtype, ad)
                 d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
             else:
                 d_xs[h] = lora_dx.to(xh.dtype)
-    return d_x, d_xs, (d_a if need_da else []), d_b
+    return d_x, (d_a if need_da else [])
 
 
 @qkvz_lora_train_backward.register_fake
@@ -498,21 +516,8 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
                 plan.dx([new] * len(bs), d_s, bs)
             d_x = new
         return d_x, d_xs, (d_a if need_da else []), d_b
-    offs = plan.offs
-    for h, xh in enumerate(xs):   # library GEMMs per group: dropout outputs, fp32 inputs, strided x
-        groups = [g for g in range(len(lora_a)) if xs_of[g] == h]
-        dsg = [d_s[:, offs[g]:offs[g] + ranks[g]] for g in groups]
-        if need_da:
-            for g, d in zip(groups, dsg):
-                d_a[g] = d.t() @ xh.to(ad)
-        if (h == x_input and need_dx) or (h != x_input and need_dxs):
-            lora_dx = sum(d @ lora_a[g] for g, d in zip(groups, dsg))
-            if h == x_input:
-                acc = torch.promote_types(d_x.dtype, ad)
-                d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
-            else:
-                d_xs[h] = lora_dx.to(xh.dtype)
-    return d_x, d_xs, (d_a if need_da else []), d_b
+    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, plan.offs, d_x, d_xs, need_dx, need_dxs, need_da)
+    return d_x, d_xs, d_a, d_b
 
 
 # --------------------------------------------------------------------------------------------
