@@ -69,8 +69,12 @@ def build(spec, rank: int, dropout: float, device: str, lora: bool) -> torch.nn.
     return get_peft_model(block, config).train()   # fp32 adapters on the bf16 base (PEFT's default)
 
 
-def step_fn(model, x, grads):
+def step_fn(model, x, grads, cudagraphs: bool = False):
+    """One training step of the block; ``cudagraphs`` (``mode="reduce-overhead"``): each call starts a new
+    step for CUDA-graph trees (the previous step's outputs may be overwritten by its replay)."""
     def step():
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         x.grad = None
         outs = model(x)
         torch.autograd.backward(outs, grads)
@@ -182,7 +186,7 @@ def main() -> None:
                         compiled = torch.compile(model, backend=backend, dynamic=False)
                     else:
                         compiled = torch.compile(model, backend="inductor", mode=args.mode, dynamic=False)
-                    step = step_fn(compiled, x, grads)
+                    step = step_fn(compiled, x, grads, cudagraphs=args.mode == "reduce-overhead")
                     c0 = time.perf_counter()
                     torch.manual_seed(0)
                     step()

@@ -191,3 +191,50 @@ def test_a_column_strided_x_takes_the_library_path():
     _close(got_s, want_s, torch.float32)
     for got, want in zip(got_outs, want_outs):
         _close(got, want, torch.float16)
+
+
+class _StubKernel:
+    """Stands in for a Triton JITFunction: ``kernel[grid](*args, **meta)`` records a launch through Triton's
+    path and returns the compiled kernel, whose ``[grid](*args, *constexprs)`` records a direct launch."""
+    arg_names = ["t", "n", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.jit, self.direct = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, **meta):
+            self.jit.append((grid, args, meta))
+            return _StubCompiled(self)
+        return run
+
+
+class _StubCompiled:
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __getitem__(self, grid):
+        return lambda *args: self.kernel.direct.append((grid, args))
+
+
+def test_compiled_launches_go_to_the_compiled_kernel_once_seen_aligned(monkeypatch):
+    """What :class:`CompiledLaunches` does on a GPU (the interpreter always takes Triton's path): the first
+    launch of a slot through ``kernel[grid]``, later ones through the compiled kernel's launcher with the
+    constexprs appended in the kernel's argument order and the grid padded to 3-D; a tensor that is not
+    16-byte aligned goes through ``kernel[grid]`` again (Triton specializes on alignment)."""
+    from fx_passes.ops.kernels import jit_helpers
+
+    monkeypatch.setattr(jit_helpers, "interpreting", lambda: False)
+    stub = _StubKernel()
+    launches = jit_helpers.CompiledLaunches(stub)
+    t = torch.zeros(64, dtype=torch.float16)
+    meta = dict(FLAG=True, BLOCK=64, num_warps=4)
+    for _ in range(3):
+        launches.launch(0, (2, 5), (t, 7), meta, (t,))
+    assert len(stub.jit) == 1 and stub.direct == [((2, 5, 1), (t, 7, 64, True))] * 2
+    launches.launch(1, (3,), (t, 8), meta, (t,))            # another slot: its own first launch
+    assert len(stub.jit) == 2
+    odd = t[1:]                                             # 2 bytes past an aligned address
+    launches.launch(0, (2, 5), (odd, 7), meta, (odd,))
+    assert len(stub.jit) == 3 and len(stub.direct) == 2
+    launches.launch(0, (2, 5), (t, 7), meta, (t,))          # the aligned runner is still there
+    assert len(stub.direct) == 3
