@@ -140,28 +140,32 @@ def test_x_side_shrink_da_and_dx(T, one_slice):
     _close(new, want, torch.float16)
 
 
-def _layer(seed, H=48):
+def _layer(seed, H=48, ranks=(8, 8)):
     g = torch.Generator().manual_seed(seed)
     T, widths = 70, [88, 40, 4, 4]
     x = torch.randn(T, H, generator=g).to(torch.float16)
     weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
-    lora_a = [torch.randn(8, H, generator=g) * 0.3, torch.randn(8, H, generator=g) * 0.3]
-    lora_b = [torch.randn(88, 8, generator=g) * 0.3, torch.randn(40, 8, generator=g) * 0.3]
+    lora_a = [torch.randn(r, H, generator=g) * 0.3 for r in ranks]
+    lora_b = [torch.randn(n, r, generator=g) * 0.3 for n, r in zip((88, 40), ranks)]
     dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
     return x, weights, lora_a, lora_b, dys, g
 
 
-@pytest.mark.parametrize("inputs", ["x itself", "dropout outputs"])
-def test_the_ops_cuda_glue_matches_their_torch_implementations(inputs):
+@pytest.mark.parametrize("inputs,ranks", [("x itself", (8, 8)), ("x itself", (80, 64)), ("dropout outputs", (8, 8))])
+def test_the_ops_cuda_glue_matches_their_torch_implementations(inputs, ranks):
     """The ops' CUDA implementations (called directly on CPU tensors: the interpreter runs their kernels)
     against the same ops' torch implementations: a GDN-like layer with q | k | v | z LoRA, b / a without;
-    x itself as the LoRA input (fp16 under fp32 adapters: the x-side kernels), or one fp32 tensor per group
-    (library GEMMs); every gradient asked for, then only some."""
-    x, weights, lora_a, lora_b, dys, g = _layer(7)
+    x itself as the LoRA input (fp16 under fp32 adapters: the x-side kernels, the A groups as one slice
+    of rank 16 or, at 80 + 64 > the kernels' 128, one slice each), or one fp32 tensor per group (library
+    GEMMs); every gradient asked for, then only some."""
+    x, weights, lora_a, lora_b, dys, g = _layer(7, ranks=ranks)
     xs = [x, x] if inputs == "x itself" else [torch.randn(70, 48, generator=g) for _ in range(2)]
     args = (x, xs, weights, lora_a, lora_b, [0, 1], [0, 88], [2.0, 0.5])
     for _ in range(2):   # the second call runs the memoized plan
         got_outs, got_s = train._train_cuda(*args)
+    if inputs == "x itself":
+        plan = train._FORWARD_PLANS.get(train._signature(*args, (0, 0), 0), lambda: None)   # (the calls' plan)
+        assert plan.x_side.cat == (sum(ranks) <= 128) and len(plan.x_side.slices) == (1 if plan.x_side.cat else 2)
     want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
     for got, want in zip(got_outs + [got_s], want_outs + [want_s]):
         assert got.dtype == want.dtype and got.shape == want.shape
