@@ -43,7 +43,7 @@ from typing import Optional, Sequence
 import torch
 
 from fx_passes.ops.kernels.jit_helpers import on_device
-from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl
+from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl, no_autograd_on_cuda
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.memo import LruMemo, tensor_meta
 from fx_passes.ops.qkvz_gemm import check_gemm_args
@@ -444,6 +444,9 @@ def _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need
             else:
                 d_xs[h] = lora_dx.to(xh.dtype)
     return d_x, (d_a if need_da else [])
+
+
+no_autograd_on_cuda("qkvz_lora_train_backward")
 
 
 @qkvz_lora_train_backward.register_fake
