@@ -189,9 +189,9 @@ def _distinct(xs: Sequence[torch.Tensor], x: Optional[torch.Tensor]) -> tuple[li
 
 @dataclasses.dataclass(frozen=True)
 class _XSide:
-    """How the kernels treat the LoRA input that is x itself in 16 bits under wider adapters (cast in
-    registers): its A groups as one slice of rank sum(r_g) over B = cat(A_g)^T when their columns of ``s``
-    are adjacent and the rank fits a kernel tile (one read of x), else one slice per group."""
+    """How the kernels treat x itself, every A group's LoRA input, in 16 bits under wider adapters (cast
+    in registers): the groups as one slice of rank sum(r_g) over B = cat(A_g)^T when that rank fits a kernel
+    tile (one read of x per kernel), else one slice per group."""
     groups: tuple[int, ...]
     slices: object            # kernels.lora_train.Slices over x's H columns
     cat: bool                 # the slices' B: cat(A of groups)^T (one slice) or each A^T
