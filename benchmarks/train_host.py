@@ -88,8 +88,7 @@ def main() -> None:
     fwd = (xb, [xb, xb], weights, lora_a, lora_b, slice_a, slice_start, scales)
     outs, s = torch.ops.fx_passes.qkvz_lora_train(*fwd)
     dys = [torch.randn_like(o) for o in outs]
-    bwd = (dys, [xb], weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, [0, 0], 0, True, False, True,
-           True)
+    bwd = (dys, [xb], weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, [0, 0], 0, True, True, True)
     sl = lora_train.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
     pieces = {
         "op forward (no grad)": lambda: torch.ops.fx_passes.qkvz_lora_train(*fwd),

@@ -24,13 +24,15 @@ backward of slicing one output is a zero-filled [T, N] gradient per slice summed
 and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with one output each, each
 gradient arrives as it is.
 
-Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph), with
-every gradient of the block: ``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer), ``dS[:, g] =
-sum_i scales[i] * dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g =
-dS_g^T @ xs[g]`` and the LoRA inputs' gradients ``dS_g @ A_g`` (x itself: added into dx, summed in
-promote(x, adapters) dtype and rounded once); frozen weights (no ``requires_grad``) get no gradient work.
-One op, not three: at T <= 4096 a step's time is the host's, and each op call costs a dispatcher
-crossing with its list arguments boxed and its checks.
+Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph):
+``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer), ``dS[:, g] = sum_i scales[i] * dy_i @ B_i``
+over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @ xs[g]`` and, when the
+LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in promote(x, adapters) dtype
+and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the traced graph from the
+op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its dropout's backward
+read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <= 4096 a
+step's time is the host's, and each op call costs a dispatcher crossing with its list arguments boxed
+and its checks.
 
 Host cost: the argument checks and everything planned from shapes alone run once per call signature
 (:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does.
@@ -350,20 +352,20 @@ def qkvz_lora_train_backward(
     xs_of: Sequence[int],
     x_input: int,
     need_dx: bool,
-    need_dxs: bool,
     need_da: bool,
     need_db: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """The gradients of :func:`qkvz_lora_train` given its outputs' gradients ``dys`` (and ``grad_s``, s's):
-    ``(dx, dxs, dA, dB)``. ``xs``: the distinct LoRA inputs, group g reading ``xs[xs_of[g]]``, ``xs[x_input]``
-    being x itself (-1: none), whose gradient is added into dx. ``dx = sum_p dys[p] @ weights[p] (+ x's LoRA
-    part)`` in x's dtype if ``need_dx`` (``weights`` may be empty otherwise), ``dxs[h]`` for every other
-    input if ``need_dxs``, ``dA`` per group if ``need_da``, ``dB`` per slice if ``need_db``; what is not asked
-    for is an empty tensor (dx, dxs) or list (dA, dB)."""
+    ``(dx, dS, dA, dB)``. ``xs``: the distinct LoRA inputs, group g reading ``xs[xs_of[g]]``, ``xs[x_input]``
+    being x itself (-1: none), whose LoRA gradient is added into dx. ``dx = sum_p dys[p] @ weights[p] (+ x's
+    LoRA part)`` in x's dtype if ``need_dx`` (``weights`` may be empty otherwise; else dx is an empty tensor),
+    ``dS`` [T, R] in the adapters' dtype (groups side by side, as in s: the other LoRA inputs' gradients
+    ``dS_g @ A_g`` are the caller's, one input at a time), ``dA`` per group if ``need_da``, ``dB`` per slice if
+    ``need_db`` (else empty lists)."""
     owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of,
                                   x_input, need_dx)
     return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input, need_dx,
-                               need_dxs, need_da, need_db, owners)
+                               need_da, need_db, owners)
 
 
 def lora_grads_reference(dys: Sequence[torch.Tensor], s: torch.Tensor, lora_b: Sequence[torch.Tensor],
@@ -404,30 +406,28 @@ def _sum_of_products(ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor])
     return total
 
 
-def _placeholders(dys, xs):
-    """dx and dxs where they are not asked for: empty tensors."""
-    return dys[0].new_empty((0,)), [xh.new_empty((0,)) for xh in xs]
+def _no_dx(dys) -> torch.Tensor:
+    """dx where it is not asked for."""
+    return dys[0].new_empty((0,))
 
 
 def _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input, need_dx,
-                        need_dxs, need_da, need_db, owners):
+                        need_da, need_db, owners):
     ad = lora_a[0].dtype
     ranks = [a.shape[0] for a in lora_a]
     offs = group_columns(ranks)
     d_s, d_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, need_db)
     if grad_s is not None:
         d_s = d_s + grad_s.to(ad)
-    d_x, d_xs = _placeholders(dys, xs)
-    if need_dx:
-        d_x = _grad_input(dys, weights)
-    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need_dxs, need_da)
-    return d_x, d_xs, d_a, d_b
+    d_x = _grad_input(dys, weights) if need_dx else _no_dx(dys)
+    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, need_dx, need_da)
+    return d_x, d_s, d_a, d_b
 
 
-def _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need_dxs, need_da):
-    """dA per group and the LoRA inputs' gradients by library GEMMs, one distinct input at a time (dropout
-    outputs, inputs in the adapters' dtype, a strided x): ``d_xs[h]`` filled in, ``(dx, dA)`` returned, x's
-    LoRA part added into dx (its base part rounded by its GEMMs, the sum rounded once)."""
+def _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, need_dx, need_da):
+    """dA per group and x's LoRA gradient by library GEMMs, one distinct input at a time (dropout outputs,
+    inputs in the adapters' dtype, a strided x): ``(dx, dA)``, x's LoRA part added into dx (its base part
+    rounded by its GEMMs, the sum rounded once)."""
     ad = lora_a[0].dtype
     d_a: list = [None] * len(lora_a)
     for h, xh in enumerate(xs):
@@ -436,13 +436,10 @@ def _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, d_xs, need_dx, need
         if need_da:
             for g, d in zip(groups, dsg):
                 d_a[g] = d.t() @ xh.to(ad)
-        if (h == x_input and need_dx) or (h != x_input and need_dxs):
+        if h == x_input and need_dx:
             lora_dx = _sum_of_products(dsg, [lora_a[g] for g in groups])
-            if h == x_input:
-                acc = torch.promote_types(d_x.dtype, ad)
-                d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
-            else:
-                d_xs[h] = lora_dx.to(xh.dtype)
+            acc = torch.promote_types(d_x.dtype, ad)
+            d_x = (d_x.to(acc) + lora_dx.to(acc)).to(d_x.dtype)
     return d_x, (d_a if need_da else [])
 
 
@@ -451,21 +448,17 @@ no_autograd_on_cuda("qkvz_lora_train_backward")
 
 @qkvz_lora_train_backward.register_fake
 def _backward_fake(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input, need_dx,
-                   need_dxs, need_da, need_db):
+                   need_da, need_db):
     _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input,
                          need_dx)
-    d_x, d_xs = _placeholders(dys, xs)
-    if need_dx:
-        d_x = dys[0].new_empty((dys[0].shape[0], lora_a[0].shape[1]))
-    if need_dxs:
-        d_xs = [xh.new_empty(xh.shape) if h != x_input else d for h, (xh, d) in enumerate(zip(xs, d_xs))]
-    return (d_x, d_xs, [a.new_empty(a.shape) for a in lora_a] if need_da else [],
+    d_x = dys[0].new_empty((dys[0].shape[0], lora_a[0].shape[1])) if need_dx else _no_dx(dys)
+    return (d_x, s.new_empty(s.shape), [a.new_empty(a.shape) for a in lora_a] if need_da else [],
             [b.new_empty(b.shape) for b in lora_b] if need_db else [])
 
 
 @cuda_impl("qkvz_lora_train_backward")
 def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of, x_input, need_dx,
-                   need_dxs, need_da, need_db):
+                   need_da, need_db):
     every_reads_x = x_input == 0 and len(xs) == 1
 
     def make() -> _TrainPlan:
@@ -474,24 +467,21 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
         return _plan(s.shape[0], xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, True)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
-                                          xs_of, x_input, need_dx, need_dxs, need_da, need_db), make)
+                                          xs_of, x_input, need_dx, need_da, need_db), make)
     if not plan.kernels:
         return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
-                                   need_dx, need_dxs, need_da, need_db, plan.owners)
+                                   need_dx, need_da, need_db, plan.owners)
     with on_device(s):
         return _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx,
-                                 need_dxs, need_da, need_db)
+                                 need_da, need_db)
 
 
-def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx, need_dxs, need_da,
-                      need_db):
+def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx, need_da, need_db):
     ad = lora_a[0].dtype
     ranks = [a.shape[0] for a in lora_a]
     s = s if s.stride(-1) == 1 else s.contiguous()   # (the kernels read its rows with unit stride)
     dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
-    d_x, d_xs = _placeholders(dys, xs)
-    if need_dx:
-        d_x = _grad_input(dys, weights)
+    d_x = _grad_input(dys, weights) if need_dx else _no_dx(dys)
     dy_of = [dys[p] for p in plan.out_of]
     d_s = plan.ds(dy_of, lora_b)   # fp32 [T, R]
     if ad != torch.float32:
@@ -518,9 +508,9 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
                 new = d_x.clone()
                 plan.dx([new] * len(bs), d_s, bs)
             d_x = new
-        return d_x, d_xs, (d_a if need_da else []), d_b
-    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, plan.offs, d_x, d_xs, need_dx, need_dxs, need_da)
-    return d_x, d_xs, d_a, d_b
+        return d_x, d_s, (d_a if need_da else []), d_b
+    d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, plan.offs, d_x, need_dx, need_da)
+    return d_x, d_s, d_a, d_b
 
 
 # --------------------------------------------------------------------------------------------
@@ -566,13 +556,16 @@ def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[torch.Tensor]):
     d_xs: list = [None] * n_groups
     if not (need_x or need_dxs or need_da or need_db):
         return None, d_xs, d_w, [None] * n_groups, [None] * len(lora_b), None, None, None
-    d_x, d_xs_distinct, d_a, d_b = torch.ops.fx_passes.qkvz_lora_train_backward(
+    d_x, d_s, d_a, d_b = torch.ops.fx_passes.qkvz_lora_train_backward(
         dys, list(xs), list(weights) if need_x else [], list(lora_a), list(lora_b), s, grad_s, ctx.slice_a,
-        ctx.slice_start, ctx.scales, ctx.xs_of, ctx.x_input, need_x, need_dxs, need_da, need_db)
-    if need_dxs:   # autograd sums the gradients of one input passed twice: it gets the whole sum once
-        for h, first in enumerate(ctx.firsts):
-            if h != ctx.x_input:
-                d_xs[first] = d_xs_distinct[h]
+        ctx.slice_start, ctx.scales, ctx.xs_of, ctx.x_input, need_x, need_da, need_db)
+    if need_dxs:   # (dropout outputs) in the traced graph, one input at a time: Inductor frees each [T, H]
+        offs = group_columns([a.shape[0] for a in lora_a])   # gradient once its dropout's backward read it
+        for h, first in enumerate(ctx.firsts):   # autograd sums the gradients of one input passed twice:
+            if h != ctx.x_input and need[1][first]:   # it gets the whole sum once
+                groups = [g for g in range(n_groups) if ctx.xs_of[g] == h]
+                d_xs[first] = _sum_of_products([d_s[:, offs[g]:offs[g] + lora_a[g].shape[0]] for g in groups],
+                                               [lora_a[g] for g in groups]).to(xs[h].dtype)
     return (d_x if need_x else None, d_xs, d_w, list(d_a) if need_da else [None] * n_groups,
             list(d_b) if need_db else [None] * len(lora_b), None, None, None)
 
