@@ -75,9 +75,9 @@ DB_PROGRAMS_PER_SM = 2
 
 @dataclasses.dataclass(frozen=True)
 class Slices:
-    """The LoRA slices one launch works on, without tensors (hashable: the launch geometry is memoized on
-    it). Slice ``i``: columns ``[col[i], col[i] + width[i])`` of its [T, *] tensor, rank ``rank[i]`` read
-    from columns ``[scol[i], scol[i] + rank[i])`` of ``s``, scale ``scale[i]``."""
+    """The LoRA slices one launch works on, without tensors. Slice ``i``: columns ``[col[i], col[i] +
+    width[i])`` of its [T, *] tensor, rank ``rank[i]`` read from columns ``[scol[i], scol[i] + rank[i])`` of
+    ``s``, scale ``scale[i]``."""
     width: tuple[int, ...]
     col: tuple[int, ...]
     scol: tuple[int, ...]
