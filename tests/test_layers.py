@@ -10,8 +10,8 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # lower number = lower layer; a module may import its own layer and those below
 LAYERS = {
-    # inside ops: argument rules, tuning and the plain GEMM op; the kernels; the dispatch; the LoRA ops
-    "fx_passes.ops.library": 0, "fx_passes.ops.lora_args": 0, "fx_passes.ops.tuning": 0,
+    # inside ops: argument rules, tuning, memos and the plain GEMM op; the kernels; the dispatch; the LoRA ops
+    "fx_passes.ops.library": 0, "fx_passes.ops.lora_args": 0, "fx_passes.ops.tuning": 0, "fx_passes.ops.memo": 0,
     "fx_passes.ops.qkvz_gemm": 0, "fx_passes.ops.kernels": 0.1, "fx_passes.ops.dispatch": 0.2,
     "fx_passes.ops.qkvz_lora": 0.3, "fx_passes.ops.qkvz_gemm_lora": 0.3, "fx_passes.ops": 0.4,
     "fx_passes.config": 1, "fx_passes.report": 1, "fx_passes.packing": 1,
