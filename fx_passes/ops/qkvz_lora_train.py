@@ -388,21 +388,13 @@ def lora_grads_reference(dys: Sequence[torch.Tensor], s: torch.Tensor, lora_b: S
     return d_s, d_b
 
 
-def _grad_input(dys, weights) -> torch.Tensor:
-    """``sum_p dys[p] @ weights[p]``: the GEMMs after the first accumulate into its result in place (library
-    GEMM, beta = 1), where out-of-place ``addmm``s copy the [T, H] sum before each."""
-    d_x = dys[0] @ weights[0]
-    for dy, w in zip(dys[1:], weights[1:]):
-        d_x.addmm_(dy, w)
-    return d_x
-
-
-def _sum_of_products(ds: Sequence[torch.Tensor], lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``sum_g ds[g] @ lora_a[g]``, the products after the first accumulated in place (a [T, H] temporary
-    less than ``sum()``)."""
-    total = ds[0] @ lora_a[0]
-    for d, a in zip(ds[1:], lora_a[1:]):
-        total.addmm_(d, a)
+def _sum_of_products(lhs: Sequence[torch.Tensor], rhs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``sum_k lhs[k] @ rhs[k]`` (dx over the projections' weights, a LoRA input's gradient over its A
+    groups): the GEMMs after the first accumulate into its result in place (library GEMM, beta = 1), where
+    out-of-place ``addmm``s or ``sum()`` copy the [T, H] sum before each."""
+    total = lhs[0] @ rhs[0]
+    for a, b in zip(lhs[1:], rhs[1:]):
+        total.addmm_(a, b)
     return total
 
 
@@ -419,7 +411,7 @@ def _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, sc
     d_s, d_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, need_db)
     if grad_s is not None:
         d_s = d_s + grad_s.to(ad)
-    d_x = _grad_input(dys, weights) if need_dx else _no_dx(dys)
+    d_x = _sum_of_products(dys, weights) if need_dx else _no_dx(dys)
     d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, offs, d_x, need_dx, need_da)
     return d_x, d_s, d_a, d_b
 
@@ -481,7 +473,7 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     ranks = [a.shape[0] for a in lora_a]
     s = s if s.stride(-1) == 1 else s.contiguous()   # (the kernels read its rows with unit stride)
     dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
-    d_x = _grad_input(dys, weights) if need_dx else _no_dx(dys)
+    d_x = _sum_of_products(dys, weights) if need_dx else _no_dx(dys)
     dy_of = [dys[p] for p in plan.out_of]
     d_s = plan.ds(dy_of, lora_b)   # fp32 [T, R]
     if ad != torch.float32:
