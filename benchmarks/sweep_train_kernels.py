@@ -3,11 +3,20 @@
 default launch's time beside the best one. bf16 base, fp32 adapters (PEFT's default), LoRA on qkv and z.
 
     python -m benchmarks.sweep_train_kernels --shapes 35B-A3B,27B --T 4096,16384
+    python -m benchmarks.sweep_train_kernels --precisions bf16x3,tf32x3   # the default tiles, per precision
+
+``--precisions``: each kernel at its default tiles with its fp32 dots forced to each precision in turn (the
+kernels pick theirs from the dtypes: ``lora_train.dot_precision``), its time and its error against an fp64
+reference (relative, Frobenius; a bf16 output's error is its rounding, ~2e-3). The expand multiplies
+two fp32 factors and does not take ``dot_precision``: its columns run the same code (run-to-run noise).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
+from unittest import mock
+
 import torch
 
 from benchmarks.bench_train_block import time_steps
@@ -27,7 +36,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--precisions", default=None, help="compare these dot precisions at the default tiles")
     args = ap.parse_args()
+    if args.precisions:
+        return compare_precisions(args)
     env = environment("cuda")
     sms = device_info(torch.device("cuda")).sms
     grid = {
@@ -67,6 +79,75 @@ def main() -> None:
                                        best_us=best_ms * 1e3, best=dataclass_dict(best),
                                        all=[(t * 1e3, dataclass_dict(c)) for t, c in timed]))
                 write_rows(json_path("sweep_train_kernels", args.json), rows)
+
+
+@contextlib.contextmanager
+def forced_precision(precision: str):
+    with mock.patch.object(lt, "dot_precision", lambda data, adapters: precision):
+        yield
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def compare_precisions(args) -> None:
+    env = environment("cuda")
+    sms = device_info(torch.device("cuda")).sms
+    rows = []
+    for name, spec in select_shapes(args.shapes).items():
+        widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim]
+        H, r = spec.hidden_size, args.rank
+        g = torch.Generator().manual_seed(0)
+        lora_b = [(torch.randn(n, r, generator=g) * 0.02).cuda() for n in widths]
+        lora_a = (torch.randn(2 * r, H, generator=g) * H ** -0.5).cuda()
+        sl = lt.Slices(tuple(widths), (0, 0), (0, r), (r, r), (2.0, 2.0))
+        x_side = lt.Slices((H,), (0,), (0,), (2 * r,), (1.0,))
+        for T in csv_list(args.T, int):
+            outs = [torch.randn(T, n, generator=g).to("cuda", torch.bfloat16) for n in widths]
+            x = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
+            s = torch.randn(T, 2 * r, generator=g).cuda()
+            o64, b64, s64, x64, a64 = ([t.double() for t in outs], [b.double() for b in lora_b], s.double(),
+                                       x.double(), lora_a.double())
+            want_out = [o + 2.0 * s64[:, i * r:(i + 1) * r] @ b.t() for i, (o, b) in enumerate(zip(o64, b64))]
+            want = {
+                "expand": torch.cat(want_out, 1),
+                "ds": torch.cat([2.0 * o @ b for o, b in zip(o64, b64)], 1),
+                "db": torch.cat([2.0 * o.t() @ s64[:, i * r:(i + 1) * r] for i, o in enumerate(o64)], 0),
+                "shrink_x": x64 @ a64.t(),
+                "da_x": s64.t() @ x64,
+            }
+
+            scratch = [o.clone() for o in outs]
+
+            def expand():
+                got = [o.clone() for o in outs]
+                lt.expand_add_(got, s, lora_b, sl)
+                return torch.cat(got, 1)
+
+            # kernel: (what is timed: the launch alone, in place on scratch for the expand; its checked result)
+            calls = {
+                "expand": (lambda: lt.expand_add_(scratch, s, lora_b, sl), expand),
+                "ds": (lambda: lt.lora_ds(outs, lora_b, sl, 2 * r),) * 2,
+                "db": (lambda: lt.lora_db(outs, s, sl, sms), lambda: lt.lora_db(outs, s, sl, sms).sum(0)[:, :r]),
+                "shrink_x": (lambda: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r),) * 2,
+                "da_x": (lambda: lt.lora_db([x], s, x_side, sms, transposed=True),
+                         lambda: lt.lora_db([x], s, x_side, sms, transposed=True).sum(0)),
+            }
+            for kernel, (run, result) in calls.items():
+                cell, first = {}, None
+                for precision in csv_list(args.precisions, str):
+                    with forced_precision(precision):
+                        got = result()
+                        us = time_steps(run, args.reps) * 1e3
+                    first = got if first is None else first   # elements unlike the first precision's
+                    cell[precision] = dict(us=us, err=_rel(got, want[kernel]),
+                                           differ=(got != first).float().mean().item())
+                print(f"{name:10s} T{T:<6d} {kernel:8s} " + "  ".join(
+                    f"{p} {c['us']:7.1f} us err {c['err']:.1e} differ {c['differ']:.1e}" for p, c in cell.items()),
+                      flush=True)
+                rows.append(result_row(env, shape=name, T=T, rank=r, kernel=kernel, cells=cell))
+                write_rows(json_path("sweep_train_kernels_precision", args.json), rows)
 
 
 def dataclass_dict(cfg) -> dict:

@@ -242,3 +242,30 @@ def test_compiled_launches_go_to_the_compiled_kernel_once_seen_aligned(monkeypat
     assert len(stub.jit) == 3 and len(stub.direct) == 2
     launches.launch(0, (2, 5), (t, 7), meta, (t,))          # the aligned runner is still there
     assert len(stub.direct) == 3
+
+
+def test_dot_precision_splits_fp32_factors_into_bf16_parts_only_for_bf16_data(monkeypatch):
+    """The kernels' dots with fp32 adapters (their bf16x3 path runs on GPUs only: the interpreter has no bf16;
+    ``python -m benchmarks.sweep_train_kernels --precisions bf16x3,tf32x3`` measures its error against fp64
+    there): bf16 data -> three bf16 parts of the fp32 factor; fp16 data -> tf32x3 (the parts would fall into
+    fp16's subnormals); TF32 allowed -> tf32 for every data dtype; 16-bit adapters -> plain 16-bit dots."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert lora_train.dot_precision(torch.bfloat16, torch.float32) == "bf16x3"
+    assert lora_train.dot_precision(torch.float16, torch.float32) == "tf32x3"
+    assert lora_train.dot_precision(torch.float32, torch.float32) == "tf32x3"
+    assert lora_train.dot_precision(torch.bfloat16, torch.bfloat16) == "tf32"   # (ignored by 16-bit dots)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert lora_train.dot_precision(torch.bfloat16, torch.float32) == "tf32"
+    assert lora_train.dot_precision(torch.float16, torch.float32) == "tf32"
+
+
+def test_bf16_parts_hold_an_fp32_value_to_its_last_bit():
+    """What the bf16x3 dots rest on, in torch arithmetic: hi + mid + lo (each the bf16 rounding of what the
+    parts before it leave) is the fp32 value itself, for the magnitudes LoRA factors take."""
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(4096, generator=g) * torch.logspace(-6, 2, 4096)
+    hi = v.to(torch.bfloat16)
+    rest = v - hi.float()
+    mid = rest.to(torch.bfloat16)
+    lo = (rest - mid.float()).to(torch.bfloat16)
+    assert torch.equal(hi.double() + mid.double() + lo.double(), v.double())

@@ -218,9 +218,9 @@ class _TrainPlan:
     dx: object = None
 
 
-def _plan(T: int, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
+def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
           backward: bool) -> _TrainPlan:
-    """``x_itself``: x, when it is every group's LoRA input (else None)."""
+    """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
@@ -244,11 +244,11 @@ def _plan(T: int, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, sca
                   x_side=side)
     if not backward:
         return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad),
-                          shrink=None if side is None else LoraDs(side.slices, T, R, ad))
+                          shrink=None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad))
     sms = device_info(lora_a[0].device).sms
-    return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, ad),
-                      db=LoraDb(slices, T, R, ad, sms),
-                      da=None if side is None else LoraDb(side.slices, T, R, ad, sms, transposed=True),
+    return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
+                      db=LoraDb(slices, T, R, data_dtype, ad, sms),
+                      da=None if side is None else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
                       dx=None if side is None else ExpandAdd(side.slices, T, ad))
 
 
@@ -285,7 +285,7 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
 
     def make() -> _TrainPlan:
         owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-        return _plan(x.shape[0], x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, False)
+        return _plan(x.shape[0], x.dtype, x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, False)
 
     plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
                                          tuple(xs_of), x_input), make)
@@ -456,7 +456,7 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
     def make() -> _TrainPlan:
         owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                       xs_of, x_input, need_dx)
-        return _plan(s.shape[0], xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, True)
+        return _plan(s.shape[0], dys[0].dtype, xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners, True)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)

@@ -98,8 +98,51 @@ def fp32_dot_precision() -> str:
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return fp32_dot_precision() if dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
+def dot_precision(data_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
+    """How a kernel multiplies its [T, *] tensor (``data_dtype``: an output, its gradient, x) with the
+    adapters' factors. 16-bit adapters: plain 16-bit dots. fp32 adapters: :func:`fp32_dot_precision`, except
+    ``"bf16x3"`` for bf16 data at fp32-level precision: the fp32 factor as three bf16 parts (hi + mid + lo:
+    24 bits, its full mantissa) in three bf16 dots whose products are exact in the fp32 accumulator, the
+    bf16 tensor never converted. ``tf32x3`` on the same tiles converts and splits every element of the
+    [T, *] tile and issues three TF32 products of half the bf16 rate: the kernels ran at 35-60 % of
+    memory bandwidth with it. (fp16 data keeps ``tf32x3``: the mid / lo parts of a small fp32 factor
+    fall into fp16's subnormals.)"""
+    if adapter_dtype != torch.float32:
+        return "tf32"   # ignored: both operands 16-bit
+    precision = fp32_dot_precision()
+    return "bf16x3" if precision == "tf32x3" and data_dtype == torch.bfloat16 else precision
+
+
+@triton.jit
+def _bf16_parts(v):
+    """fp32 ``v`` as hi + mid + lo in bf16 (each part the rounding of what the others leave)."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
+def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b``: ``a`` a tile of the [T, *] tensor (its own dtype), ``b`` one of the adapters'
+    factors (:func:`dot_precision`). For ``"bf16x3"`` the tile's products go into a chain of their own
+    (the small parts first), then into ``acc`` by an fp32 add: the tensor cores' fp32 sums drop bits
+    (truncation) of the terms they align to a much larger total, so the three parts chained straight
+    into ``acc`` over a 2048 - 16384-long reduction lost 7e-6 .. 5e-5 (relative, on an H200) where an fp32
+    add per tile keeps the sum at fp32 level."""
+    if DOT_PRECISION == "bf16x3":
+        hi, mid, lo = _bf16_parts(b)
+        acc += tl.dot(a, hi, tl.dot(a, lo, tl.dot(a, mid)))
+    else:
+        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+def _factor_precision(adapter_dtype: torch.dtype) -> str:
+    """The expand multiplies two of the adapters' factors: :func:`fp32_dot_precision` for fp32 ones (its
+    bf16 split measured no faster: the kernel is bound by its [T, n] read and write)."""
+    return fp32_dot_precision() if adapter_dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
 
 
 def rank_block(ranks: Sequence[int]) -> int:
@@ -183,8 +226,8 @@ class ExpandAdd:
         for wave in overlap_waves(sl.col, sl.width):   # (slices over one tensor: their columns overlap or not)
             part = sl.pick(wave)
             tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in part.width])
-            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=_precision(adapter_dtype), BLOCK_M=cfg.block_m,
-                        BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=_factor_precision(adapter_dtype),
+                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
             self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles),
                                (part.width, part.col, part.scol, part.rank, part.scale, tile_off, T), meta))
@@ -234,7 +277,7 @@ def _ds_chunk(dy_ptr, stride_dt, part_ptr, stride_pc, stride_pt, b_ptr, stride_b
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
                     mask=n_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(dy.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        acc = _dot_data(dy, b, acc, DOT_PRECISION)
     tl.store(part_ptr + part_chunk * stride_pc + rows64[:, None] * stride_pt + (s_col + offs_r)[None, :],
              acc * scale, mask=m_mask[:, None] & r_mask[None, :])
 
@@ -260,7 +303,8 @@ class LoraDs:
     one A group, take successive rows of ``part``; other groups reuse the same rows in other columns; a
     group with fewer chunks than the most leaves rows unwritten: then ``part`` starts zeroed)."""
 
-    def __init__(self, sl: Slices, T: int, R: int, adapter_dtype: torch.dtype, *, chunk: int = DS_CHUNK,
+    def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, *,
+                 chunk: int = DS_CHUNK,
                  launch: Optional[TrainLaunch] = None):
         cfg = launch or DS_LAUNCH
         counts = [triton.cdiv(n, chunk) for n in sl.width]
@@ -276,7 +320,7 @@ class LoraDs:
         self.T, self.R = T, R
         self.grid = (triton.cdiv(T, cfg.block_m), n_programs)
         self.tail = (sl.width, sl.col, sl.scol, sl.rank, sl.scale, chunk_off, tuple(base), T)
-        self.meta = dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=_precision(adapter_dtype),
+        self.meta = dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=dot_precision(data_dtype, adapter_dtype),
                          BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_ds_kernel)
@@ -298,7 +342,7 @@ def lora_ds(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], sl: Slices,
     """``dS[:, scols of group g] = sum over the slices i of group g of scale_i * dys[i][:, slice i] @ bs[i]``:
     [T, R] fp32 (the slices of one group share their ``scol`` / ``rank``; ``R``: the width of ``s``);
     ``chunk``: columns per program (tests force small). Launched on the current CUDA device."""
-    return LoraDs(sl, dys[0].shape[0], R, bs[0].dtype, chunk=chunk, launch=launch)(dys, bs)
+    return LoraDs(sl, dys[0].shape[0], R, dys[0].dtype, bs[0].dtype, chunk=chunk, launch=launch)(dys, bs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,7 +367,7 @@ def _db_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, part_ptr, stride_ps, st
                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)   # [BLOCK_N, BLOCK_M] = dy^T
         s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
                     mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-        acc = tl.dot(dyt.to(s.dtype), s, acc, input_precision=DOT_PRECISION)
+        acc = _dot_data(dyt, s, acc, DOT_PRECISION)
     tl.store(part_ptr + pid_s * stride_ps + (row0 + offs_n)[:, None].to(tl.int64) * stride_pn
              + (rcol0 + offs_r)[None, :].to(tl.int64) * stride_pr, acc * scale, mask=n_mask[:, None] & r_mask[None, :])
 
@@ -345,7 +389,8 @@ def _db_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, part_ptr, stride_ps, strid
 class LoraDb:
     """:func:`lora_db` for one call signature: its launch planned once."""
 
-    def __init__(self, sl: Slices, T: int, R: int, s_dtype: torch.dtype, sms: int, *, transposed: bool = False,
+    def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, s_dtype: torch.dtype, sms: int, *,
+                 transposed: bool = False,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM):
         cfg = launch or DB_LAUNCH
         tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in sl.width])
@@ -362,7 +407,7 @@ class LoraDb:
             rcols = (0,) * len(sl)
         self.grid = (n_tiles, splits)
         self.tail = (sl.width, sl.col, sl.scol, rows, rcols, sl.rank, sl.scale, tile_off, T, t_per_split)
-        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=_precision(s_dtype), BLOCK_M=cfg.block_m,
+        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(data_dtype, s_dtype), BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_db_kernel)
@@ -385,5 +430,5 @@ def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, 
     ``transposed``: ``[splits, s columns, width]`` with slice i in rows ``scols i`` (dA of A groups over the
     same columns of x). ``sms``: the device's SM count (how far the tokens are split). Launched on the
     current CUDA device."""
-    return LoraDb(sl, dys[0].shape[0], s.shape[1], s.dtype, sms, transposed=transposed, launch=launch,
+    return LoraDb(sl, dys[0].shape[0], s.shape[1], dys[0].dtype, s.dtype, sms, transposed=transposed, launch=launch,
                   programs_per_sm=programs_per_sm)(dys, s)
