@@ -11,11 +11,7 @@
 
 which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result =
 base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
-it rounds: the expand and its scaling are not rounded apart from the sum. The CUDA implementation (with
-its kernels) writes the delta first and lets the base GEMM add into it (``beta = 1``): there the delta is
-rounded to x's dtype and the base is not (``round(x @ W^T + round(delta))``, slices over the same columns
-rounded in turn), where PEFT rounds the base and not the delta; both are one rounding of each term away
-from the exact sum, and the GEMM saves a read and a write of the [T, n] output. ``slice_start`` counts columns
+it rounds: the expand and its scaling are not rounded apart from the sum. ``slice_start`` counts columns
 of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
 group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels' registers), or what PEFT
 made of it (the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG
@@ -214,7 +210,6 @@ class _TrainPlan:
     out_of: tuple[int, ...] = ()         # each slice's projection
     db_rows: tuple[int, ...] = ()        # each slice's first row in the dB partial sums
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
-    fill: tuple = ()                     # forward, per projection: None no LoRA, False empty, True zero-filled
     expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
     shrink: object = None
     ds: object = None                    # backward: LoraDs, LoraDb of the slices; x's side: dA, dx
@@ -223,10 +218,9 @@ class _TrainPlan:
     dx: object = None
 
 
-def _plan(T: int, widths: Sequence[int], data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b,
-          slice_a, scales, owners, backward: bool) -> _TrainPlan:
-    """``widths``, ``data_dtype``: the projections' (the outputs' columns, x's dtype); ``x_itself``: x, when it
-    is every group's LoRA input (else None)."""
+def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
+          backward: bool) -> _TrainPlan:
+    """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
@@ -249,13 +243,7 @@ def _plan(T: int, widths: Sequence[int], data_dtype: torch.dtype, x_itself: Opti
     common = dict(kernels=True, owners=tuple(owners), offs=offs, R=R, out_of=tuple(p for p, _ in owners),
                   x_side=side)
     if not backward:
-        out_of = common["out_of"]
-        expand = ExpandAdd(slices, T, ad, tensor_of=out_of, fresh=True)
-        first = expand.waves[0][0] if expand.waves else ()
-        # a projection the first launch covers is allocated empty, one it covers in part zero-filled
-        fill = tuple(None if p not in out_of else sum(slices.width[i] for i in first if out_of[i] == p) != n
-                     for p, n in enumerate(widths))
-        return _TrainPlan(**common, expand=expand, fill=fill,
+        return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad, tensor_of=common["out_of"]),
                           shrink=None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad))
     sms = device_info(lora_a[0].device).sms
     return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
@@ -297,14 +285,14 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
 
     def make() -> _TrainPlan:
         owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-        return _plan(x.shape[0], [w.shape[0] for w in weights], x.dtype, x if every_reads_x else None, lora_a,
-                     lora_b, slice_a, scales, owners, False)
+        return _plan(x.shape[0], x.dtype, x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners,
+                     False)
 
     plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
                                          tuple(xs_of), x_input), make)
     with on_device(x):
+        outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
         if not plan.kernels:
-            outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
             s = _shrink_reference(xs, lora_a)
             _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
             return outs, s
@@ -313,15 +301,7 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales):
         else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
             s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a))
             s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
-        # the LoRA delta first, then the library GEMM adds the base into it (beta = 1): an expand after the
-        # GEMM would read and write the [T, n] output once more (the GEMM's read of it hides under its math)
-        T = x.shape[0]
-        outs = [x @ w.t() if fill is None else (torch.zeros if fill else torch.empty)(
-            (T, w.shape[0]), dtype=x.dtype, device=x.device) for w, fill in zip(weights, plan.fill)]
         plan.expand([outs[p] for p in plan.out_of], s, lora_b)
-        for out, w, fill in zip(outs, weights, plan.fill):
-            if fill is not None:
-                out.addmm_(x, w.t())
     return outs, s
 
 
@@ -477,8 +457,8 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
     def make() -> _TrainPlan:
         owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                       xs_of, x_input, need_dx)
-        return _plan(s.shape[0], [d.shape[1] for d in dys], dys[0].dtype, xs[0] if every_reads_x else None, lora_a,
-                     lora_b, slice_a, scales, owners, True)
+        return _plan(s.shape[0], dys[0].dtype, xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales,
+                     owners, True)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)

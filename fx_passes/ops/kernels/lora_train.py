@@ -6,14 +6,13 @@ them two or three times.
 Every kernel takes the LoRA as :class:`Slices`: slice ``i`` covers columns ``[col_i, col_i + width_i)`` of
 its own [T, *] tensor (an output, an output's gradient, x), its B is ``[width_i, rank_i]`` (any strides:
 ``A^T`` is read as a view, never copied) and its rank-``rank_i`` factor is columns ``[scol_i, scol_i +
-rank_i)`` of ONE [T, R] tensor ``s`` holding every A group side by side. Forward, after the shrink wrote
-``s``::
+rank_i)`` of ONE [T, R] tensor ``s`` holding every A group side by side. Forward, after the base GEMMs wrote
+``outs`` and the shrink wrote ``s``::
 
     _expand_add_kernel   out_i[:, slice i] = round(src_i[:, slice i] + scale_i * s[:, scols i] @ B_i^T)
 
-grid ``(cdiv(T, BLOCK_M), column tiles of all slices)``: the sum in fp32, rounded once per slice. The
-forward op runs it ``fresh`` (no ``src``: the delta stored into new outputs) before its base GEMMs add
-into them; x's LoRA gradient (below) adds into the base gradient. Slices over the same columns of one
+grid ``(cdiv(T, BLOCK_M), column tiles of all slices)``: the sum in fp32, rounded once per slice, as
+PEFT's ``result + lora_B(lora_A(x)) * scaling`` then ``.to(x.dtype)``. Slices over the same columns of one
 tensor (two adapters on one projection) go to successive launches, in slice order (:func:`overlap_waves`).
 
 Backward, given ``dy`` = the outputs' gradients (x's dtype)::
@@ -183,7 +182,7 @@ def _strides(ts: Sequence[torch.Tensor], dim: int = 0) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _expand_add_tile(out_ptr, stride_ot, src_ptr, stride_src, s_ptr, stride_st, s_col, b_ptr, stride_bn, stride_br,
-                     n, col_start, rank, scale, tile_n, pid_m, T, HAS_SRC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     n, col_start, rank, scale, tile_n, pid_m, T, DOT_PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -199,17 +198,16 @@ def _expand_add_tile(out_ptr, stride_ot, src_ptr, stride_src, s_ptr, stride_st, 
     delta = tl.dot(s, bt, input_precision=DOT_PRECISION) * scale
     cols = (col_start + offs_n)[None, :]
     o_mask = m_mask[:, None] & n_mask[None, :]
-    if HAS_SRC:
-        o = tl.load(src_ptr + rows64[:, None] * stride_src + cols, mask=o_mask, other=0.0)
-        delta = o.to(tl.float32) + delta.to(tl.float32)
-    tl.store(out_ptr + rows64[:, None] * stride_ot + cols, delta.to(out_ptr.dtype.element_ty), mask=o_mask)
+    o = tl.load(src_ptr + rows64[:, None] * stride_src + cols, mask=o_mask, other=0.0)
+    tl.store(out_ptr + rows64[:, None] * stride_ot + cols, (o.to(tl.float32) + delta.to(tl.float32))
+             .to(out_ptr.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
 def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptr, stride_st, b_ptrs, b_strides_n,
                        b_strides_r, widths, cols, scols, ranks, scales, tile_off, T, NUM_SLICES: tl.constexpr,
-                       HAS_SRC: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_R: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     sl = tile_owner(pid_n, tile_off, NUM_SLICES)
@@ -217,7 +215,7 @@ def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptr, stri
         if sl == i:
             _expand_add_tile(out_ptrs[i], out_strides[i], src_ptrs[i], src_strides[i], s_ptr, stride_st, scols[i],
                              b_ptrs[i], b_strides_n[i], b_strides_r[i], widths[i], cols[i], ranks[i], scales[i],
-                             pid_n - tile_off[i], pid_m, T, HAS_SRC, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                             pid_n - tile_off[i], pid_m, T, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 class ExpandAdd:
@@ -226,15 +224,14 @@ class ExpandAdd:
     launch, the slices it runs (and its grid, arguments, meta)."""
 
     def __init__(self, sl: Slices, T: int, adapter_dtype: torch.dtype, launch: Optional[TrainLaunch] = None, *,
-                 tensor_of: Optional[Sequence[int]] = None, fresh: bool = False):
+                 tensor_of: Optional[Sequence[int]] = None):
         cfg = launch or EXPAND_LAUNCH
         self.T = T
         self.waves = []
-        for k, wave in enumerate(overlap_waves(sl.col, sl.width, tensor_of)):
+        for wave in overlap_waves(sl.col, sl.width, tensor_of):
             part = sl.pick(wave)
             tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in part.width])
-            meta = dict(NUM_SLICES=len(wave), HAS_SRC=not (fresh and k == 0),
-                        DOT_PRECISION=_factor_precision(adapter_dtype),
+            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=_factor_precision(adapter_dtype),
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
             self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles),
@@ -256,14 +253,13 @@ class ExpandAdd:
 
 def expand_add_(outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor], sl: Slices, *,
                 srcs: Optional[Sequence[torch.Tensor]] = None, launch: Optional[TrainLaunch] = None,
-                tensor_of: Optional[Sequence[int]] = None, fresh: bool = False) -> None:
+                tensor_of: Optional[Sequence[int]] = None) -> None:
     """``outs[i][:, slice i] = round(srcs[i][:, slice i] + scale_i * s[:, scols i] @ bs[i]^T)`` for every slice
     ``i`` of ``sl`` (``outs[i]``: slice i's tensor, the same tensor for slices of one output; ``srcs``: default
     ``outs``, in place). Slices over the same columns of one tensor run in slice order (``tensor_of``: each
-    slice's tensor, see :func:`overlap_waves`). ``fresh``: ``outs`` hold nothing yet: the first launch
-    stores ``round(delta)`` without reading, later ones (slices over columns an earlier one wrote) add in
-    place. Arguments checked by the caller; launched on the current CUDA device."""
-    ExpandAdd(sl, s.shape[0], bs[0].dtype, launch, tensor_of=tensor_of, fresh=fresh)(outs, s, bs, srcs)
+    slice's tensor, see :func:`overlap_waves`). Arguments checked by the caller; launched on the current
+    CUDA device."""
+    ExpandAdd(sl, s.shape[0], bs[0].dtype, launch, tensor_of=tensor_of)(outs, s, bs, srcs)
 
 
 # --------------------------------------------------------------------------------------------
