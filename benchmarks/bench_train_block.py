@@ -71,10 +71,16 @@ def build(spec, rank: int, dropout: float, device: str, lora: bool) -> torch.nn.
 
 def step_fn(model, x, grads, cudagraphs: bool = False):
     """One training step of the block; ``cudagraphs`` (``mode="reduce-overhead"``): each call starts a new
-    step for CUDA-graph trees (the previous step's outputs may be overwritten by its replay)."""
+    step for CUDA-graph trees and drops the LoRA gradients first, as ``optimizer.zero_grad()`` does (the
+    previous step's outputs, gradients included, are overwritten by the next replay: accumulating into
+    them fails)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
     def step():
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
+            for p in params:
+                p.grad = None
         x.grad = None
         outs = model(x)
         torch.autograd.backward(outs, grads)
