@@ -66,6 +66,7 @@ configuration (``config``) and one cell per variant. The markdown table is print
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -274,19 +275,28 @@ def _(query, key, value, g, beta, use_qk_l2norm):
 @torch.library.custom_op("bench_model::gdn_chunk_rule_bwd", mutates_args=())
 def gdn_chunk_rule_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
                        beta: torch.Tensor, use_qk_l2norm: bool, grad: torch.Tensor) -> list[torch.Tensor]:
-    """The rule's input gradients (training benchmarks), by recomputing it eagerly under ``torch.func.vjp``
-    (not torch.autograd: a custom op's kernel runs below the autograd dispatch keys)."""
+    """The rule's input gradients (training benchmarks), by recomputing it eagerly under autograd, in a
+    thread of its own: a custom op's kernel runs with the autograd dispatch keys excluded (thread-local
+    state; a fresh thread has a plain eager call's). Not ``torch.func.vjp``: fla's kernel (where
+    installed, transformers runs it here) is an ``autograd.Function`` without ``setup_context``, which
+    functorch transforms refuse."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
     chunked = hf.torch_chunk_gated_delta_rule
     chunked = getattr(chunked, "bench_original", chunked)
+    tensors = (query, key, value, g, beta)
 
-    def rule(q, k, v, gg, b):
-        return chunked(q, k, v, g=gg, beta=b, initial_state=None, output_final_state=False,
-                       use_qk_l2norm_in_kernel=use_qk_l2norm)[0]
+    def recompute():
+        if query.is_cuda:
+            torch.cuda.set_device(query.device)
+        inputs = [t.detach().requires_grad_() for t in tensors]
+        out = chunked(*inputs[:3], g=inputs[3], beta=inputs[4], initial_state=None, output_final_state=False,
+                      use_qk_l2norm_in_kernel=use_qk_l2norm)[0]
+        return torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
 
-    out, vjp = torch.func.vjp(rule, query, key, value, g, beta)
-    return [d.to(t.dtype).contiguous() for t, d in zip((query, key, value, g, beta), vjp(grad.to(out.dtype)))]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        grads = pool.submit(recompute).result()
+    return [(torch.zeros_like(t) if d is None else d).to(t.dtype).contiguous() for t, d in zip(tensors, grads)]
 
 
 @gdn_chunk_rule_bwd.register_fake

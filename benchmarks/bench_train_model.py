@@ -7,13 +7,16 @@ cross-entropy of the logits (eager, outside the compiled model), ``loss.backward
 per step (CUDA events, median of ``--reps``), peak memory of a step above what is allocated before it, the
 loss against Inductor's. The gated-delta core (transformers' chunked torch rule) runs as one opaque op with
 a recomputing backward in both variants (``benchmarks.bench_model.gdn_core``) (compiled as Python, Dynamo unrolls its 64-token chunk loop: minutes
-of compile; it is not what the pass rewrites).
+of compile; it is not what the pass rewrites). Where the ``fla`` package (flash-linear-attention) is
+importable, transformers runs fla's Triton chunk kernel there instead of its torch rule (as a user's
+install would); each row records ``fla``.
 
     python -m benchmarks.bench_train_model --preset 35b,27b --seq 2048,8192
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -56,7 +59,8 @@ def main() -> None:
                 print(f"budget reached: {name} S{S} skipped", flush=True)
                 continue
             ids = torch.randint(0, args.vocab, (1, S), generator=torch.Generator().manual_seed(S)).to(dev)
-            row = dict(preset=name, seq=S, r=args.rank, layers=args.layers, cells={})
+            row = dict(preset=name, seq=S, r=args.rank, layers=args.layers, cells={},
+                       fla=importlib.util.find_spec("fla") is not None)
             for variant in VARIANTS:
                 torch._dynamo.reset()
                 model = build(preset, args.layers, args.vocab, args.rank, dev)
