@@ -311,8 +311,7 @@ class LoraDs:
     group with fewer chunks than the most leaves rows unwritten: then ``part`` starts zeroed)."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, *,
-                 chunk: int = DS_CHUNK,
-                 launch: Optional[TrainLaunch] = None):
+                 chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None):
         cfg = launch or DS_LAUNCH
         counts = [triton.cdiv(n, chunk) for n in sl.width]
         chunk_off, n_programs = _offsets(counts)
@@ -389,16 +388,16 @@ def _db_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, part_ptr, stride_ps, strid
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
             _db_tile(dy_ptrs[i], dy_strides[i], s_ptr, stride_st, scols[i], part_ptr, stride_ps, stride_pn,
-                     stride_pr, widths[i], cols[i], rows[i], rcols[i], ranks[i], scales[i], pid_n - tile_off[i], pid_s, T,
-                     t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+                     stride_pr, widths[i], cols[i], rows[i], rcols[i], ranks[i], scales[i], pid_n - tile_off[i],
+                     pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 class LoraDb:
     """:func:`lora_db` for one call signature: its launch planned once."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, s_dtype: torch.dtype, sms: int, *,
-                 transposed: bool = False,
-                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM):
+                 transposed: bool = False, launch: Optional[TrainLaunch] = None,
+                 programs_per_sm: int = DB_PROGRAMS_PER_SM):
         cfg = launch or DB_LAUNCH
         tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in sl.width])
         splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * cfg.block_m)))
