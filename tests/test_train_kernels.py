@@ -288,3 +288,21 @@ def test_bf16_parts_hold_an_fp32_value_to_its_last_bit():
     mid = rest.to(torch.bfloat16)
     lo = (rest - mid.float()).to(torch.bfloat16)
     assert torch.equal(hi.double() + mid.double() + lo.double(), v.double())
+
+
+def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatch):
+    """The forward / backward plans of a bf16 layer with fp32 adapters (x itself as the LoRA input): every
+    kernel that multiplies a bf16 tensor with an fp32 factor (the shrink over x, dS / dB over dy, dA over x)
+    takes ``bf16x3``; the expands (two fp32 factors) keep ``tf32x3``; an fp16 layer keeps ``tf32x3``
+    everywhere. (Plans only: the interpreter cannot run bf16 kernels.)"""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    for dtype, data_precision in ((torch.bfloat16, "bf16x3"), (torch.float16, "tf32x3")):
+        x, weights, lora_a, lora_b, dys, _ = _layer(3)
+        x = x.to(dtype)
+        owners = slice_owners([w.shape[0] for w in weights], [0, 88], [b.shape[0] for b in lora_b])
+        fwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, False)
+        bwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, True)
+        assert fwd.shrink.meta["DOT_PRECISION"] == data_precision
+        assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in fwd.expand.waves + bwd.dx.waves)
+        for kernel in (bwd.ds, bwd.db, bwd.da):
+            assert kernel.meta["DOT_PRECISION"] == data_precision
