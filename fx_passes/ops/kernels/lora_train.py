@@ -139,12 +139,6 @@ def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
     return acc
 
 
-def _factor_precision(adapter_dtype: torch.dtype) -> str:
-    """The expand multiplies two of the adapters' factors: :func:`fp32_dot_precision` for fp32 ones (its
-    bf16 split measured no faster: the kernel is bound by its [T, n] read and write)."""
-    return fp32_dot_precision() if adapter_dtype == torch.float32 else "tf32"   # ignored for 16-bit operands
-
-
 def rank_block(ranks: Sequence[int]) -> int:
     return max(16, triton.next_power_of_2(max(ranks)))
 
@@ -231,7 +225,9 @@ class ExpandAdd:
         for wave in overlap_waves(sl.col, sl.width, tensor_of):
             part = sl.pick(wave)
             tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in part.width])
-            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=_factor_precision(adapter_dtype),
+            # s @ B^T: both factors the adapters' (bf16 parts measured no faster here: the kernel is bound
+            # by its [T, n] read and write)
+            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=dot_precision(adapter_dtype, adapter_dtype),
                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
             self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles),
