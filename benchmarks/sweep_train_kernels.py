@@ -1,8 +1,10 @@
-"""Tiles of the training op's three Triton kernels (issue 17): each of ``expand_add_``, ``lora_ds`` and
-``lora_db`` over a grid of launches at the given widths and T (CUDA events, median of --reps), with the
+"""Tiles of the training op's Triton kernels (issue 17): each of ``expand_add_``, ``lora_ds``, ``lora_db`` and
+``lora_dsdb`` (dS and dB from one read of dy; ``ds+db``: the two kernels it replaces, back to back, at their
+default tiles) over a grid of launches at the given widths and T (CUDA events, median of --reps), with the
 default launch's time beside the best one. bf16 base, fp32 adapters (PEFT's default), LoRA on qkv and z.
 
     python -m benchmarks.sweep_train_kernels --shapes 35B-A3B,27B --T 4096,16384
+    python -m benchmarks.sweep_train_kernels --kernels dsdb,ds+db   # only these
     python -m benchmarks.sweep_train_kernels --precisions bf16x3,tf32x3   # the default tiles, per precision
 
 ``--precisions``: each kernel at its default tiles with its fp32 dots forced to each precision in turn (the
@@ -37,6 +39,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--precisions", default=None, help="compare these dot precisions at the default tiles")
+    ap.add_argument("--kernels", default="expand,ds,db,dsdb,ds+db")
     args = ap.parse_args()
     if args.precisions:
         return compare_precisions(args)
@@ -46,7 +49,10 @@ def main() -> None:
         "expand": (lt.EXPAND_LAUNCH, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3])),
         "ds": (lt.DS_LAUNCH, launches([32, 64, 128], [64, 128], [4, 8], [2, 3, 4])),
         "db": (lt.DB_LAUNCH, launches([32, 64, 128], [32, 64, 128], [4, 8], [2, 3, 4])),
+        "dsdb": (lt.DSDB_LAUNCH, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3, 4])),
+        "ds+db": (None, [None]),
     }
+    grid = {k: v for k, v in grid.items() if k in csv_list(args.kernels, str)}
     rows = []
     for name, spec in select_shapes(args.shapes).items():
         widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
@@ -61,6 +67,8 @@ def main() -> None:
                 "expand": lambda cfg: lt.expand_add_(outs, s, lora_b, sl, launch=cfg),
                 "ds": lambda cfg: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg),
                 "db": lambda cfg: lt.lora_db(outs, s, sl, sms, launch=cfg),
+                "dsdb": lambda cfg: lt.lora_dsdb(outs, lora_b, s, sl, sms, launch=cfg),
+                "ds+db": lambda cfg: (lt.lora_ds(outs, lora_b, sl, 2 * r), lt.lora_db(outs, s, sl, sms)),
             }
             for kernel, (default, cands) in grid.items():
                 timed = []
@@ -114,6 +122,8 @@ def compare_precisions(args) -> None:
                 "expand": torch.cat(want_out, 1),
                 "ds": torch.cat([2.0 * o @ b for o, b in zip(o64, b64)], 1),
                 "db": torch.cat([2.0 * o.t() @ s64[:, i * r:(i + 1) * r] for i, o in enumerate(o64)], 0),
+                "dsdb": torch.cat([2.0 * o @ b for o, b in zip(o64, b64)], 1),
+                "dsdb_db": torch.cat([2.0 * o.t() @ s64[:, i * r:(i + 1) * r] for i, o in enumerate(o64)], 0),
                 "shrink_x": x64 @ a64.t(),
                 "da_x": s64.t() @ x64,
             }
@@ -130,6 +140,10 @@ def compare_precisions(args) -> None:
                 "expand": (lambda: lt.expand_add_(scratch, s, lora_b, sl), expand),
                 "ds": (lambda: lt.lora_ds(outs, lora_b, sl, 2 * r),) * 2,
                 "db": (lambda: lt.lora_db(outs, s, sl, sms), lambda: lt.lora_db(outs, s, sl, sms).sum(0)[:, :r]),
+                "dsdb": (lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms),
+                         lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms)[0]),
+                "dsdb_db": (lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms),
+                            lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms)[1].sum(0)[:, :r]),
                 "shrink_x": (lambda: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r),) * 2,
                 "da_x": (lambda: lt.lora_db([x], s, x_side, sms, transposed=True),
                          lambda: lt.lora_db([x], s, x_side, sms, transposed=True).sum(0)),
@@ -151,6 +165,8 @@ def compare_precisions(args) -> None:
 
 
 def dataclass_dict(cfg) -> dict:
+    if cfg is None:
+        return {}
     return dict(block_m=cfg.block_m, block_n=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

@@ -103,6 +103,27 @@ def test_grads_match_reference(layout, T, adapter_dtype):
         row += b.shape[0]
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("T", [0, 1, 70, 1200])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_ds_and_db_from_one_read_of_dy(layout, T, adapter_dtype):
+    """``lora_dsdb`` (the backward op's kernel when dB is asked for) against the torch implementation: 16-column
+    tiles (dS summed over several tiles per A group, an A group's tiles apart in the slice order for
+    "interleaved") and, at T 1200, several token splits (dB summed over them), tails in T, columns, rank."""
+    dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype, seed=3)
+    want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
+    d_s, part = lora_train.lora_dsdb([dys[p] for p in out_of], lora_b, s, sl, sms=64,
+                                     launch=lora_train.TrainLaunch(32, 16))
+    assert d_s.shape == want_s.shape and d_s.dtype == torch.float32
+    assert (part.shape[0] > 1) == (T == 1200)
+    if T:
+        _close(d_s, want_s, adapter_dtype)
+    row = 0
+    for b, want in zip(lora_b, want_b):
+        _close(part[:, row:row + b.shape[0], :b.shape[1]].sum(0), want, adapter_dtype)
+        row += b.shape[0]
+
+
 def test_a_slice_across_two_projections_is_refused():
     with pytest.raises(RuntimeError, match="crosses the projections"):
         slice_owners([88, 40], [80], [16])
@@ -292,7 +313,7 @@ def test_bf16_parts_hold_an_fp32_value_to_its_last_bit():
 
 def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatch):
     """The forward / backward plans of a bf16 layer with fp32 adapters (x itself as the LoRA input): every
-    kernel that multiplies a bf16 tensor with an fp32 factor (the shrink over x, dS / dB over dy, dA over x)
+    kernel that multiplies a bf16 tensor with an fp32 factor (the shrink over x, dS and dS + dB over dy, dA over x)
     takes ``bf16x3``; the expands (two fp32 factors) keep ``tf32x3``; an fp16 layer keeps ``tf32x3``
     everywhere. (Plans only: the interpreter cannot run bf16 kernels.)"""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
@@ -304,5 +325,5 @@ def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatc
         bwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, True)
         assert fwd.shrink.meta["DOT_PRECISION"] == data_precision
         assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in fwd.expand.waves + bwd.dx.waves)
-        for kernel in (bwd.ds, bwd.db, bwd.da):
+        for kernel in (bwd.ds, bwd.dsdb, bwd.da):
             assert kernel.meta["DOT_PRECISION"] == data_precision

@@ -212,8 +212,8 @@ class _TrainPlan:
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
     expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
     shrink: object = None
-    ds: object = None                    # backward: LoraDs, LoraDb of the slices; x's side: dA, dx
-    db: object = None
+    ds: object = None                    # backward: LoraDs (no dB asked for), LoraDsDb of the slices; x's
+    dsdb: object = None                  # side: dA, dx
     da: object = None
     dx: object = None
 
@@ -226,7 +226,7 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
     R = offs[-1] + ranks[-1]
     if not _kernels_hold(ranks):
         return _TrainPlan(False, tuple(owners), offs, R)
-    from fx_passes.ops.kernels.lora_train import ExpandAdd, LoraDb, LoraDs, Slices   # imports Triton: CUDA only
+    from fx_passes.ops.kernels.lora_train import ExpandAdd, LoraDb, LoraDs, LoraDsDb, Slices   # Triton: CUDA only
     from fx_passes.ops.tuning import device_info
 
     ad = lora_a[0].dtype
@@ -247,7 +247,7 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
                           shrink=None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad))
     sms = device_info(lora_a[0].device).sms
     return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
-                      db=LoraDb(slices, T, R, data_dtype, ad, sms),
+                      dsdb=LoraDsDb(slices, T, R, data_dtype, ad, sms),
                       da=None if side is None else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
                       dx=None if side is None else ExpandAdd(side.slices, T, ad))
 
@@ -477,15 +477,16 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
     d_x = _sum_of_products(dys, weights) if need_dx else _no_dx(dys)
     dy_of = [dys[p] for p in plan.out_of]
-    d_s = plan.ds(dy_of, lora_b)   # fp32 [T, R]
+    d_b = []
+    if need_db:   # one read of dy for both
+        d_s, part = plan.dsdb(dy_of, lora_b, s)   # fp32 [T, R], dB's partial sums
+        d_b = [part[:, row:row + b.shape[0], :b.shape[1]].sum(0).to(ad) for row, b in zip(plan.db_rows, lora_b)]
+    else:
+        d_s = plan.ds(dy_of, lora_b)
     if ad != torch.float32:
         d_s = d_s.to(ad)   # (the torch implementation's dS, in the adapters' dtype)
     if grad_s is not None:
         d_s = d_s + grad_s.to(ad)
-    d_b = []
-    if need_db:
-        part = plan.db(dy_of, s)
-        d_b = [part[:, row:row + b.shape[0], :b.shape[1]].sum(0).to(ad) for row, b in zip(plan.db_rows, lora_b)]
     side = plan.x_side
     d_a: list = [None] * len(lora_a)
     if side is not None:   # x itself, every group: x read in its dtype by the kernels

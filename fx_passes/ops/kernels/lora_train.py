@@ -65,6 +65,7 @@ class TrainLaunch:
 EXPAND_LAUNCH = TrainLaunch(64, 128)
 DS_LAUNCH = TrainLaunch(64, 64)
 DB_LAUNCH = TrainLaunch(64, 64)
+DSDB_LAUNCH = TrainLaunch(64, 128)
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -124,6 +125,29 @@ def _bf16_parts(v):
 
 
 @triton.jit
+def _factor_parts(b, DOT_PRECISION: tl.constexpr):
+    """An adapters' factor as :func:`_dot_parts` takes it (hoisted out of a loop where the factor is
+    fixed): its three bf16 parts for ``"bf16x3"``, else the factor itself three times."""
+    if DOT_PRECISION == "bf16x3":
+        hi, mid, lo = _bf16_parts(b)
+    else:
+        hi = b
+        mid = b
+        lo = b
+    return hi, mid, lo
+
+
+@triton.jit
+def _dot_parts(a, hi, mid, lo, acc, DOT_PRECISION: tl.constexpr):
+    """:func:`_dot_data` over a factor already split by :func:`_factor_parts`."""
+    if DOT_PRECISION == "bf16x3":
+        acc += tl.dot(a, hi, tl.dot(a, lo, tl.dot(a, mid)))
+    else:
+        acc = tl.dot(a.to(hi.dtype), hi, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
     """``acc + a @ b``: ``a`` a tile of the [T, *] tensor (its own dtype), ``b`` one of the adapters'
     factors (:func:`dot_precision`). For ``"bf16x3"`` the tile's products go into a chain of their own
@@ -131,12 +155,8 @@ def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
     (truncation) of the terms they align to a much larger total, so the three parts chained straight
     into ``acc`` over a 2048 - 16384-long reduction lost 7e-6 .. 5e-5 (relative, on an H200) where an fp32
     add per tile keeps the sum at fp32 level."""
-    if DOT_PRECISION == "bf16x3":
-        hi, mid, lo = _bf16_parts(b)
-        acc += tl.dot(a, hi, tl.dot(a, lo, tl.dot(a, mid)))
-    else:
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    return acc
+    hi, mid, lo = _factor_parts(b, DOT_PRECISION)
+    return _dot_parts(a, hi, mid, lo, acc, DOT_PRECISION)
 
 
 def rank_block(ranks: Sequence[int]) -> int:
@@ -434,3 +454,127 @@ def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, 
     current CUDA device."""
     return LoraDb(sl, dys[0].shape[0], s.shape[1], dys[0].dtype, s.dtype, sms, transposed=transposed, launch=launch,
                   programs_per_sm=programs_per_sm)(dys, s)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: dS and dB from one read of dy
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _dsdb_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, b_ptr, stride_bn, stride_br, dsp_ptr, stride_dsc,
+               stride_dst, ds_row, dbp_ptr, stride_dbs, stride_dbn, db_row0, n, col_start, rank, scale, tile_n, pid_s,
+               T, t_per_split, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    offs_n = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    n_mask = offs_n < n
+    r_mask = offs_r < rank
+    b = tl.load(b_ptr + offs_n[:, None].to(tl.int64) * stride_bn + offs_r[None, :] * stride_br,
+                mask=n_mask[:, None] & r_mask[None, :], other=0.0)   # [BLOCK_N, BLOCK_R], fixed over the tokens
+    b_hi, b_mid, b_lo = _factor_parts(b, DOT_PRECISION)
+    acc_db = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    dsp_ptr += ds_row.to(tl.int64) * stride_dsc
+    t_lo = pid_s * t_per_split
+    t_hi = tl.minimum(t_lo + t_per_split, T)
+    for t0 in range(t_lo, t_hi, BLOCK_M):
+        offs_m = t0 + tl.arange(0, BLOCK_M)
+        rows64 = offs_m.to(tl.int64)
+        m_mask = offs_m < t_hi
+        dy = tl.load(dy_ptr + rows64[:, None] * stride_dt + (col_start + offs_n)[None, :],
+                     mask=m_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_M, BLOCK_N], read once
+        s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
+                    mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        acc_db = _dot_data(tl.trans(dy), s, acc_db, DOT_PRECISION)
+        ds = _dot_parts(dy, b_hi, b_mid, b_lo, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), DOT_PRECISION)
+        tl.store(dsp_ptr + rows64[:, None] * stride_dst + offs_r[None, :], ds * scale,
+                 mask=m_mask[:, None] & r_mask[None, :])
+    tl.store(dbp_ptr + pid_s * stride_dbs + (db_row0 + offs_n)[:, None].to(tl.int64) * stride_dbn + offs_r[None, :],
+             acc_db * scale, mask=n_mask[:, None] & r_mask[None, :])
+
+
+@triton.jit
+def _dsdb_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, b_ptrs, b_strides_n, b_strides_r, dsp_ptr, stride_dsc,
+                 stride_dst, dbp_ptr, stride_dbs, stride_dbn, widths, cols, scols, ranks, scales, tile_off, ds_base,
+                 db_rows, T, t_per_split, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    sl = tile_owner(pid_n, tile_off, NUM_SLICES)
+    for i in tl.static_range(NUM_SLICES):
+        if sl == i:
+            _dsdb_tile(dy_ptrs[i], dy_strides[i], s_ptr, stride_st, scols[i], b_ptrs[i], b_strides_n[i],
+                       b_strides_r[i], dsp_ptr, stride_dsc, stride_dst, ds_base[i] + pid_n - tile_off[i], dbp_ptr,
+                       stride_dbs, stride_dbn, db_rows[i], widths[i], cols[i], ranks[i], scales[i],
+                       pid_n - tile_off[i], pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+class LoraDsDb:
+    """dS and every slice's dB from ONE read of dy (:func:`lora_ds` and :func:`lora_db` read it once each:
+    at 35B-A3B widths, T 16384, that is 400 MB twice). Programs: a ``block_n``-column tile of one slice x a
+    token split; each loads a [block_m, block_n] tile of dy once per step and multiplies it with B (dS) and,
+    transposed, with s (dB). Both reductions are split and summed afterwards, deterministically: dS over the
+    column tiles (partial sums ``[tiles, T, max rank]`` fp32, each A group's tiles in successive rows), dB
+    over the token splits (as :class:`LoraDb`). Call: ``(dS [T, R] fp32, dB partial sums)``."""
+
+    def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
+                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM):
+        cfg = launch or DSDB_LAUNCH
+        counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
+        tile_off, n_tiles = _offsets(counts)
+        # each A group's tiles in successive rows of the dS partial sums (groups in order of first slice)
+        groups: dict = {}
+        for i, c in enumerate(counts):
+            groups.setdefault((sl.scol[i], sl.rank[i]), []).append(i)
+        ds_base, row = [0] * len(sl), 0
+        self.ds_groups = []   # (first row, rows, first column of s, rank)
+        for (scol, rank), members in groups.items():
+            first = row
+            for i in members:
+                ds_base[i] = row
+                row += counts[i]
+            self.ds_groups.append((first, row - first, scol, rank))
+        splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * cfg.block_m)))
+        t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), cfg.block_m)) * cfg.block_m
+        splits = max(1, triton.cdiv(T, t_per_split))
+        db_rows, total = _offsets(sl.width)
+        self.T, self.R, self.rank = T, R, max(sl.rank)
+        self.ds_shape = (n_tiles, T, self.rank)
+        self.db_shape = (splits, total, self.rank)
+        self.grid = (n_tiles, splits)
+        self.tail = (sl.width, sl.col, sl.scol, sl.rank, sl.scale, tile_off, tuple(ds_base), db_rows, T, t_per_split)
+        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(data_dtype, adapter_dtype),
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_dsdb_kernel)
+
+    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
+                 s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = s.device
+        ds_part = torch.empty(self.ds_shape, dtype=torch.float32, device=dev)
+        db_part = torch.empty(self.db_shape, dtype=torch.float32, device=dev)
+        if self.T == 0:
+            return torch.zeros((0, self.R), dtype=torch.float32, device=dev), db_part.zero_()
+        dys, bs = tuple(dys), tuple(bs)
+        self.launches.launch(0, self.grid, (dys, _strides(dys), s, s.stride(0), bs, _strides(bs), _strides(bs, 1),
+                                            ds_part, ds_part.stride(0), ds_part.stride(1), db_part,
+                                            db_part.stride(0), db_part.stride(1), *self.tail),
+                             self.meta, (*dys, s, *bs, ds_part, db_part))
+        if len(self.ds_groups) == 1 and self.ds_groups[0][3] == self.rank and self.rank == self.R:
+            return ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0], db_part
+        d_s = torch.zeros((self.T, self.R), dtype=torch.float32, device=dev) if self._gaps() else \
+            torch.empty((self.T, self.R), dtype=torch.float32, device=dev)
+        for first, rows, scol, rank in self.ds_groups:
+            torch.sum(ds_part[first:first + rows, :, :rank], 0, out=d_s[:, scol:scol + rank])
+        return d_s, db_part
+
+    def _gaps(self) -> bool:
+        """Columns of s no slice's group covers (their dS is 0)."""
+        return sum(rank for *_, rank in self.ds_groups) != self.R
+
+
+def lora_dsdb(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *,
+              launch: Optional[TrainLaunch] = None,
+              programs_per_sm: int = DB_PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dS, dB partial sums)``: :func:`lora_ds`'s dS [T, R] fp32 and :func:`lora_db`'s partial sums, from one
+    read of ``dys``. Launched on the current CUDA device."""
+    return LoraDsDb(sl, s.shape[0], s.shape[1], dys[0].dtype, bs[0].dtype, sms, launch=launch,
+                    programs_per_sm=programs_per_sm)(dys, bs, s)
