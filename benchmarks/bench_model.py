@@ -66,7 +66,6 @@ configuration (``config``) and one cell per variant. The markdown table is print
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -275,28 +274,36 @@ def _(query, key, value, g, beta, use_qk_l2norm):
 @torch.library.custom_op("bench_model::gdn_chunk_rule_bwd", mutates_args=())
 def gdn_chunk_rule_bwd(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
                        beta: torch.Tensor, use_qk_l2norm: bool, grad: torch.Tensor) -> list[torch.Tensor]:
-    """The rule's input gradients (training benchmarks), by recomputing it eagerly under autograd, in a
-    thread of its own: a custom op's kernel runs with the autograd dispatch keys excluded (thread-local
-    state; a fresh thread has a plain eager call's). Not ``torch.func.vjp``: fla's kernel (where
-    installed, transformers runs it here) is an ``autograd.Function`` without ``setup_context``, which
-    functorch transforms refuse."""
+    """The rule's input gradients (training benchmarks), by recomputing it eagerly under autograd on the
+    calling thread with the autograd dispatch keys let back in (:func:`_autograd_dispatch`). Not in a
+    thread of its own: on CUDA this kernel runs on the autograd engine's device thread, which would then
+    wait for the thread's ``autograd.grad`` while that call's work waits in the same thread's queue (the
+    training step hung). Not ``torch.func.vjp``: fla's kernel (where installed, transformers runs it here)
+    is an ``autograd.Function`` without ``setup_context``, which functorch transforms refuse."""
     from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
     chunked = hf.torch_chunk_gated_delta_rule
     chunked = getattr(chunked, "bench_original", chunked)
     tensors = (query, key, value, g, beta)
-
-    def recompute():
-        if query.is_cuda:
-            torch.cuda.set_device(query.device)
+    with _autograd_dispatch():
         inputs = [t.detach().requires_grad_() for t in tensors]
         out = chunked(*inputs[:3], g=inputs[3], beta=inputs[4], initial_state=None, output_final_state=False,
                       use_qk_l2norm_in_kernel=use_qk_l2norm)[0]
-        return torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        grads = pool.submit(recompute).result()
+        grads = torch.autograd.grad(out, inputs, grad.to(out.dtype), allow_unused=True)
     return [(torch.zeros_like(t) if d is None else d).to(t.dtype).contiguous() for t, d in zip(tensors, grads)]
+
+
+@contextlib.contextmanager
+def _autograd_dispatch() -> Iterator[None]:
+    """Grad mode on and the autograd dispatch keys out of the thread's excluded set (a custom op's kernel
+    may run below autograd), so that eager ops inside record a graph."""
+    keys = torch._C.DispatchKey
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in (keys.AutogradFunctionality, keys.ADInplaceOrView):
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded), \
+            torch.enable_grad():
+        yield
 
 
 @gdn_chunk_rule_bwd.register_fake

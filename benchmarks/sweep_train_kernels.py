@@ -39,54 +39,73 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--precisions", default=None, help="compare these dot precisions at the default tiles")
-    ap.add_argument("--kernels", default="expand,ds,db,dsdb,ds+db")
+    ap.add_argument("--kernels", default="expand,ds,db,dsdb,ds+db,shrink_x,da_x")
     args = ap.parse_args()
     if args.precisions:
         return compare_precisions(args)
     env = environment("cuda")
     sms = device_info(torch.device("cuda")).sms
+    kw = lambda name, values: [{name: v} for v in values]   # noqa: E731
+    # kernel: (default launch, its default keywords, candidate launches, candidate keywords)
     grid = {
-        "expand": (lt.EXPAND_LAUNCH, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3])),
-        "ds": (lt.DS_LAUNCH, launches([32, 64, 128], [64, 128], [4, 8], [2, 3, 4])),
-        "db": (lt.DB_LAUNCH, launches([32, 64, 128], [32, 64, 128], [4, 8], [2, 3, 4])),
-        "dsdb": (lt.DSDB_LAUNCH, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3, 4])),
-        "ds+db": (None, [None]),
+        "expand": (lt.EXPAND_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3]), [{}]),
+        "ds": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4, 8], [3, 4]), kw("chunk", [1024, 2048, 4096])),
+        "db": (lt.DB_LAUNCH, {}, launches([32, 64, 128], [32, 64, 128], [4, 8], [3, 4]), kw("programs_per_sm", [2, 4])),
+        "dsdb": (lt.DSDB_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3, 4]),
+                 kw("programs_per_sm", [1, 2, 4])),
+        "ds+db": (None, {}, [None], [{}]),
+        "shrink_x": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4], [3, 4]),
+                     kw("chunk", [256, 512, 1024, 2048])),
+        "da_x": (lt.DB_LAUNCH, {}, launches([32, 64, 128], [32, 64, 128], [4], [3, 4]),
+                 kw("programs_per_sm", [2, 4, 8])),
     }
     grid = {k: v for k, v in grid.items() if k in csv_list(args.kernels, str)}
     rows = []
     for name, spec in select_shapes(args.shapes).items():
         widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
                   spec.linear_num_value_heads]
-        r = args.rank
+        H, r = spec.hidden_size, args.rank
         lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]
+        lora_a = torch.randn(2 * r, H, device="cuda")
         sl = lt.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
+        x_side = lt.Slices((H,), (0,), (0,), (2 * r,), (1.0,))
         for T in csv_list(args.T, int):
             outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths[:2]]
+            x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
             s = torch.randn(T, 2 * r, device="cuda")
             calls = {
-                "expand": lambda cfg: lt.expand_add_(outs, s, lora_b, sl, launch=cfg),
-                "ds": lambda cfg: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg),
-                "db": lambda cfg: lt.lora_db(outs, s, sl, sms, launch=cfg),
-                "dsdb": lambda cfg: lt.lora_dsdb(outs, lora_b, s, sl, sms, launch=cfg),
-                "ds+db": lambda cfg: (lt.lora_ds(outs, lora_b, sl, 2 * r), lt.lora_db(outs, s, sl, sms)),
+                "expand": lambda cfg, **k: lt.expand_add_(outs, s, lora_b, sl, launch=cfg, **k),
+                "ds": lambda cfg, **k: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg, **k),
+                "db": lambda cfg, **k: lt.lora_db(outs, s, sl, sms, launch=cfg, **k),
+                "dsdb": lambda cfg, **k: lt.lora_dsdb(outs, lora_b, s, sl, sms, launch=cfg, **k),
+                "ds+db": lambda cfg, **k: (lt.lora_ds(outs, lora_b, sl, 2 * r), lt.lora_db(outs, s, sl, sms)),
+                "shrink_x": lambda cfg, **k: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r, launch=cfg, **k),
+                "da_x": lambda cfg, **k: lt.lora_db([x], s, x_side, sms, transposed=True, launch=cfg, **k),
             }
-            for kernel, (default, cands) in grid.items():
+            for kernel, (default, default_kw, cands, cand_kws) in grid.items():
                 timed = []
-                for cfg in cands:
+                for cfg, extra in itertools.product(cands, cand_kws):
                     try:
-                        timed.append((time_steps(lambda: calls[kernel](cfg), args.reps), cfg))
+                        timed.append((time_steps(lambda: calls[kernel](cfg, **extra), args.reps), cfg, extra))
                     except Exception as e:   # out of shared memory / registers: not a candidate here
-                        print(f"  {kernel} {cfg}: {type(e).__name__}", flush=True)
+                        print(f"  {kernel} {cfg} {extra}: {type(e).__name__}", flush=True)
                 timed.sort(key=lambda t: t[0])
-                base = time_steps(lambda: calls[kernel](default), args.reps)
-                best_ms, best = timed[0]
-                print(f"{name:10s} T{T:<6d} {kernel:6s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
-                      f"{best}  next: " + ", ".join(f"{t * 1e3:.0f} {c.block_m}x{c.block_n}w{c.num_warps}s{c.num_stages}"
-                                                    for t, c in timed[1:4]), flush=True)
+                base = time_steps(lambda: calls[kernel](default, **default_kw), args.reps)
+                best_ms, best, best_kw = timed[0]
+                print(f"{name:10s} T{T:<6d} {kernel:8s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
+                      f"{label(best, best_kw)}  next: " + ", ".join(f"{t * 1e3:.0f} {label(c, k)}"
+                                                                  for t, c, k in timed[1:4]), flush=True)
                 rows.append(result_row(env, shape=name, T=T, kernel=kernel, default_us=base * 1e3,
-                                       best_us=best_ms * 1e3, best=dataclass_dict(best),
-                                       all=[(t * 1e3, dataclass_dict(c)) for t, c in timed]))
+                                       best_us=best_ms * 1e3, best=dict(dataclass_dict(best), **best_kw),
+                                       all=[(t * 1e3, dict(dataclass_dict(c), **k)) for t, c, k in timed]))
                 write_rows(json_path("sweep_train_kernels", args.json), rows)
+
+
+def label(cfg, extra: dict) -> str:
+    if cfg is None:
+        return "-"
+    return f"{cfg.block_m}x{cfg.block_n}w{cfg.num_warps}s{cfg.num_stages}" + "".join(
+        f" {k}={v}" for k, v in extra.items())
 
 
 @contextlib.contextmanager

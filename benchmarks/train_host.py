@@ -101,6 +101,28 @@ def main() -> None:
         "1 mm": lambda: xb @ weights[0].t(),
         "1 empty op": lambda: torch.empty(1, device="cuda"),
     }
+    # the backward op's parts, on its plan for these arguments
+    torch.ops.fx_passes.qkvz_lora_train_backward(*bwd)
+    sig = qlt._signature(dys, [xb], weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, [0, 0], 0, True,
+                         True, True)
+    plan = qlt._BACKWARD_PLANS.get(sig, lambda: None)
+    dy_of = [dys[p] for p in plan.out_of]
+    d_s, part = plan.dsdb(dy_of, lora_b, s)
+    a_part = plan.da([xb], d_s)
+    bs = qlt._x_side_bs(plan.x_side, lora_a)
+    d_x = qlt._sum_of_products(dys, weights)
+    pieces.update({
+        "  backward signature": lambda: qlt._signature(dys, [xb], weights, lora_a, lora_b, s, None, slice_a,
+                                                       slice_start, scales, [0, 0], 0, True, True, True),
+        "  dx GEMMs": lambda: qlt._sum_of_products(dys, weights),
+        "  dS + dB kernel, dS sums": lambda: plan.dsdb(dy_of, lora_b, s),
+        "  dB sums": lambda: [part[:, row:row + b.shape[0], :b.shape[1]].sum(0) for row, b in
+                              zip(plan.db_rows, lora_b)],
+        "  dA kernel": lambda: plan.da([xb], d_s),
+        "  dA sums": lambda: [a_part[:, off:off + r].sum(0) for off in plan.offs],
+        "  x-side B (cat of A)": lambda: qlt._x_side_bs(plan.x_side, lora_a),
+        "  dx kernel (+ empty)": lambda: plan.dx([torch.empty_like(d_x)], d_s, bs, srcs=[d_x]),
+    })
     with torch.no_grad():
         for name, fn in pieces.items():
             print(f"{name:28s} {host_us(fn, args.reps):8.1f} us host", flush=True)
