@@ -51,7 +51,7 @@ def main() -> None:
         "expand": (lt.EXPAND_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3]), [{}]),
         "ds": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4, 8], [3, 4]), kw("chunk", [1024, 2048, 4096])),
         "db": (lt.DB_LAUNCH, {}, launches([32, 64, 128], [32, 64, 128], [4, 8], [3, 4]), kw("programs_per_sm", [2, 4])),
-        "dsdb": (lt.DSDB_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3, 4]),
+        "dsdb": (lt.DSDB_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3]),
                  kw("programs_per_sm", [1, 2, 4])),
         "ds+db": (None, {}, [None], [{}]),
         "shrink_x": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4], [3, 4]),
