@@ -141,7 +141,8 @@ def test_db_token_splits_cover_every_token():
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(1200, "qkvz", torch.float32, seed=2)
     _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
     for sms in (1, 64):
-        part = lora_train.lora_db([dys[p] for p in out_of], s, sl, sms=sms)
+        part = lora_train.lora_db([dys[p] for p in out_of], s, sl, sms=sms, launch=lora_train.TrainLaunch(64, 64),
+                                  programs_per_sm=2)
         assert part.shape[0] == (1 if sms == 1 else 3)
         row = 0
         for b, want in zip(lora_b, want_b):

@@ -63,15 +63,22 @@ class TrainLaunch:
 
 
 EXPAND_LAUNCH = TrainLaunch(64, 128)
-DS_LAUNCH = TrainLaunch(64, 64)
-DB_LAUNCH = TrainLaunch(64, 64)
-DSDB_LAUNCH = TrainLaunch(64, 128)
+# The op runs LoraDs for the shrink over x (and for dS alone where no dB is asked for), LoraDb for dA over x,
+# LoraDsDb for dS + dB over dy. Tiles: of a sweep's candidates, the one whose time is closest to each
+# cell's best in the worst cell (benchmarks/sweep_train_kernels.py; RESULTS.md has the cells).
+DS_LAUNCH = TrainLaunch(64, 64, 4, 4)
+DB_LAUNCH = TrainLaunch(32, 128)
+# dS + dB: 256-column tiles halve dS's partial sums (one [T, rank] fp32 row per tile) against 128.
+DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2)
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
 DS_CHUNK = 2048
-# _db_kernel splits the tokens so that there are at least this many programs per SM.
-DB_PROGRAMS_PER_SM = 2
+# _db_kernel and _dsdb_kernel split the tokens so that there are at least this many programs per SM (each
+# walks its split one token tile after another): by the same sweep, dA over x within 6 % of each cell's
+# best with 8 (2: up to 1.3x slower), dS + dB with 4.
+DB_PROGRAMS_PER_SM = 8
+DSDB_PROGRAMS_PER_SM = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -516,7 +523,7 @@ class LoraDsDb:
     over the token splits (as :class:`LoraDb`). Call: ``(dS [T, R] fp32, dB partial sums)``."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
-                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM):
+                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
         cfg = launch or DSDB_LAUNCH
         counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
         tile_off, n_tiles = _offsets(counts)
@@ -573,7 +580,7 @@ class LoraDsDb:
 
 def lora_dsdb(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *,
               launch: Optional[TrainLaunch] = None,
-              programs_per_sm: int = DB_PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
+              programs_per_sm: int = DSDB_PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dS, dB partial sums)``: :func:`lora_ds`'s dS [T, R] fp32 and :func:`lora_db`'s partial sums, from one
     read of ``dys``. Launched on the current CUDA device."""
     return LoraDsDb(sl, s.shape[0], s.shape[1], dys[0].dtype, bs[0].dtype, sms, launch=launch,
