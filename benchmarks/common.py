@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import math
 import os
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -274,10 +276,24 @@ def _git(*args: str) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def source_digest() -> str:
+    """12 hex digits of a sha256 over the ``fx_passes`` package's sources (``.py`` and ``.json``, with their
+    paths): names the code a row measured where git cannot (a copy of the tree whose ``.git`` is older
+    than its files: ``commit`` then names an older commit and ``dirty`` is True). Compare with this
+    function's output on a checkout."""
+    root = pathlib.Path(REPO_ROOT) / "fx_passes"
+    digest = hashlib.sha256()
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.json")]):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def environment(device: Optional[str] = None, packages: Iterable[str] = ()) -> dict:
     """The stamp of a run: GPU name (or "cpu"), torch / triton versions (+ ``packages``' versions, None
     where not installed), git commit (None where git or the repository is missing; ``dirty`` True when
-    the working tree differs from it), UTC date and the command line."""
+    the working tree differs from it), the package sources' digest (:func:`source_digest`), UTC date and
+    the command line."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     env = dict(gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -290,6 +306,7 @@ def environment(device: Optional[str] = None, packages: Iterable[str] = ()) -> d
     env["commit"] = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain", "--untracked-files=no") if env["commit"] else None
     env["dirty"] = None if status is None else bool(status)
+    env["source"] = source_digest()
     env["date_utc"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)   # set when run as python -m
     argv0 = ["-m", spec.name] if spec is not None and spec.name else sys.argv[:1]

@@ -35,8 +35,8 @@ class QkvzFusionConfig:
     fuse_training: the backend rewrites graphs compiled for training (grad enabled, trainable LoRA) into
         ``fx_passes.qkvz_lora_train`` before AOTAutograd (:mod:`fx_passes.fusion.train_lora_fusion`). Off
         by default while it is not faster than Inductor's unfused compile everywhere: faster where the
-        GPU bounds the step (1.2-1.5x at 8192-16384 tokens; under ``mode="reduce-overhead"`` from 2048 -
-        4096), slower where the host does (T 2048, 35B-A3B widths at 4096), peak memory 0.28-0.51x
+        GPU bounds the step (1.3-1.6x at 8192-16384 tokens; under ``mode="reduce-overhead"`` from 2048),
+        slower where the host does (T 2048, 35B-A3B widths at 4096), peak memory 0.29-0.54x
         (``benchmarks/bench_train_block.py``); on with
         ``FX_PASSES_FUSE_TRAINING=1`` or ``QkvzFusionConfig(fuse_training=True)``.
     """

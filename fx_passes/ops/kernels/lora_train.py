@@ -17,13 +17,17 @@ tensor (two adapters on one projection) go to successive launches, in slice orde
 
 Backward, given ``dy`` = the outputs' gradients (x's dtype)::
 
-    _ds_kernel   part[c, :, scols i] = scale_i * dy[:, chunk c of slice i] @ B_i[chunk c]    dS = part.sum(0)
-    _db_kernel   part[p, rows i]    = scale_i * dy[T-split p, slice i]^T @ s[:, scols i]   dB_i = part[:, rows i].sum(0)
+    _dsdb_kernel  dspart[t, :, :r_i] = scale_i * dy[:, tile t of slice i] @ B_i[tile t]
+                  dbpart[p, rows i]  = scale_i * dy[T-split p, slice i's tile]^T @ s[:, scols i]
+                  dS[:, group g] = sum of the rows of g's tiles      dB_i = dbpart[:, rows i].sum(0)
 
-Both split their reduction (the columns of a group, the tokens) into fixed chunks written to an fp32
-buffer and summed by torch afterwards: deterministic (no atomics), and enough programs to fill the GPU at
-T 2048 where one program per token tile (dS) or per column tile (dB) would not. dy is multiplied with fp32
-adapters' factors at fp32-level precision (:func:`dot_precision`).
+one program per (column tile of a slice, token split), each [block_m, block_n] tile of dy loaded once for
+both products: the two kernels it replaces, ``_ds_kernel`` (dS over column chunks) and ``_db_kernel`` (dB
+over token splits), each reading dy once, took 1.04-1.48x its time. Every reduction is split (the columns
+of a group, the tokens) into fixed parts written to an fp32 buffer and summed by torch afterwards:
+deterministic (no atomics), and enough programs to fill the GPU at T 2048 where one program per token
+tile (dS) or per column tile (dB) would not. dy is multiplied with fp32 adapters' factors at fp32-level
+precision (:func:`dot_precision`). ``_ds_kernel`` still runs where no dB is asked for.
 
 The same kernels serve the LoRA input's side when it is x itself (no dropout): the shrink ``x @ A^T`` is
 the dS kernel over x's H columns with B = A^T, ``dA = dS^T x`` the dB kernel storing its partial sums
@@ -35,11 +39,11 @@ fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``: fp32-level accuracy 
 otherwise: :func:`dot_precision`); TF32 where the user allowed it for every matmul.
 
 Host cost: at T <= 4096 a training step's time is the host's (a 35B-A3B layer's GPU work is ~1.3 ms at T
-4096), so each kernel has a class (:class:`ExpandAdd`, :class:`LoraDs`, :class:`LoraDb`) that plans its
-launches for one call signature (waves, tile and chunk offsets, splits) and launches through
-:class:`~.jit_helpers.CompiledLaunches`; the ops keep them in their per-signature plans. The functions
-(:func:`expand_add_`, :func:`lora_ds`, :func:`lora_db`) plan and launch once. Launches run on the current
-CUDA device (the ops make the tensors' device current).
+4096), so each kernel has a class (:class:`ExpandAdd`, :class:`LoraDs`, :class:`LoraDb`, :class:`LoraDsDb`)
+that plans its launches for one call signature (waves, tile and chunk offsets, splits) and launches
+through :class:`~.jit_helpers.CompiledLaunches`; the ops keep them in their per-signature plans. The
+functions (:func:`expand_add_`, :func:`lora_ds`, :func:`lora_db`, :func:`lora_dsdb`) plan and launch once.
+Launches run on the current CUDA device (the ops make the tensors' device current).
 """
 from __future__ import annotations
 
