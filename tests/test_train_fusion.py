@@ -10,6 +10,7 @@ rewrite is off by default (``QkvzFusionConfig.fuse_training``): the tests turn i
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -115,6 +116,43 @@ def test_op_opcheck_and_frozen_weights_get_no_gradient():
     outs, _ = OP(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
     sum(o.sum() for o in outs).backward()
     assert all(w.grad is None for w in weights) and all(a.grad is not None for a in lora_a)
+
+
+def test_the_traced_backward_gets_no_zero_filled_gradient_of_s():
+    """s (the shrink outputs, kept for dB) feeds nothing but the op's own backward in the rewrite:
+    AOTAutograd's traced backward passes None as its gradient (no [T, R] fill, no add into dS); a
+    gradient that does reach s still counts. Gradients against eager either way."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    x, _, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case()
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    def step(use_s):
+        outs, s = OP(x, [x, x], weights, lora_a, lora_b, slice_a, slice_start, scales)
+        loss = sum(o.square().sum() for o in outs)
+        return loss + s.square().sum() if use_s else loss
+
+    inputs = [x, *lora_a, *lora_b]
+    for use_s in (False, True):
+        graphs.clear()
+        torch._dynamo.reset()
+        compiled = torch.compile(functools.partial(step, use_s), backend=aot_autograd(fw_compiler=keep,
+                                                                                      bw_compiler=keep))
+        got = torch.autograd.grad(compiled(), inputs)
+        want = torch.autograd.grad(step(use_s), inputs)
+        for name, g1, g2 in zip(["x", "A0", "A1", "B0", "B1"], got, want):
+            assert _rel(g1, g2) <= FP32_TOL, (use_s, name)
+        backward = graphs[-1].graph
+        calls = [n for n in backward.nodes if n.target is torch.ops.fx_passes.qkvz_lora_train_backward.default]
+        assert len(calls) == 1 and (calls[0].args[6] is None) == (not use_s), backward
+        fills = [n for n in backward.nodes if n.target in (torch.ops.aten.zeros.default, torch.ops.aten.full.default,
+                                                           torch.ops.aten.zeros_like.default)]
+        assert use_s or not fills, backward
 
 
 @pytest.mark.parametrize("change,message", [

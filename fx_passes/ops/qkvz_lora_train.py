@@ -514,6 +514,9 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
 def _setup_context(ctx, inputs, output):
     x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = inputs
     _, s = output
+    # s's gradient (s feeds nothing but this op's backward, in the rewrite) arrives as None rather than a
+    # zero-filled [T, R] tensor: the traced backward then has no fill kernel and no add into dS
+    ctx.set_materialize_grads(False)
     ctx.slice_a, ctx.slice_start, ctx.scales = list(slice_a), list(slice_start), list(scales)
     # A groups reading one input (no dropout: q/k/v and z read x itself) share it, and its dA / dx work
     firsts, ctx.xs_of, ctx.x_input = _distinct(xs, x)
