@@ -137,8 +137,11 @@ def test_overlap_waves_keep_slice_order():
 
 
 def test_db_token_splits_cover_every_token():
-    # 1200 tokens: 3 splits of 8 x 64 tokens (the last one short) with many SMs, one with a single SM
+    # 1200 tokens: 3 splits of 8 x 64 tokens (the last one short) with many SMs, one with a single SM; no
+    # tokens: one split of zeros
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(1200, "qkvz", torch.float32, seed=2)
+    empty = lora_train.lora_db([dys[p][:0] for p in out_of], s[:0], sl, sms=64)
+    assert empty.shape[0] == 1 and not empty.any()
     _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
     for sms in (1, 64):
         part = lora_train.lora_db([dys[p] for p in out_of], s, sl, sms=sms, launch=lora_train.TrainLaunch(64, 64),

@@ -170,6 +170,23 @@ def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
     return _dot_parts(a, hi, mid, lo, acc, DOT_PRECISION)
 
 
+@triton.jit
+def _token_tile(t0, t_hi, BLOCK_M: tl.constexpr):
+    """Rows ``t0 ..`` of a token tile inside a split ending at ``t_hi``: their offsets, as int64 (for
+    pointer offsets past 2^31 elements) and their mask."""
+    offs_m = t0 + tl.arange(0, BLOCK_M)
+    return offs_m, offs_m.to(tl.int64), offs_m < t_hi
+
+
+def token_splits(T: int, n_tiles: int, block_m: int, sms: int, programs_per_sm: int) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of a kernel whose programs are ``n_tiles`` column tiles x token splits:
+    at least ``programs_per_sm`` programs per SM where T allows, each split at least 8 token tiles and a
+    whole number of them (T 0: one split)."""
+    splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
+    t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), block_m)) * block_m
+    return max(1, triton.cdiv(T, t_per_split)), t_per_split
+
+
 def rank_block(ranks: Sequence[int]) -> int:
     return max(16, triton.next_power_of_2(max(ranks)))
 
@@ -393,9 +410,7 @@ def _db_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, part_ptr, stride_ps, st
     t_lo = pid_s * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     for t0 in range(t_lo, t_hi, BLOCK_M):
-        offs_m = t0 + tl.arange(0, BLOCK_M)
-        rows64 = offs_m.to(tl.int64)
-        m_mask = offs_m < t_hi
+        offs_m, rows64, m_mask = _token_tile(t0, t_hi, BLOCK_M)
         dyt = tl.load(dy_ptr + rows64[None, :] * stride_dt + (col_start + offs_n)[:, None],
                       mask=n_mask[:, None] & m_mask[None, :], other=0.0)   # [BLOCK_N, BLOCK_M] = dy^T
         s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
@@ -427,9 +442,7 @@ class LoraDb:
                  programs_per_sm: int = DB_PROGRAMS_PER_SM):
         cfg = launch or DB_LAUNCH
         tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in sl.width])
-        splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * cfg.block_m)))
-        t_per_split = triton.cdiv(triton.cdiv(T, splits), cfg.block_m) * cfg.block_m
-        splits = max(1, triton.cdiv(T, t_per_split))
+        splits, t_per_split = token_splits(T, n_tiles, cfg.block_m, sms, programs_per_sm)
         self.T, self.transposed = T, transposed
         if transposed:   # element (n, r) of slice i at part[:, scol_i + r, n]
             self.shape = (splits, R, sl.width[0])
@@ -487,9 +500,7 @@ def _dsdb_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, b_ptr, stride_bn, str
     t_lo = pid_s * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     for t0 in range(t_lo, t_hi, BLOCK_M):
-        offs_m = t0 + tl.arange(0, BLOCK_M)
-        rows64 = offs_m.to(tl.int64)
-        m_mask = offs_m < t_hi
+        offs_m, rows64, m_mask = _token_tile(t0, t_hi, BLOCK_M)
         dy = tl.load(dy_ptr + rows64[:, None] * stride_dt + (col_start + offs_n)[None, :],
                      mask=m_mask[:, None] & n_mask[None, :], other=0.0)   # [BLOCK_M, BLOCK_N], read once
         s = tl.load(s_ptr + rows64[:, None] * stride_st + (s_col + offs_r)[None, :],
@@ -543,9 +554,7 @@ class LoraDsDb:
                 ds_base[i] = row
                 row += counts[i]
             self.ds_groups.append((first, row - first, scol, rank))
-        splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * cfg.block_m)))
-        t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), cfg.block_m)) * cfg.block_m
-        splits = max(1, triton.cdiv(T, t_per_split))
+        splits, t_per_split = token_splits(T, n_tiles, cfg.block_m, sms, programs_per_sm)
         db_rows, total = _offsets(sl.width)
         self.T, self.R, self.rank = T, R, max(sl.rank)
         self.ds_shape = (n_tiles, T, self.rank)
