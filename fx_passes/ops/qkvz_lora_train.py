@@ -212,9 +212,9 @@ class _TrainPlan:
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
     expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
     shrink: object = None
-    ds: object = None                    # backward: LoraDs (no dB asked for), LoraDsDb of the slices; x's
-    dsdb: object = None                  # side: dA, dx
-    da: object = None
+    ds: object = None                    # backward, the slices: LoraDs (dS where no dB is asked for),
+    dsdb: object = None                  # LoraDsDb (dS and dB from one read of dy)
+    da: object = None                    # x's side: LoraDb (dA), ExpandAdd (x's LoRA gradient)
     dx: object = None
 
 
