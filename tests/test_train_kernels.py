@@ -124,6 +124,16 @@ def test_ds_and_db_from_one_read_of_dy(layout, T, adapter_dtype):
         row += b.shape[0]
 
 
+def test_ds_columns_of_s_that_no_slice_reads_are_zero():
+    dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(70, "qkvz", torch.float32, seed=4)
+    wide = torch.cat([s, torch.randn(70, 3)], 1)   # a group of rank 3 without a slice
+    d_s, _ = lora_train.lora_dsdb([dys[p] for p in out_of], lora_b, wide, sl, sms=4,
+                                  launch=lora_train.TrainLaunch(32, 16))
+    want_s, _ = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, False)
+    assert d_s.shape == (70, 19) and not d_s[:, 16:].any()
+    _close(d_s[:, :16], want_s, torch.float32)
+
+
 def test_a_slice_across_two_projections_is_refused():
     with pytest.raises(RuntimeError, match="crosses the projections"):
         slice_owners([88, 40], [80], [16])
