@@ -103,17 +103,14 @@ def main() -> None:
     }
     # the backward op's parts, on its plan for these arguments
     torch.ops.fx_passes.qkvz_lora_train_backward(*bwd)
-    sig = qlt._signature(dys, [xb], weights, lora_a, lora_b, s, None, slice_a, slice_start, scales, [0, 0], 0, True,
-                         True, True)
-    plan = qlt._BACKWARD_PLANS.get(sig, lambda: None)
+    plan = qlt._BACKWARD_PLANS.get(qlt._signature(*bwd), lambda: None)
     dy_of = [dys[p] for p in plan.out_of]
     d_s, part = plan.dsdb(dy_of, lora_b, s)
     a_part = plan.da([xb], d_s)
     bs = qlt._x_side_bs(plan.x_side, lora_a)
     d_x = qlt._sum_of_products(dys, weights)
     pieces.update({
-        "  backward signature": lambda: qlt._signature(dys, [xb], weights, lora_a, lora_b, s, None, slice_a,
-                                                       slice_start, scales, [0, 0], 0, True, True, True),
+        "  backward signature": lambda: qlt._signature(*bwd),
         "  dx GEMMs": lambda: qlt._sum_of_products(dys, weights),
         "  dS + dB kernel, dS sums": lambda: plan.dsdb(dy_of, lora_b, s),
         "  dB sums": lambda: [part[:, row:row + b.shape[0], :b.shape[1]].sum(0) for row, b in

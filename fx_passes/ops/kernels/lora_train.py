@@ -557,6 +557,9 @@ class LoraDsDb:
         splits, t_per_split = token_splits(T, n_tiles, cfg.block_m, sms, programs_per_sm)
         db_rows, total = _offsets(sl.width)
         self.T, self.R, self.rank = T, R, max(sl.rank)
+        # one group over all of s: dS is the partial sums' sum; columns of s no group covers: dS 0 there
+        self.ds_whole = len(self.ds_groups) == 1 and self.rank == R
+        self.ds_gaps = sum(rank for *_, rank in self.ds_groups) != R
         self.ds_shape = (n_tiles, T, self.rank)
         self.db_shape = (splits, total, self.rank)
         self.grid = (n_tiles, splits)
@@ -578,17 +581,12 @@ class LoraDsDb:
                                             ds_part, ds_part.stride(0), ds_part.stride(1), db_part,
                                             db_part.stride(0), db_part.stride(1), *self.tail),
                              self.meta, (*dys, s, *bs, ds_part, db_part))
-        if len(self.ds_groups) == 1 and self.ds_groups[0][3] == self.rank and self.rank == self.R:
+        if self.ds_whole:
             return ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0], db_part
-        d_s = torch.zeros((self.T, self.R), dtype=torch.float32, device=dev) if self._gaps() else \
-            torch.empty((self.T, self.R), dtype=torch.float32, device=dev)
+        d_s = (torch.zeros if self.ds_gaps else torch.empty)((self.T, self.R), dtype=torch.float32, device=dev)
         for first, rows, scol, rank in self.ds_groups:
             torch.sum(ds_part[first:first + rows, :, :rank], 0, out=d_s[:, scol:scol + rank])
         return d_s, db_part
-
-    def _gaps(self) -> bool:
-        """Columns of s no slice's group covers (their dS is 0)."""
-        return sum(rank for *_, rank in self.ds_groups) != self.R
 
 
 def lora_dsdb(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *,
