@@ -7,7 +7,10 @@ each ``torch.compile``d by name:
 * ``frozen``    the same four projections without LoRA (what the LoRA should ideally cost nothing above);
 * ``inductor``  PEFT's graph compiled by Inductor (unfused);
 * ``fx_passes`` the backend (an ``FxPassesBackend``, to read its report: the run stops unless the layer was
-                rewritten): the training rewrite (``fx_passes::qkvz_lora_train``, forward + backward).
+                rewritten): the training rewrite (``fx_passes::qkvz_lora_train``, forward + backward);
+* ``fx_opaque`` (``--opaque``) the same, compiled with the training ops kept as opaque ops (their CUDA bodies
+                run in Python on every call instead of being traced into Inductor's graph: what the
+                inlining saves, in the same run).
 
 Per variant: ms per step (forward + ``backward`` with fixed output grads; CUDA events, median of
 ``--reps``) started on an idle GPU (``ms``: host and GPU time add up) and issued back to back
@@ -20,6 +23,7 @@ LoRA gradient and every output against the same step in eager fp32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import time
@@ -140,6 +144,14 @@ def profile_step(step, title: str) -> None:
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
 
 
+def opaque_ops():
+    """While the first call compiles: custom ops stay opaque in the traced graph (what ``torch.export`` asks
+    for; the training ops honour it as ``triton_op``s do)."""
+    from torch.export._trace import _disable_custom_triton_op_functional_decomposition
+
+    return _disable_custom_triton_op_functional_decomposition()
+
+
 def lora_grads(model) -> dict:
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -157,8 +169,10 @@ def main() -> None:
                     help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32) in every variant")
     ap.add_argument("--mode", default=None, help="torch.compile mode of every variant (e.g. reduce-overhead)")
     ap.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels (one step)")
+    ap.add_argument("--opaque", action="store_true", help="also the fx_opaque variant (see the module docstring)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    variants = VARIANTS + (("fx_opaque",) if args.opaque else ())
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     dev = args.device
     env = environment(dev)
@@ -184,11 +198,11 @@ def main() -> None:
                 torch.autograd.backward(ref_outs, [gr.float() for gr in grads])
                 ref = lora_grads(exact)
                 row = dict(shape=name, r=r, T=T, dropout=args.dropout, tf32=args.tf32, mode=args.mode, cells={})
-                for variant in VARIANTS:
+                for variant in variants:
                     model = models["frozen" if variant == "frozen" else "lora"]
                     torch._dynamo.reset()
                     model.zero_grad()
-                    if variant == "fx_passes":
+                    if variant in ("fx_passes", "fx_opaque"):
                         backend = FxPassesBackend(QkvzFusionConfig(fuse_training=True), mode=args.mode)
                         compiled = torch.compile(model, backend=backend, dynamic=False)
                     else:
@@ -196,13 +210,14 @@ def main() -> None:
                     step = step_fn(compiled, x, grads, cudagraphs=args.mode == "reduce-overhead")
                     c0 = time.perf_counter()
                     torch.manual_seed(0)
-                    step()
+                    with opaque_ops() if variant == "fx_opaque" else contextlib.nullcontext():
+                        step()
                     cell = dict(compile_s=time.perf_counter() - c0)
                     if variant != "frozen":   # the outputs of one more training forward (bf16 rounding ~2e-3)
                         torch.manual_seed(0)
                         cell["out_err_vs_fp32"] = max(((o.detach().float() - r.detach()).norm() / r.norm()).item()
                                                       for o, r in zip(compiled(x), ref_outs))
-                    if variant == "fx_passes":
+                    if variant in ("fx_passes", "fx_opaque"):
                         cell["rewritten"] = sum(len(rep.rewritten) for rep in backend.train_pass.reports)
                         if cell["rewritten"] != 1:
                             raise RuntimeError(f"the training rewrite fused {cell['rewritten']} layers (1 expected): "
@@ -232,6 +247,11 @@ def main() -> None:
                 row["inductor_over_fx"] = c["inductor"]["ms"] / c["fx_passes"]["ms"]
                 row["stream_fx_over_frozen"] = c["fx_passes"]["stream_ms"] / c["frozen"]["stream_ms"]
                 row["stream_inductor_over_fx"] = c["inductor"]["stream_ms"] / c["fx_passes"]["stream_ms"]
+                if "fx_opaque" in c:
+                    row["opaque_over_fx"] = c["fx_opaque"]["ms"] / c["fx_passes"]["ms"]
+                    row["stream_opaque_over_fx"] = c["fx_opaque"]["stream_ms"] / c["fx_passes"]["stream_ms"]
+                    print(f"  -> fx_opaque / fx_passes {row['opaque_over_fx']:.3f}x (stream "
+                          f"{row['stream_opaque_over_fx']:.3f}x)", flush=True)
                 print(f"  -> fx_passes / frozen {row['fx_over_frozen']:.3f}x, inductor / fx_passes "
                       f"{row['inductor_over_fx']:.3f}x (stream {row['stream_fx_over_frozen']:.3f}x, "
                       f"{row['stream_inductor_over_fx']:.3f}x), peak fx / inductor "

@@ -5,8 +5,14 @@ bf16 and fp16 layers with fp32 adapters (the bf16x3 and tf32x3 dots), a bf16 lay
 x itself as every group's LoRA input (the x-side kernels) or one tensor per group (dropout outputs); every
 gradient asked for, then only some.
 
-    python -m benchmarks.gpu_train_check          # one line per case, exit 1 on a miss
-    python -m benchmarks.gpu_train_check --cpu    # fp16 cases at small T through the Triton interpreter
+    python -m benchmarks.gpu_train_check             # one line per case, exit 1 on a miss
+    python -m benchmarks.gpu_train_check --compiled  # the ops under torch.compile (their CUDA bodies traced
+                                                     # into Inductor's graph), T 1200 cases
+    python -m benchmarks.gpu_train_check --cpu       # fp16 cases at small T through the Triton interpreter
+    ... --layouts big-rank                           # some of the layouts
+
+``--compiled`` also asserts that Inductor's code launches the training kernels itself and calls neither
+op.
 
 Bounds (relative Frobenius error against fp64): fp32 results (s, dS, dA, dB) 1e-5; 16-bit results (the
 outputs, dx) three times what rounding the fp64 result to their dtype costs, plus 1e-4 (the ops round
@@ -77,7 +83,21 @@ def _case(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, seed: int =
     return gpu, in_fp64(gpu), (slice_a, slice_start, scales)
 
 
-def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> tuple[float, str]:
+def _compiled(op):
+    """``op`` under ``torch.compile`` (static shapes, a fresh compile): the call's result and Inductor's code,
+    which must launch our kernels and not call the op."""
+    from torch._inductor.utils import run_and_get_code
+
+    def call(*args):
+        fn = torch.compile(lambda *a: op(*a), dynamic=False, fullgraph=True)
+        result, codes = run_and_get_code(fn, *args)
+        code = "\n".join(codes)
+        assert "torch.ops.fx_passes" not in code and "_kernel" in code, code[-3000:]
+        return result
+    return call
+
+
+def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: bool = False) -> tuple[float, str]:
     """The worst error / bound of one case (<= 1: within bounds) and what it was measured on."""
     (x, xs, w, a, b, dys), (x64, xs64, w64, a64, b64, dys64), (slice_a, slice_start, scales) = _case(
         layout, T, dtype, adapter_dtype, x_itself)
@@ -94,7 +114,12 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> tuple[fl
         if err > bound:
             print(f"    {name}: error {err:.2e} > bound {bound:.1e}", flush=True)
 
-    outs, s = train._train_cuda(x, xs, w, a, b, slice_a, slice_start, scales)
+    forward, backward = train._train_cuda, train._backward_cuda
+    if compiled:
+        torch._dynamo.reset()
+        forward = _compiled(torch.ops.fx_passes.qkvz_lora_train)
+        backward = _compiled(torch.ops.fx_passes.qkvz_lora_train_backward)
+    outs, s = forward(x, xs, w, a, b, slice_a, slice_start, scales)
     # the ops' torch implementations (their argument checks take no fp64: called past them)
     owners = train.slice_owners([t.shape[0] for t in w64], slice_start, [t.shape[0] for t in b64])
     outs64, s64 = [x64 @ t.t() for t in w64], train._shrink_reference(xs64, a64)
@@ -105,8 +130,7 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> tuple[fl
     distinct, xs_of, x_input = ([x], [0, 0], 0) if x_itself else (xs, [0, 1], -1)
     distinct64 = [x64] if x_itself else xs64
     for flags in [(True, True, True), (True, False, True), (False, True, False)]:
-        got = train._backward_cuda(dys, distinct, w, a, b, s, None, slice_a, slice_start, scales, xs_of, x_input,
-                                   *flags)
+        got = backward(dys, distinct, w, a, b, s, None, slice_a, slice_start, scales, xs_of, x_input, *flags)
         want = train._backward_reference(dys64, distinct64, w64, a64, b64, s.double().cpu(), None, slice_a, scales,
                                          xs_of, x_input, *flags, owners)
         compare(f"dx {flags}", got[0], want[0], dtype)
@@ -123,11 +147,15 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)]
     tokens = [1, 70, 1200, 5000]
+    compiled = "--compiled" in sys.argv
+    if compiled:
+        dtypes, tokens = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)], [1200]
     if DEVICE == "cpu":   # the interpreter: no bf16, slow
         dtypes, tokens = [(torch.float16, torch.float32)], [1, 70]
     worst_all, misses = 0.0, 0
-    for layout, T, (dtype, ad), x_itself in itertools.product(LAYOUTS, tokens, dtypes, [True, False]):
-        worst, name = check(layout, T, dtype, ad, x_itself)
+    layouts = sys.argv[sys.argv.index("--layouts") + 1].split(",") if "--layouts" in sys.argv else LAYOUTS
+    for layout, T, (dtype, ad), x_itself in itertools.product(layouts, tokens, dtypes, [True, False]):
+        worst, name = check(layout, T, dtype, ad, x_itself, compiled)
         worst_all = max(worst_all, worst)
         misses += worst > 1
         print(f"{layout:9s} T{T:<5d} {str(dtype)[6:]:8s} adapters {str(ad)[6:]:8s} "

@@ -134,6 +134,17 @@ def test_ds_columns_of_s_that_no_slice_reads_are_zero():
     _close(d_s[:, :16], want_s, torch.float32)
 
 
+def test_dsdb_tiles_narrow_for_large_ranks():
+    """B's tile of the dS + dB kernel stays within ``DSDB_MAX_B_TILE`` elements: the default 256-column tiles
+    at ranks 65 - 128 needed more shared memory than a GPU has (the interpreter has no limit to show it)."""
+    sl = Slices((300, 300), (0, 300), (0, 0), (80, 80), (1.0, 1.0))
+    for ranks, block_n in [((16, 16), 256), ((64, 64), 256), ((80, 80), 128), ((128, 128), 128)]:
+        plan = lora_train.LoraDsDb(sl.__class__(sl.width, sl.col, sl.scol, ranks, sl.scale), 64, ranks[0],
+                                   torch.bfloat16, torch.float32, sms=132)
+        assert (plan.meta["BLOCK_N"], plan.meta["BLOCK_N"] * plan.meta["BLOCK_R"]) == (block_n, min(
+            lora_train.DSDB_MAX_B_TILE, block_n * plan.meta["BLOCK_R"]))
+
+
 def test_a_slice_across_two_projections_is_refused():
     with pytest.raises(RuntimeError, match="crosses the projections"):
         slice_owners([88, 40], [80], [16])

@@ -97,25 +97,33 @@ def scale_args(lora_scales: Optional[torch.Tensor], scale: float, x: torch.Tenso
     return scale, scales, 0 if scales.numel() == 1 else scales.stride(0), True
 
 
-def on_device(x: torch.Tensor):
-    """The context a launch for ``x`` runs in (its CUDA device current)."""
-    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+def on_device(x: torch.Tensor, traced: bool = False):
+    """The context a launch for ``x`` runs in (its CUDA device current); none while an op's body is traced
+    (``traced``: the compiled code sets the device of what it launches)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" and not traced else contextlib.nullcontext()
 
 
 class CompiledLaunches:
     """The launches of one Triton kernel for one call signature of an op: the caller keeps, per ``slot``,
     the same grid, meta and non-tensor arguments on every call (they follow from the signature's shapes,
-    strides and dtypes). Once a slot was launched with every tensor 16-byte aligned, later aligned launches
-    go straight to the compiled kernel's launcher: Triton's ``JITFunction.run`` binds and specializes every
-    argument on every call, 46 vs 19 us per launch of the training kernels on the H200 machine's host (a
-    35B-A3B layer's training step at T 4096 has ~1.3 ms of GPU work for 5 launches). An unaligned tensor
-    (a view at an odd offset) takes Triton's path, which specializes on it."""
+    strides and dtypes; a slot names them). Once a slot was launched with every tensor 16-byte aligned,
+    later aligned launches go straight to the compiled kernel's launcher: Triton's ``JITFunction.run`` binds
+    and specializes every argument on every call, 46 vs 19 us per launch of the training kernels on the
+    H200 machine's host (a 35B-A3B layer's training step at T 4096 has ~1.3 ms of GPU work for 5 launches).
+    An unaligned tensor (a view at an odd offset) takes Triton's path, which specializes on it.
+
+    ``traced``: the op's body is being traced (its CUDA calls decomposed for Inductor): the launch is
+    recorded through ``torch.library.wrap_triton`` and Inductor's generated code launches the kernel."""
 
     def __init__(self, kernel):
         self.kernel = kernel
         self._runners: dict = {}
 
-    def launch(self, slot, grid: tuple, args: tuple, meta: dict, tensors: Sequence[torch.Tensor]) -> None:
+    def launch(self, slot, grid: tuple, args: tuple, meta: dict, tensors: Sequence[torch.Tensor],
+               traced: bool = False) -> None:
+        if traced:
+            torch.library.wrap_triton(self.kernel)[tuple(grid)](*args, **meta)
+            return
         runner = self._runners.get(slot)
         aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
         if runner is not None and aligned:

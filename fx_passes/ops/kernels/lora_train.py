@@ -74,6 +74,10 @@ DS_LAUNCH = TrainLaunch(64, 64, 4, 4)
 DB_LAUNCH = TrainLaunch(32, 128)
 # dS + dB: 256-column tiles halve dS's partial sums (one [T, rank] fp32 row per tile) against 128.
 DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2)
+# ... up to this many tile elements of B (block_n x rank block): B's three bf16 parts stay in shared memory
+# beside the pipelined dy and s tiles, 96 KB of them (256-column tiles at a rank block of 128 asked for 336 KB,
+# an H200 has 227 KB per block).
+DSDB_MAX_B_TILE = 256 * 64
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -219,6 +223,46 @@ def _strides(ts: Sequence[torch.Tensor], dim: int = 0) -> tuple[int, ...]:
     return tuple(t.stride(dim) for t in ts)
 
 
+# Every kernel takes its tensors as flat pointer arguments, never as tuples (Inductor launches a traced
+# kernel only with flat tensor arguments): up to MAX_TENSORS distinct [T, *] tensors (a layer's projections,
+# their gradients, x) in slots t0 .. t7, each slice's own B in slots b0 .. b15, unused slots None. Where a
+# slice's tensor sits, every stride and every per-slice number are constexpr tuples: fixed per call
+# signature, so each signature compiles its own kernel, specialized on them.
+MAX_TENSORS = 8
+MAX_SLICES = 16
+
+
+def fits(num_tensors: int, num_slices: int) -> bool:
+    """Whether one launch takes this many distinct [T, *] tensors and slices."""
+    return num_tensors <= MAX_TENSORS and num_slices <= MAX_SLICES
+
+
+def _slots(ts: Sequence[torch.Tensor]) -> tuple[tuple, tuple[int, ...]]:
+    """The distinct tensors of ``ts`` (by identity) in slots ``t0 ..`` (padded with None) and each item's
+    slot."""
+    distinct: list = []
+    slot = []
+    for t in ts:
+        k = next((j for j, d in enumerate(distinct) if d is t), -1)
+        if k < 0:
+            distinct.append(t)
+            k = len(distinct) - 1
+        slot.append(k)
+    if len(distinct) > MAX_TENSORS:
+        raise ValueError(f"a launch takes at most {MAX_TENSORS} distinct [T, *] tensors, got {len(distinct)}")
+    return (*distinct, *(None,) * (MAX_TENSORS - len(distinct))), tuple(slot)
+
+
+def _b_slots(bs: Sequence[torch.Tensor]) -> tuple:
+    if len(bs) > MAX_SLICES:
+        raise ValueError(f"a launch takes at most {MAX_SLICES} slices, got {len(bs)}")
+    return (*bs, *(None,) * (MAX_SLICES - len(bs)))
+
+
+def _slot_strides(slots: tuple, dim: int = 0) -> tuple[int, ...]:
+    return tuple(0 if t is None else t.stride(dim) for t in slots)
+
+
 # --------------------------------------------------------------------------------------------
 # forward: out += scale * s @ B^T
 # --------------------------------------------------------------------------------------------
@@ -246,18 +290,23 @@ def _expand_add_tile(out_ptr, stride_ot, src_ptr, stride_src, s_ptr, stride_st, 
 
 
 @triton.jit
-def _expand_add_kernel(out_ptrs, out_strides, src_ptrs, src_strides, s_ptr, stride_st, b_ptrs, b_strides_n,
-                       b_strides_r, widths, cols, scols, ranks, scales, tile_off, T, NUM_SLICES: tl.constexpr,
+def _expand_add_kernel(t0, t1, t2, t3, t4, t5, t6, t7, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12,
+                       b13, b14, b15, T, OUT_SLOT: tl.constexpr, SRC_SLOT: tl.constexpr, T_STRIDES: tl.constexpr,
+                       STRIDE_ST: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+                       WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
+                       SCALES: tl.constexpr, TILE_OFF: tl.constexpr, NUM_SLICES: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_R: tl.constexpr):
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    sl = tile_owner(pid_n, tile_off, NUM_SLICES)
+    sl = tile_owner(pid_n, TILE_OFF, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):   # separate tensors per slice: a branch each, unrolled
         if sl == i:
-            _expand_add_tile(out_ptrs[i], out_strides[i], src_ptrs[i], src_strides[i], s_ptr, stride_st, scols[i],
-                             b_ptrs[i], b_strides_n[i], b_strides_r[i], widths[i], cols[i], ranks[i], scales[i],
-                             pid_n - tile_off[i], pid_m, T, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _expand_add_tile(ts[OUT_SLOT[i]], T_STRIDES[OUT_SLOT[i]], ts[SRC_SLOT[i]], T_STRIDES[SRC_SLOT[i]], s_ptr,
+                             STRIDE_ST, SCOLS[i], bs[i], B_STRIDES_N[i], B_STRIDES_R[i], WIDTHS[i], COLS[i], RANKS[i],
+                             SCALES[i], pid_n - TILE_OFF[i], pid_m, T, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 class ExpandAdd:
@@ -275,24 +324,28 @@ class ExpandAdd:
             tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in part.width])
             # s @ B^T: both factors the adapters' (bf16 parts measured no faster here: the kernel is bound
             # by its [T, n] read and write)
-            meta = dict(NUM_SLICES=len(wave), DOT_PRECISION=dot_precision(adapter_dtype, adapter_dtype),
-                        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+            meta = dict(WIDTHS=part.width, COLS=part.col, SCOLS=part.scol, RANKS=part.rank, SCALES=part.scale,
+                        TILE_OFF=tile_off, NUM_SLICES=len(wave),
+                        DOT_PRECISION=dot_precision(adapter_dtype, adapter_dtype), BLOCK_M=cfg.block_m,
+                        BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                         num_stages=cfg.num_stages)
-            self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles),
-                               (part.width, part.col, part.scol, part.rank, part.scale, tile_off, T), meta))
+            self.waves.append((tuple(wave), (triton.cdiv(T, cfg.block_m), n_tiles), meta))
         self.launches = CompiledLaunches(_expand_add_kernel)
 
     def __call__(self, outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor],
-                 srcs: Optional[Sequence[torch.Tensor]] = None) -> None:
+                 srcs: Optional[Sequence[torch.Tensor]] = None, *, traced: bool = False) -> None:
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`."""
         if self.T == 0:
             return
         srcs = outs if srcs is None else srcs
-        for k, (wave, grid, tail, meta) in enumerate(self.waves):
-            os_ = tuple(outs[i] for i in wave)
-            src = os_ if srcs is outs else tuple(srcs[i] for i in wave)
+        for k, (wave, grid, meta) in enumerate(self.waves):
+            ts, slot = _slots([outs[i] for i in wave] + [srcs[i] for i in wave])
             b = tuple(bs[i] for i in wave)
-            self.launches.launch(k, grid, (os_, _strides(os_), src, _strides(src), s, s.stride(0), b, _strides(b),
-                                           _strides(b, 1), *tail), meta, (*os_, *src, s, *b))
+            key = (slot, _slot_strides(ts), s.stride(0), _strides(b), _strides(b, 1))
+            self.launches.launch((k, key), grid, (*ts, s, *_b_slots(b), self.T),
+                                 dict(meta, OUT_SLOT=slot[:len(wave)], SRC_SLOT=slot[len(wave):], T_STRIDES=key[1],
+                                      STRIDE_ST=key[2], B_STRIDES_N=key[3], B_STRIDES_R=key[4]),
+                                 (*(t for t in ts if t is not None), s, *b), traced)
 
 
 def expand_add_(outs: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor], sl: Slices, *,
@@ -334,17 +387,22 @@ def _ds_chunk(dy_ptr, stride_dt, part_ptr, stride_pc, stride_pt, b_ptr, stride_b
 
 
 @triton.jit
-def _ds_kernel(dy_ptrs, dy_strides, part_ptr, stride_pc, stride_pt, b_ptrs, b_strides_n, b_strides_r, widths, cols,
-               scols, ranks, scales, chunk_off, chunk_base, T, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
+def _ds_kernel(t0, t1, t2, t3, t4, t5, t6, t7, part_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13,
+               b14, b15, T, DY_SLOT: tl.constexpr, T_STRIDES: tl.constexpr, STRIDE_PC: tl.constexpr,
+               STRIDE_PT: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, WIDTHS: tl.constexpr,
+               COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+               CHUNK_OFF: tl.constexpr, CHUNK_BASE: tl.constexpr, NUM_SLICES: tl.constexpr, CHUNK: tl.constexpr,
                DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
-    sl = tile_owner(pid_c, chunk_off, NUM_SLICES)
+    sl = tile_owner(pid_c, CHUNK_OFF, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _ds_chunk(dy_ptrs[i], dy_strides[i], part_ptr, stride_pc, stride_pt, b_ptrs[i], b_strides_n[i],
-                      b_strides_r[i], widths[i], cols[i], scols[i], ranks[i], scales[i], pid_c - chunk_off[i],
-                      chunk_base[i] + pid_c - chunk_off[i], pid_m, T, CHUNK, DOT_PRECISION, BLOCK_M, BLOCK_N,
+            _ds_chunk(ts[DY_SLOT[i]], T_STRIDES[DY_SLOT[i]], part_ptr, STRIDE_PC, STRIDE_PT, bs[i], B_STRIDES_N[i],
+                      B_STRIDES_R[i], WIDTHS[i], COLS[i], SCOLS[i], RANKS[i], SCALES[i], pid_c - CHUNK_OFF[i],
+                      CHUNK_BASE[i] + pid_c - CHUNK_OFF[i], pid_m, T, CHUNK, DOT_PRECISION, BLOCK_M, BLOCK_N,
                       BLOCK_R)
 
 
@@ -369,21 +427,26 @@ class LoraDs:
         self.zero = T == 0 or any(v != self.rows for v in used.values())
         self.T, self.R = T, R
         self.grid = (triton.cdiv(T, cfg.block_m), n_programs)
-        self.tail = (sl.width, sl.col, sl.scol, sl.rank, sl.scale, chunk_off, tuple(base), T)
-        self.meta = dict(NUM_SLICES=len(sl), CHUNK=chunk, DOT_PRECISION=dot_precision(data_dtype, adapter_dtype),
-                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank, SCALES=sl.scale,
+                         CHUNK_OFF=chunk_off, CHUNK_BASE=tuple(base), NUM_SLICES=len(sl), CHUNK=chunk,
+                         DOT_PRECISION=dot_precision(data_dtype, adapter_dtype), BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_ds_kernel)
 
-    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor]) -> torch.Tensor:
+    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], *,
+                 traced: bool = False) -> torch.Tensor:
         T, R, rows = self.T, self.R, self.rows
         shape = (rows, T, R) if rows > 1 else (T, R)   # one row of chunks (one slice): dS itself, no sum
         part = (torch.zeros if self.zero else torch.empty)(shape, dtype=torch.float32, device=dys[0].device)
         if T > 0:
-            dys, bs = tuple(dys), tuple(bs)
-            self.launches.launch(0, self.grid, (dys, _strides(dys), part, part.stride(0) if rows > 1 else 0,
-                                                part.stride(-2), bs, _strides(bs), _strides(bs, 1), *self.tail),
-                                 self.meta, (*dys, part, *bs))
+            ts, slot = _slots(dys)
+            key = (slot, _slot_strides(ts), part.stride(0) if rows > 1 else 0, part.stride(-2), _strides(bs),
+                   _strides(bs, 1))
+            self.launches.launch(key, self.grid, (*ts, part, *_b_slots(bs), T),
+                                 dict(self.meta, DY_SLOT=slot, T_STRIDES=key[1], STRIDE_PC=key[2], STRIDE_PT=key[3],
+                                      B_STRIDES_N=key[4], B_STRIDES_R=key[5]),
+                                 (*(t for t in ts if t is not None), part, *bs), traced)
         return part if rows == 1 else part.sum(0)
 
 
@@ -421,17 +484,21 @@ def _db_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, part_ptr, stride_ps, st
 
 
 @triton.jit
-def _db_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, part_ptr, stride_ps, stride_pn, stride_pr, widths, cols, scols,
-               rows, rcols, ranks, scales, tile_off, T, t_per_split, NUM_SLICES: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+def _db_kernel(t0, t1, t2, t3, t4, t5, t6, t7, s_ptr, part_ptr, T, t_per_split, DY_SLOT: tl.constexpr,
+               T_STRIDES: tl.constexpr, STRIDE_ST: tl.constexpr, STRIDE_PS: tl.constexpr, STRIDE_PN: tl.constexpr,
+               STRIDE_PR: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
+               ROWS: tl.constexpr, RCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+               TILE_OFF: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    sl = tile_owner(pid_n, tile_off, NUM_SLICES)
+    sl = tile_owner(pid_n, TILE_OFF, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _db_tile(dy_ptrs[i], dy_strides[i], s_ptr, stride_st, scols[i], part_ptr, stride_ps, stride_pn,
-                     stride_pr, widths[i], cols[i], rows[i], rcols[i], ranks[i], scales[i], pid_n - tile_off[i],
-                     pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _db_tile(ts[DY_SLOT[i]], T_STRIDES[DY_SLOT[i]], s_ptr, STRIDE_ST, SCOLS[i], part_ptr, STRIDE_PS,
+                     STRIDE_PN, STRIDE_PR, WIDTHS[i], COLS[i], ROWS[i], RCOLS[i], RANKS[i], SCALES[i],
+                     pid_n - TILE_OFF[i], pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 class LoraDb:
@@ -452,20 +519,24 @@ class LoraDb:
             self.shape = (splits, total, max(sl.rank))
             rcols = (0,) * len(sl)
         self.grid = (n_tiles, splits)
-        self.tail = (sl.width, sl.col, sl.scol, rows, rcols, sl.rank, sl.scale, tile_off, T, t_per_split)
-        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(data_dtype, s_dtype), BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+        self.t_per_split = t_per_split
+        self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, ROWS=rows, RCOLS=rcols, RANKS=sl.rank,
+                         SCALES=sl.scale, TILE_OFF=tile_off, NUM_SLICES=len(sl),
+                         DOT_PRECISION=dot_precision(data_dtype, s_dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                         BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_db_kernel)
 
-    def __call__(self, dys: Sequence[torch.Tensor], s: torch.Tensor) -> torch.Tensor:
+    def __call__(self, dys: Sequence[torch.Tensor], s: torch.Tensor, *, traced: bool = False) -> torch.Tensor:
         part = torch.empty(self.shape, dtype=torch.float32, device=s.device)
         if self.T == 0:
             return part.zero_()   # no split runs: the sums are 0
         stride_pn, stride_pr = (part.stride(2), part.stride(1)) if self.transposed else (part.stride(1), part.stride(2))
-        dys = tuple(dys)
-        self.launches.launch(0, self.grid, (dys, _strides(dys), s, s.stride(0), part, part.stride(0), stride_pn,
-                                            stride_pr, *self.tail), self.meta, (*dys, s, part))
+        ts, slot = _slots(dys)
+        key = (slot, _slot_strides(ts), s.stride(0), part.stride(0), stride_pn, stride_pr)
+        self.launches.launch(key, self.grid, (*ts, s, part, self.T, self.t_per_split),
+                             dict(self.meta, DY_SLOT=slot, T_STRIDES=key[1], STRIDE_ST=key[2], STRIDE_PS=key[3],
+                                  STRIDE_PN=key[4], STRIDE_PR=key[5]),
+                             (*(t for t in ts if t is not None), s, part), traced)
         return part
 
 
@@ -514,19 +585,25 @@ def _dsdb_tile(dy_ptr, stride_dt, s_ptr, stride_st, s_col, b_ptr, stride_bn, str
 
 
 @triton.jit
-def _dsdb_kernel(dy_ptrs, dy_strides, s_ptr, stride_st, b_ptrs, b_strides_n, b_strides_r, dsp_ptr, stride_dsc,
-                 stride_dst, dbp_ptr, stride_dbs, stride_dbn, widths, cols, scols, ranks, scales, tile_off, ds_base,
-                 db_rows, T, t_per_split, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _dsdb_kernel(t0, t1, t2, t3, t4, t5, t6, t7, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13,
+                 b14, b15, dsp_ptr, dbp_ptr, T, t_per_split, DY_SLOT: tl.constexpr, T_STRIDES: tl.constexpr,
+                 STRIDE_ST: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+                 STRIDE_DSC: tl.constexpr, STRIDE_DST: tl.constexpr, STRIDE_DBS: tl.constexpr,
+                 STRIDE_DBN: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
+                 RANKS: tl.constexpr, SCALES: tl.constexpr, TILE_OFF: tl.constexpr, DS_BASE: tl.constexpr,
+                 DB_ROWS: tl.constexpr, NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    ts = (t0, t1, t2, t3, t4, t5, t6, t7)
+    bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    sl = tile_owner(pid_n, tile_off, NUM_SLICES)
+    sl = tile_owner(pid_n, TILE_OFF, NUM_SLICES)
     for i in tl.static_range(NUM_SLICES):
         if sl == i:
-            _dsdb_tile(dy_ptrs[i], dy_strides[i], s_ptr, stride_st, scols[i], b_ptrs[i], b_strides_n[i],
-                       b_strides_r[i], dsp_ptr, stride_dsc, stride_dst, ds_base[i] + pid_n - tile_off[i], dbp_ptr,
-                       stride_dbs, stride_dbn, db_rows[i], widths[i], cols[i], ranks[i], scales[i],
-                       pid_n - tile_off[i], pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+            _dsdb_tile(ts[DY_SLOT[i]], T_STRIDES[DY_SLOT[i]], s_ptr, STRIDE_ST, SCOLS[i], bs[i], B_STRIDES_N[i],
+                       B_STRIDES_R[i], dsp_ptr, STRIDE_DSC, STRIDE_DST, DS_BASE[i] + pid_n - TILE_OFF[i], dbp_ptr,
+                       STRIDE_DBS, STRIDE_DBN, DB_ROWS[i], WIDTHS[i], COLS[i], RANKS[i], SCALES[i],
+                       pid_n - TILE_OFF[i], pid_s, T, t_per_split, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
 
 
 class LoraDsDb:
@@ -540,6 +617,9 @@ class LoraDsDb:
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
         cfg = launch or DSDB_LAUNCH
+        block_r = rank_block(sl.rank)
+        if cfg.block_n * block_r > DSDB_MAX_B_TILE:
+            cfg = dataclasses.replace(cfg, block_n=max(16, DSDB_MAX_B_TILE // block_r))
         counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
         tile_off, n_tiles = _offsets(counts)
         # each A group's tiles in successive rows of the dS partial sums (groups in order of first slice)
@@ -563,24 +643,28 @@ class LoraDsDb:
         self.ds_shape = (n_tiles, T, self.rank)
         self.db_shape = (splits, total, self.rank)
         self.grid = (n_tiles, splits)
-        self.tail = (sl.width, sl.col, sl.scol, sl.rank, sl.scale, tile_off, tuple(ds_base), db_rows, T, t_per_split)
-        self.meta = dict(NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(data_dtype, adapter_dtype),
-                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank),
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.t_per_split = t_per_split
+        self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank, SCALES=sl.scale,
+                         TILE_OFF=tile_off, DS_BASE=tuple(ds_base), DB_ROWS=db_rows, NUM_SLICES=len(sl),
+                         DOT_PRECISION=dot_precision(data_dtype, adapter_dtype), BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_dsdb_kernel)
 
-    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor],
-                 s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, *,
+                 traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         dev = s.device
         ds_part = torch.empty(self.ds_shape, dtype=torch.float32, device=dev)
         db_part = torch.empty(self.db_shape, dtype=torch.float32, device=dev)
         if self.T == 0:
             return torch.zeros((0, self.R), dtype=torch.float32, device=dev), db_part.zero_()
-        dys, bs = tuple(dys), tuple(bs)
-        self.launches.launch(0, self.grid, (dys, _strides(dys), s, s.stride(0), bs, _strides(bs), _strides(bs, 1),
-                                            ds_part, ds_part.stride(0), ds_part.stride(1), db_part,
-                                            db_part.stride(0), db_part.stride(1), *self.tail),
-                             self.meta, (*dys, s, *bs, ds_part, db_part))
+        ts, slot = _slots(dys)
+        key = (slot, _slot_strides(ts), s.stride(0), _strides(bs), _strides(bs, 1), ds_part.stride(0),
+               ds_part.stride(1), db_part.stride(0), db_part.stride(1))
+        self.launches.launch(key, self.grid, (*ts, s, *_b_slots(bs), ds_part, db_part, self.T, self.t_per_split),
+                             dict(self.meta, DY_SLOT=slot, T_STRIDES=key[1], STRIDE_ST=key[2], B_STRIDES_N=key[3],
+                                  B_STRIDES_R=key[4], STRIDE_DSC=key[5], STRIDE_DST=key[6], STRIDE_DBS=key[7],
+                                  STRIDE_DBN=key[8]),
+                             (*(t for t in ts if t is not None), s, *bs, ds_part, db_part), traced)
         if self.ds_whole:
             return ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0], db_part
         d_s = (torch.zeros if self.ds_gaps else torch.empty)((self.T, self.R), dtype=torch.float32, device=dev)
