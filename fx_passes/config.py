@@ -33,12 +33,11 @@ class QkvzFusionConfig:
     dump_dir: write before/after graphs and the match report of every graph here
         (``None``: read the ``FX_PASSES_DUMP_DIR`` environment variable when the pass is made).
     fuse_training: the backend rewrites graphs compiled for training (grad enabled, trainable LoRA) into
-        ``fx_passes.qkvz_lora_train`` before AOTAutograd (:mod:`fx_passes.fusion.train_lora_fusion`). Off
-        by default while it is not faster than Inductor's unfused compile everywhere: faster where the
-        GPU bounds the step (1.3-1.6x at 8192-16384 tokens; under ``mode="reduce-overhead"`` from 2048),
-        slower where the host does (T 2048, 35B-A3B widths at 4096), peak memory 0.29-0.54x
-        (``benchmarks/bench_train_block.py``); on with
-        ``FX_PASSES_FUSE_TRAINING=1`` or ``QkvzFusionConfig(fuse_training=True)``.
+        ``fx_passes.qkvz_lora_train`` before AOTAutograd (:mod:`fx_passes.fusion.train_lora_fusion`). On by
+        default: against Inductor's unfused compile the projection block's step is as fast or faster at
+        every measured width from 2048 tokens (1.0-1.6x; ~parity where the host bounds it) with 0.3x its
+        peak memory (``benchmarks/bench_train_block.py``); off with ``FX_PASSES_FUSE_TRAINING=0`` or
+        ``QkvzFusionConfig(fuse_training=False)`` (then training graphs go to Inductor as they are).
     """
 
     qkv_name: str = "in_proj_qkv"
@@ -54,7 +53,7 @@ class QkvzFusionConfig:
     pack_weights: bool = True
     dump_dir: Optional[str] = dataclasses.field(default_factory=lambda: os.environ.get(DUMP_ENV) or None)
     fuse_training: bool = dataclasses.field(
-        default_factory=lambda: os.environ.get(FUSE_TRAINING_ENV, "0") not in ("", "0"))
+        default_factory=lambda: os.environ.get(FUSE_TRAINING_ENV, "1") not in ("", "0"))
 
     def cache_key(self) -> str:
         """Every field that shapes the rewrite: all of them but those in :data:`NOT_IN_CACHE_KEY`, so a

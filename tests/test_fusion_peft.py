@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fx_passes.config import QkvzFusionConfig
 from fx_passes.models import TinyQwen35Spec, add_lora, build_tiny_qwen35, example_inputs
 from fusion_helpers import RecordingPass, assert_fused, assert_unchanged, compile_with_pass, gdn_projections
 
@@ -125,10 +126,16 @@ def test_inductor_addmm_form():
 
 # ------------------------------------------------------------------ bail-outs: graph unchanged + reason
 
+# Training graphs with the training rewrite off (FX_PASSES_FUSE_TRAINING=0): the post-grad pass meets them
+# as AOTAutograd partitioned them, and must leave them alone.
+NO_TRAINING_REWRITE = QkvzFusionConfig(fuse_training=False)
+
+
 def test_training_with_dropout_is_not_rewritten():
     model = add_lora(build_tiny_qwen35(SPEC), dropout=0.1).train()
     torch.manual_seed(0)
-    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True,
+                            fusion_pass=RecordingPass(NO_TRAINING_REWRITE))
     assert run.fusion_pass.graphs_before == run.fusion_pass.graphs_after
     skipped = [layer for layer in run.layers if not layer.rewritten]
     assert len(skipped) == GDN and run.fusion_pass.matched_count == 0
@@ -137,7 +144,8 @@ def test_training_with_dropout_is_not_rewritten():
 
 def test_training_saved_for_backward_is_not_rewritten():
     model = add_lora(build_tiny_qwen35(SPEC)).train()
-    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True)
+    run = compile_with_pass(model, input_ids=example_inputs(SPEC), grad=True,
+                            fusion_pass=RecordingPass(NO_TRAINING_REWRITE))
     assert run.fusion_pass.graphs_before == run.fusion_pass.graphs_after
     skipped = [layer for layer in run.layers if not layer.rewritten]
     assert len(skipped) == GDN and run.fusion_pass.matched_count == 0

@@ -5,7 +5,7 @@ eager, a few optimizer steps, dropout, two adapters, gradient checkpointing, a b
 
 Dropout > 0 runs with Inductor's ``fallback_random`` (its RNG then draws eager's masks in eager's order),
 so that eager is a reference; without it the masks are Inductor's own, with or without the pass. The
-rewrite is off by default (``QkvzFusionConfig.fuse_training``): the tests turn it on.
+rewrite is on by default (``QkvzFusionConfig.fuse_training``); the tests pass their config explicitly.
 """
 from __future__ import annotations
 
@@ -382,14 +382,13 @@ def test_bf16_base_with_fp32_adapters_as_close_to_fp32_as_eager():
         assert ours <= BF16_FACTOR * eager + 1e-3, (name, ours, eager)
 
 
-def test_training_rewrite_is_off_by_default(monkeypatch):
-    """Off unless asked for (config or FX_PASSES_FUSE_TRAINING=1): a default backend trains as Inductor
+def test_training_rewrite_is_on_by_default_and_env_turns_it_off(monkeypatch):
+    """On unless turned off (config or FX_PASSES_FUSE_TRAINING=0); off, a default backend trains as Inductor
     does, every GDN layer reported as left alone by the post-grad pass, gradients equal to eager."""
     monkeypatch.delenv("FX_PASSES_FUSE_TRAINING", raising=False)
-    assert not QkvzFusionConfig().fuse_training
-    monkeypatch.setenv("FX_PASSES_FUSE_TRAINING", "1")
     assert QkvzFusionConfig().fuse_training
-    monkeypatch.delenv("FX_PASSES_FUSE_TRAINING")
+    monkeypatch.setenv("FX_PASSES_FUSE_TRAINING", "0")
+    assert not QkvzFusionConfig().fuse_training
     spec = TinyQwen35Spec()
     eager_model = _training_model(spec)
     model = copy.deepcopy(eager_model)

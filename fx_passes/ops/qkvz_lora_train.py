@@ -35,7 +35,10 @@ step's time is the host's, and each op call costs a dispatcher crossing with its
 and its checks.
 
 Host cost: the argument checks and everything planned from shapes alone run once per call signature
-(:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does.
+(:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does. Under
+``torch.compile`` on CUDA both ops' bodies are traced into the graph Inductor compiles
+(:func:`_inline_for_inductor`): its code then calls the GEMMs and launches the kernels itself, and a step
+runs no Python of ours at all.
 """
 from __future__ import annotations
 
@@ -126,7 +129,8 @@ def group_columns(ranks: Sequence[int]) -> list[int]:
 
 
 def _kernels_hold(ranks) -> bool:
-    """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation)."""
+    """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation, as do
+    layouts with more projections or slices than a launch takes: :func:`~.kernels.lora_train.fits`)."""
     return max(ranks) <= KERNEL_MAX_RANK
 
 

@@ -43,6 +43,8 @@ Host cost: at T <= 4096 a training step's time is the host's (a 35B-A3B layer's 
 that plans its launches for one call signature (waves, tile and chunk offsets, splits) and launches
 through :class:`~.jit_helpers.CompiledLaunches`; the ops keep them in their per-signature plans. The
 functions (:func:`expand_add_`, :func:`lora_ds`, :func:`lora_db`, :func:`lora_dsdb`) plan and launch once.
+With ``traced=True`` a class records its launches through ``torch.library.wrap_triton`` instead (the ops'
+bodies traced for Inductor): hence the flat pointer arguments (:data:`MAX_TENSORS`, :data:`MAX_SLICES`).
 Launches run on the current CUDA device (the ops make the tensors' device current).
 """
 from __future__ import annotations
