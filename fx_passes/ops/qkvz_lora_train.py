@@ -581,17 +581,13 @@ qkvz_lora_train.register_autograd(_backward, setup_context=_setup_context)
 # --------------------------------------------------------------------------------------------
 # Inductor: the CUDA bodies traced into the graph
 # --------------------------------------------------------------------------------------------
-def _keeps_op(types, args, kwargs) -> bool:
+def _keeps_op(args, kwargs) -> bool:
     """Whether a traced call stays one opaque op (the CUDA body is not inlined): tensors off CUDA (the
     CPU implementation), symbolic shapes or strides (the plans are made for concrete shapes), the Triton
     interpreter, and ``torch.export`` (which keeps custom ops whole, as it does ``triton_op``s)."""
-    try:
-        from torch.export._trace import custom_triton_ops_decomposition_disabled
-        if custom_triton_ops_decomposition_disabled():
-            return True
-    except ImportError:   # pragma: no cover - older torch
-        pass
-    if interpreting():
+    from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+    if custom_triton_ops_decomposition_disabled() or interpreting():
         return True
     for t in torch.utils._pytree.tree_leaves((args, kwargs)):
         if isinstance(t, torch.Tensor) and (t.device.type != "cuda" or not all(
@@ -615,7 +611,7 @@ def _inline_for_inductor(op, body) -> None:
     def rule(mode, op_overload, types, args, kwargs):
         if any(not issubclass(t, (FakeTensor, FunctionalTensor)) and t is not torch.Tensor for t in types):
             return NotImplemented   # another tensor subclass: its own rules first
-        if _keeps_op(types, args, kwargs):
+        if _keeps_op(args, kwargs):
             return mode.__torch_dispatch__(op_overload, types, args, kwargs)
         with mode:
             return body(*args, **kwargs, traced=True)
