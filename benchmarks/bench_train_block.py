@@ -1,8 +1,10 @@
 """Issue 17: one GDN layer's projection block in a training step (forward + backward), at real widths.
 
 The block is ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` (bf16, frozen) with PEFT LoRA on
-qkv and z (r, alpha 2r, ``--dropout``), in train mode; x requires grad (the layers below need dx). Variants,
-each ``torch.compile``d by name:
+qkv and z (r, alpha 2r, ``--dropout``), in train mode; x requires grad (the layers below need dx).
+``--layers N`` puts N such blocks, each with its own x, into one step (a model's step pays the fixed cost
+of entering the compiled graph and the autograd engine once for all its layers: one block per step
+overstates it). Variants, each ``torch.compile``d by name:
 
 * ``frozen``    the same four projections without LoRA (what the LoRA should ideally cost nothing above);
 * ``inductor``  PEFT's graph compiled by Inductor (unfused);
@@ -50,18 +52,28 @@ class Projections(torch.nn.Module):
         return self.in_proj_qkv(x), self.in_proj_z(x), self.in_proj_b(x), self.in_proj_a(x)
 
 
-class Block(torch.nn.Module):
+class Layer(torch.nn.Module):
     def __init__(self, spec):
         super().__init__()
         self.linear_attn = Projections(spec)
 
-    def forward(self, x):
-        return self.linear_attn(x)
+
+class Block(torch.nn.Module):
+    """``layers`` GDN layers' projection blocks, each reading its own input: one compiled step holds them
+    all, as a model's step holds all its layers (the per-step cost of entering the compiled graph and the
+    autograd engine is paid once, not per layer)."""
+
+    def __init__(self, spec, layers: int = 1):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(Layer(spec) for _ in range(layers))
+
+    def forward(self, *xs):
+        return tuple(o for layer, x in zip(self.layers, xs) for o in layer.linear_attn(x))
 
 
-def build(spec, rank: int, dropout: float, device: str, lora: bool) -> torch.nn.Module:
+def build(spec, rank: int, dropout: float, device: str, lora: bool, layers: int = 1) -> torch.nn.Module:
     torch.manual_seed(0)
-    block = Block(spec).to(device=device, dtype=torch.bfloat16)
+    block = Block(spec, layers).to(device=device, dtype=torch.bfloat16)
     for p in block.parameters():
         p.requires_grad_(False)
     if not lora:
@@ -73,7 +85,7 @@ def build(spec, rank: int, dropout: float, device: str, lora: bool) -> torch.nn.
     return get_peft_model(block, config).train()   # fp32 adapters on the bf16 base (PEFT's default)
 
 
-def step_fn(model, x, grads, cudagraphs: bool = False):
+def step_fn(model, xs, grads, cudagraphs: bool = False):
     """One training step of the block; ``cudagraphs`` (``mode="reduce-overhead"``): each call starts a new
     step for CUDA-graph trees and drops the LoRA gradients first, as ``optimizer.zero_grad()`` does (the
     previous step's outputs, gradients included, are overwritten by the next replay: accumulating into
@@ -85,8 +97,9 @@ def step_fn(model, x, grads, cudagraphs: bool = False):
             torch.compiler.cudagraph_mark_step_begin()
             for p in params:
                 p.grad = None
-        x.grad = None
-        outs = model(x)
+        for x in xs:
+            x.grad = None
+        outs = model(*xs)
         torch.autograd.backward(outs, grads)
     return step
 
@@ -162,6 +175,7 @@ def main() -> None:
     ap.add_argument("--T", default="4096,16384")
     ap.add_argument("--rank", default="16,64")
     ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--layers", type=int, default=1, help="projection blocks per step (see Block)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting rows after this many seconds")
     ap.add_argument("--device", default="cuda")
@@ -179,25 +193,26 @@ def main() -> None:
     rows, t0 = [], time.perf_counter()
     for name, spec in select_shapes(args.shapes).items():
         for r in csv_list(args.rank, int):
-            models = {"frozen": build(spec, r, args.dropout, dev, lora=False),
-                      "lora": build(spec, r, args.dropout, dev, lora=True)}
+            models = {"frozen": build(spec, r, args.dropout, dev, lora=False, layers=args.layers),
+                      "lora": build(spec, r, args.dropout, dev, lora=True, layers=args.layers)}
             exact = copy.deepcopy(models["lora"]).float()
             for T in csv_list(args.T, int):
                 if args.budget_s and time.perf_counter() - t0 > args.budget_s:
                     print(f"budget reached: {name} r{r} T{T} and later skipped", flush=True)
                     continue
                 g = torch.Generator().manual_seed(T)
-                x = torch.randn(T, spec.hidden_size, generator=g).to(dev, torch.bfloat16).requires_grad_()
+                xs = [torch.randn(T, spec.hidden_size, generator=g).to(dev, torch.bfloat16).requires_grad_()
+                      for _ in range(args.layers)]
                 with torch.no_grad():
-                    outs = models["frozen"](x)
+                    outs = models["frozen"](*xs)
                 grads = [torch.randn(o.shape, generator=g).to(dev, o.dtype) for o in outs]
-                x32 = x.detach().float().requires_grad_()
+                x32 = [x.detach().float().requires_grad_() for x in xs]
                 torch.manual_seed(0)
                 exact.zero_grad()
-                ref_outs = exact(x32)
+                ref_outs = exact(*x32)
                 torch.autograd.backward(ref_outs, [gr.float() for gr in grads])
                 ref = lora_grads(exact)
-                row = dict(shape=name, r=r, T=T, dropout=args.dropout, tf32=args.tf32, mode=args.mode, cells={})
+                row = dict(shape=name, r=r, T=T, layers=args.layers, dropout=args.dropout, tf32=args.tf32, mode=args.mode, cells={})
                 for variant in variants:
                     model = models["frozen" if variant == "frozen" else "lora"]
                     torch._dynamo.reset()
@@ -207,7 +222,7 @@ def main() -> None:
                         compiled = torch.compile(model, backend=backend, dynamic=False)
                     else:
                         compiled = torch.compile(model, backend="inductor", mode=args.mode, dynamic=False)
-                    step = step_fn(compiled, x, grads, cudagraphs=args.mode == "reduce-overhead")
+                    step = step_fn(compiled, xs, grads, cudagraphs=args.mode == "reduce-overhead")
                     c0 = time.perf_counter()
                     torch.manual_seed(0)
                     with opaque_ops() if variant == "fx_opaque" else contextlib.nullcontext():
@@ -216,11 +231,12 @@ def main() -> None:
                     if variant != "frozen":   # the outputs of one more training forward (bf16 rounding ~2e-3)
                         torch.manual_seed(0)
                         cell["out_err_vs_fp32"] = max(((o.detach().float() - r.detach()).norm() / r.norm()).item()
-                                                      for o, r in zip(compiled(x), ref_outs))
+                                                      for o, r in zip(compiled(*xs), ref_outs))
                     if variant in ("fx_passes", "fx_opaque"):
                         cell["rewritten"] = sum(len(rep.rewritten) for rep in backend.train_pass.reports)
-                        if cell["rewritten"] != 1:
-                            raise RuntimeError(f"the training rewrite fused {cell['rewritten']} layers (1 expected): "
+                        if cell["rewritten"] != args.layers:
+                            raise RuntimeError(f"the training rewrite fused {cell['rewritten']} layers "
+                                               f"({args.layers} expected): "
                                                + "; ".join(rep.to_text() for rep in backend.train_pass.reports))
                     if variant != "frozen":
                         got = lora_grads(model)
@@ -237,7 +253,7 @@ def main() -> None:
                     if args.profile and dev == "cuda":
                         profile_step(step, f"{name} r{r} T{T} {variant}")
                     row["cells"][variant] = cell
-                    print(f"{name:10s} r{r:<3d} T{T:<6d} {variant:9s} {cell['ms']:8.3f} ms (stream {cell['stream_ms']:8.3f})"
+                    print(f"{name:10s} r{r:<3d} T{T:<6d} L{args.layers:<2d} {variant:9s} {cell['ms']:8.3f} ms (stream {cell['stream_ms']:8.3f})"
                           f"  peak {cell['peak_mb']:9.1f} MB"
                           f"  grad err {cell.get('grad_err_vs_fp32', float('nan')):.1e} / {cell.get('warm_grad_err_vs_fp32', float('nan')):.1e}"
                           f"  out err {cell.get('out_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",

@@ -69,7 +69,7 @@ def main() -> None:
     for variant, model in (("frozen", frozen), ("inductor", lora), ("fx_passes", lora)):
         torch._dynamo.reset()
         backend = FxPassesBackend(QkvzFusionConfig(fuse_training=True)) if variant == "fx_passes" else "inductor"
-        step = step_fn(torch.compile(model, backend=backend, dynamic=False), x, grads)
+        step = step_fn(torch.compile(model, backend=backend, dynamic=False), [x], grads)
         print(f"step {variant:9s} {host_us(step, args.reps):8.1f} us host", flush=True)
         if args.cprofile and variant != "frozen":
             profile_calls(f"step {variant}", step, 100)
