@@ -80,6 +80,11 @@ DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2)
 # beside the pipelined dy and s tiles, 96 KB of them (256-column tiles at a rank block of 128 asked for 336 KB,
 # an H200 has 227 KB per block).
 DSDB_MAX_B_TILE = 256 * 64
+# Ranks 33 - 64 (rank block 64): 128-column tiles over 8 warps, 3 stages. The 256 x 64 tile fits, but B's three
+# parts (96 KB) and the [256, 64] fp32 dB accumulator leave 4 warps spilling registers: 0.73-0.91x its time
+# at 35B-A3B / 27B widths, T 2048 - 8192 (one cell 1.00x; benchmarks/results/session17/sweep_dsdb_rank.txt).
+# (Rank block 128 keeps the capped default: 3 stages there exceed shared memory.)
+DSDB_RANK64_LAUNCH = TrainLaunch(64, 128, 8, 3)
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -618,8 +623,8 @@ class LoraDsDb:
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
-        cfg = launch or DSDB_LAUNCH
         block_r = rank_block(sl.rank)
+        cfg = launch or (DSDB_RANK64_LAUNCH if block_r == 64 else DSDB_LAUNCH)
         if cfg.block_n * block_r > DSDB_MAX_B_TILE:
             cfg = dataclasses.replace(cfg, block_n=max(16, DSDB_MAX_B_TILE // block_r))
         counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
