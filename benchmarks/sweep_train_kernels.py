@@ -1,10 +1,13 @@
 """Tiles of the training op's Triton kernels (issue 17): each of ``expand_add_``, ``lora_ds``, ``lora_db`` and
 ``lora_dsdb`` (dS and dB from one read of dy; ``ds+db``: the two kernels it replaces, back to back, at their
-default tiles) over a grid of launches at the given widths and T (CUDA events, median of --reps), with the
-default launch's time beside the best one. bf16 base, fp32 adapters (PEFT's default), LoRA on qkv and z.
+default tiles) over a grid of launches at the given widths, ranks and T (GPU time: CUDA-graph replays,
+:func:`gpu_ms`), with the default launch's time beside the best one. bf16 base, fp32 adapters (PEFT's
+default), LoRA on qkv and z.
 
     python -m benchmarks.sweep_train_kernels --shapes 35B-A3B,27B --T 4096,16384
     python -m benchmarks.sweep_train_kernels --kernels dsdb,ds+db   # only these
+    python -m benchmarks.sweep_train_kernels --kernels dsdb --rank 16,32,64 --T 2048,8192 --block-m 64 \
+        --programs-per-sm 4   # dsdb's tiles per rank
     python -m benchmarks.sweep_train_kernels --precisions bf16x3,tf32x3   # the default tiles, per precision
 
 ``--precisions``: each kernel at its default tiles with its fp32 dots forced to each precision in turn (the
@@ -20,8 +23,8 @@ import itertools
 from unittest import mock
 
 import torch
+import triton.testing
 
-from benchmarks.bench_train_block import time_steps
 from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
 from fx_passes.ops.kernels import lora_train as lt
 from fx_passes.ops.tuning import device_info
@@ -31,12 +34,19 @@ def launches(block_ms, block_ns, warps, stages):
     return [lt.TrainLaunch(m, n, w, st) for m, n, w, st in itertools.product(block_ms, block_ns, warps, stages)]
 
 
+def gpu_ms(fn) -> float:
+    """GPU time of ``fn`` (ms): median of CUDA-graph replays (the function forms plan their launches on every
+    call: host work the ops do once per signature, which a timer around the call would count at small T)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="35B-A3B,27B")
     ap.add_argument("--T", default="4096,16384")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--rank", default="16", help="LoRA ranks (comma-separated; --precisions: the first)")
+    ap.add_argument("--block-m", default="32,64,128", help="token tiles of the candidate launches")
+    ap.add_argument("--programs-per-sm", default="1,2,4", help="dsdb's candidate programs per SM")
     ap.add_argument("--json", default=None)
     ap.add_argument("--precisions", default=None, help="compare these dot precisions at the default tiles")
     ap.add_argument("--kernels", default="expand,ds,db,dsdb,ds+db,shrink_x,da_x")
@@ -46,17 +56,18 @@ def main() -> None:
     env = environment("cuda")
     sms = device_info(torch.device("cuda")).sms
     kw = lambda name, values: [{name: v} for v in values]   # noqa: E731
-    # kernel: (default launch, its default keywords, candidate launches, candidate keywords)
+    block_ms = csv_list(args.block_m, int)
+    # kernel: default launch (None: the kernel's own choice), its keywords, candidate launches, their keywords
     grid = {
-        "expand": (lt.EXPAND_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3]), [{}]),
-        "ds": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4, 8], [3, 4]), kw("chunk", [1024, 2048, 4096])),
-        "db": (lt.DB_LAUNCH, {}, launches([32, 64, 128], [32, 64, 128], [4, 8], [3, 4]), kw("programs_per_sm", [2, 4])),
-        "dsdb": (lt.DSDB_LAUNCH, {}, launches([32, 64, 128], [64, 128, 256], [4, 8], [2, 3]),
-                 kw("programs_per_sm", [1, 2, 4])),
+        "expand": (lt.EXPAND_LAUNCH, {}, launches(block_ms, [64, 128, 256], [4, 8], [2, 3]), [{}]),
+        "ds": (lt.DS_LAUNCH, {}, launches(block_ms, [64, 128], [4, 8], [3, 4]), kw("chunk", [1024, 2048, 4096])),
+        "db": (lt.DB_LAUNCH, {}, launches(block_ms, [32, 64, 128], [4, 8], [3, 4]), kw("programs_per_sm", [2, 4])),
+        "dsdb": (None, {}, launches(block_ms, [64, 128, 256], [4, 8], [2, 3]),
+                 kw("programs_per_sm", csv_list(args.programs_per_sm, int))),
         "ds+db": (None, {}, [None], [{}]),
-        "shrink_x": (lt.DS_LAUNCH, {}, launches([32, 64, 128], [64, 128], [4], [3, 4]),
+        "shrink_x": (lt.DS_LAUNCH, {}, launches(block_ms, [64, 128], [4], [3, 4]),
                      kw("chunk", [256, 512, 1024, 2048])),
-        "da_x": (lt.DB_LAUNCH, {}, launches([32, 64, 128], [32, 64, 128], [4], [3, 4]),
+        "da_x": (lt.DB_LAUNCH, {}, launches(block_ms, [32, 64, 128], [4], [3, 4]),
                  kw("programs_per_sm", [2, 4, 8])),
     }
     grid = {k: v for k, v in grid.items() if k in csv_list(args.kernels, str)}
@@ -64,41 +75,42 @@ def main() -> None:
     for name, spec in select_shapes(args.shapes).items():
         widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
                   spec.linear_num_value_heads]
-        H, r = spec.hidden_size, args.rank
-        lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]
-        lora_a = torch.randn(2 * r, H, device="cuda")
-        sl = lt.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
-        x_side = lt.Slices((H,), (0,), (0,), (2 * r,), (1.0,))
-        for T in csv_list(args.T, int):
-            outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths[:2]]
-            x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-            s = torch.randn(T, 2 * r, device="cuda")
-            calls = {
-                "expand": lambda cfg, **k: lt.expand_add_(outs, s, lora_b, sl, launch=cfg, **k),
-                "ds": lambda cfg, **k: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg, **k),
-                "db": lambda cfg, **k: lt.lora_db(outs, s, sl, sms, launch=cfg, **k),
-                "dsdb": lambda cfg, **k: lt.lora_dsdb(outs, lora_b, s, sl, sms, launch=cfg, **k),
-                "ds+db": lambda cfg, **k: (lt.lora_ds(outs, lora_b, sl, 2 * r), lt.lora_db(outs, s, sl, sms)),
-                "shrink_x": lambda cfg, **k: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r, launch=cfg, **k),
-                "da_x": lambda cfg, **k: lt.lora_db([x], s, x_side, sms, transposed=True, launch=cfg, **k),
-            }
-            for kernel, (default, default_kw, cands, cand_kws) in grid.items():
-                timed = []
-                for cfg, extra in itertools.product(cands, cand_kws):
-                    try:
-                        timed.append((time_steps(lambda: calls[kernel](cfg, **extra), args.reps), cfg, extra))
-                    except Exception as e:   # out of shared memory / registers: not a candidate here
-                        print(f"  {kernel} {cfg} {extra}: {type(e).__name__}", flush=True)
-                timed.sort(key=lambda t: t[0])
-                base = time_steps(lambda: calls[kernel](default, **default_kw), args.reps)
-                best_ms, best, best_kw = timed[0]
-                print(f"{name:10s} T{T:<6d} {kernel:8s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
-                      f"{label(best, best_kw)}  next: " + ", ".join(f"{t * 1e3:.0f} {label(c, k)}"
-                                                                  for t, c, k in timed[1:4]), flush=True)
-                rows.append(result_row(env, shape=name, T=T, kernel=kernel, default_us=base * 1e3,
-                                       best_us=best_ms * 1e3, best=dict(dataclass_dict(best), **best_kw),
-                                       all=[(t * 1e3, dict(dataclass_dict(c), **k)) for t, c, k in timed]))
-                write_rows(json_path("sweep_train_kernels", args.json), rows)
+        H = spec.hidden_size
+        for r in csv_list(args.rank, int):
+            lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]
+            lora_a = torch.randn(2 * r, H, device="cuda")
+            sl = lt.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))
+            x_side = lt.Slices((H,), (0,), (0,), (2 * r,), (1.0,))
+            for T in csv_list(args.T, int):
+                outs = [torch.randn(T, n, device="cuda", dtype=torch.bfloat16) for n in widths[:2]]
+                x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+                s = torch.randn(T, 2 * r, device="cuda")
+                calls = {
+                    "expand": lambda cfg, **k: lt.expand_add_(outs, s, lora_b, sl, launch=cfg, **k),
+                    "ds": lambda cfg, **k: lt.lora_ds(outs, lora_b, sl, 2 * r, launch=cfg, **k),
+                    "db": lambda cfg, **k: lt.lora_db(outs, s, sl, sms, launch=cfg, **k),
+                    "dsdb": lambda cfg, **k: lt.lora_dsdb(outs, lora_b, s, sl, sms, launch=cfg, **k),
+                    "ds+db": lambda cfg, **k: (lt.lora_ds(outs, lora_b, sl, 2 * r), lt.lora_db(outs, s, sl, sms)),
+                    "shrink_x": lambda cfg, **k: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r, launch=cfg, **k),
+                    "da_x": lambda cfg, **k: lt.lora_db([x], s, x_side, sms, transposed=True, launch=cfg, **k),
+                }
+                for kernel, (default, default_kw, cands, cand_kws) in grid.items():
+                    timed = []
+                    for cfg, extra in itertools.product(cands, cand_kws):
+                        try:
+                            timed.append((gpu_ms(lambda: calls[kernel](cfg, **extra)), cfg, extra))
+                        except Exception as e:   # out of shared memory / registers: not a candidate here
+                            print(f"  {kernel} {cfg} {extra}: {type(e).__name__}", flush=True)
+                    timed.sort(key=lambda t: t[0])
+                    base = gpu_ms(lambda: calls[kernel](default, **default_kw))
+                    best_ms, best, best_kw = timed[0]
+                    print(f"{name:10s} r{r:<3d} T{T:<6d} {kernel:8s} default {base * 1e3:7.1f} us  best {best_ms * 1e3:7.1f} us "
+                          f"{label(best, best_kw)}  next: " + ", ".join(f"{t * 1e3:.0f} {label(c, k)}"
+                                                                      for t, c, k in timed[1:4]), flush=True)
+                    rows.append(result_row(env, shape=name, r=r, T=T, kernel=kernel, default_us=base * 1e3,
+                                           best_us=best_ms * 1e3, best=dict(dataclass_dict(best), **best_kw),
+                                           all=[(t * 1e3, dict(dataclass_dict(c), **k)) for t, c, k in timed]))
+                    write_rows(json_path("sweep_train_kernels", args.json), rows)
 
 
 def label(cfg, extra: dict) -> str:
@@ -124,7 +136,7 @@ def compare_precisions(args) -> None:
     rows = []
     for name, spec in select_shapes(args.shapes).items():
         widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim]
-        H, r = spec.hidden_size, args.rank
+        H, r = spec.hidden_size, csv_list(args.rank, int)[0]
         g = torch.Generator().manual_seed(0)
         lora_b = [(torch.randn(n, r, generator=g) * 0.02).cuda() for n in widths]
         lora_a = (torch.randn(2 * r, H, generator=g) * H ** -0.5).cuda()
@@ -172,7 +184,7 @@ def compare_precisions(args) -> None:
                 for precision in csv_list(args.precisions, str):
                     with forced_precision(precision):
                         got = result()
-                        us = time_steps(run, args.reps) * 1e3
+                        us = gpu_ms(run) * 1e3
                     first = got if first is None else first   # elements unlike the first precision's
                     cell[precision] = dict(us=us, err=_rel(got, want[kernel]),
                                            differ=(got != first).float().mean().item())
