@@ -212,7 +212,8 @@ def main() -> None:
                 ref_outs = exact(*x32)
                 torch.autograd.backward(ref_outs, [gr.float() for gr in grads])
                 ref = lora_grads(exact)
-                row = dict(shape=name, r=r, T=T, layers=args.layers, dropout=args.dropout, tf32=args.tf32, mode=args.mode, cells={})
+                row = dict(shape=name, r=r, T=T, layers=args.layers, dropout=args.dropout, tf32=args.tf32,
+                           mode=args.mode, cells={})
                 for variant in variants:
                     model = models["frozen" if variant == "frozen" else "lora"]
                     torch._dynamo.reset()
