@@ -82,7 +82,7 @@ DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2)
 DSDB_MAX_B_TILE = 256 * 64
 # Ranks 33 - 64 (rank block 64): 128-column tiles over 8 warps, 3 stages. The 256 x 64 tile fits, but B's three
 # parts (96 KB) and the [256, 64] fp32 dB accumulator leave 4 warps spilling registers: 0.73-0.91x its time
-# at 35B-A3B / 27B widths, T 2048 - 8192 (one cell 1.00x; benchmarks/results/session17/sweep_dsdb_rank.txt).
+# at 35B-A3B / 27B widths, T 2048 - 8192, one cell 1.00x (benchmarks/RESULTS.md: "dS + dB tiles per rank").
 # (Rank block 128 keeps the capped default: 3 stages there exceed shared memory.)
 DSDB_RANK64_LAUNCH = TrainLaunch(64, 128, 8, 3)
 
