@@ -26,6 +26,9 @@ FP32_TOL = 1e-5        # relative Frobenius error, fp32 (issue 17)
 # bf16 base: a compiled step may be at most this much farther from the fp32 model than eager bf16 is
 BF16_FACTOR = 1.5
 TRAINING = QkvzFusionConfig(fuse_training=True)
+# the model tests: one GDN layer (2 decoder layers; a compile's time, forward and backward, grows with the
+# layers), two GDN layers in one graph for the dropout-0 steps
+SPEC = TinyQwen35Spec(num_layers=2)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -312,7 +315,7 @@ def _assert_rewritten(backend: FxPassesBackend, graphs: list, layers: int, graph
 
 
 @pytest.mark.parametrize("case", [
-    dict(name="dropout0"),
+    dict(name="dropout0", layers=4),
     dict(name="dropout", dropout=0.1),
     dict(name="two-adapters-dropout", dropout=0.1, adapters=("x", "y")),
     dict(name="moe", moe=True, dropout=0.1),
@@ -321,7 +324,7 @@ def test_training_steps_fused_and_equal_to_eager_fp32(case):
     """Three AdamW steps, compiled through the backend vs eager: the GDN layers run qkvz_lora_train (none of
     PEFT's LoRA linears left), loss of every step and every LoRA gradient of the first within 1e-5, and the
     adapters after three steps still within 1e-5 of eager training."""
-    spec = TinyQwen35Spec(moe=case.get("moe", False))
+    spec = TinyQwen35Spec(num_layers=case.get("layers", SPEC.num_layers), moe=case.get("moe", False))
     lora = dict(dropout=case.get("dropout", 0.0), adapters=case.get("adapters", ("default",)))
     eager_model = _training_model(spec, **lora)
     model = copy.deepcopy(eager_model)
@@ -345,7 +348,7 @@ def test_training_steps_fused_and_equal_to_eager_fp32(case):
 def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers():
     """HF gradient checkpointing (use_reentrant=False): Dynamo puts each decoder layer in an activation
     checkpoint body; the rewrite happens there, recomputation replays the op, gradients equal eager."""
-    spec = TinyQwen35Spec()
+    spec = SPEC
     eager_model = _training_model(spec, dropout=0.1)
     eager_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = copy.deepcopy(eager_model)
@@ -364,7 +367,7 @@ def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers():
 def test_bf16_base_with_fp32_adapters_as_close_to_fp32_as_eager():
     """PEFT's default on a bf16 model: fp32 adapters. Loss and LoRA gradients of the compiled step are no
     farther from the same step in fp32 than BF16_FACTOR x eager bf16's distance."""
-    spec = TinyQwen35Spec()
+    spec = SPEC
     eager_model = _training_model(spec, dtype=torch.bfloat16)
     assert {p.dtype for n, p in eager_model.named_parameters() if "lora_" in n} == {torch.float32}
     fp32_model = copy.deepcopy(eager_model).float()
@@ -389,7 +392,7 @@ def test_training_rewrite_is_on_by_default_and_env_turns_it_off(monkeypatch):
     assert QkvzFusionConfig().fuse_training
     monkeypatch.setenv("FX_PASSES_FUSE_TRAINING", "0")
     assert not QkvzFusionConfig().fuse_training
-    spec = TinyQwen35Spec()
+    spec = SPEC
     eager_model = _training_model(spec)
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
@@ -405,7 +408,7 @@ def test_training_rewrite_is_on_by_default_and_env_turns_it_off(monkeypatch):
 
 def test_inference_graphs_are_left_to_the_post_grad_pass():
     """No grad (or frozen adapters): the training rewrite stays out; the post-grad pass fuses as before."""
-    spec = TinyQwen35Spec()
+    spec = SPEC
     model = _training_model(spec).eval()
     ids = example_inputs(spec)
     backend = FxPassesBackend(TRAINING)
@@ -427,7 +430,7 @@ def test_a_layer_the_op_rejects_stays_unfused_with_the_reason(monkeypatch):
     def reject(*args):
         torch._check(False, lambda: "qkvz_lora_train: rejected for the test")
     monkeypatch.setattr(module, "check_train_args", reject)
-    spec = TinyQwen35Spec()
+    spec = SPEC
     eager_model = _training_model(spec)
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
