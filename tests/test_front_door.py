@@ -22,7 +22,7 @@ TOL = 1e-4   # fp32 logits (|logits| ~ 1)
 CASES = [
     dict(name="default"),
     # one mode for all: a mode only picks Inductor options from torch's table (each mode's: tests/test_backend.py);
-    # max-autotune's reach furthest on the CPU (C++ GEMM templates)
+    # max-autotune's options do the most on the CPU (C++ GEMM templates)
     dict(name="max-autotune", kwargs=dict(mode="max-autotune")),
     # options merged with ours, and the user's own post-grad pass run after ours (alone,
     # {"triton.cudagraphs": True} is reduce-overhead's config: a cache hit)
