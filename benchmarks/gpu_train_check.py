@@ -41,6 +41,8 @@ LAYOUTS = {
     "odd": ([333, 130, 3, 3], [333, 130], (5, 13)),
     "big-rank": ([520, 264, 4, 4], [520, 264], (64, 80)),
     "rank-64": ([520, 264, 4, 4], [520, 264], (48, 64)),   # rank block 64: dS + dB's own launch
+    # TMA rows (16-byte strides) in every projection: from train_fused_min_t the forward's fused GEMM
+    "tma": ([264, 136, 16, 16], [264, 136], (16, 16)),
 }
 
 
@@ -144,6 +146,16 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
     return worst, worst_name[0]
 
 
+def forward_path(layout: str, T: int, dtype) -> str:
+    """Which forward the case runs: ``gemm`` (the base GEMMs with the expand in their epilogue) or
+    ``split`` (library GEMMs, then the expand kernel)."""
+    from fx_passes.ops.kernels.gemm_lora_train import fusable
+
+    x = torch.empty(T, 96, device=DEVICE, dtype=dtype)
+    weights = [torch.empty(n, 96, device=DEVICE, dtype=dtype) for n in LAYOUTS[layout][0]]
+    return "gemm" if fusable(x, weights, len(LAYOUTS[layout][1])) else "split"
+
+
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)]
@@ -160,7 +172,8 @@ def main() -> int:
         worst_all = max(worst_all, worst)
         misses += worst > 1
         print(f"{layout:9s} T{T:<5d} {str(dtype)[6:]:8s} adapters {str(ad)[6:]:8s} "
-              f"{'x itself' if x_itself else 'per group':9s} worst error / bound {worst:.3f} ({name})", flush=True)
+              f"{'x itself' if x_itself else 'per group':9s} {forward_path(layout, T, dtype):5s} "
+              f"worst error / bound {worst:.3f} ({name})", flush=True)
     print(f"worst error / bound {worst_all:.3f}, {misses} case(s) over", flush=True)
     return 1 if misses else 0
 

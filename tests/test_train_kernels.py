@@ -6,6 +6,7 @@ Runs on the CPU through the Triton interpreter (fp16 base: the interpreter has n
 CPU tensors with small column chunks and token splits, so dS sums several chunks per group and dB several
 token splits, with tails in T, in the columns and in the rank.
 """
+import dataclasses
 import importlib
 import os
 
@@ -15,7 +16,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
-from fx_passes.ops.kernels import lora_train  # noqa: E402
+from fx_passes.ops import tuning  # noqa: E402
+from fx_passes.ops.kernels import gemm_lora_train, lora_train  # noqa: E402
 from fx_passes.ops.kernels.lora_train import Slices  # noqa: E402
 from fx_passes.ops.qkvz_lora_train import (_add_lora_reference, group_columns, lora_grads_reference,  # noqa: E402
                                            slice_owners)
@@ -353,3 +355,78 @@ def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatc
         assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in fwd.expand.waves + bwd.dx.waves)
         for kernel in (bwd.ds, bwd.dsdb, bwd.da):
             assert kernel.meta["DOT_PRECISION"] == data_precision
+
+
+# --------------------------------------------------------------------------------------------
+# forward at large T: the base GEMMs with the expand in their epilogue (gemm_lora_train)
+# --------------------------------------------------------------------------------------------
+SMALL_GEMM = tuning.PrefillLaunch(16, 16, 16, 2, 4, num_programs=3)
+
+
+def _gemm_case(T, layout, adapter_dtype, seed=0):
+    """x, the projections' weights (TMA rows: b / a 8 wide, not 4) and :func:`_case`'s LoRA."""
+    _, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype, seed=seed)
+    proj = [max(8, n) for n in LAYOUTS[layout][4]]
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(T, 40, generator=g).to(torch.float16)   # K 40: a K tail at 16-wide K tiles
+    weights = [(torch.randn(n, 40, generator=g) * 0.2).to(torch.float16) for n in proj]
+    return x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("T", [5, 37])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_gemm_expand_matches_reference(layout, T, adapter_dtype):
+    """The persistent GEMM + expand (3 programs over 16 x 16 tiles: several tiles each, tiles across slice
+    bounds, a K tail, T tails) against library GEMMs + the expand reference: the base rounded first, each
+    slice's sum rounded in slice order (two adapters over the same columns)."""
+    x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(T, layout, adapter_dtype)
+    want = [x @ w.t() for w in weights]
+    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    got = gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=SMALL_GEMM)
+    assert [g.shape for g in got] == [w.shape for w in want] and all(g.dtype == torch.float16 for g in got)
+    for p in range(len(want)):
+        _close(got[p], want[p], torch.float16)
+    # the LoRA is there: without it the outputs of the projections with slices differ
+    bare = [x @ w.t() for w in weights]
+    assert all(not torch.allclose(got[p].float(), bare[p].float(), atol=1e-2) for p in set(out_of))
+
+
+def test_gemm_expand_conditions(monkeypatch):
+    """Where the op's forward takes the fused GEMM: 16-bit x and weights of one dtype, TMA's rows (16-byte
+    strides, unit last stride), at most MAX_PROJ projections, T from the device's ``train_fused_min_t``."""
+    T = tuning.tuning_for(tuning.OFF_GPU_DEVICE).train_fused_min_t
+    x = torch.zeros(T, 64, dtype=torch.float16)
+    w = [torch.zeros(32, 64, dtype=torch.float16), torch.zeros(16, 64, dtype=torch.float16)]
+    assert gemm_lora_train.fusable(x, w, 4)
+    assert not gemm_lora_train.fusable(x[:T - 1], w, 4)                    # below the device's T
+    assert not gemm_lora_train.fusable(x.float(), [t.float() for t in w], 4)
+    assert not gemm_lora_train.fusable(x, [w[0].bfloat16(), w[1]], 4)      # weights of another dtype
+    assert not gemm_lora_train.fusable(torch.zeros(T, 128, dtype=torch.float16)[:, ::2], w, 4)
+    assert not gemm_lora_train.fusable(x, [w[0], torch.zeros(4, 64, dtype=torch.float16)], 4)   # 8-byte rows
+    assert not gemm_lora_train.fusable(x, w * 3, 4)                        # 6 projections
+    assert not gemm_lora_train.fusable(x, w, lora_train.MAX_SLICES + 1)
+
+
+def test_the_forward_op_takes_the_fused_gemm_from_the_devices_t(monkeypatch):
+    """The forward op's CUDA implementation (the interpreter on CPU tensors) at T below and at the device's
+    ``train_fused_min_t`` (lowered here to 64, so the interpreter runs it): its plan takes library GEMMs +
+    ExpandAdd below and the fused GEMM from there; both equal the op's torch implementation."""
+    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
+    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
+    g = torch.Generator().manual_seed(11)
+    H, widths = 64, [96, 32, 8, 8]
+    weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
+    lora_a = [torch.randn(r, H, generator=g) * 0.3 for r in (8, 8)]
+    lora_b = [torch.randn(n, 8, generator=g) * 0.3 for n in (96, 32)]
+    for T, fused in ((63, False), (66, True)):
+        x = torch.randn(T, H, generator=g).to(torch.float16)
+        args = (x, [x, x], weights, lora_a, lora_b, [0, 1], [0, 96], [2.0, 0.5])
+        got_outs, got_s = train._train_cuda(*args)
+        plan = train._FORWARD_PLANS.get(train._signature(*args, (0, 0), 0), lambda: None)
+        assert (plan.gemm is not None, plan.expand is None) == (fused, fused)
+        want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
+        _close(got_s, want_s, torch.float32)
+        for got, want in zip(got_outs, want_outs):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            _close(got, want, torch.float16)

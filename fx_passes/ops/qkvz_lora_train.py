@@ -215,6 +215,7 @@ class _TrainPlan:
     db_rows: tuple[int, ...] = ()        # each slice's first row in the dB partial sums
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
     expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
+    gemm: object = None                  # forward at large T: GemmExpand (base GEMMs + expand), no ExpandAdd
     shrink: object = None
     ds: object = None                    # backward, the slices: LoraDs (dS where no dB is asked for),
     dsdb: object = None                  # LoraDsDb (dS and dB from one read of dy)
@@ -223,8 +224,10 @@ class _TrainPlan:
 
 
 def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
-          backward: bool) -> _TrainPlan:
-    """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None)."""
+          backward: bool, gemm_of: Optional[tuple] = None) -> _TrainPlan:
+    """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None);
+    ``gemm_of``: the forward's ``(x, weights)``, for :class:`~.kernels.gemm_lora_train.GemmExpand` where it
+    runs (:func:`~.kernels.gemm_lora_train.fusable`)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
@@ -249,8 +252,14 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
     common = dict(kernels=True, owners=tuple(owners), offs=offs, R=R, out_of=tuple(p for p, _ in owners),
                   x_side=side)
     if not backward:
-        return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad, tensor_of=common["out_of"]),
-                          shrink=None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad))
+        shrink = None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad)
+        from fx_passes.ops.kernels.gemm_lora_train import GemmExpand, fusable
+
+        if gemm_of is not None and fusable(*gemm_of, len(lora_b)):
+            x, weights = gemm_of
+            return _TrainPlan(**common, shrink=shrink, gemm=GemmExpand(
+                slices, common["out_of"], [w.shape[0] for w in weights], T, x.shape[1], x.dtype, ad, x.device))
+        return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad, tensor_of=common["out_of"]), shrink=shrink)
     sms = device_info(lora_a[0].device).sms
     return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
                       dsdb=LoraDsDb(slices, T, R, data_dtype, ad, sms),
@@ -292,13 +301,13 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
     def make() -> _TrainPlan:
         owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
         return _plan(x.shape[0], x.dtype, x if every_reads_x else None, lora_a, lora_b, slice_a, scales, owners,
-                     False)
+                     False, (x, weights))
 
     plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
                                          tuple(xs_of), x_input), make)
     with on_device(x, traced):
-        outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
         if not plan.kernels:
+            outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
             s = _shrink_reference(xs, lora_a)
             _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
             return outs, s
@@ -307,6 +316,9 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
         else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
             s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a), traced=traced)
             s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
+        if plan.gemm is not None:   # the GEMMs with the expand in their epilogue: [T, N] written once
+            return plan.gemm(x, weights, s, lora_b, traced=traced), s
+        outs = [x @ w.t() for w in weights]
         plan.expand([outs[p] for p in plan.out_of], s, lora_b, traced=traced)
     return outs, s
 

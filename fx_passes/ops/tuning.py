@@ -85,6 +85,9 @@ class Tuning:
     # tiles fill under ~3 waves of the SMs and cuBLAS's tiles win by more than the LoRA launches cost
     # (Qwen3.5 widths: the delta-first path wins at T 777, this kernel at T 1000-1024).
     prefill_fused_min_t: int = 896
+    # The training op's forward runs its base GEMMs with the expand in their epilogue from here (Hopper+;
+    # :mod:`fx_passes.ops.kernels.gemm_lora_train`): the same 128 x 256 tiles as the prefill kernel.
+    train_fused_min_t: int = 1024
     # Programmatic dependent launch of the two-launch LoRA helps up to here and costs a few % above.
     pdl_max_t: int = 256
 

@@ -1,0 +1,173 @@
+"""The forward of ``fx_passes::qkvz_lora_train`` at large T: the base GEMMs with the LoRA expand in their
+epilogue (Triton, Hopper TMA; semantics: :mod:`fx_passes.ops.qkvz_lora_train`).
+
+Why: from ~1024 tokens the projections' GEMMs are compute-bound, and the expand after them
+(:class:`~.lora_train.ExpandAdd`) reads and re-writes their whole [T, N] output: T N 4 bytes, 0.23-0.38 ms
+per layer at T 16384 on the Qwen3.5 widths on an H200, a third of what LoRA costs a training step there.
+Inside a GEMM that runs at the library's rate it costs a [BLOCK_R, BLOCK_N] load of B and one small dot
+per tile.
+
+``_gemm_expand_kernel``: persistent (one program per SM), grouped tile order, the column tiles of every
+projection side by side (each projection its own W and output descriptor: a training step's frozen
+weights are separate tensors, not packed), TMA loads of x and W, fp32 accumulator, TMA store. After a
+tile's K loop, each LoRA slice over the tile's columns is added in slice order, PEFT's roundings kept::
+
+    acc = round(acc)                                  the base, rounded as the library GEMM's output
+    acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
+
+``round``: to x's dtype and back (PEFT adds each adapter to the rounded result and rounds the sum). The
+scale multiplies s before the dot (fp32 adapters: exact at fp32 level; 16-bit adapters: one rounding of
+the scaled s), the dot at :func:`~.lora_train.dot_precision` of the adapters (fp32-level by default).
+
+Conditions (:func:`fusable`): a GPU with TMA (sm90+) and shared memory for the tiles
+(:func:`~fx_passes.ops.tuning.prefill_launch`, the tiles of the inference prefill kernel), 16-bit x and
+weights of one dtype, TMA's 16-byte rules, at most :data:`MAX_PROJ` projections and
+:data:`~.lora_train.MAX_SLICES` slices, T from :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`.
+Elsewhere the op runs the library GEMMs and then :class:`~.lora_train.ExpandAdd`.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fx_passes.ops.kernels.gemm_lora_prefill import _tile_pids
+from fx_passes.ops.kernels.jit_helpers import tile_owner
+from fx_passes.ops.kernels.lora_train import MAX_SLICES, Slices, _b_slots, _offsets, _strides, dot_precision, rank_block
+from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
+
+# Flat descriptor arguments (Inductor launches a traced kernel with flat arguments only): a GDN layer has
+# qkv and z, with b / a folded in up to 4.
+MAX_PROJ = 4
+_16BIT = (torch.float16, torch.bfloat16)
+_OFF_GPU_PROGRAMS = 4   # the interpreter runs programs one after another: any count is correct
+
+
+@triton.jit
+def _round(acc, dtype: tl.constexpr):
+    return acc.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.constexpr, SLICE_PROJ: tl.constexpr,
+               WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
+               SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
+               NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    rows64 = rows.to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    for i in tl.static_range(NUM_SLICES):
+        if SLICE_PROJ[i] == P:   # (compile time: this projection's slices only)
+            if (off_n < COLS[i] + WIDTHS[i]) & (off_n + BLOCK_N > COLS[i]):
+                r_mask = offs_r < RANKS[i]
+                s = tl.load(s_ptr + rows64[:, None] * STRIDE_ST + (SCOLS[i] + offs_r)[None, :],
+                            mask=(rows < T)[:, None] & r_mask[None, :], other=0.0)
+                local = off_n - COLS[i] + tl.arange(0, BLOCK_N)
+                bt = tl.load(bs[i] + local[None, :].to(tl.int64) * B_STRIDES_N[i] + offs_r[:, None] * B_STRIDES_R[i],
+                             mask=r_mask[:, None] & ((local >= 0) & (local < WIDTHS[i]))[None, :],
+                             other=0.0)   # [BLOCK_R, BLOCK_N] = B^T; columns outside the slice add 0
+                s = (s.to(tl.float32) * SCALES[i]).to(bt.dtype)
+                acc = tl.dot(s, bt, _round(acc, o_desc.dtype), input_precision=DOT_PRECISION)
+    o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+
+
+@triton.jit
+def _gemm_expand_kernel(x_desc, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
+                        b11, b12, b13, b14, b15, T, K, PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr,
+                        NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
+                        COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+                        B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
+                        NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    ws = (w0, w1, w2, w3)
+    os_ = (o0, o1, o2, o3)
+    bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+    num_m = tl.cdiv(T, BLOCK_M)
+    for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_pids(tile, num_m, NUM_N_TILES, GROUP_M)
+        p = tile_owner(pid_n, PROJ_TILE_OFF, NUM_PROJ)
+        for q in tl.static_range(NUM_PROJ):   # separate descriptors per projection: a branch each, unrolled
+            if p == q:
+                _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M, (pid_n - PROJ_TILE_OFF[q]) * BLOCK_N,
+                           T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R,
+                           STRIDE_ST, NUM_SLICES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """A TMA descriptor's rules: 16-byte aligned base and row stride, unit last stride (the base by the
+    storage offset: a traced tensor has no address; allocations are 16-byte aligned)."""
+    size = t.element_size()
+    return (t.dim() == 2 and t.stride(-1) == 1 and (t.storage_offset() * size) % 16 == 0
+            and (t.stride(0) * size) % 16 == 0)
+
+
+def fusable(x: torch.Tensor, weights: Sequence[torch.Tensor], num_slices: int) -> bool:
+    """Whether :class:`GemmExpand` runs this forward (host-side facts only: shapes, strides, dtypes, the
+    device; T from the device's :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`)."""
+    if x.device.type != "cuda" and not interpreting():
+        return False
+    if x.dtype not in _16BIT or any(w.dtype != x.dtype for w in weights):
+        return False
+    if not (1 <= len(weights) <= MAX_PROJ and 1 <= num_slices <= MAX_SLICES):
+        return False
+    info = device_info(x.device)
+    if prefill_launch(x.device, x.dtype) is None or x.shape[0] < tuning_for(info).train_fused_min_t:
+        return False
+    return _tma_ok(x) and all(_tma_ok(w) and (w.shape[0] * w.element_size()) % 16 == 0 for w in weights)
+
+
+class GemmExpand:
+    """``outs[p] = x @ W_p^T`` with the slices' LoRA (module docstring) for one call signature: the tiles,
+    tile order and every per-slice number planned once. ``slice_proj``: each slice's projection;
+    ``sl.col``: each slice's first column within its projection."""
+
+    def __init__(self, sl: Slices, slice_proj: Sequence[int], widths: Sequence[int], T: int, K: int,
+                 data_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device,
+                 config: Optional[PrefillLaunch] = None):
+        cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
+        self.cfg, self.T, self.widths = cfg, T, tuple(widths)
+        tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in widths])
+        tiles = triton.cdiv(T, cfg.block_m) * n_tiles
+        on_gpu = device.type == "cuda" and not interpreting()
+        sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
+        self.programs = max(1, min(tiles, cfg.num_programs or sms))
+        self.meta = dict(PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
+                         SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
+                         SCALES=sl.scale, NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(adapter_dtype, adapter_dtype),
+                         NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                         BLOCK_K=cfg.block_k, BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
+                 bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
+        """``traced``: the op's body is being traced; the launch is recorded through ``wrap_triton``."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        cfg = self.cfg
+        outs = [x.new_empty((x.shape[0], n)) for n in self.widths]
+        if self.T == 0:
+            return outs
+        pad = (None,) * (MAX_PROJ - len(weights))
+        w_descs = tuple(TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]) for w in weights)
+        o_descs = tuple(TensorDescriptor.from_tensor(o, [cfg.block_m, cfg.block_n]) for o in outs)
+        kernel = torch.library.wrap_triton(_gemm_expand_kernel) if traced else _gemm_expand_kernel
+        kernel[(self.programs,)](
+            TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]), *w_descs, *pad, *o_descs, *pad, s,
+            *_b_slots(bs), self.T, x.shape[1], B_STRIDES_N=_strides(bs), B_STRIDES_R=_strides(bs, 1),
+            STRIDE_ST=s.stride(0), **self.meta)
+        return outs
+
+
+def gemm_expand(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor],
+                sl: Slices, slice_proj: Sequence[int], *, config: Optional[PrefillLaunch] = None) -> list[torch.Tensor]:
+    """:class:`GemmExpand` planned and launched once (tests, benchmarks)."""
+    return GemmExpand(sl, slice_proj, [w.shape[0] for w in weights], x.shape[0], x.shape[1], x.dtype, s.dtype,
+                      x.device, config)(x, weights, s, bs)
