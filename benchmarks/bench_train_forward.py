@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--shapes", default="35B-A3B,27B,397B-A17B")
     ap.add_argument("--T", default="1024,2048,4096,16384")
     ap.add_argument("--rank", default="16,64")
+    ap.add_argument("--epilogue-dot", default=None, help="force the fused kernel's epilogue dot (bf16x3, tf32x3, tf32)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -52,7 +53,8 @@ def main() -> None:
             for T in csv_list(args.T, int):
                 x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
                 s = torch.randn(T, 2 * r, device="cuda", generator=g)
-                fused = glt.GemmExpand(sl, (0, 1), widths, T, H, x.dtype, s.dtype, x.device)
+                fused = glt.GemmExpand(sl, (0, 1), widths, T, H, x.dtype, s.dtype, x.device,
+                                       epilogue_dot=args.epilogue_dot)
                 bare = glt.GemmExpand(lt.Slices((), (), (), (), ()), (), widths, T, H, x.dtype, s.dtype, x.device)
                 expand = lt.ExpandAdd(sl, T, s.dtype, tensor_of=(0, 1))
 
@@ -75,7 +77,7 @@ def main() -> None:
                       f"{t['gemm_only'] / t['frozen']:.3f}x  split {t['split'] / t['frozen']:.3f}x  fused "
                       f"{t['fused'] / t['frozen']:.3f}x  split/fused {t['split'] / t['fused']:.3f}  err fused "
                       f"{err['fused']:.2e} split {err['split']:.2e}  differ {differ:.4f}", flush=True)
-                rows.append(result_row(env, shape=name, r=r, T=T, **{f"{k}_us": v * 1e3 for k, v in t.items()},
+                rows.append(result_row(env, shape=name, r=r, T=T, epilogue_dot=fused.meta["EPILOGUE_DOT"], **{f"{k}_us": v * 1e3 for k, v in t.items()},
                                        err_fused=err["fused"], err_split=err["split"], differ=differ))
                 write_rows(json_path("bench_train_forward", args.json), rows)
 

@@ -430,3 +430,47 @@ def test_the_forward_op_takes_the_fused_gemm_from_the_devices_t(monkeypatch):
         for got, want in zip(got_outs, want_outs):
             assert got.shape == want.shape and got.dtype == want.dtype
             _close(got, want, torch.float16)
+
+
+def _gemm_expand_args(T, seed=12):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, 64, generator=g).to(torch.float16)
+    weights = [(torch.randn(n, 64, generator=g) * 0.2).to(torch.float16) for n in (96, 32, 8, 8)]
+    s = torch.randn(T, 16, generator=g)
+    lora_b = [torch.randn(96, 8, generator=g), torch.randn(32, 8, generator=g), torch.randn(40, 8, generator=g)]
+    # q | k | v's slice, z's, and a second adapter over part of q | k | v's columns (slice order matters)
+    return x, weights, s, lora_b, [0, 1, 0], [0, 0, 30], [0, 8, 8], [2.0, 0.5, 1.5]
+
+
+def test_gemm_expand_op_opcheck_and_errors():
+    """``fx_passes::qkvz_gemm_expand_train`` (what a traced forward calls from ``train_fused_min_t``):
+    opcheck on its torch implementation, which equals library GEMMs plus the expand reference, and clear
+    errors on bad slices."""
+    args = _gemm_expand_args(20)
+    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_expand_train.default, args)
+    x, weights, s, lora_b, proj, col, scol, scales = args
+    want = [x @ w.t() for w in weights]
+    _add_lora_reference(want, s, lora_b, [0, 1, 2], list(zip(proj, col)), scales, scol)
+    got = torch.ops.fx_passes.qkvz_gemm_expand_train(*args)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="lies outside"):
+        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s, lora_b, [0, 1, 1], col, scol, scales)
+    with pytest.raises(RuntimeError, match="columns \\[8, 16\\) of s's 12"):
+        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s[:, :12], lora_b, proj, col, scol, scales)
+    with pytest.raises(RuntimeError, match="one entry per slice"):
+        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s, lora_b, proj[:2], col, scol, scales)
+
+
+def test_gemm_expand_op_cuda_implementation(monkeypatch):
+    """Its CUDA implementation (the interpreter on CPU tensors): the fused kernel from the device's
+    ``train_fused_min_t`` (lowered to 64 here), library GEMMs below; both equal the torch implementation."""
+    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
+    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
+    for T in (40, 67):
+        args = _gemm_expand_args(T)
+        got = train._gemm_expand_cuda(*args)
+        plan = train._GEMM_EXPAND_PLANS.get(train._signature(*args), lambda: "none")
+        assert (plan is not False) == (T >= 64)
+        for a, b in zip(got, torch.ops.fx_passes.qkvz_gemm_expand_train(*args)):
+            _close(a, b, torch.float16)

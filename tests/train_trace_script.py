@@ -42,17 +42,17 @@ def called(graph) -> dict:
     return {"ops": ops, "kernels": kernels}
 
 
-def tensors(device: str):
+def tensors(device: str, T: int = T, widths=WIDTHS):
     with FakeTensorMode():
         x = torch.empty(T, H, device=device, dtype=torch.bfloat16)
-        weights = [torch.empty(n, H, device=device, dtype=torch.bfloat16) for n in WIDTHS]
+        weights = [torch.empty(n, H, device=device, dtype=torch.bfloat16) for n in widths]
         lora_a = [torch.empty(8, H, device=device) for _ in range(2)]
         lora_b = [torch.empty(WIDTHS[0], 8, device=device), torch.empty(WIDTHS[1], 8, device=device)]
     return x, weights, lora_a, lora_b
 
 
-def trace_forward(device="cuda"):
-    x, weights, lora_a, lora_b = tensors(device)
+def trace_forward(device="cuda", T: int = T, widths=WIDTHS):
+    x, weights, lora_a, lora_b = tensors(device, T, widths)
 
     def f(x, *params):
         w, a, b = params[:4], params[4:6], params[6:]
@@ -70,6 +70,9 @@ def trace_for_export():
 if __name__ == "__main__":
     print(json.dumps({
         "forward": trace_forward(),
+        # from train_fused_min_t, with TMA rows in every projection: the GEMMs + expand as one op
+        "forward_large": trace_forward(T=tuning.tuning_for(tuning.device_info(None)).train_fused_min_t,
+                                       widths=(200, 72, 8, 8)),
         "forward_cpu": trace_forward("cpu"),
         "forward_export": trace_for_export(),
     }))

@@ -317,10 +317,86 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
             s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a), traced=traced)
             s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
         if plan.gemm is not None:   # the GEMMs with the expand in their epilogue: [T, N] written once
-            return plan.gemm(x, weights, s, lora_b, traced=traced), s
+            if traced:   # (its TMA descriptors cannot be traced through wrap_triton: one op in the graph)
+                sl = plan.gemm.slices
+                return torch.ops.fx_passes.qkvz_gemm_expand_train(x, list(weights), s, list(lora_b),
+                                                                  list(plan.out_of), list(sl.col), list(sl.scol),
+                                                                  list(sl.scale)), s
+            return plan.gemm(x, weights, s, lora_b), s
         outs = [x @ w.t() for w in weights]
         plan.expand([outs[p] for p in plan.out_of], s, lora_b, traced=traced)
     return outs, s
+
+
+# --------------------------------------------------------------------------------------------
+# the forward's GEMMs + expand as one op (what a traced forward calls from T train_fused_min_t)
+# --------------------------------------------------------------------------------------------
+def _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales) -> None:
+    name = "qkvz_gemm_expand_train"
+    check_gemm_args(x, weights)
+    T = x.shape[0]
+    torch._check(s.dim() == 2 and s.shape[0] == T and s.device == x.device,
+                 lambda: f"{name}: s must be [T={T}, R] on {x.device}, got {tuple(s.shape)} on {s.device}")
+    torch._check(len(lora_b) == len(slice_proj) == len(slice_col) == len(slice_scol) == len(scales),
+                 lambda: f"{name}: lora_b, slice_proj, slice_col, slice_scol, scales need one entry per slice, got "
+                         f"{len(lora_b)}, {len(slice_proj)}, {len(slice_col)}, {len(slice_scol)}, {len(scales)}")
+    for i, b in enumerate(lora_b):
+        p, col, scol = slice_proj[i], slice_col[i], slice_scol[i]
+        torch._check(b.dim() == 2 and b.dtype == s.dtype and b.device == x.device,
+                     lambda: f"{name}: lora_b[{i}] must be 2-D in s's {s.dtype} on {x.device}, got "
+                             f"{tuple(b.shape)} {b.dtype} on {b.device}")
+        torch._check(0 <= p < len(weights) and 0 <= col and col + b.shape[0] <= weights[p].shape[0],
+                     lambda: f"{name}: slice {i} (projection {p}, columns [{col}, {col + b.shape[0]})) lies outside "
+                             f"the projections' widths {[w.shape[0] for w in weights]}")
+        torch._check(0 <= scol and scol + b.shape[1] <= s.shape[1],
+                     lambda: f"{name}: slice {i} reads columns [{scol}, {scol + b.shape[1]}) of s's {s.shape[1]}")
+
+
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_gemm_expand_train", mutates_args=())
+def qkvz_gemm_expand_train(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
+                           lora_b: Sequence[torch.Tensor], slice_proj: Sequence[int], slice_col: Sequence[int],
+                           slice_scol: Sequence[int], scales: Sequence[float]) -> list[torch.Tensor]:
+    """The forward op's outputs from its shrink ``s``: ``outs[p] = x @ W_p^T`` rounded to x's dtype, then per
+    slice i in order ``outs[slice_proj[i]][:, slice_col[i]:+n_i] = round(cols + scales[i] * s[:, slice_scol[i]:
+    +r_i] @ lora_b[i]^T)`` (the sum in promote(x, adapters) dtype). On CUDA from the device's
+    ``train_fused_min_t`` one kernel (:mod:`~.kernels.gemm_lora_train`); elsewhere library GEMMs + torch."""
+    _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
+    outs = [x @ w.t() for w in weights]
+    _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales, slice_scol)
+    return outs
+
+
+@qkvz_gemm_expand_train.register_fake
+def _gemm_expand_fake(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales):
+    _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
+    return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
+
+
+_GEMM_EXPAND_PLANS = LruMemo()
+
+
+@cuda_impl("qkvz_gemm_expand_train")
+def _gemm_expand_cuda(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales):
+    from fx_passes.ops.kernels.gemm_lora_train import GemmExpand, fusable
+    from fx_passes.ops.kernels.lora_train import Slices
+
+    def make():
+        _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
+        if not fusable(x, weights, len(lora_b)):
+            return False
+        sl = Slices(tuple(b.shape[0] for b in lora_b), tuple(slice_col), tuple(slice_scol),
+                    tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales))
+        return GemmExpand(sl, tuple(slice_proj), [w.shape[0] for w in weights], x.shape[0], x.shape[1], x.dtype,
+                          s.dtype, x.device)
+
+    gemm = _GEMM_EXPAND_PLANS.get(_signature(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales), make)
+    if gemm is False:   # (below the device's T, or not TMA-able: the same result by library GEMMs)
+        outs = [x @ w.t() for w in weights]
+        _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales,
+                            slice_scol)
+        return outs
+    with on_device(x):
+        return gemm(x, weights, s, lora_b)
 
 
 @qkvz_lora_train.register_fake

@@ -54,7 +54,7 @@ def _round(acc, dtype: tl.constexpr):
 def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.constexpr, SLICE_PROJ: tl.constexpr,
                WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
                SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
-               NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+               NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -73,8 +73,15 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
                 bt = tl.load(bs[i] + local[None, :].to(tl.int64) * B_STRIDES_N[i] + offs_r[:, None] * B_STRIDES_R[i],
                              mask=r_mask[:, None] & ((local >= 0) & (local < WIDTHS[i]))[None, :],
                              other=0.0)   # [BLOCK_R, BLOCK_N] = B^T; columns outside the slice add 0
-                s = (s.to(tl.float32) * SCALES[i]).to(bt.dtype)
-                acc = tl.dot(s, bt, _round(acc, o_desc.dtype), input_precision=DOT_PRECISION)
+                s = s.to(tl.float32) * SCALES[i]
+                if EPILOGUE_DOT == "bf16x3":   # fp32 factors as bf16 hi + lo: hi hi + hi lo + lo hi
+                    s_hi = s.to(tl.bfloat16)
+                    s_lo = (s - s_hi.to(tl.float32)).to(tl.bfloat16)
+                    b_hi = bt.to(tl.bfloat16)
+                    b_lo = (bt - b_hi.to(tl.float32)).to(tl.bfloat16)
+                    acc = tl.dot(s_hi, b_hi, tl.dot(s_lo, b_hi, tl.dot(s_hi, b_lo, _round(acc, o_desc.dtype))))
+                else:
+                    acc = tl.dot(s.to(bt.dtype), bt, _round(acc, o_desc.dtype), input_precision=EPILOGUE_DOT)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
@@ -84,7 +91,7 @@ def _gemm_expand_kernel(x_desc, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b
                         NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
-                        NUM_SLICES: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                        NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     ws = (w0, w1, w2, w3)
@@ -98,7 +105,7 @@ def _gemm_expand_kernel(x_desc, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b
             if p == q:
                 _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M, (pid_n - PROJ_TILE_OFF[q]) * BLOCK_N,
                            T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R,
-                           STRIDE_ST, NUM_SLICES, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                           STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -131,9 +138,9 @@ class GemmExpand:
 
     def __init__(self, sl: Slices, slice_proj: Sequence[int], widths: Sequence[int], T: int, K: int,
                  data_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device,
-                 config: Optional[PrefillLaunch] = None):
+                 config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
-        self.cfg, self.T, self.widths = cfg, T, tuple(widths)
+        self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
         tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in widths])
         tiles = triton.cdiv(T, cfg.block_m) * n_tiles
         on_gpu = device.type == "cuda" and not interpreting()
@@ -141,10 +148,23 @@ class GemmExpand:
         self.programs = max(1, min(tiles, cfg.num_programs or sms))
         self.meta = dict(PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
-                         SCALES=sl.scale, NUM_SLICES=len(sl), DOT_PRECISION=dot_precision(adapter_dtype, adapter_dtype),
+                         SCALES=sl.scale, NUM_SLICES=len(sl),
+                         EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    @staticmethod
+    def epilogue_dot(adapter_dtype: torch.dtype, on_gpu: bool) -> str:
+        """How the epilogue multiplies s with B: 16-bit adapters in their dtype; fp32 adapters on a GPU as
+        bf16 hi + lo parts of both factors in three bf16 dots (a relative error of ~2^-16 in the LoRA term,
+        far below the 16-bit output's rounding): ``tf32x3`` there (fp32-level) made the kernel 6-7x the
+        GEMM's time at every Qwen3.5 width. The interpreter (no bf16) takes :func:`~.lora_train.dot_precision`."""
+        if adapter_dtype != torch.float32:
+            return "tf32"   # ignored: 16-bit dots
+        if on_gpu and dot_precision(torch.bfloat16, adapter_dtype) != "tf32":
+            return "bf16x3"
+        return dot_precision(adapter_dtype, adapter_dtype)
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
                  bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
