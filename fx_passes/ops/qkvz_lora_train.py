@@ -359,7 +359,8 @@ def qkvz_gemm_expand_train(x: torch.Tensor, weights: Sequence[torch.Tensor], s: 
     """The forward op's outputs from its shrink ``s``: ``outs[p] = x @ W_p^T`` rounded to x's dtype, then per
     slice i in order ``outs[slice_proj[i]][:, slice_col[i]:+n_i] = round(cols + scales[i] * s[:, slice_scol[i]:
     +r_i] @ lora_b[i]^T)`` (the sum in promote(x, adapters) dtype). On CUDA from the device's
-    ``train_fused_min_t`` one kernel (:mod:`~.kernels.gemm_lora_train`); elsewhere library GEMMs + torch."""
+    ``train_fused_min_t`` one kernel (:mod:`~.kernels.gemm_lora_train`); elsewhere library GEMMs + torch.
+    No autograd on CUDA (a piece of the training op's traced forward: the op's backward has its gradients)."""
     _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
     outs = [x @ w.t() for w in weights]
     _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales, slice_scol)
@@ -397,6 +398,11 @@ def _gemm_expand_cuda(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, 
         return outs
     with on_device(x):
         return gemm(x, weights, s, lora_b)
+
+
+# Called only from a traced forward, whose gradients the training op's backward computes: its CUDA calls skip
+# custom_op's Python autograd layer (30-80 us of host per call), so it has no autograd on CUDA.
+no_autograd_on_cuda("qkvz_gemm_expand_train")
 
 
 @qkvz_lora_train.register_fake

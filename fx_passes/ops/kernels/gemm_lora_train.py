@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fx_passes.ops.kernels.gemm_lora_prefill import _tile_pids
-from fx_passes.ops.kernels.jit_helpers import tile_owner
+from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
 from fx_passes.ops.kernels.lora_train import MAX_SLICES, Slices, _b_slots, _offsets, _strides, dot_precision, rank_block
 from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
 
@@ -153,6 +153,7 @@ class GemmExpand:
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_gemm_expand_kernel)
 
     @staticmethod
     def epilogue_dot(adapter_dtype: torch.dtype, on_gpu: bool) -> str:
@@ -167,8 +168,10 @@ class GemmExpand:
         return dot_precision(adapter_dtype, adapter_dtype)
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
-                 bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
-        """``traced``: the op's body is being traced; the launch is recorded through ``wrap_triton``."""
+                 bs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Launched directly, never traced through ``wrap_triton``: Inductor cannot trace host TMA descriptors
+        outside Dynamo (the training op's traced body calls ``fx_passes::qkvz_gemm_expand_train``). Later calls
+        go straight to the compiled kernel (:class:`~.jit_helpers.CompiledLaunches`)."""
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         cfg = self.cfg
@@ -178,11 +181,12 @@ class GemmExpand:
         pad = (None,) * (MAX_PROJ - len(weights))
         w_descs = tuple(TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]) for w in weights)
         o_descs = tuple(TensorDescriptor.from_tensor(o, [cfg.block_m, cfg.block_n]) for o in outs)
-        kernel = torch.library.wrap_triton(_gemm_expand_kernel) if traced else _gemm_expand_kernel
-        kernel[(self.programs,)](
-            TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]), *w_descs, *pad, *o_descs, *pad, s,
-            *_b_slots(bs), self.T, x.shape[1], B_STRIDES_N=_strides(bs), B_STRIDES_R=_strides(bs, 1),
-            STRIDE_ST=s.stride(0), **self.meta)
+        args = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]), *w_descs, *pad, *o_descs, *pad, s,
+                *_b_slots(bs), self.T, x.shape[1])
+        key = (_strides(bs), _strides(bs, 1), s.stride(0))
+        self.launches.launch(key, (self.programs,), args,
+                             dict(self.meta, B_STRIDES_N=key[0], B_STRIDES_R=key[1], STRIDE_ST=key[2]),
+                             (x, *weights, *outs, s, *bs))
         return outs
 
 
