@@ -139,9 +139,9 @@ def test_ds_columns_of_s_that_no_slice_reads_are_zero():
 def test_dsdb_tiles_narrow_for_large_ranks():
     """B's tile of the dS + dB kernel stays within ``DSDB_MAX_B_TILE`` elements: the default 256-column tiles
     at ranks 65 - 128 needed more shared memory than a GPU has (the interpreter has no limit to show it);
-    ranks 33 - 64 take ``DSDB_RANK64_LAUNCH``'s 128-column tiles."""
+    ranks 17 - 32 and 33 - 64 take ``DSDB_RANK32_LAUNCH``'s and ``DSDB_RANK64_LAUNCH``'s 128-column tiles."""
     sl = Slices((300, 300), (0, 300), (0, 0), (80, 80), (1.0, 1.0))
-    for ranks, block_n in [((16, 16), 256), ((32, 32), 256), ((64, 64), 128), ((80, 80), 128), ((128, 128), 128)]:
+    for ranks, block_n in [((16, 16), 256), ((32, 32), 128), ((64, 64), 128), ((80, 80), 128), ((128, 128), 128)]:
         plan = lora_train.LoraDsDb(sl.__class__(sl.width, sl.col, sl.scol, ranks, sl.scale), 64, ranks[0],
                                    torch.bfloat16, torch.float32, sms=132)
         assert (plan.meta["BLOCK_N"], plan.meta["BLOCK_N"] * plan.meta["BLOCK_R"]) == (block_n, min(

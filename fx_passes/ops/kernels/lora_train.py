@@ -85,6 +85,11 @@ DSDB_MAX_B_TILE = 256 * 64
 # at 35B-A3B / 27B widths, T 2048 - 8192, one cell 1.00x (benchmarks/RESULTS.md: "dS + dB tiles per rank").
 # (Rank block 128 keeps the capped default: 3 stages there exceed shared memory.)
 DSDB_RANK64_LAUNCH = TrainLaunch(64, 128, 8, 3)
+# Ranks 17 - 32 (rank block 32): 128-column tiles over 4 warps, 3 stages: 0.79-0.97x the default's time at
+# 35B-A3B / 27B widths, T 2048 / 8192, and the best launch of the sweep in every held-out cell (397B-A17B / 27B,
+# T 1024 / 3072 / 6144: 0.73-0.86x). With rank 16's 256 x 16 and rank 64's 128 x 64 over 8 warps, B's tile
+# stays at 4096 elements per 4 warps.
+DSDB_RANK32_LAUNCH = TrainLaunch(64, 128, 4, 3)
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -624,7 +629,7 @@ class LoraDsDb:
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
         block_r = rank_block(sl.rank)
-        cfg = launch or (DSDB_RANK64_LAUNCH if block_r == 64 else DSDB_LAUNCH)
+        cfg = launch or {32: DSDB_RANK32_LAUNCH, 64: DSDB_RANK64_LAUNCH}.get(block_r, DSDB_LAUNCH)
         if cfg.block_n * block_r > DSDB_MAX_B_TILE:
             cfg = dataclasses.replace(cfg, block_n=max(16, DSDB_MAX_B_TILE // block_r))
         counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
