@@ -11,7 +11,9 @@
 
 which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result =
 base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
-it rounds: the expand and its scaling are not rounded apart from the sum. ``slice_start`` counts columns
+it rounds: the expand and its scaling are not rounded apart from the sum. (On Hopper from the device's
+``train_fused_min_t`` the expand of fp32 adapters multiplies bf16 hi + lo parts of s and B: ~2^-16 relative
+in delta, below the 16-bit output's rounding; :mod:`~.kernels.gemm_lora_train`.) ``slice_start`` counts columns
 of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
 group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels' registers), or what PEFT
 made of it (the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG
@@ -38,7 +40,9 @@ Host cost: the argument checks and everything planned from shapes alone run once
 (:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does. Under
 ``torch.compile`` on CUDA both ops' bodies are traced into the graph Inductor compiles
 (:func:`_inline_for_inductor`): its code then calls the GEMMs and launches the kernels itself, and a step
-runs no Python of ours at all.
+runs no Python of ours, except from the device's ``train_fused_min_t`` on Hopper, where the forward's base
+GEMMs with the expand in their epilogue are one call of :func:`qkvz_gemm_expand_train` per layer (its host
+TMA descriptors cannot be traced through ``wrap_triton`` outside Dynamo).
 """
 from __future__ import annotations
 
@@ -362,6 +366,10 @@ def qkvz_gemm_expand_train(x: torch.Tensor, weights: Sequence[torch.Tensor], s: 
     ``train_fused_min_t`` one kernel (:mod:`~.kernels.gemm_lora_train`); elsewhere library GEMMs + torch.
     No autograd on CUDA (a piece of the training op's traced forward: the op's backward has its gradients)."""
     _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
+    return _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
+
+
+def _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales) -> list[torch.Tensor]:
     outs = [x @ w.t() for w in weights]
     _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales, slice_scol)
     return outs
@@ -392,10 +400,7 @@ def _gemm_expand_cuda(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, 
 
     gemm = _GEMM_EXPAND_PLANS.get(_signature(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales), make)
     if gemm is False:   # (below the device's T, or not TMA-able: the same result by library GEMMs)
-        outs = [x @ w.t() for w in weights]
-        _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales,
-                            slice_scol)
-        return outs
+        return _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
     with on_device(x):
         return gemm(x, weights, s, lora_b)
 

@@ -16,8 +16,9 @@ tile's K loop, each LoRA slice over the tile's columns is added in slice order, 
     acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
 
 ``round``: to x's dtype and back (PEFT adds each adapter to the rounded result and rounds the sum). The
-scale multiplies s before the dot (fp32 adapters: exact at fp32 level; 16-bit adapters: one rounding of
-the scaled s), the dot at :func:`~.lora_train.dot_precision` of the adapters (fp32-level by default).
+scale multiplies s before the dot (16-bit adapters: one rounding of the scaled s); fp32 adapters multiply as
+bf16 hi + lo parts on a GPU (:meth:`GemmExpand.epilogue_dot`: ~2^-16 relative in the LoRA term, where the
+op's other kernels are fp32-level), at :func:`~.lora_train.dot_precision` under the Triton interpreter.
 
 Conditions (:func:`fusable`): a GPU with TMA (sm90+) and shared memory for the tiles
 (:func:`~fx_passes.ops.tuning.prefill_launch`, the tiles of the inference prefill kernel), 16-bit x and
@@ -38,8 +39,7 @@ from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
 from fx_passes.ops.kernels.lora_train import MAX_SLICES, Slices, _b_slots, _offsets, _strides, dot_precision, rank_block
 from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
 
-# Flat descriptor arguments (Inductor launches a traced kernel with flat arguments only): a GDN layer has
-# qkv and z, with b / a folded in up to 4.
+# One W and one output descriptor argument per projection, up to 4 (a GDN layer's qkv, z, b, a), unused ones None.
 MAX_PROJ = 4
 _16BIT = (torch.float16, torch.bfloat16)
 _OFF_GPU_PROGRAMS = 4   # the interpreter runs programs one after another: any count is correct
