@@ -126,6 +126,25 @@ def test_ds_and_db_from_one_read_of_dy(layout, T, adapter_dtype):
         row += b.shape[0]
 
 
+@pytest.mark.parametrize("rank", [12, 24, 48])
+def test_dsdb_default_launch_of_each_rank_block(rank):
+    """``lora_dsdb`` at the launch it picks itself for rank blocks 16 / 32 / 64 (256-column tiles;
+    ``DSDB_RANK32_LAUNCH``; ``DSDB_RANK64_LAUNCH``) against the torch implementation: two slices of one A
+    group each, column tails in both."""
+    g = torch.Generator().manual_seed(rank)
+    widths, T = (300, 140), 70
+    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
+    s = torch.randn(T, 2 * rank, generator=g)
+    lora_b = [torch.randn(n, rank, generator=g) for n in widths]
+    sl = Slices(widths, (0, 0), (0, rank), (rank, rank), (2.0, 0.5))
+    owners = [(0, 0), (1, 0)]
+    want_s, want_b = lora_grads_reference(dys, s, lora_b, [0, 1], owners, [2.0, 0.5], [rank, rank], True)
+    d_s, part = lora_train.lora_dsdb(dys, lora_b, s, sl, sms=4)
+    _close(d_s, want_s, torch.float32)
+    for b, want, row in zip(lora_b, want_b, (0, widths[0])):
+        _close(part[:, row:row + b.shape[0], :rank].sum(0), want, torch.float32)
+
+
 def test_ds_columns_of_s_that_no_slice_reads_are_zero():
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(70, "qkvz", torch.float32, seed=4)
     wide = torch.cat([s, torch.randn(70, 3)], 1)   # a group of rank 3 without a slice
