@@ -12,7 +12,8 @@ gradient asked for, then only some.
     ... --layouts big-rank                           # some of the layouts
 
 ``--compiled`` also asserts that Inductor's code launches the training kernels itself and calls neither
-op (it may call ``qkvz_gemm_expand_train``: the forward's fused GEMM from ``train_fused_min_t``).
+op (it may call ``qkvz_gemm_expand_train`` and ``qkvz_gemm_dx_train``: the fused GEMMs from
+``train_fused_min_t``).
 
 Bounds (relative Frobenius error against fp64): fp32 results (s, dS, dA, dB) 1e-5; 16-bit results (the
 outputs, dx) three times what rounding the fp64 result to their dtype costs, plus 1e-4 (the ops round
@@ -95,7 +96,8 @@ def _compiled(op):
         fn = torch.compile(lambda *a: op(*a), dynamic=False, fullgraph=True)
         result, codes = run_and_get_code(fn, *args)
         code = "\n".join(codes)
-        # (from train_fused_min_t the forward's GEMMs + expand are one op call: qkvz_gemm_expand_train)
+        # (from train_fused_min_t the forward's GEMMs + expand and dx's GEMMs + LoRA part are one op call each:
+        # qkvz_gemm_expand_train, qkvz_gemm_dx_train)
         assert "torch.ops.fx_passes.qkvz_lora_train" not in code and "_kernel" in code, code[-3000:]
         return result
     return call
@@ -147,14 +149,18 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
     return worst, worst_name[0]
 
 
-def forward_path(layout: str, T: int, dtype) -> str:
-    """Which forward the case runs: ``gemm`` (the base GEMMs with the expand in their epilogue) or
-    ``split`` (library GEMMs, then the expand kernel)."""
-    from fx_passes.ops.kernels.gemm_lora_train import fusable
+def paths(layout: str, T: int, dtype, x_itself: bool) -> str:
+    """Which forward and which dx the case runs: ``gemm`` (the base GEMMs with the expand in their epilogue)
+    or ``split`` (library GEMMs, then the expand kernel); dx ``gemm`` (dx's GEMMs with x's LoRA gradient in
+    their epilogue, x itself the LoRA input) or ``split``."""
+    from fx_passes.ops.kernels.gemm_lora_train import dx_fusable, fusable
 
     x = torch.empty(T, 96, device=DEVICE, dtype=dtype)
     weights = [torch.empty(n, 96, device=DEVICE, dtype=dtype) for n in LAYOUTS[layout][0]]
-    return "gemm" if fusable(x, weights, len(LAYOUTS[layout][1])) else "split"
+    dys = [torch.empty(T, n, device=DEVICE, dtype=dtype) for n in LAYOUTS[layout][0]]
+    fwd = "gemm" if fusable(x, weights, len(LAYOUTS[layout][1])) else "split"
+    dx = "gemm" if x_itself and dx_fusable(dys, weights, len(LAYOUTS[layout][2])) else "split"
+    return f"{fwd}/{dx}"
 
 
 def main() -> int:
@@ -173,7 +179,7 @@ def main() -> int:
         worst_all = max(worst_all, worst)
         misses += worst > 1
         print(f"{layout:9s} T{T:<5d} {str(dtype)[6:]:8s} adapters {str(ad)[6:]:8s} "
-              f"{'x itself' if x_itself else 'per group':9s} {forward_path(layout, T, dtype):5s} "
+              f"{'x itself' if x_itself else 'per group':9s} {paths(layout, T, dtype, x_itself):10s} "
               f"worst error / bound {worst:.3f} ({name})", flush=True)
     print(f"worst error / bound {worst_all:.3f}, {misses} case(s) over", flush=True)
     return 1 if misses else 0

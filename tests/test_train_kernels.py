@@ -493,3 +493,101 @@ def test_gemm_expand_op_cuda_implementation(monkeypatch):
         assert (plan is not False) == (T >= 64)
         for a, b in zip(got, torch.ops.fx_passes.qkvz_gemm_expand_train(*args)):
             _close(a, b, torch.float16)
+
+
+# --------------------------------------------------------------------------------------------
+# backward at large T: dx's GEMMs with x's LoRA gradient in their epilogue (gemm_lora_train.GemmDx)
+# --------------------------------------------------------------------------------------------
+def _gemm_dx_args(T, ranks=(8, 5), widths=(56, 24, 8, 8), adapter_dtype=torch.float32, H=40, seed=21):
+    """dys, weights [n_p, H] (K tails at 16-wide K tiles: 56, 24, 8; an H tail at 16-wide column tiles: 40),
+    dS [T, sum(ranks)] and the A groups."""
+    g = torch.Generator().manual_seed(seed)
+    dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
+    weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
+    ds = torch.randn(T, sum(ranks), generator=g).to(adapter_dtype)
+    lora_a = [(torch.randn(r, H, generator=g) * 0.3).to(adapter_dtype) for r in ranks]
+    return dys, weights, ds, lora_a
+
+
+@pytest.mark.parametrize("T", [5, 37])
+@pytest.mark.parametrize("ranks,widths", [((8, 5), (56, 24, 8, 8)), ((16,), (40,))])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_gemm_dx_matches_reference(T, ranks, widths, adapter_dtype):
+    """The persistent dx GEMM (3 programs over 16 x 16 tiles, K tails in every projection, T and H tails)
+    against library GEMMs accumulating into one buffer, then x's LoRA gradient of every group added in fp32
+    and rounded once; without the LoRA it is the GEMMs alone."""
+    dys, weights, ds, lora_a = _gemm_dx_args(T, ranks, widths, adapter_dtype)
+    want = train._gemm_dx_reference(dys, weights, ds, lora_a)
+    got = gemm_lora_train.gemm_dx(dys, weights, ds, lora_a, config=SMALL_GEMM)
+    assert got.shape == want.shape == (T, 40) and got.dtype == torch.float16
+    _close(got, want, torch.float16)
+    base = train._sum_of_products(dys, weights)
+    assert not torch.allclose(got.float(), base.float(), atol=1e-2)   # the LoRA part is there
+    bare = gemm_lora_train.GemmDx([], widths, T, 40, torch.float16, adapter_dtype, ds.device, SMALL_GEMM)
+    _close(bare(dys, weights, ds, []), base, torch.float16)
+
+
+def test_gemm_dx_conditions():
+    """Where the backward takes the dx GEMM: :func:`gemm_lora_train.fusable`'s rules on the weights, T and
+    the dtype, and TMA rows in every dy."""
+    T = tuning.tuning_for(tuning.OFF_GPU_DEVICE).train_fused_min_t
+    dys, weights, _, _ = _gemm_dx_args(T, H=64)
+    assert gemm_lora_train.dx_fusable(dys, weights, 2)
+    assert not gemm_lora_train.dx_fusable([d[:T - 1] for d in dys], weights, 2)            # below the device's T
+    assert not gemm_lora_train.dx_fusable(dys[:3], weights, 2)                             # a weight without dy
+    assert not gemm_lora_train.dx_fusable([dys[0].float()] + dys[1:], weights, 2)          # dys of two dtypes
+    strided = torch.zeros(T, 112, dtype=torch.float16)[:, ::2]
+    assert not gemm_lora_train.dx_fusable([strided] + dys[1:], weights, 2)                # no TMA rows
+    assert not gemm_lora_train.dx_fusable(dys, weights, lora_train.MAX_SLICES + 1)
+
+
+def test_the_backward_op_takes_the_dx_gemm_from_the_devices_t(monkeypatch):
+    """The backward op's CUDA implementation (the interpreter on CPU tensors), x itself the LoRA input: below
+    the device's ``train_fused_min_t`` (lowered to 64) dx comes from library GEMMs + the expand kernel, from
+    there from the dx GEMM; both equal the op's torch implementation, and a backward without dx takes neither."""
+    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
+    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
+    g = torch.Generator().manual_seed(13)
+    H, widths = 48, [96, 32, 8, 8]
+    weights = [(torch.randn(n, H, generator=g) * 0.2).to(torch.float16) for n in widths]
+    lora_a = [torch.randn(r, H, generator=g) * 0.3 for r in (8, 8)]
+    lora_b = [torch.randn(n, 8, generator=g) * 0.3 for n in (96, 32)]
+    for T, fused in ((63, False), (66, True)):
+        x = torch.randn(T, H, generator=g).to(torch.float16)
+        dys = [torch.randn(T, n, generator=g).to(torch.float16) for n in widths]
+        s = torch.randn(T, 16, generator=g)
+        for need_dx in (True, False):
+            back = (dys, [x], weights if need_dx else [], lora_a, lora_b, s, None, [0, 1], [0, 96], [2.0, 0.5],
+                    [0, 0], 0, need_dx, True, True)
+            got = train._backward_cuda(*back)
+            plan = train._BACKWARD_PLANS.get(train._signature(*back), lambda: None)
+            assert (plan.gemm_dx is not None, plan.dx is None) == (fused and need_dx, fused and need_dx)
+            want = torch.ops.fx_passes.qkvz_lora_train_backward(*back)
+            for got_t, want_t in zip([got[0], got[1]] + got[2] + got[3], [want[0], want[1]] + want[2] + want[3]):
+                assert got_t.dtype == want_t.dtype and got_t.shape == want_t.shape
+                if got_t.numel():
+                    _close(got_t, want_t, got_t.dtype if got_t.dtype == torch.float16 else torch.float32)
+
+
+def test_gemm_dx_op_opcheck_errors_and_cuda_implementation(monkeypatch):
+    """``fx_passes::qkvz_gemm_dx_train`` (what a traced backward calls from ``train_fused_min_t``): opcheck on
+    its torch implementation, clear errors on bad arguments, and its CUDA implementation (the interpreter)
+    equal to it below and from the device's T (lowered to 64)."""
+    args = _gemm_dx_args(20)
+    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_dx_train.default, args)
+    dys, weights, ds, lora_a = args
+    assert torch.equal(torch.ops.fx_passes.qkvz_gemm_dx_train(*args), train._gemm_dx_reference(*args))
+    with pytest.raises(RuntimeError, match="one weight per gradient"):
+        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, weights[:3], ds, lora_a)
+    with pytest.raises(RuntimeError, match=r"ds must be \[T=20, R=13\]"):
+        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, weights, ds[:, :12], lora_a)
+    with pytest.raises(RuntimeError, match=r"must be \[T=20, n\] and \[n, H=40\]"):
+        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, [weights[1]] + weights[1:], ds, lora_a)
+    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
+    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
+    for T in (40, 67):
+        args = _gemm_dx_args(T)
+        got = train._gemm_dx_cuda(*args)
+        plan = train._GEMM_DX_PLANS.get(train._signature(*args), lambda: "none")
+        assert (plan is not False) == (T >= 64)
+        _close(got, torch.ops.fx_passes.qkvz_gemm_dx_train(*args), torch.float16)

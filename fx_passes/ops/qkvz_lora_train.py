@@ -225,13 +225,15 @@ class _TrainPlan:
     dsdb: object = None                  # LoraDsDb (dS and dB from one read of dy)
     da: object = None                    # x's side: LoraDb (dA), ExpandAdd (x's LoRA gradient)
     dx: object = None
+    gemm_dx: object = None               # backward at large T: GemmDx (dx's GEMMs + x's LoRA part), no dx
 
 
 def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
           backward: bool, gemm_of: Optional[tuple] = None) -> _TrainPlan:
     """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None);
     ``gemm_of``: the forward's ``(x, weights)``, for :class:`~.kernels.gemm_lora_train.GemmExpand` where it
-    runs (:func:`~.kernels.gemm_lora_train.fusable`)."""
+    runs (:func:`~.kernels.gemm_lora_train.fusable`); the backward's ``(dys, weights)`` when it computes dx,
+    for :class:`~.kernels.gemm_lora_train.GemmDx` (:func:`~.kernels.gemm_lora_train.dx_fusable`)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
@@ -265,10 +267,20 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
                 slices, common["out_of"], [w.shape[0] for w in weights], T, x.shape[1], x.dtype, ad, x.device))
         return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad, tensor_of=common["out_of"]), shrink=shrink)
     sms = device_info(lora_a[0].device).sms
+    gemm_dx = dx = None
+    if side is not None:
+        from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable
+
+        if gemm_of is not None and dx_fusable(*gemm_of, len(lora_a)):
+            dys, weights = gemm_of
+            gemm_dx = GemmDx(ranks, [w.shape[0] for w in weights], T, x_itself.shape[1], data_dtype, ad,
+                             x_itself.device)
+        else:
+            dx = ExpandAdd(side.slices, T, ad)
     return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
                       dsdb=LoraDsDb(slices, T, R, data_dtype, ad, sms),
                       da=None if side is None else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
-                      dx=None if side is None else ExpandAdd(side.slices, T, ad))
+                      dx=dx, gemm_dx=gemm_dx)
 
 
 def _x_side_bs(side: _XSide, lora_a) -> list[torch.Tensor]:
@@ -408,6 +420,83 @@ def _gemm_expand_cuda(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, 
 # Called only from a traced forward, whose gradients the training op's backward computes: its CUDA calls skip
 # custom_op's Python autograd layer (30-80 us of host per call), so it has no autograd on CUDA.
 no_autograd_on_cuda("qkvz_gemm_expand_train")
+
+
+# --------------------------------------------------------------------------------------------
+# the backward's dx GEMMs + x's LoRA gradient as one op (what a traced backward calls from T train_fused_min_t)
+# --------------------------------------------------------------------------------------------
+def _check_gemm_dx_args(dys, weights, ds, lora_a) -> None:
+    name = "qkvz_gemm_dx_train"
+    torch._check(len(dys) >= 1 and len(dys) == len(weights),
+                 lambda: f"{name}: need one weight per gradient (>= 1), got {len(dys)} and {len(weights)}")
+    T, H, dev, dt = dys[0].shape[0], weights[0].shape[-1], dys[0].device, dys[0].dtype
+    for p, (d, w) in enumerate(zip(dys, weights)):
+        torch._check(d.dim() == 2 and w.dim() == 2 and d.shape[0] == T and d.shape[1] == w.shape[0]
+                     and w.shape[1] == H, lambda: f"{name}: dys[{p}] {tuple(d.shape)} and weights[{p}] "
+                                                  f"{tuple(w.shape)} must be [T={T}, n] and [n, H={H}]")
+        torch._check(d.dtype == dt and w.dtype == dt and d.device == dev and w.device == dev,
+                     lambda: f"{name}: dys[{p}] ({d.dtype} on {d.device}) and weights[{p}] ({w.dtype} on "
+                             f"{w.device}) must be {dt} on {dev}")
+    torch._check(len(lora_a) >= 1, lambda: f"{name}: need at least one lora_a")
+    ad = lora_a[0].dtype
+    for g, a in enumerate(lora_a):
+        torch._check(a.dim() == 2 and a.shape[1] == H and a.dtype == ad and a.device == dev,
+                     lambda: f"{name}: lora_a[{g}] must be [r, H={H}] in {ad} on {dev}, got {tuple(a.shape)} "
+                             f"{a.dtype} on {a.device}")
+    R = sum(a.shape[0] for a in lora_a)
+    torch._check(ds.dim() == 2 and ds.shape[0] == T and ds.shape[1] == R and ds.dtype == ad and ds.device == dev,
+                 lambda: f"{name}: ds must be [T={T}, R={R}] in {ad} on {dev}, got {tuple(ds.shape)} {ds.dtype} on "
+                         f"{ds.device}")
+
+
+@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_gemm_dx_train", mutates_args=())
+def qkvz_gemm_dx_train(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
+                       lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
+    """x's gradient in the training op's backward when every A group reads x itself: ``dx = dys[0] @
+    weights[0]``, then ``dx = round(dx + dys[p] @ weights[p])`` for p = 1, 2, .. (x's dtype: GEMMs accumulating
+    into one buffer), then ``dx = round(dx + sum_g ds[:, group g] @ lora_a[g])`` (the groups' columns side by
+    side in ``ds``; the sum in fp32). On CUDA from the device's ``train_fused_min_t`` one kernel
+    (:class:`~.kernels.gemm_lora_train.GemmDx`); elsewhere library GEMMs + torch. No autograd on CUDA (a piece
+    of the training op's traced backward)."""
+    _check_gemm_dx_args(dys, weights, ds, lora_a)
+    return _gemm_dx_reference(dys, weights, ds, lora_a)
+
+
+def _gemm_dx_reference(dys, weights, ds, lora_a) -> torch.Tensor:
+    d_x = _sum_of_products(dys, weights)
+    offs = group_columns([a.shape[0] for a in lora_a])
+    lora = _sum_of_products([ds[:, o:o + a.shape[0]].float() for o, a in zip(offs, lora_a)], [a.float() for a in lora_a])
+    return (d_x.float() + lora).to(d_x.dtype)
+
+
+@qkvz_gemm_dx_train.register_fake
+def _gemm_dx_fake(dys, weights, ds, lora_a):
+    _check_gemm_dx_args(dys, weights, ds, lora_a)
+    return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
+
+
+_GEMM_DX_PLANS = LruMemo()
+
+
+@cuda_impl("qkvz_gemm_dx_train")
+def _gemm_dx_cuda(dys, weights, ds, lora_a):
+    from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable
+
+    def make():
+        _check_gemm_dx_args(dys, weights, ds, lora_a)
+        if not dx_fusable(dys, weights, len(lora_a)):
+            return False
+        return GemmDx([a.shape[0] for a in lora_a], [w.shape[0] for w in weights], dys[0].shape[0],
+                      weights[0].shape[1], dys[0].dtype, ds.dtype, ds.device)
+
+    gemm = _GEMM_DX_PLANS.get(_signature(dys, weights, ds, lora_a), make)
+    if gemm is False:   # (below the device's T, or not TMA-able: the same result by library GEMMs)
+        return _gemm_dx_reference(dys, weights, ds, lora_a)
+    with on_device(ds):
+        return gemm(dys, weights, ds, lora_a)
+
+
+no_autograd_on_cuda("qkvz_gemm_dx_train")
 
 
 @qkvz_lora_train.register_fake
@@ -563,7 +652,7 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
         owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                       xs_of, x_input, need_dx)
         return _plan(s.shape[0], dys[0].dtype, xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales,
-                     owners, True)
+                     owners, True, (dys, weights) if need_dx else None)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)
@@ -581,7 +670,8 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     ranks = [a.shape[0] for a in lora_a]
     s = s if s.stride(-1) == 1 else s.contiguous()   # (the kernels read its rows with unit stride)
     dys = [d if d.stride(-1) == 1 else d.contiguous() for d in dys]   # e.g. the expanded gradient of a sum
-    d_x = _sum_of_products(dys, weights) if need_dx else _no_dx(dys)
+    fused_dx = need_dx and plan.gemm_dx is not None   # (x's whole gradient after dS, by one GEMM)
+    d_x = _sum_of_products(dys, weights) if need_dx and not fused_dx else _no_dx(dys)
     dy_of = [dys[p] for p in plan.out_of]
     d_b = []
     if need_db:   # one read of dy for both
@@ -600,7 +690,10 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
         if need_da:
             part = plan.da([x] * len(side.slices), d_s, traced=traced)
             d_a = [part[:, off:off + r].sum(0).to(ad) for off, r in zip(plan.offs, ranks)]
-        if need_dx:
+        if fused_dx:   # (traced: one op call, for the TMA descriptors, as the forward's GEMM)
+            d_x = (torch.ops.fx_passes.qkvz_gemm_dx_train(dys, list(weights), d_s, list(lora_a)) if traced
+                   else plan.gemm_dx(dys, weights, d_s, lora_a))
+        elif need_dx:
             bs = _x_side_bs(side, lora_a)
             if side.cat:
                 new = torch.empty_like(d_x)

@@ -51,18 +51,19 @@ def _round(acc, dtype: tl.constexpr):
 
 
 @triton.jit
-def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.constexpr, SLICE_PROJ: tl.constexpr,
-               WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
-               SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
-               NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA."""
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
+                COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+                B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
+                NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                ROUND_EACH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """``acc`` (a tile's fp32 GEMM sum) with the LoRA of projection ``P``'s slices over the tile's columns, in
+    slice order: the base rounded to ``OUT_DTYPE`` first; ``ROUND_EACH``: each slice's sum rounded too (the
+    forward, as PEFT adds adapter after adapter), else the slices chained and rounded once, at the store."""
     rows = off_m + tl.arange(0, BLOCK_M)
     rows64 = rows.to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
+    if not ROUND_EACH:
+        acc = _round(acc, OUT_DTYPE)
     for i in tl.static_range(NUM_SLICES):
         if SLICE_PROJ[i] == P:   # (compile time: this projection's slices only)
             if (off_n < COLS[i] + WIDTHS[i]) & (off_n + BLOCK_N > COLS[i]):
@@ -74,14 +75,31 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
                              mask=r_mask[:, None] & ((local >= 0) & (local < WIDTHS[i]))[None, :],
                              other=0.0)   # [BLOCK_R, BLOCK_N] = B^T; columns outside the slice add 0
                 s = s.to(tl.float32) * SCALES[i]
+                if ROUND_EACH:
+                    acc = _round(acc, OUT_DTYPE)
                 if EPILOGUE_DOT == "bf16x3":   # fp32 factors as bf16 hi + lo: hi hi + hi lo + lo hi
                     s_hi = s.to(tl.bfloat16)
                     s_lo = (s - s_hi.to(tl.float32)).to(tl.bfloat16)
                     b_hi = bt.to(tl.bfloat16)
                     b_lo = (bt - b_hi.to(tl.float32)).to(tl.bfloat16)
-                    acc = tl.dot(s_hi, b_hi, tl.dot(s_lo, b_hi, tl.dot(s_hi, b_lo, _round(acc, o_desc.dtype))))
+                    acc = tl.dot(s_hi, b_hi, tl.dot(s_lo, b_hi, tl.dot(s_hi, b_lo, acc)))
                 else:
-                    acc = tl.dot(s.to(bt.dtype), bt, _round(acc, o_desc.dtype), input_precision=EPILOGUE_DOT)
+                    acc = tl.dot(s.to(bt.dtype), bt, acc, input_precision=EPILOGUE_DOT)
+    return acc
+
+
+@triton.jit
+def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.constexpr, SLICE_PROJ: tl.constexpr,
+               WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
+               SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
+               NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
+    acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, P, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N,
+                      B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, True, BLOCK_M, BLOCK_N, BLOCK_R)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
@@ -119,16 +137,21 @@ def _tma_ok(t: torch.Tensor) -> bool:
 def fusable(x: torch.Tensor, weights: Sequence[torch.Tensor], num_slices: int) -> bool:
     """Whether :class:`GemmExpand` runs this forward (host-side facts only: shapes, strides, dtypes, the
     device; T from the device's :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`)."""
-    if x.device.type != "cuda" and not interpreting():
+    return _tma_ok(x) and _fits(x.device, x.dtype, x.shape[0], weights, num_slices)
+
+
+def _fits(device: torch.device, dtype: torch.dtype, T: int, weights: Sequence[torch.Tensor], num_slices: int) -> bool:
+    """The rules both fused GEMMs share: a GPU with TMA, 16-bit data and weights of one dtype, the launch's
+    projection and slice counts, T, and TMA's 16-byte rules on every weight and on [T, n_p] rows."""
+    if device.type != "cuda" and not interpreting():
         return False
-    if x.dtype not in _16BIT or any(w.dtype != x.dtype for w in weights):
+    if dtype not in _16BIT or any(w.dtype != dtype for w in weights):
         return False
     if not (1 <= len(weights) <= MAX_PROJ and 1 <= num_slices <= MAX_SLICES):
         return False
-    info = device_info(x.device)
-    if prefill_launch(x.device, x.dtype) is None or x.shape[0] < tuning_for(info).train_fused_min_t:
+    if prefill_launch(device, dtype) is None or T < tuning_for(device_info(device)).train_fused_min_t:
         return False
-    return _tma_ok(x) and all(_tma_ok(w) and (w.shape[0] * w.element_size()) % 16 == 0 for w in weights)
+    return all(_tma_ok(w) and (w.shape[0] * w.element_size()) % 16 == 0 for w in weights)
 
 
 class GemmExpand:
@@ -195,3 +218,103 @@ def gemm_expand(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tenso
     """:class:`GemmExpand` planned and launched once (tests, benchmarks)."""
     return GemmExpand(sl, slice_proj, [w.shape[0] for w in weights], x.shape[0], x.shape[1], x.dtype, s.dtype,
                       x.device, config)(x, weights, s, bs)
+
+
+# --------------------------------------------------------------------------------------------
+# backward: dx = sum_p dy_p @ W_p with x's LoRA gradient in the epilogue
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_desc, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
+                    b12, b13, b14, b15, T, KS: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
+                    SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
+                    RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+                    STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
+                    NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    dys = (d0, d1, d2, d3)
+    ws = (w0, w1, w2, w3)
+    bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+    num_m = tl.cdiv(T, BLOCK_M)
+    for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_pids(tile, num_m, NUM_N_TILES, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for q in tl.static_range(NUM_PROJ):   # each projection's K (its columns of dy, its rows of W) in turn,
+            if q > 0:                          # added to the rounded sum before it, as GEMMs accumulating into
+                acc = _round(acc, o_desc.dtype)   # one 16-bit buffer (beta = 1) round it
+            for k0 in range(0, KS[q], BLOCK_K):   # (TMA zero-fills both operands past a projection's width)
+                acc = tl.dot(dys[q].load([off_m, k0]), ws[q].load([k0, off_n]), acc)
+        acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, 0, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
+                          B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M,
+                          BLOCK_N, BLOCK_R)
+        o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+
+
+def dx_fusable(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], num_groups: int) -> bool:
+    """Whether :class:`GemmDx` runs x's gradient (host-side facts only; T from the device's
+    :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`, as :func:`fusable`)."""
+    if not dys or len(dys) != len(weights) or any(d.dtype != dys[0].dtype for d in dys):
+        return False
+    return (all(_tma_ok(d) for d in dys) and all(w.dim() == 2 and w.shape[1] == weights[0].shape[1] for w in weights)
+            and _fits(dys[0].device, dys[0].dtype, dys[0].shape[0], weights, num_groups))
+
+
+class GemmDx:
+    """x's gradient through the frozen weights with x's LoRA gradient added in the epilogue, for one call
+    signature (``ranks``: each A group's, side by side in ``ds``)::
+
+        dx = dys[0] @ weights[0];  dx = round(dx + dys[p] @ weights[p]) for p = 1, 2, ..   (x's dtype)
+        dx = round(dx + sum_g ds[:, group g] @ lora_a[g])                                  (the sum in fp32)
+
+    the roundings of library GEMMs accumulating into one buffer, then of the expand kernel adding the LoRA
+    part (what runs below ``train_fused_min_t``), with [T, H] written once where those re-read and re-wrote it
+    once per projection after the first and once more for the LoRA part. fp32 adapters: the epilogue's
+    bf16 hi + lo dots (:meth:`GemmExpand.epilogue_dot`)."""
+
+    def __init__(self, ranks: Sequence[int], widths: Sequence[int], T: int, H: int, data_dtype: torch.dtype,
+                 adapter_dtype: torch.dtype, device: torch.device, config: Optional[PrefillLaunch] = None,
+                 epilogue_dot: Optional[str] = None):
+        cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
+        self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
+        offs, _ = _offsets(ranks)
+        n_tiles = triton.cdiv(H, cfg.block_n)
+        tiles = triton.cdiv(T, cfg.block_m) * n_tiles
+        on_gpu = device.type == "cuda" and not interpreting()
+        sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
+        self.programs = max(1, min(tiles, cfg.num_programs or sms))
+        g = len(ranks)
+        self.meta = dict(KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
+                         WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
+                         NUM_SLICES=g, EPILOGUE_DOT=epilogue_dot or GemmExpand.epilogue_dot(adapter_dtype, on_gpu),
+                         NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+                         BLOCK_R=rank_block(ranks) if g else 16, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_gemm_dx_kernel)
+
+    def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
+                 lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Launched directly, as :meth:`GemmExpand.__call__` (host TMA descriptors)."""
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        cfg = self.cfg
+        dx = dys[0].new_empty((self.T, self.H))
+        if self.T == 0:
+            return dx
+        pad = (None,) * (MAX_PROJ - len(weights))
+        bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
+        args = (*(TensorDescriptor.from_tensor(d, [cfg.block_m, cfg.block_k]) for d in dys), *pad,
+                *(TensorDescriptor.from_tensor(w, [cfg.block_k, cfg.block_n]) for w in weights), *pad,
+                TensorDescriptor.from_tensor(dx, [cfg.block_m, cfg.block_n]), ds, *_b_slots(bs), self.T)
+        key = (_strides(bs), _strides(bs, 1), ds.stride(0))
+        self.launches.launch(key, (self.programs,), args,
+                             dict(self.meta, B_STRIDES_N=key[0], B_STRIDES_R=key[1], STRIDE_ST=key[2]),
+                             (*dys, *weights, dx, ds, *lora_a))
+        return dx
+
+
+def gemm_dx(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
+            lora_a: Sequence[torch.Tensor], *, config: Optional[PrefillLaunch] = None) -> torch.Tensor:
+    """:class:`GemmDx` planned and launched once (tests, benchmarks)."""
+    return GemmDx([a.shape[0] for a in lora_a], [w.shape[0] for w in weights], dys[0].shape[0], weights[0].shape[1],
+                  dys[0].dtype, ds.dtype, dys[0].device, config)(dys, weights, ds, lora_a)
