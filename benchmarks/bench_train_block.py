@@ -10,9 +10,10 @@ overstates it). Variants, each ``torch.compile``d by name:
 * ``inductor``  PEFT's graph compiled by Inductor (unfused);
 * ``fx_passes`` the backend (an ``FxPassesBackend``, to read its report: the run stops unless the layer was
                 rewritten): the training rewrite (``fx_passes::qkvz_lora_train``, forward + backward);
-* ``fx_split``  (``--split``) the same, with the training forward's base GEMMs and its expand as separate
-                launches at every T (library GEMMs, then the expand kernel: what runs below the device's
-                ``train_fused_min_t``), to measure the fused GEMM (``gemm_lora_train``) in the same run;
+* ``fx_split``  (``--split``) the same, with the training forward's base GEMMs and its expand, and dx's
+                GEMMs and x's LoRA gradient, as separate launches at every T (library GEMMs, then the expand
+                kernel: what runs below the device's ``train_fused_min_t``), to measure the fused GEMMs
+                (``gemm_lora_train``) in the same run;
 * ``fx_opaque`` (``--opaque``) the same, compiled with the training ops kept as opaque ops (their CUDA bodies
                 run in Python on every call instead of being traced into Inductor's graph: what the
                 inlining saves, in the same run).
@@ -171,7 +172,7 @@ def opaque_ops():
 
 @contextlib.contextmanager
 def split_forward():
-    """While the first call compiles: ``train_fused_min_t`` out of reach and the forward's plans made afresh
+    """While the first call compiles: ``train_fused_min_t`` out of reach and the ops' plans made afresh
     (they are kept per call signature, which the fused variant shares)."""
     import importlib
     from unittest import mock
@@ -183,7 +184,8 @@ def split_forward():
     tuning_for = gemm_lora_train.tuning_for
     never = lambda info: dataclasses.replace(tuning_for(info), train_fused_min_t=1 << 62)   # noqa: E731
     with mock.patch.object(gemm_lora_train, "tuning_for", never), mock.patch.object(train, "_FORWARD_PLANS",
-                                                                                    LruMemo()):
+                                                                                    LruMemo()), \
+            mock.patch.object(train, "_BACKWARD_PLANS", LruMemo()):
         yield
 
 

@@ -13,7 +13,8 @@ Importing this package registers them:
   same block with trainable LoRA, one output per projection (per-group LoRA inputs, e.g. dropout masks;
   autograd-aware: its backward is one op, ``qkvz_lora_train_backward`` (dx, the LoRA inputs' gradients, dA and
   dB of every slice, batched); see :mod:`fx_passes.ops.qkvz_lora_train`). Its traced forward calls
-  ``qkvz_gemm_expand_train`` (the base GEMMs with the expand in their epilogue) from the device's
+  ``qkvz_gemm_expand_train`` (the base GEMMs with the expand in their epilogue) and its traced backward
+  ``qkvz_gemm_dx_train`` (dx's GEMMs with x's LoRA gradient in their epilogue) from the device's
   ``train_fused_min_t`` on Hopper.
 """
 from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed

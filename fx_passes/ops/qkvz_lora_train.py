@@ -27,7 +27,7 @@ and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with
 gradient arrives as it is.
 
 Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph):
-``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer), ``dS[:, g] = sum_i scales[i] * dy_i @ B_i``
+``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer, each rounding), ``dS[:, g] = sum_i scales[i] * dy_i @ B_i``
 over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @ xs[g]`` and, when the
 LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in promote(x, adapters) dtype
 and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the traced graph from the
@@ -41,8 +41,9 @@ Host cost: the argument checks and everything planned from shapes alone run once
 ``torch.compile`` on CUDA both ops' bodies are traced into the graph Inductor compiles
 (:func:`_inline_for_inductor`): its code then calls the GEMMs and launches the kernels itself, and a step
 runs no Python of ours, except from the device's ``train_fused_min_t`` on Hopper, where the forward's base
-GEMMs with the expand in their epilogue are one call of :func:`qkvz_gemm_expand_train` per layer (its host
-TMA descriptors cannot be traced through ``wrap_triton`` outside Dynamo).
+GEMMs with the expand in their epilogue are one call of :func:`qkvz_gemm_expand_train` per layer, and x's
+gradient (its GEMMs with x's LoRA gradient in their epilogue, when the LoRA reads x itself) one call of
+:func:`qkvz_gemm_dx_train` (their host TMA descriptors cannot be traced through ``wrap_triton`` outside Dynamo).
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The forward of ``fx_passes::qkvz_lora_train`` at large T: the base GEMMs with the LoRA expand in their
-epilogue (Triton, Hopper TMA; semantics: :mod:`fx_passes.ops.qkvz_lora_train`).
+"""``fx_passes::qkvz_lora_train`` at large T: the forward's base GEMMs with the LoRA expand in their epilogue,
+and the backward's dx GEMMs with x's LoRA gradient in theirs (Triton, Hopper TMA; semantics:
+:mod:`fx_passes.ops.qkvz_lora_train`).
 
 Why: from ~1024 tokens the projections' GEMMs are compute-bound, and the expand after them
 (:class:`~.lora_train.ExpandAdd`) reads and re-writes their whole [T, N] output: T N 4 bytes, 0.23-0.38 ms
@@ -25,6 +26,13 @@ Conditions (:func:`fusable`): a GPU with TMA (sm90+) and shared memory for the t
 weights of one dtype, TMA's 16-byte rules, at most :data:`MAX_PROJ` projections and
 :data:`~.lora_train.MAX_SLICES` slices, T from :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`.
 Elsewhere the op runs the library GEMMs and then :class:`~.lora_train.ExpandAdd`.
+
+``_gemm_dx_kernel`` (:class:`GemmDx`): the same tiles over x's gradient [T, H], each tile's K loop running
+through every projection's gradient and weight in turn (dy_p [T, n_p] and W_p [n_p, H] descriptors: K is the
+projections' widths), the sum rounded between projections as library GEMMs accumulating into one 16-bit
+buffer round it; then x's LoRA gradient of every A group chained into the rounded base and rounded once.
+Below :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`, or when the LoRA does not read x itself
+(dropout), the op runs library GEMMs (then :class:`~.lora_train.ExpandAdd` for x's LoRA part).
 """
 from __future__ import annotations
 
