@@ -12,8 +12,7 @@ gradient asked for, then only some.
     ... --layouts big-rank                           # some of the layouts
 
 ``--compiled`` also asserts that Inductor's code launches the training kernels itself and calls neither
-op (it may call ``qkvz_gemm_expand_train`` and ``qkvz_gemm_dx_train``: the fused GEMMs from
-``train_fused_min_t``).
+op (from ``train_fused_min_t`` that includes the fused GEMMs of :mod:`fx_passes.ops.kernels.gemm_lora_train`).
 
 Bounds (relative Frobenius error against fp64): fp32 results (s, dS, dA, dB) 1e-5; 16-bit results (the
 outputs, dx) three times what rounding the fp64 result to their dtype costs, plus 1e-4 (the ops round
@@ -96,8 +95,6 @@ def _compiled(op):
         fn = torch.compile(lambda *a: op(*a), dynamic=False, fullgraph=True)
         result, codes = run_and_get_code(fn, *args)
         code = "\n".join(codes)
-        # (from train_fused_min_t the forward's GEMMs + expand and dx's GEMMs + LoRA part are one op call each:
-        # qkvz_gemm_expand_train, qkvz_gemm_dx_train)
         assert "torch.ops.fx_passes.qkvz_lora_train" not in code and "_kernel" in code, code[-3000:]
         return result
     return call

@@ -451,50 +451,6 @@ def test_the_forward_op_takes_the_fused_gemm_from_the_devices_t(monkeypatch):
             _close(got, want, torch.float16)
 
 
-def _gemm_expand_args(T, seed=12):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(T, 64, generator=g).to(torch.float16)
-    weights = [(torch.randn(n, 64, generator=g) * 0.2).to(torch.float16) for n in (96, 32, 8, 8)]
-    s = torch.randn(T, 16, generator=g)
-    lora_b = [torch.randn(96, 8, generator=g), torch.randn(32, 8, generator=g), torch.randn(40, 8, generator=g)]
-    # q | k | v's slice, z's, and a second adapter over part of q | k | v's columns (slice order matters)
-    return x, weights, s, lora_b, [0, 1, 0], [0, 0, 30], [0, 8, 8], [2.0, 0.5, 1.5]
-
-
-def test_gemm_expand_op_opcheck_and_errors():
-    """``fx_passes::qkvz_gemm_expand_train`` (what a traced forward calls from ``train_fused_min_t``):
-    opcheck on its torch implementation, which equals library GEMMs plus the expand reference, and clear
-    errors on bad slices."""
-    args = _gemm_expand_args(20)
-    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_expand_train.default, args)
-    x, weights, s, lora_b, proj, col, scol, scales = args
-    want = [x @ w.t() for w in weights]
-    _add_lora_reference(want, s, lora_b, [0, 1, 2], list(zip(proj, col)), scales, scol)
-    got = torch.ops.fx_passes.qkvz_gemm_expand_train(*args)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-    with pytest.raises(RuntimeError, match="lies outside"):
-        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s, lora_b, [0, 1, 1], col, scol, scales)
-    with pytest.raises(RuntimeError, match="columns \\[8, 16\\) of s's 12"):
-        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s[:, :12], lora_b, proj, col, scol, scales)
-    with pytest.raises(RuntimeError, match="one entry per slice"):
-        torch.ops.fx_passes.qkvz_gemm_expand_train(x, weights, s, lora_b, proj[:2], col, scol, scales)
-
-
-def test_gemm_expand_op_cuda_implementation(monkeypatch):
-    """Its CUDA implementation (the interpreter on CPU tensors): the fused kernel from the device's
-    ``train_fused_min_t`` (lowered to 64 here), library GEMMs below; both equal the torch implementation."""
-    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
-    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
-    for T in (40, 67):
-        args = _gemm_expand_args(T)
-        got = train._gemm_expand_cuda(*args)
-        plan = train._GEMM_EXPAND_PLANS.get(train._signature(*args), lambda: "none")
-        assert (plan is not False) == (T >= 64)
-        for a, b in zip(got, torch.ops.fx_passes.qkvz_gemm_expand_train(*args)):
-            _close(a, b, torch.float16)
-
-
 # --------------------------------------------------------------------------------------------
 # backward at large T: dx's GEMMs with x's LoRA gradient in their epilogue (gemm_lora_train.GemmDx)
 # --------------------------------------------------------------------------------------------
@@ -509,6 +465,15 @@ def _gemm_dx_args(T, ranks=(8, 5), widths=(56, 24, 8, 8), adapter_dtype=torch.fl
     return dys, weights, ds, lora_a
 
 
+def _dx_reference(dys, weights, ds, lora_a):
+    """GemmDx's semantics in torch: library GEMMs accumulating into one 16-bit buffer, then x's LoRA gradient of
+    every group summed in fp32 and added, rounded once."""
+    d_x = train._sum_of_products(dys, weights)
+    offs = group_columns([a.shape[0] for a in lora_a])
+    lora = sum(ds[:, o:o + a.shape[0]].float() @ a.float() for o, a in zip(offs, lora_a))
+    return (d_x.float() + lora).to(d_x.dtype)
+
+
 @pytest.mark.parametrize("T", [5, 37])
 @pytest.mark.parametrize("ranks,widths", [((8, 5), (56, 24, 8, 8)), ((16,), (40,))])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
@@ -517,7 +482,7 @@ def test_gemm_dx_matches_reference(T, ranks, widths, adapter_dtype):
     against library GEMMs accumulating into one buffer, then x's LoRA gradient of every group added in fp32
     and rounded once; without the LoRA it is the GEMMs alone."""
     dys, weights, ds, lora_a = _gemm_dx_args(T, ranks, widths, adapter_dtype)
-    want = train._gemm_dx_reference(dys, weights, ds, lora_a)
+    want = _dx_reference(dys, weights, ds, lora_a)
     got = gemm_lora_train.gemm_dx(dys, weights, ds, lora_a, config=SMALL_GEMM)
     assert got.shape == want.shape == (T, 40) and got.dtype == torch.float16
     _close(got, want, torch.float16)
@@ -569,25 +534,20 @@ def test_the_backward_op_takes_the_dx_gemm_from_the_devices_t(monkeypatch):
                     _close(got_t, want_t, got_t.dtype if got_t.dtype == torch.float16 else torch.float32)
 
 
-def test_gemm_dx_op_opcheck_errors_and_cuda_implementation(monkeypatch):
-    """``fx_passes::qkvz_gemm_dx_train`` (what a traced backward calls from ``train_fused_min_t``): opcheck on
-    its torch implementation, clear errors on bad arguments, and its CUDA implementation (the interpreter)
-    equal to it below and from the device's T (lowered to 64)."""
-    args = _gemm_dx_args(20)
-    torch.library.opcheck(torch.ops.fx_passes.qkvz_gemm_dx_train.default, args)
-    dys, weights, ds, lora_a = args
-    assert torch.equal(torch.ops.fx_passes.qkvz_gemm_dx_train(*args), train._gemm_dx_reference(*args))
-    with pytest.raises(RuntimeError, match="one weight per gradient"):
-        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, weights[:3], ds, lora_a)
-    with pytest.raises(RuntimeError, match=r"ds must be \[T=20, R=13\]"):
-        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, weights, ds[:, :12], lora_a)
-    with pytest.raises(RuntimeError, match=r"must be \[T=20, n\] and \[n, H=40\]"):
-        torch.ops.fx_passes.qkvz_gemm_dx_train(dys, [weights[1]] + weights[1:], ds, lora_a)
-    low = dataclasses.replace(tuning.tuning_for(tuning.OFF_GPU_DEVICE), train_fused_min_t=64)
-    monkeypatch.setattr(gemm_lora_train, "tuning_for", lambda info: low)
-    for T in (40, 67):
-        args = _gemm_dx_args(T)
-        got = train._gemm_dx_cuda(*args)
-        plan = train._GEMM_DX_PLANS.get(train._signature(*args), lambda: "none")
-        assert (plan is not False) == (T >= 64)
-        _close(got, torch.ops.fx_passes.qkvz_gemm_dx_train(*args), torch.float16)
+def test_the_fused_gemms_launch_with_a_scratch_allocator_of_their_own(monkeypatch):
+    """The fused GEMMs make their TMA descriptors on the device, in scratch memory Triton asks an allocator for
+    at launch: our launches bring torch's (a caller without one gets no "no allocator was set" error) in a copy
+    of the caller's context, so the allocator the caller set (or none) is still the one in force after."""
+    from triton.runtime import _allocation
+
+    from fx_passes.ops.kernels import jit_helpers
+
+    seen = []
+    monkeypatch.setattr(jit_helpers.CompiledLaunches, "_launch",
+                        lambda self, *a: seen.append(_allocation._allocator.get()))
+    before = _allocation._allocator.get()
+    dys, weights, ds, lora_a = _gemm_dx_args(20)
+    gemm_lora_train.gemm_dx(dys, weights, ds, lora_a, config=SMALL_GEMM)
+    x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(20, "qkvz", torch.float32)
+    gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=SMALL_GEMM)
+    assert seen == [jit_helpers._scratch] * 2 and _allocation._allocator.get() is before

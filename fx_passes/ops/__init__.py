@@ -12,10 +12,7 @@ Importing this package registers them:
 * ``torch.ops.fx_passes.qkvz_lora_train(x, xs, weights, lora_a, lora_b, ...) -> (Tensor[], Tensor)`` — the
   same block with trainable LoRA, one output per projection (per-group LoRA inputs, e.g. dropout masks;
   autograd-aware: its backward is one op, ``qkvz_lora_train_backward`` (dx, the LoRA inputs' gradients, dA and
-  dB of every slice, batched); see :mod:`fx_passes.ops.qkvz_lora_train`). Its traced forward calls
-  ``qkvz_gemm_expand_train`` (the base GEMMs with the expand in their epilogue) and its traced backward
-  ``qkvz_gemm_dx_train`` (dx's GEMMs with x's LoRA gradient in their epilogue) from the device's
-  ``train_fused_min_t`` on Hopper.
+  dB of every slice, batched); see :mod:`fx_passes.ops.qkvz_lora_train`).
 """
 from fx_passes.ops.qkvz_gemm import qkvz_gemm, weights_are_packed
 from fx_passes.ops.qkvz_lora import qkvz_lora_, qkvz_lora_reference

@@ -40,10 +40,9 @@ Host cost: the argument checks and everything planned from shapes alone run once
 (:class:`~fx_passes.ops.memo.LruMemo` by :func:`_signature`), as the inference op does. Under
 ``torch.compile`` on CUDA both ops' bodies are traced into the graph Inductor compiles
 (:func:`_inline_for_inductor`): its code then calls the GEMMs and launches the kernels itself, and a step
-runs no Python of ours, except from the device's ``train_fused_min_t`` on Hopper, where the forward's base
-GEMMs with the expand in their epilogue are one call of :func:`qkvz_gemm_expand_train` per layer, and x's
-gradient (its GEMMs with x's LoRA gradient in their epilogue, when the LoRA reads x itself) one call of
-:func:`qkvz_gemm_dx_train` (their host TMA descriptors cannot be traced through ``wrap_triton`` outside Dynamo).
+runs no Python of ours. (From the device's ``train_fused_min_t`` on Hopper the forward's base GEMMs and
+x's gradient are TMA GEMMs with the LoRA in their epilogues, :mod:`~.kernels.gemm_lora_train`: they make
+their TMA descriptors on the device, as ``wrap_triton`` outside Dynamo cannot trace host descriptors.)
 """
 from __future__ import annotations
 
@@ -334,170 +333,10 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
             s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a), traced=traced)
             s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
         if plan.gemm is not None:   # the GEMMs with the expand in their epilogue: [T, N] written once
-            if traced:   # (its TMA descriptors cannot be traced through wrap_triton: one op in the graph)
-                sl = plan.gemm.slices
-                return torch.ops.fx_passes.qkvz_gemm_expand_train(x, list(weights), s, list(lora_b),
-                                                                  list(plan.out_of), list(sl.col), list(sl.scol),
-                                                                  list(sl.scale)), s
-            return plan.gemm(x, weights, s, lora_b), s
+            return plan.gemm(x, weights, s, lora_b, traced=traced), s
         outs = [x @ w.t() for w in weights]
         plan.expand([outs[p] for p in plan.out_of], s, lora_b, traced=traced)
     return outs, s
-
-
-# --------------------------------------------------------------------------------------------
-# the forward's GEMMs + expand as one op (what a traced forward calls from T train_fused_min_t)
-# --------------------------------------------------------------------------------------------
-def _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales) -> None:
-    name = "qkvz_gemm_expand_train"
-    check_gemm_args(x, weights)
-    T = x.shape[0]
-    torch._check(s.dim() == 2 and s.shape[0] == T and s.device == x.device,
-                 lambda: f"{name}: s must be [T={T}, R] on {x.device}, got {tuple(s.shape)} on {s.device}")
-    torch._check(len(lora_b) == len(slice_proj) == len(slice_col) == len(slice_scol) == len(scales),
-                 lambda: f"{name}: lora_b, slice_proj, slice_col, slice_scol, scales need one entry per slice, got "
-                         f"{len(lora_b)}, {len(slice_proj)}, {len(slice_col)}, {len(slice_scol)}, {len(scales)}")
-    for i, b in enumerate(lora_b):
-        p, col, scol = slice_proj[i], slice_col[i], slice_scol[i]
-        torch._check(b.dim() == 2 and b.dtype == s.dtype and b.device == x.device,
-                     lambda: f"{name}: lora_b[{i}] must be 2-D in s's {s.dtype} on {x.device}, got "
-                             f"{tuple(b.shape)} {b.dtype} on {b.device}")
-        torch._check(0 <= p < len(weights) and 0 <= col and col + b.shape[0] <= weights[p].shape[0],
-                     lambda: f"{name}: slice {i} (projection {p}, columns [{col}, {col + b.shape[0]})) lies outside "
-                             f"the projections' widths {[w.shape[0] for w in weights]}")
-        torch._check(0 <= scol and scol + b.shape[1] <= s.shape[1],
-                     lambda: f"{name}: slice {i} reads columns [{scol}, {scol + b.shape[1]}) of s's {s.shape[1]}")
-
-
-@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_gemm_expand_train", mutates_args=())
-def qkvz_gemm_expand_train(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
-                           lora_b: Sequence[torch.Tensor], slice_proj: Sequence[int], slice_col: Sequence[int],
-                           slice_scol: Sequence[int], scales: Sequence[float]) -> list[torch.Tensor]:
-    """The forward op's outputs from its shrink ``s``: ``outs[p] = x @ W_p^T`` rounded to x's dtype, then per
-    slice i in order ``outs[slice_proj[i]][:, slice_col[i]:+n_i] = round(cols + scales[i] * s[:, slice_scol[i]:
-    +r_i] @ lora_b[i]^T)`` (the sum in promote(x, adapters) dtype). On CUDA from the device's
-    ``train_fused_min_t`` one kernel (:mod:`~.kernels.gemm_lora_train`); elsewhere library GEMMs + torch.
-    No autograd on CUDA (a piece of the training op's traced forward: the op's backward has its gradients)."""
-    _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
-    return _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
-
-
-def _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales) -> list[torch.Tensor]:
-    outs = [x @ w.t() for w in weights]
-    _add_lora_reference(outs, s, lora_b, range(len(lora_b)), list(zip(slice_proj, slice_col)), scales, slice_scol)
-    return outs
-
-
-@qkvz_gemm_expand_train.register_fake
-def _gemm_expand_fake(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales):
-    _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
-    return [x.new_empty((x.shape[0], w.shape[0])) for w in weights]
-
-
-_GEMM_EXPAND_PLANS = LruMemo()
-
-
-@cuda_impl("qkvz_gemm_expand_train")
-def _gemm_expand_cuda(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales):
-    from fx_passes.ops.kernels.gemm_lora_train import GemmExpand, fusable
-    from fx_passes.ops.kernels.lora_train import Slices
-
-    def make():
-        _check_gemm_expand_args(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
-        if not fusable(x, weights, len(lora_b)):
-            return False
-        sl = Slices(tuple(b.shape[0] for b in lora_b), tuple(slice_col), tuple(slice_scol),
-                    tuple(b.shape[1] for b in lora_b), tuple(float(c) for c in scales))
-        return GemmExpand(sl, tuple(slice_proj), [w.shape[0] for w in weights], x.shape[0], x.shape[1], x.dtype,
-                          s.dtype, x.device)
-
-    gemm = _GEMM_EXPAND_PLANS.get(_signature(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales), make)
-    if gemm is False:   # (below the device's T, or not TMA-able: the same result by library GEMMs)
-        return _gemm_expand_reference(x, weights, s, lora_b, slice_proj, slice_col, slice_scol, scales)
-    with on_device(x):
-        return gemm(x, weights, s, lora_b)
-
-
-# Called only from a traced forward, whose gradients the training op's backward computes: its CUDA calls skip
-# custom_op's Python autograd layer (30-80 us of host per call), so it has no autograd on CUDA.
-no_autograd_on_cuda("qkvz_gemm_expand_train")
-
-
-# --------------------------------------------------------------------------------------------
-# the backward's dx GEMMs + x's LoRA gradient as one op (what a traced backward calls from T train_fused_min_t)
-# --------------------------------------------------------------------------------------------
-def _check_gemm_dx_args(dys, weights, ds, lora_a) -> None:
-    name = "qkvz_gemm_dx_train"
-    torch._check(len(dys) >= 1 and len(dys) == len(weights),
-                 lambda: f"{name}: need one weight per gradient (>= 1), got {len(dys)} and {len(weights)}")
-    T, H, dev, dt = dys[0].shape[0], weights[0].shape[-1], dys[0].device, dys[0].dtype
-    for p, (d, w) in enumerate(zip(dys, weights)):
-        torch._check(d.dim() == 2 and w.dim() == 2 and d.shape[0] == T and d.shape[1] == w.shape[0]
-                     and w.shape[1] == H, lambda: f"{name}: dys[{p}] {tuple(d.shape)} and weights[{p}] "
-                                                  f"{tuple(w.shape)} must be [T={T}, n] and [n, H={H}]")
-        torch._check(d.dtype == dt and w.dtype == dt and d.device == dev and w.device == dev,
-                     lambda: f"{name}: dys[{p}] ({d.dtype} on {d.device}) and weights[{p}] ({w.dtype} on "
-                             f"{w.device}) must be {dt} on {dev}")
-    torch._check(len(lora_a) >= 1, lambda: f"{name}: need at least one lora_a")
-    ad = lora_a[0].dtype
-    for g, a in enumerate(lora_a):
-        torch._check(a.dim() == 2 and a.shape[1] == H and a.dtype == ad and a.device == dev,
-                     lambda: f"{name}: lora_a[{g}] must be [r, H={H}] in {ad} on {dev}, got {tuple(a.shape)} "
-                             f"{a.dtype} on {a.device}")
-    R = sum(a.shape[0] for a in lora_a)
-    torch._check(ds.dim() == 2 and ds.shape[0] == T and ds.shape[1] == R and ds.dtype == ad and ds.device == dev,
-                 lambda: f"{name}: ds must be [T={T}, R={R}] in {ad} on {dev}, got {tuple(ds.shape)} {ds.dtype} on "
-                         f"{ds.device}")
-
-
-@torch.library.custom_op(f"{LIB_NAMESPACE}::qkvz_gemm_dx_train", mutates_args=())
-def qkvz_gemm_dx_train(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
-                       lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
-    """x's gradient in the training op's backward when every A group reads x itself: ``dx = dys[0] @
-    weights[0]``, then ``dx = round(dx + dys[p] @ weights[p])`` for p = 1, 2, .. (x's dtype: GEMMs accumulating
-    into one buffer), then ``dx = round(dx + sum_g ds[:, group g] @ lora_a[g])`` (the groups' columns side by
-    side in ``ds``; the sum in fp32). On CUDA from the device's ``train_fused_min_t`` one kernel
-    (:class:`~.kernels.gemm_lora_train.GemmDx`); elsewhere library GEMMs + torch. No autograd on CUDA (a piece
-    of the training op's traced backward)."""
-    _check_gemm_dx_args(dys, weights, ds, lora_a)
-    return _gemm_dx_reference(dys, weights, ds, lora_a)
-
-
-def _gemm_dx_reference(dys, weights, ds, lora_a) -> torch.Tensor:
-    d_x = _sum_of_products(dys, weights)
-    offs = group_columns([a.shape[0] for a in lora_a])
-    lora = _sum_of_products([ds[:, o:o + a.shape[0]].float() for o, a in zip(offs, lora_a)], [a.float() for a in lora_a])
-    return (d_x.float() + lora).to(d_x.dtype)
-
-
-@qkvz_gemm_dx_train.register_fake
-def _gemm_dx_fake(dys, weights, ds, lora_a):
-    _check_gemm_dx_args(dys, weights, ds, lora_a)
-    return dys[0].new_empty((dys[0].shape[0], weights[0].shape[1]))
-
-
-_GEMM_DX_PLANS = LruMemo()
-
-
-@cuda_impl("qkvz_gemm_dx_train")
-def _gemm_dx_cuda(dys, weights, ds, lora_a):
-    from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable
-
-    def make():
-        _check_gemm_dx_args(dys, weights, ds, lora_a)
-        if not dx_fusable(dys, weights, len(lora_a)):
-            return False
-        return GemmDx([a.shape[0] for a in lora_a], [w.shape[0] for w in weights], dys[0].shape[0],
-                      weights[0].shape[1], dys[0].dtype, ds.dtype, ds.device)
-
-    gemm = _GEMM_DX_PLANS.get(_signature(dys, weights, ds, lora_a), make)
-    if gemm is False:   # (below the device's T, or not TMA-able: the same result by library GEMMs)
-        return _gemm_dx_reference(dys, weights, ds, lora_a)
-    with on_device(ds):
-        return gemm(dys, weights, ds, lora_a)
-
-
-no_autograd_on_cuda("qkvz_gemm_dx_train")
 
 
 @qkvz_lora_train.register_fake
@@ -691,9 +530,8 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
         if need_da:
             part = plan.da([x] * len(side.slices), d_s, traced=traced)
             d_a = [part[:, off:off + r].sum(0).to(ad) for off, r in zip(plan.offs, ranks)]
-        if fused_dx:   # (traced: one op call, for the TMA descriptors, as the forward's GEMM)
-            d_x = (torch.ops.fx_passes.qkvz_gemm_dx_train(dys, list(weights), d_s, list(lora_a)) if traced
-                   else plan.gemm_dx(dys, weights, d_s, lora_a))
+        if fused_dx:
+            d_x = plan.gemm_dx(dys, weights, d_s, lora_a, traced=traced)
         elif need_dx:
             bs = _x_side_bs(side, lora_a)
             if side.cat:

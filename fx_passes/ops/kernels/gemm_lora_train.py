@@ -47,7 +47,7 @@ from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
 from fx_passes.ops.kernels.lora_train import MAX_SLICES, Slices, _b_slots, _offsets, _strides, dot_precision, rank_block
 from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
 
-# One W and one output descriptor argument per projection, up to 4 (a GDN layer's qkv, z, b, a), unused ones None.
+# One W and one output (or dy) pointer argument per projection, up to 4 (a GDN layer's qkv, z, b, a), unused ones None.
 MAX_PROJ = 4
 _16BIT = (torch.float16, torch.bfloat16)
 _OFF_GPU_PROGRAMS = 4   # the interpreter runs programs one after another: any count is correct
@@ -97,6 +97,14 @@ def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl
 
 
 @triton.jit
+def _desc(ptr, rows, COLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """A TMA descriptor of a row-major [rows, COLS] tensor, made on the device (the kernel takes plain
+    pointers: a launch traced through ``wrap_triton`` needs no host descriptor)."""
+    return tl.make_tensor_descriptor(ptr, shape=[rows, COLS], strides=[STRIDE, 1],
+                                     block_shape=[BLOCK_ROWS, BLOCK_COLS])
+
+
+@triton.jit
 def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.constexpr, SLICE_PROJ: tl.constexpr,
                WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
                SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
@@ -112,16 +120,31 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
 
 
 @triton.jit
-def _gemm_expand_kernel(x_desc, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
-                        b11, b12, b13, b14, b15, T, K, PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr,
+def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
+                        b11, b12, b13, b14, b15, T, K: tl.constexpr, X_STRIDE: tl.constexpr, NS: tl.constexpr,
+                        W_STRIDES: tl.constexpr, PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr,
                         NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    ws = (w0, w1, w2, w3)
-    os_ = (o0, o1, o2, o3)
+    # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
+    x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
+    wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_N, BLOCK_K)
+    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_N)
+    wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
+    if NUM_PROJ > 1:
+        wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_N, BLOCK_K)
+        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_N)
+    if NUM_PROJ > 2:
+        wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_N, BLOCK_K)
+        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_N)
+    if NUM_PROJ > 3:
+        wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_N, BLOCK_K)
+        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_N)
+    ws = (wd0, wd1, wd2, wd3)
+    os_ = (od0, od1, od2, od3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
@@ -177,14 +200,14 @@ class GemmExpand:
         on_gpu = device.type == "cuda" and not interpreting()
         sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
         self.programs = max(1, min(tiles, cfg.num_programs or sms))
-        self.meta = dict(PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
+        self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
                          EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
                          BLOCK_K=cfg.block_k, BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_expand_kernel)
+        self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
 
     @staticmethod
     def epilogue_dot(adapter_dtype: torch.dtype, on_gpu: bool) -> str:
@@ -199,25 +222,19 @@ class GemmExpand:
         return dot_precision(adapter_dtype, adapter_dtype)
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
-                 bs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Launched directly, never traced through ``wrap_triton``: Inductor cannot trace host TMA descriptors
-        outside Dynamo (the training op's traced body calls ``fx_passes::qkvz_gemm_expand_train``). Later calls
-        go straight to the compiled kernel (:class:`~.jit_helpers.CompiledLaunches`)."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        cfg = self.cfg
+                 bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch` (the kernel makes its TMA descriptors
+        itself: it takes plain pointers)."""
         outs = [x.new_empty((x.shape[0], n)) for n in self.widths]
         if self.T == 0:
             return outs
         pad = (None,) * (MAX_PROJ - len(weights))
-        w_descs = tuple(TensorDescriptor.from_tensor(w, [cfg.block_n, cfg.block_k]) for w in weights)
-        o_descs = tuple(TensorDescriptor.from_tensor(o, [cfg.block_m, cfg.block_n]) for o in outs)
-        args = (TensorDescriptor.from_tensor(x, [cfg.block_m, cfg.block_k]), *w_descs, *pad, *o_descs, *pad, s,
-                *_b_slots(bs), self.T, x.shape[1])
-        key = (_strides(bs), _strides(bs, 1), s.stride(0))
+        args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
+        key = (x.stride(0), _strides(weights), _strides(bs), _strides(bs, 1), s.stride(0))
         self.launches.launch(key, (self.programs,), args,
-                             dict(self.meta, B_STRIDES_N=key[0], B_STRIDES_R=key[1], STRIDE_ST=key[2]),
-                             (x, *weights, *outs, s, *bs))
+                             dict(self.meta, X_STRIDE=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
+                                  B_STRIDES_R=key[3], STRIDE_ST=key[4]),
+                             (x, *weights, *outs, s, *bs), traced)
         return outs
 
 
@@ -232,15 +249,30 @@ def gemm_expand(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tenso
 # backward: dx = sum_p dy_p @ W_p with x's LoRA gradient in the epilogue
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_desc, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
-                    b12, b13, b14, b15, T, KS: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
+def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
+                    b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
+                    W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
                     NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    dys = (d0, d1, d2, d3)
-    ws = (w0, w1, w2, w3)
+    # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
+    dd0 = _desc(d0, T, KS[0], D_STRIDES[0], BLOCK_M, BLOCK_K)
+    wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
+    dd1, wd1, dd2, wd2, dd3, wd3 = dd0, wd0, dd0, wd0, dd0, wd0
+    if NUM_PROJ > 1:
+        dd1 = _desc(d1, T, KS[1], D_STRIDES[1], BLOCK_M, BLOCK_K)
+        wd1 = _desc(w1, KS[1], H, W_STRIDES[1], BLOCK_K, BLOCK_N)
+    if NUM_PROJ > 2:
+        dd2 = _desc(d2, T, KS[2], D_STRIDES[2], BLOCK_M, BLOCK_K)
+        wd2 = _desc(w2, KS[2], H, W_STRIDES[2], BLOCK_K, BLOCK_N)
+    if NUM_PROJ > 3:
+        dd3 = _desc(d3, T, KS[3], D_STRIDES[3], BLOCK_M, BLOCK_K)
+        wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
+    dys = (dd0, dd1, dd2, dd3)
+    ws = (wd0, wd1, wd2, wd3)
+    o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
@@ -292,32 +324,29 @@ class GemmDx:
         sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
         self.programs = max(1, min(tiles, cfg.num_programs or sms))
         g = len(ranks)
-        self.meta = dict(KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
+        self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
                          NUM_SLICES=g, EPILOGUE_DOT=epilogue_dot or GemmExpand.epilogue_dot(adapter_dtype, on_gpu),
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(ranks) if g else 16, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_dx_kernel)
+        self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
-                 lora_a: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Launched directly, as :meth:`GemmExpand.__call__` (host TMA descriptors)."""
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        cfg = self.cfg
+                 lora_a: Sequence[torch.Tensor], *, traced: bool = False) -> torch.Tensor:
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch` (the kernel makes its TMA descriptors
+        itself: it takes plain pointers)."""
         dx = dys[0].new_empty((self.T, self.H))
         if self.T == 0:
             return dx
         pad = (None,) * (MAX_PROJ - len(weights))
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
-        args = (*(TensorDescriptor.from_tensor(d, [cfg.block_m, cfg.block_k]) for d in dys), *pad,
-                *(TensorDescriptor.from_tensor(w, [cfg.block_k, cfg.block_n]) for w in weights), *pad,
-                TensorDescriptor.from_tensor(dx, [cfg.block_m, cfg.block_n]), ds, *_b_slots(bs), self.T)
-        key = (_strides(bs), _strides(bs, 1), ds.stride(0))
+        args = (*dys, *pad, *weights, *pad, dx, ds, *_b_slots(bs), self.T)
+        key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
         self.launches.launch(key, (self.programs,), args,
-                             dict(self.meta, B_STRIDES_N=key[0], B_STRIDES_R=key[1], STRIDE_ST=key[2]),
-                             (*dys, *weights, dx, ds, *lora_a))
+                             dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
+                                  B_STRIDES_R=key[3], STRIDE_ST=key[4]),
+                             (*dys, *weights, dx, ds, *lora_a), traced)
         return dx
 
 

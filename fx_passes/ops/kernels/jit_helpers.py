@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Optional, Sequence
 
 import torch
@@ -103,6 +104,12 @@ def on_device(x: torch.Tensor, traced: bool = False):
     return torch.cuda.device(x.device) if x.device.type == "cuda" and not traced else contextlib.nullcontext()
 
 
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    """Global scratch for a launch (device-side TMA descriptors), from torch's caching allocator on the
+    current device (allocations are 256-byte aligned; freed once the launch is queued, in stream order)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 class CompiledLaunches:
     """The launches of one Triton kernel for one call signature of an op: the caller keeps, per ``slot``,
     the same grid, meta and non-tensor arguments on every call (they follow from the signature's shapes,
@@ -113,17 +120,33 @@ class CompiledLaunches:
     An unaligned tensor (a view at an odd offset) takes Triton's path, which specializes on it.
 
     ``traced``: the op's body is being traced (its CUDA calls decomposed for Inductor): the launch is
-    recorded through ``torch.library.wrap_triton`` and Inductor's generated code launches the kernel."""
+    recorded through ``torch.library.wrap_triton`` and Inductor's generated code launches the kernel.
 
-    def __init__(self, kernel):
+    ``device_descriptors``: the kernel makes TMA descriptors on the device (``tl.make_tensor_descriptor``), in
+    global scratch memory that Triton asks an allocator for at launch: our launches give it torch's caching
+    allocator in a copy of the caller's context (what ``triton.set_allocator`` sets stays the caller's);
+    Inductor's generated code sets its own."""
+
+    def __init__(self, kernel, device_descriptors: bool = False):
         self.kernel = kernel
         self._runners: dict = {}
+        self.device_descriptors = device_descriptors
 
     def launch(self, slot, grid: tuple, args: tuple, meta: dict, tensors: Sequence[torch.Tensor],
                traced: bool = False) -> None:
         if traced:
             torch.library.wrap_triton(self.kernel)[tuple(grid)](*args, **meta)
             return
+        if self.device_descriptors:
+            contextvars.copy_context().run(self._launch_with_scratch, slot, grid, args, meta, tensors)
+        else:
+            self._launch(slot, grid, args, meta, tensors)
+
+    def _launch_with_scratch(self, slot, grid, args, meta, tensors) -> None:
+        triton.set_allocator(_scratch)
+        self._launch(slot, grid, args, meta, tensors)
+
+    def _launch(self, slot, grid, args, meta, tensors) -> None:
         runner = self._runners.get(slot)
         aligned = all(t.data_ptr() % 16 == 0 for t in tensors)
         if runner is not None and aligned:
