@@ -18,7 +18,8 @@ import argparse
 import torch
 import triton.testing
 
-from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
+from benchmarks.common import (csv_list, environment, json_path, projection_widths, result_row, select_shapes,
+                               write_rows)
 from fx_passes.ops.kernels import gemm_lora_train as glt
 from fx_passes.ops.kernels import lora_train as lt
 from fx_passes.ops.tuning import PrefillLaunch
@@ -54,8 +55,7 @@ def main() -> None:
     rows = []
     for name, spec in select_shapes(args.shapes).items():
         H = spec.hidden_size
-        widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
-                  spec.linear_num_value_heads]
+        widths = projection_widths(spec)
         g = torch.Generator(device="cuda").manual_seed(0)
         weights = [(torch.randn(n, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16) for n in widths]
         for r in csv_list(args.rank, int):

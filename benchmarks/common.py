@@ -61,6 +61,12 @@ def gdn_dims(spec: TinyQwen35Spec) -> tuple[int, int, int]:
     return spec.hidden_size, spec.key_dim, spec.value_dim
 
 
+def projection_widths(spec: TinyQwen35Spec) -> list[int]:
+    """Output widths of a GDN layer's four input projections: qkv, z, b, a."""
+    return [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
+            spec.linear_num_value_heads]
+
+
 def packed_weight_bytes(spec: TinyQwen35Spec, element_size: int = 2) -> int:
     """Bytes of the packed [W_qkv; W_z] (N_qkv + N_z rows of hidden_size)."""
     return (n_qkv(spec) + n_z(spec)) * spec.hidden_size * element_size

@@ -25,7 +25,8 @@ from unittest import mock
 import torch
 import triton.testing
 
-from benchmarks.common import csv_list, environment, json_path, result_row, select_shapes, write_rows
+from benchmarks.common import (csv_list, environment, json_path, projection_widths, result_row, select_shapes,
+                               write_rows)
 from fx_passes.ops.kernels import lora_train as lt
 from fx_passes.ops.tuning import device_info
 
@@ -73,8 +74,7 @@ def main() -> None:
     grid = {k: v for k, v in grid.items() if k in csv_list(args.kernels, str)}
     rows = []
     for name, spec in select_shapes(args.shapes).items():
-        widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
-                  spec.linear_num_value_heads]
+        widths = projection_widths(spec)
         H = spec.hidden_size
         for r in csv_list(args.rank, int):
             lora_b = [torch.randn(widths[0], r, device="cuda"), torch.randn(widths[1], r, device="cuda")]

@@ -15,7 +15,7 @@ import time
 import torch
 
 from benchmarks.bench_train_block import build, step_fn
-from benchmarks.common import select_shapes
+from benchmarks.common import projection_widths, select_shapes
 from fx_passes.backend import FxPassesBackend
 from fx_passes.config import QkvzFusionConfig
 from fx_passes.ops.kernels import lora_train
@@ -77,8 +77,7 @@ def main() -> None:
     # the pieces, on arguments shaped like the rewrite's without dropout (x itself as every group's input)
     g = torch.Generator().manual_seed(0)
     H, T, r = spec.hidden_size, args.T, args.rank
-    widths = [2 * spec.key_dim + spec.value_dim, spec.value_dim, spec.linear_num_value_heads,
-              spec.linear_num_value_heads]
+    widths = projection_widths(spec)
     dev = dict(device="cuda")
     xb = torch.randn(T, H, generator=g).to("cuda", torch.bfloat16)
     weights = [torch.randn(n, H, generator=g).to("cuda", torch.bfloat16) for n in widths]
