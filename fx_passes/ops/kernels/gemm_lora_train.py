@@ -33,6 +33,14 @@ projections' widths), the sum rounded between projections as library GEMMs accum
 buffer round it; then x's LoRA gradient of every A group chained into the rounded base and rounded once.
 Below :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`, or when the LoRA does not read x itself
 (dropout), the op runs library GEMMs (then :class:`~.lora_train.ExpandAdd` for x's LoRA part).
+
+Descriptors: both kernels make their TMA descriptors on the device (:func:`_desc`, once per program, in global
+scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) and take plain pointers,
+so a traced call launches from Inductor's code through ``wrap_triton``. Host descriptors (``TensorDescriptor``
+arguments) ran these GEMMs 1-11 % faster on an H200 (most at short K loops), but ``wrap_triton`` outside
+Dynamo cannot trace them: each GEMM was then a custom-op call of 0.06-0.18 ms of host time, and a host-bound
+35B-A3B training step at T 2048 ran 0.70-0.87x as fast as with the unfused kernels, against 1.19-1.25x with
+device descriptors.
 """
 from __future__ import annotations
 
