@@ -17,8 +17,8 @@ import argparse
 import torch
 import triton.testing
 
-from benchmarks.common import (csv_list, environment, json_path, projection_widths, result_row, select_shapes,
-                               write_rows)
+from benchmarks.common import (csv_list, environment, json_path, projection_weights, projection_widths, result_row,
+                               select_shapes, write_rows)
 from fx_passes.ops.kernels import gemm_lora_train as glt
 from fx_passes.ops.kernels import lora_train as lt
 
@@ -46,7 +46,7 @@ def main() -> None:
         H = spec.hidden_size
         widths = projection_widths(spec)
         g = torch.Generator(device="cuda").manual_seed(0)
-        weights = [(torch.randn(n, H, device="cuda", generator=g) * H ** -0.5).to(torch.bfloat16) for n in widths]
+        weights = projection_weights(spec, g)
         for r in csv_list(args.rank, int):
             lora_b = [torch.randn(n, r, device="cuda", generator=g) * r ** -0.5 for n in widths[:2]]
             sl = lt.Slices((widths[0], widths[1]), (0, 0), (0, r), (r, r), (2.0, 2.0))

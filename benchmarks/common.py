@@ -67,6 +67,13 @@ def projection_widths(spec: TinyQwen35Spec) -> list[int]:
             spec.linear_num_value_heads]
 
 
+def projection_weights(spec: TinyQwen35Spec, generator: torch.Generator) -> list[torch.Tensor]:
+    """A GDN layer's four projection weights on CUDA, bf16, scaled by 1 / sqrt(hidden size)."""
+    H = spec.hidden_size
+    return [(torch.randn(n, H, device="cuda", generator=generator) * H ** -0.5).to(torch.bfloat16)
+            for n in projection_widths(spec)]
+
+
 def packed_weight_bytes(spec: TinyQwen35Spec, element_size: int = 2) -> int:
     """Bytes of the packed [W_qkv; W_z] (N_qkv + N_z rows of hidden_size)."""
     return (n_qkv(spec) + n_z(spec)) * spec.hidden_size * element_size

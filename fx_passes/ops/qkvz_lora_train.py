@@ -27,11 +27,11 @@ and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with
 gradient arrives as it is.
 
 Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph):
-``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer, each rounding it), ``dS[:, g] = sum_i scales[i]
-* dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @ xs[g]`` and, when the
-LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in promote(x, adapters) dtype
-and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the traced graph from the
-op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its dropout's backward
+``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer, each rounding it), ``dS[:, g] = sum_i
+scales[i] * dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @
+xs[g]`` and, when the LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in
+promote(x, adapters) dtype and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the
+traced graph from the op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its dropout's backward
 read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <= 4096 a
 step's time is the host's, and each op call costs a dispatcher crossing with its list arguments boxed
 and its checks.
@@ -272,8 +272,7 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
         from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable
 
         if gemm_of is not None and dx_fusable(*gemm_of, len(lora_a)):
-            dys, weights = gemm_of
-            gemm_dx = GemmDx(ranks, [w.shape[0] for w in weights], T, x_itself.shape[1], data_dtype, ad,
+            gemm_dx = GemmDx(ranks, [w.shape[0] for w in gemm_of[1]], T, x_itself.shape[1], data_dtype, ad,
                              x_itself.device)
         else:
             dx = ExpandAdd(side.slices, T, ad)

@@ -193,6 +193,13 @@ def _fits(device: torch.device, dtype: torch.dtype, T: int, weights: Sequence[to
     return all(_tma_ok(w) and (w.shape[0] * w.element_size()) % 16 == 0 for w in weights)
 
 
+def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
+    """``(on a GPU, persistent programs)``: one per SM (or ``cfg.num_programs``), no more than the tiles."""
+    on_gpu = device.type == "cuda" and not interpreting()
+    sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
+    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, cfg.num_programs or sms))
+
+
 class GemmExpand:
     """``outs[p] = x @ W_p^T`` with the slices' LoRA (module docstring) for one call signature: the tiles,
     tile order and every per-slice number planned once. ``slice_proj``: each slice's projection;
@@ -204,10 +211,7 @@ class GemmExpand:
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
         tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in widths])
-        tiles = triton.cdiv(T, cfg.block_m) * n_tiles
-        on_gpu = device.type == "cuda" and not interpreting()
-        sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
-        self.programs = max(1, min(tiles, cfg.num_programs or sms))
+        on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
@@ -327,10 +331,7 @@ class GemmDx:
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
         offs, _ = _offsets(ranks)
         n_tiles = triton.cdiv(H, cfg.block_n)
-        tiles = triton.cdiv(T, cfg.block_m) * n_tiles
-        on_gpu = device.type == "cuda" and not interpreting()
-        sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
-        self.programs = max(1, min(tiles, cfg.num_programs or sms))
+        on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         g = len(ranks)
         self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
