@@ -31,8 +31,8 @@ Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into t
 scales[i] * dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @
 xs[g]`` and, when the LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in
 promote(x, adapters) dtype and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the
-traced graph from the op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its dropout's backward
-read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <= 4096 a
+traced graph from the op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its
+dropout's backward read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <= 4096 a
 step's time is the host's, and each op call costs a dispatcher crossing with its list arguments boxed
 and its checks.
 
