@@ -26,14 +26,14 @@ backward of slicing one output is a zero-filled [T, N] gradient per slice summed
 and 3 adds of [T, N]: 1.8 ms of a 7 ms step at 35B-A3B T 16384 on an H200); with one output each, each
 gradient arrives as it is.
 
-Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph):
-``dx = sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer, each rounding it), ``dS[:, g] = sum_i
-scales[i] * dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @
-xs[g]`` and, when the LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in
-promote(x, adapters) dtype and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the
-traced graph from the op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its
-dropout's backward read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <= 4096 a
-step's time is the host's, and each op call costs a dispatcher crossing with its list arguments boxed
+Backward: ONE op, :func:`qkvz_lora_train_backward` (traced by AOTAutograd into the joint graph): ``dx =
+sum_p dy_p @ W_p`` (GEMMs accumulating into one buffer, each rounding it), ``dS[:, g] = sum_i scales[i] *
+dy_i @ B_i`` over the slices of group g, ``dB_i = scales[i] * dy_i^T @ s[:, g]``, ``dA_g = dS_g^T @ xs[g]``
+and, when the LoRA reads x itself, x's LoRA gradient ``dS_g @ A_g`` added into dx (summed in promote(x,
+adapters) dtype and rounded once). Other LoRA inputs (dropout outputs) get ``dS_g @ A_g`` in the traced
+graph from the op's dS, one input at a time, so that each [T, H] fp32 gradient is freed after its dropout's
+backward read it. Frozen weights (no ``requires_grad``) get no gradient work. One op, not three: at T <=
+4096 a step's time is the host's, and each op call costs a dispatcher crossing with its list arguments boxed
 and its checks.
 
 Host cost: the argument checks and everything planned from shapes alone run once per call signature
