@@ -159,7 +159,7 @@ def profile_step(step, title: str) -> None:
         step()
         torch.cuda.synchronize()
     print(f"--- {title}")
-    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=70))
 
 
 def opaque_ops():

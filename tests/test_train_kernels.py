@@ -411,6 +411,22 @@ def test_gemm_expand_matches_reference(layout, T, adapter_dtype):
     assert all(not torch.allclose(got[p].float(), bare[p].float(), atol=1e-2) for p in set(out_of))
 
 
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_gemm_expand_narrow_projection_tiles(adapter_dtype):
+    """32-wide column tiles: b and a (8 columns) take 16-wide tiles of their own (fewer tiles, other offsets
+    and descriptors than the wide projections'), qkv and z 32-wide tiles across slice bounds; the outputs as
+    the reference's."""
+    config = tuning.PrefillLaunch(16, 32, 16, 2, 4, num_programs=3)
+    x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(37, "qkvz", adapter_dtype)
+    assert gemm_lora_train.tile_widths([w.shape[0] for w in weights], 32) == (32, 32, 16, 16)
+    assert gemm_lora_train.tile_widths([10240, 6144, 48, 48], 256) == (256, 256, 64, 64)
+    want = [x @ w.t() for w in weights]
+    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    got = gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=config)
+    for p in range(len(want)):
+        _close(got[p], want[p], torch.float16)
+
+
 def test_gemm_expand_conditions(monkeypatch):
     """Where the op's forward takes the fused GEMM: 16-bit x and weights of one dtype, TMA's rows (16-byte
     strides, unit last stride), at most MAX_PROJ projections, T from the device's ``train_fused_min_t``."""

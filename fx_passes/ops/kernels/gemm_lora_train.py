@@ -135,22 +135,22 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
     x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
-    wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_N, BLOCK_K)
-    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_N)
+    wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
+    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
     wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
     if NUM_PROJ > 1:
-        wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_N, BLOCK_K)
-        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_N)
+        wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
+        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
     if NUM_PROJ > 2:
-        wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_N, BLOCK_K)
-        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_N)
+        wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
+        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
     if NUM_PROJ > 3:
-        wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_N, BLOCK_K)
-        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_N)
+        wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
+        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
     ws = (wd0, wd1, wd2, wd3)
     os_ = (od0, od1, od2, od3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
@@ -160,9 +160,10 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
         p = tile_owner(pid_n, PROJ_TILE_OFF, NUM_PROJ)
         for q in tl.static_range(NUM_PROJ):   # separate descriptors per projection: a branch each, unrolled
             if p == q:
-                _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M, (pid_n - PROJ_TILE_OFF[q]) * BLOCK_N,
-                           T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R,
-                           STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M,
+                           (pid_n - PROJ_TILE_OFF[q]) * BLOCK_NS[q], T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS,
+                           SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M,
+                           BLOCK_NS[q], BLOCK_K, BLOCK_R)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -193,6 +194,13 @@ def _fits(device: torch.device, dtype: torch.dtype, T: int, weights: Sequence[to
     return all(_tma_ok(w) and (w.shape[0] * w.element_size()) % 16 == 0 for w in weights)
 
 
+def tile_widths(widths: Sequence[int], block_n: int) -> tuple[int, ...]:
+    """Each projection's column tile: ``block_n``, or the power of two (16 at least, a dot's least N) that
+    covers a narrower projection: b and a (32-64 columns at Qwen3.5's widths) would otherwise each take a
+    full-width tile per row block, 2 of 50-82 tiles of the GEMM's work (tile cost grows with its width)."""
+    return tuple(min(block_n, max(16, triton.next_power_of_2(n))) for n in widths)
+
+
 def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
     """``(on a GPU, persistent programs)``: one per SM (or ``cfg.num_programs``), no more than the tiles."""
     on_gpu = device.type == "cuda" and not interpreting()
@@ -210,14 +218,16 @@ class GemmExpand:
                  config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
-        tile_off, n_tiles = _offsets([triton.cdiv(n, cfg.block_n) for n in widths])
+        self.block_ns = tile_widths(widths, cfg.block_n)
+        tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, self.block_ns)])
         on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
                          EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
-                         NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                         BLOCK_K=cfg.block_k, BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
+                         NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m,
+                         BLOCK_NS=self.block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
+                         BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
 
