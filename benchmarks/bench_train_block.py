@@ -209,9 +209,12 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels (one step)")
     ap.add_argument("--opaque", action="store_true", help="also the fx_opaque variant (see the module docstring)")
     ap.add_argument("--split", action="store_true", help="also the fx_split variant (see the module docstring)")
+    ap.add_argument("--variants", default=None, help="only these variants, comma-separated (e.g. frozen,fx_passes)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     variants = VARIANTS + (("fx_opaque",) if args.opaque else ()) + (("fx_split",) if args.split else ())
+    if args.variants:
+        variants = tuple(v for v in variants if v in csv_list(args.variants, str))
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     dev = args.device
     env = environment(dev)
@@ -285,6 +288,10 @@ def main() -> None:
                           f"  out err {cell.get('out_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",
                           flush=True)
                 c = row["cells"]
+                if not all(v in c for v in VARIANTS):   # (--variants: the cells alone)
+                    rows.append(result_row(env, **row))
+                    write_rows(json_path("bench_train_block", args.json), rows)
+                    continue
                 row["fx_over_frozen"] = c["fx_passes"]["ms"] / c["frozen"]["ms"]
                 row["inductor_over_fx"] = c["inductor"]["ms"] / c["fx_passes"]["ms"]
                 row["stream_fx_over_frozen"] = c["fx_passes"]["stream_ms"] / c["frozen"]["stream_ms"]

@@ -227,6 +227,19 @@ def test_x_side_shrink_da_and_dx(T, one_slice):
     _close(new, want, torch.float16)
 
 
+def test_ds_chunk_fills_the_sms():
+    """LoraDs's columns per program: 2048 where the grid already has 2 programs per SM, halved (to 256 at
+    least) where T x the columns leave fewer; with SMs given, the planned launch takes it."""
+    assert lora_train.ds_chunk(8192, [5120], 64, 132) == 2048          # 128 token tiles x 3 chunks
+    assert lora_train.ds_chunk(2048, [5120], 64, 132) == 512           # 32 x 10
+    assert lora_train.ds_chunk(2048, [2048], 64, 132) == 256           # 32 x 8: the least chunk
+    assert lora_train.ds_chunk(2048, [10240, 6144], 64, 132) == 1024   # 32 x (10 + 6)
+    assert lora_train.ds_chunk(64, [80], 64, 132) == 256
+    sl = Slices((2048,), (0,), (0,), (32,), (1.0,))
+    assert lora_train.LoraDs(sl, 2048, 32, torch.float16, torch.float32, sms=132).chunk == 256
+    assert lora_train.LoraDs(sl, 2048, 32, torch.float16, torch.float32).chunk == lora_train.DS_CHUNK
+
+
 def _layer(seed, H=48, ranks=(8, 8)):
     g = torch.Generator().manual_seed(seed)
     T, widths = 70, [88, 40, 4, 4]

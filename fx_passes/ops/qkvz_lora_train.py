@@ -257,8 +257,9 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
                                          (1.0,) * len(groups)), False)
     common = dict(kernels=True, owners=tuple(owners), offs=offs, R=R, out_of=tuple(p for p, _ in owners),
                   x_side=side)
+    sms = device_info(lora_a[0].device).sms
     if not backward:
-        shrink = None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad)
+        shrink = None if side is None else LoraDs(side.slices, T, R, x_itself.dtype, ad, sms=sms)
         from fx_passes.ops.kernels.gemm_lora_train import GemmExpand, fusable
 
         if gemm_of is not None and fusable(*gemm_of, len(lora_b)):
@@ -266,7 +267,6 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
             return _TrainPlan(**common, shrink=shrink, gemm=GemmExpand(
                 slices, common["out_of"], [w.shape[0] for w in weights], T, x.shape[1], x.dtype, ad, x.device))
         return _TrainPlan(**common, expand=ExpandAdd(slices, T, ad, tensor_of=common["out_of"]), shrink=shrink)
-    sms = device_info(lora_a[0].device).sms
     gemm_dx = dx = None
     if side is not None:
         from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable
@@ -276,7 +276,8 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
                              x_itself.device)
         else:
             dx = ExpandAdd(side.slices, T, ad)
-    return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)), ds=LoraDs(slices, T, R, data_dtype, ad),
+    return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)),
+                      ds=LoraDs(slices, T, R, data_dtype, ad, sms=sms),
                       dsdb=LoraDsDb(slices, T, R, data_dtype, ad, sms),
                       da=None if side is None else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
                       dx=dx, gemm_dx=gemm_dx)

@@ -94,6 +94,11 @@ DSDB_RANK32_LAUNCH = TrainLaunch(64, 128, 4, 3)
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
 DS_CHUNK = 2048
+# ... halved (down to DS_MIN_CHUNK) while the grid has fewer than DS_PROGRAMS_PER_SM programs per SM: the
+# shrink over x walks only H columns (2048-5120 at Qwen3.5's widths), 32-96 programs at T 2048 in 2048-column
+# chunks, which left most of an H200's 132 SMs idle (:func:`ds_chunk`).
+DS_MIN_CHUNK = 256
+DS_PROGRAMS_PER_SM = 2
 # _db_kernel and _dsdb_kernel split the tokens so that there are at least this many programs per SM (each
 # walks its split one token tile after another): by the same sweep, dA over x within 6 % of each cell's
 # best with 8 (2: up to 1.3x slower), dS + dB with 4.
@@ -192,6 +197,16 @@ def _token_tile(t0, t_hi, BLOCK_M: tl.constexpr):
     pointer offsets past 2^31 elements) and their mask."""
     offs_m = t0 + tl.arange(0, BLOCK_M)
     return offs_m, offs_m.to(tl.int64), offs_m < t_hi
+
+
+def ds_chunk(T: int, widths: Sequence[int], block_m: int, sms: int) -> int:
+    """Columns per program of :class:`LoraDs` (module constants ``DS_*``): each halving doubles the programs
+    and the [T, R] fp32 partial sums summed after the kernel (8 rows at most: 2 MB at T 2048, R 32)."""
+    m_tiles = triton.cdiv(T, block_m)
+    chunk = DS_CHUNK
+    while chunk > DS_MIN_CHUNK and m_tiles * sum(triton.cdiv(n, chunk) for n in widths) < DS_PROGRAMS_PER_SM * sms:
+        chunk //= 2
+    return chunk
 
 
 def token_splits(T: int, n_tiles: int, block_m: int, sms: int, programs_per_sm: int) -> tuple[int, int]:
@@ -425,8 +440,13 @@ class LoraDs:
     group with fewer chunks than the most leaves rows unwritten: then ``part`` starts zeroed)."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, *,
-                 chunk: int = DS_CHUNK, launch: Optional[TrainLaunch] = None):
+                 chunk: Optional[int] = None, sms: Optional[int] = None, launch: Optional[TrainLaunch] = None):
+        """``chunk``: columns per program (tests force small); by default :func:`ds_chunk` for ``sms`` SMs,
+        or ``DS_CHUNK`` where ``sms`` is not given."""
         cfg = launch or DS_LAUNCH
+        if chunk is None:
+            chunk = DS_CHUNK if sms is None else ds_chunk(T, sl.width, cfg.block_m, sms)
+        self.chunk = chunk
         counts = [triton.cdiv(n, chunk) for n in sl.width]
         chunk_off, n_programs = _offsets(counts)
         used: dict = {}
