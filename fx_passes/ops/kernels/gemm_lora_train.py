@@ -10,8 +10,9 @@ per tile.
 
 ``_gemm_expand_kernel``: persistent (one program per SM), grouped tile order, the column tiles of every
 projection side by side (each projection its own W and output descriptor: a training step's frozen
-weights are separate tensors, not packed), TMA loads of x and W, fp32 accumulator, TMA store. After a
-tile's K loop, each LoRA slice over the tile's columns is added in slice order, PEFT's roundings kept::
+weights are separate tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA
+loads of x and W, fp32 accumulator, TMA store. After a tile's K loop, each LoRA slice over the tile's
+columns is added in slice order, PEFT's roundings kept::
 
     acc = round(acc)                                  the base, rounded as the library GEMM's output
     acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
