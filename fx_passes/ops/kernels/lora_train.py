@@ -201,7 +201,9 @@ def _token_tile(t0, t_hi, BLOCK_M: tl.constexpr):
 
 def ds_chunk(T: int, widths: Sequence[int], block_m: int, sms: int) -> int:
     """Columns per program of :class:`LoraDs` (module constants ``DS_*``): each halving doubles the programs
-    and the [T, R] fp32 partial sums summed after the kernel (8 rows at most: 2 MB at T 2048, R 32)."""
+    and the rows of [T, R] fp32 partial sums summed after the kernel. A row of one chunk per token tile is
+    ``block_m`` x R per program, and halving stops under 2 x ``DS_PROGRAMS_PER_SM`` x ``sms`` programs: the
+    sums stay under 4 x sms x block_m x R x 4 bytes (4.3 MB at R 32 on 132 SMs)."""
     m_tiles = triton.cdiv(T, block_m)
     chunk = DS_CHUNK
     while chunk > DS_MIN_CHUNK and m_tiles * sum(triton.cdiv(n, chunk) for n in widths) < DS_PROGRAMS_PER_SM * sms:
