@@ -239,8 +239,8 @@ def test_ds_chunk_fills_the_sms():
     assert lora_train.LoraDs(sl, 2048, 32, torch.float16, torch.float32, sms=132).chunk == 256
     assert lora_train.LoraDs(sl, 2048, 32, torch.float16, torch.float32).chunk == lora_train.DS_CHUNK
     # the op's forward plan: the shrink over x (H 2048, two groups as one slice) at T 2048 on the device's SMs
-    x, weights, lora_a, lora_b, _, _ = _layer(3, H=2048)
-    x = torch.empty(2048, 2048, dtype=torch.float16)
+    _, weights, lora_a, lora_b, _, _ = _layer(3, H=2048)
+    x = torch.empty(2048, 2048, dtype=torch.float16)   # (the plan reads its shape and dtype only)
     owners = slice_owners([w.shape[0] for w in weights], [0, 88], [b.shape[0] for b in lora_b])
     fwd = train._plan(2048, torch.float16, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, False)
     assert fwd.shrink.chunk == lora_train.ds_chunk(2048, [2048], lora_train.DS_LAUNCH.block_m,

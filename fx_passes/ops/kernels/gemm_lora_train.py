@@ -219,15 +219,15 @@ class GemmExpand:
                  config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
-        self.block_ns = tile_widths(widths, cfg.block_n)
-        tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, self.block_ns)])
+        block_ns = tile_widths(widths, cfg.block_n)
+        tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, block_ns)])
         on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
                          EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m,
-                         BLOCK_NS=self.block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
+                         BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
