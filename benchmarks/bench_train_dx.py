@@ -9,7 +9,8 @@ GDN layer (qkv, z, b, a). GPU time: CUDA-graph replays.
 
 Columns: ``gemm_only`` is the fused kernel with no LoRA (its GEMM against the library's), ``expand`` the
 expand kernel alone (its share of ``split``), ``--configs`` more tile choices of the fused kernel
-(``BMxBNxBKsSTAGESwWARPS``). Errors: against an fp32 product of the same inputs (relative Frobenius).
+(``BMxBNxBKsSTAGESwWARPS``), ``whole`` the fused kernel without the last wave's half tiles where it has them
+(``gemm_lora_train.tail_tiles``). Errors: against an fp32 product of the same inputs (relative Frobenius).
 """
 from __future__ import annotations
 
@@ -90,12 +91,16 @@ def main() -> None:
                 t = {"frozen": gpu_ms(frozen), "gemm_only": gpu_ms(lambda: bare(dys, weights, ds, [])),
                      "split": gpu_ms(split), "expand": gpu_ms(expand_only),
                      "fused": gpu_ms(lambda: fused(dys, weights, ds, lora_a))}
+                if fused.tail:   # the same kernel without the last wave's half tiles (gemm_lora_train.tail_tiles)
+                    whole = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, split_tail=False)
+                    t["fused_whole"] = gpu_ms(lambda: whole(dys, weights, ds, lora_a))
                 for c in configs:
                     k = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, config=c)
                     t[f"fused_{c.block_m}x{c.block_n}x{c.block_k}s{c.num_stages}w{c.num_warps}"] = gpu_ms(
                         lambda: k(dys, weights, ds, lora_a))
                 err = {"fused": _rel(got_f, ref), "split": _rel(got_s, ref)}
                 extra = "  ".join(f"{k[6:]} {v / t['frozen']:.3f}x" for k, v in t.items() if k.startswith("fused_"))
+                extra += f"  (tail {fused.tail} of {fused.programs} programs)" if fused.tail else ""
                 expand_gbs = 2 * T * H * 2 / (t["expand"] * 1e-3) / 1e9
                 print(f"{name:10s} r{r:<3d} T{T:<6d} frozen {t['frozen'] * 1e3:8.1f} us  gemm_only "
                       f"{t['gemm_only'] / t['frozen']:.3f}x  split {t['split'] / t['frozen']:.3f}x  (expand "

@@ -528,6 +528,28 @@ def test_gemm_dx_matches_reference(T, ranks, widths, adapter_dtype):
     _close(bare(dys, weights, ds, []), base, torch.float16)
 
 
+def test_gemm_dx_last_wave_in_half_tiles():
+    """A last wave of tiles filling at most half the programs runs as half-height tiles (``tail_tiles``: the
+    rule's values), and the dx GEMM with half tiles (one past T in the last row tile, a tail of every tile
+    where they fill under half the programs) equals the reference and the same kernel without them."""
+    assert gemm_lora_train.tail_tiles(320, 132, 128) == (132, 56)    # 27B at T 2048: 2 waves + 56 tiles
+    assert gemm_lora_train.tail_tiles(640, 132, 128) == (132, 0)     # 4 waves + 112: over half, whole tiles
+    assert gemm_lora_train.tail_tiles(264, 132, 128) == (132, 0)     # whole waves
+    assert gemm_lora_train.tail_tiles(28, 132, 128) == (56, 28)      # under half the SMs: every tile halved
+    assert gemm_lora_train.tail_tiles(128, 132, 128) == (128, 0)
+    assert gemm_lora_train.tail_tiles(200, 132, 16) == (132, 0)      # 8-row halves: under a dot's 16
+    for T, programs, tail in ((70, 4, 1), (37, 4, 2), (20, 8, 3)):
+        config = tuning.PrefillLaunch(32, 16, 16, 2, 4, num_programs=programs)
+        dys, weights, ds, lora_a = _gemm_dx_args(T)
+        args = ([a.shape[0] for a in lora_a], [w.shape[0] for w in weights], T, 40, torch.float16, ds.dtype,
+                ds.device, config)
+        halves, whole = gemm_lora_train.GemmDx(*args), gemm_lora_train.GemmDx(*args, split_tail=False)
+        assert (halves.tail, whole.tail) == (tail, 0)
+        got = halves(dys, weights, ds, lora_a)
+        _close(got, _dx_reference(dys, weights, ds, lora_a), torch.float16)
+        _close(got, whole(dys, weights, ds, lora_a), torch.float16)
+
+
 def test_gemm_dx_conditions():
     """Where the backward takes the dx GEMM: :func:`gemm_lora_train.fusable`'s rules on the weights, T and
     the dtype, and TMA rows in every dy."""

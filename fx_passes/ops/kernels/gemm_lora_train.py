@@ -205,8 +205,24 @@ def tile_widths(widths: Sequence[int], block_n: int) -> tuple[int, ...]:
 def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
     """``(on a GPU, persistent programs)``: one per SM (or ``cfg.num_programs``), no more than the tiles."""
     on_gpu = device.type == "cuda" and not interpreting()
-    sms = device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS
-    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, cfg.num_programs or sms))
+    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, _max_programs(device, cfg, on_gpu)))
+
+
+def _max_programs(device: torch.device, cfg: PrefillLaunch, on_gpu: bool) -> int:
+    return cfg.num_programs or (device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS)
+
+
+def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]:
+    """``(programs, tail)``: the persistent GEMM's programs and how many of its last tiles run as two halves of
+    ``block_m // 2`` rows. A last wave of tiles filling at most half the programs would leave the others idle
+    for a whole tile's time: 27B's dx at T 2048 is 320 tiles of 128 x 256 on 132 SMs, 2 full waves and 56
+    tiles (the GEMM 0.81x as fast as full waves); as 112 halves the last wave takes about half a tile's time.
+    Halves need 16 rows at least (a dot's least M)."""
+    full_wave = min(n_tiles, max_programs)
+    rem = n_tiles % max_programs if n_tiles >= max_programs else n_tiles
+    if block_m // 2 < 16 or rem == 0 or 2 * rem > max_programs:
+        return max(1, full_wave), 0
+    return min(max_programs, n_tiles + rem), rem
 
 
 class GemmExpand:
@@ -272,46 +288,79 @@ def gemm_expand(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tenso
 # backward: dx = sum_p dy_p @ W_p with x's LoRA gradient in the epilogue
 # --------------------------------------------------------------------------------------------
 @triton.jit
+def _dx_tile(dys, ws, o_desc, s_ptr, bs, off_m, off_n, T, KS: tl.constexpr, NUM_PROJ: tl.constexpr,
+             SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
+             RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+             STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of dx (descriptors of that block shape): every projection's K, then the LoRA."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for q in tl.static_range(NUM_PROJ):   # each projection's K (its columns of dy, its rows of W) in turn,
+        if q > 0:                          # added to the rounded sum before it, as GEMMs accumulating into
+            acc = _round(acc, o_desc.dtype)   # one 16-bit buffer (beta = 1) round it
+        for k0 in range(0, KS[q], BLOCK_K):   # (TMA zero-fills both operands past a projection's width)
+            acc = tl.dot(dys[q].load([off_m, k0]), ws[q].load([k0, off_n]), acc)
+    acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, 0, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
+                      B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M,
+                      BLOCK_N, BLOCK_R)
+    o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+
+
+@triton.jit
+def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Each projection's dy descriptor, [BLOCK_M, BLOCK_K] blocks (past NUM_PROJ: the first one's, never read)."""
+    dd0 = _desc(d0, T, KS[0], D_STRIDES[0], BLOCK_M, BLOCK_K)
+    dd1, dd2, dd3 = dd0, dd0, dd0
+    if NUM_PROJ > 1:
+        dd1 = _desc(d1, T, KS[1], D_STRIDES[1], BLOCK_M, BLOCK_K)
+    if NUM_PROJ > 2:
+        dd2 = _desc(d2, T, KS[2], D_STRIDES[2], BLOCK_M, BLOCK_K)
+    if NUM_PROJ > 3:
+        dd3 = _desc(d3, T, KS[3], D_STRIDES[3], BLOCK_M, BLOCK_K)
+    return dd0, dd1, dd2, dd3
+
+
+@triton.jit
 def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
                     b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
                     W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
-                    NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                    NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
-    dd0 = _desc(d0, T, KS[0], D_STRIDES[0], BLOCK_M, BLOCK_K)
+    dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
     wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
-    dd1, wd1, dd2, wd2, dd3, wd3 = dd0, wd0, dd0, wd0, dd0, wd0
+    wd1, wd2, wd3 = wd0, wd0, wd0
     if NUM_PROJ > 1:
-        dd1 = _desc(d1, T, KS[1], D_STRIDES[1], BLOCK_M, BLOCK_K)
         wd1 = _desc(w1, KS[1], H, W_STRIDES[1], BLOCK_K, BLOCK_N)
     if NUM_PROJ > 2:
-        dd2 = _desc(d2, T, KS[2], D_STRIDES[2], BLOCK_M, BLOCK_K)
         wd2 = _desc(w2, KS[2], H, W_STRIDES[2], BLOCK_K, BLOCK_N)
     if NUM_PROJ > 3:
-        dd3 = _desc(d3, T, KS[3], D_STRIDES[3], BLOCK_M, BLOCK_K)
         wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
-    dys = (dd0, dd1, dd2, dd3)
     ws = (wd0, wd1, wd2, wd3)
     o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
-    for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
+    full = num_m * NUM_N_TILES - TAIL_TILES
+    for tile in tl.range(tl.program_id(0), full, NUM_PROGRAMS):
         pid_m, pid_n = _tile_pids(tile, num_m, NUM_N_TILES, GROUP_M)
-        off_m = pid_m * BLOCK_M
-        off_n = pid_n * BLOCK_N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for q in tl.static_range(NUM_PROJ):   # each projection's K (its columns of dy, its rows of W) in turn,
-            if q > 0:                          # added to the rounded sum before it, as GEMMs accumulating into
-                acc = _round(acc, o_desc.dtype)   # one 16-bit buffer (beta = 1) round it
-            for k0 in range(0, KS[q], BLOCK_K):   # (TMA zero-fills both operands past a projection's width)
-                acc = tl.dot(dys[q].load([off_m, k0]), ws[q].load([k0, off_n]), acc)
-        acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, 0, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
-                          B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M,
-                          BLOCK_N, BLOCK_R)
-        o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
+        _dx_tile(dys, ws, o_desc, s_ptr, bs, pid_m * BLOCK_M, pid_n * BLOCK_N, T, KS, NUM_PROJ, SLICE_PROJ, WIDTHS,
+                 COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M,
+                 BLOCK_N, BLOCK_K, BLOCK_R)
+    if TAIL_TILES > 0:   # the last, partial wave's tiles in halves of BLOCK_M // 2 rows (:func:`tail_tiles`)
+        HALF_M: tl.constexpr = BLOCK_M // 2
+        half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
+        half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
+        for unit in tl.range(tl.program_id(0), 2 * TAIL_TILES, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_N_TILES, GROUP_M)
+            off_m = pid_m * BLOCK_M + (unit % 2) * HALF_M
+            if off_m < T:   # (the last row tile's second half may lie past T)
+                _dx_tile(half_dys, ws, half_o, s_ptr, bs, off_m, pid_n * BLOCK_N, T, KS, NUM_PROJ, SLICE_PROJ,
+                         WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES,
+                         EPILOGUE_DOT, HALF_M, BLOCK_N, BLOCK_K, BLOCK_R)
 
 
 def dx_fusable(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], num_groups: int) -> bool:
@@ -337,19 +386,22 @@ class GemmDx:
 
     def __init__(self, ranks: Sequence[int], widths: Sequence[int], T: int, H: int, data_dtype: torch.dtype,
                  adapter_dtype: torch.dtype, device: torch.device, config: Optional[PrefillLaunch] = None,
-                 epilogue_dot: Optional[str] = None):
+                 epilogue_dot: Optional[str] = None, split_tail: bool = True):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
         offs, _ = _offsets(ranks)
         n_tiles = triton.cdiv(H, cfg.block_n)
-        on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
+        on_gpu = device.type == "cuda" and not interpreting()
+        tiles, most = triton.cdiv(T, cfg.block_m) * n_tiles, _max_programs(device, cfg, on_gpu)
+        # (split_tail=False: whole tiles only, for benchmarks)
+        self.programs, self.tail = tail_tiles(tiles, most, cfg.block_m) if split_tail else (max(1, min(tiles, most)), 0)
         g = len(ranks)
         self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
                          NUM_SLICES=g, EPILOGUE_DOT=epilogue_dot or GemmExpand.epilogue_dot(adapter_dtype, on_gpu),
-                         NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                         BLOCK_R=rank_block(ranks) if g else 16, GROUP_M=cfg.group_m, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+                         NUM_PROGRAMS=self.programs, TAIL_TILES=self.tail, BLOCK_M=cfg.block_m,
+                         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
+                         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
