@@ -516,7 +516,8 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     d_b = []
     if need_db:   # one read of dy for both
         d_s, part = plan.dsdb(dy_of, lora_b, s, traced=traced)   # fp32 [T, R], dB's partial sums
-        d_b = [part[:, row:row + b.shape[0], :b.shape[1]].sum(0).to(ad) for row, b in zip(plan.db_rows, lora_b)]
+        d_b = _parts_sums(part, [(slice(row, row + b.shape[0]), slice(0, b.shape[1])) for row, b in
+                                 zip(plan.db_rows, lora_b)], ad, traced)
     else:
         d_s = plan.ds(dy_of, lora_b, traced=traced)
     if ad != torch.float32:
@@ -529,7 +530,7 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
         x = xs[0]
         if need_da:
             part = plan.da([x] * len(side.slices), d_s, traced=traced)
-            d_a = [part[:, off:off + r].sum(0).to(ad) for off, r in zip(plan.offs, ranks)]
+            d_a = _parts_sums(part, [(slice(off, off + r),) for off, r in zip(plan.offs, ranks)], ad, traced)
         if fused_dx:
             d_x = plan.gemm_dx(dys, weights, d_s, lora_a, traced=traced)
         elif need_dx:
@@ -544,6 +545,17 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
         return d_x, d_s, (d_a if need_da else []), d_b
     d_x, d_a = _input_grads(xs, xs_of, x_input, d_s, lora_a, plan.offs, d_x, need_dx, need_da)
     return d_x, d_s, d_a, d_b
+
+
+def _parts_sums(part: torch.Tensor, pieces: Sequence[tuple], dtype: torch.dtype, traced: bool) -> list[torch.Tensor]:
+    """``part[:, *piece].sum(0)`` per piece (a slice's dB, a group's dA from a kernel's fp32 partial sums), in
+    ``dtype``. Traced for Inductor: ONE sum of ``part`` and each piece a view of it (a reduction kernel per piece
+    costs 1-5 us each at T 2048, 4-8 per layer-step); run as the op, one sum per piece (an op's outputs
+    may not alias one another)."""
+    if traced:
+        total = part.sum(0)
+        return [total[piece].to(dtype) for piece in pieces]
+    return [part[(slice(None), *piece)].sum(0).to(dtype) for piece in pieces]
 
 
 # --------------------------------------------------------------------------------------------
