@@ -68,29 +68,44 @@ def _round(acc, dtype: tl.constexpr):
 
 
 @triton.jit
+def _slice_operands(s_ptr, b_ptr, off_m, off_n, T, i: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr,
+                    SCOLS: tl.constexpr, RANKS: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+                    STRIDE_ST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Slice ``i``'s factors over a tile: s [BLOCK_M, BLOCK_R] and B^T [BLOCK_R, BLOCK_N] (zeros past T, past
+    the rank, outside the slice's columns; nothing read where the slice misses the tile)."""
+    rows = off_m + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    overlap = (off_n < COLS[i] + WIDTHS[i]) & (off_n + BLOCK_N > COLS[i])
+    r_mask = offs_r < tl.where(overlap, RANKS[i], 0)
+    s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * STRIDE_ST + (SCOLS[i] + offs_r)[None, :],
+                mask=(rows < T)[:, None] & r_mask[None, :], other=0.0)
+    local = off_n - COLS[i] + tl.arange(0, BLOCK_N)
+    bt = tl.load(b_ptr + local[None, :].to(tl.int64) * B_STRIDES_N[i] + offs_r[:, None] * B_STRIDES_R[i],
+                 mask=r_mask[:, None] & ((local >= 0) & (local < WIDTHS[i]))[None, :], other=0.0)
+    return s, bt
+
+
+@triton.jit
 def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
                 COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                 B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                 NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                ROUND_EACH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                ROUND_EACH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                PRE: tl.constexpr, s_pre, bt_pre):
     """``acc`` (a tile's fp32 GEMM sum) with the LoRA of projection ``P``'s slices over the tile's columns, in
     slice order: the base rounded to ``OUT_DTYPE`` first; ``ROUND_EACH``: each slice's sum rounded too (the
-    forward, as PEFT adds adapter after adapter), else the slices chained and rounded once, at the store."""
-    rows = off_m + tl.arange(0, BLOCK_M)
-    rows64 = rows.to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
+    forward, as PEFT adds adapter after adapter), else the slices chained and rounded once, at the store.
+    Slice ``PRE`` (-1: none) comes with its factors loaded already (``s_pre``, ``bt_pre``: :func:`_prefetch`)."""
     if not ROUND_EACH:
         acc = _round(acc, OUT_DTYPE)
     for i in tl.static_range(NUM_SLICES):
         if SLICE_PROJ[i] == P:   # (compile time: this projection's slices only)
             if (off_n < COLS[i] + WIDTHS[i]) & (off_n + BLOCK_N > COLS[i]):
-                r_mask = offs_r < RANKS[i]
-                s = tl.load(s_ptr + rows64[:, None] * STRIDE_ST + (SCOLS[i] + offs_r)[None, :],
-                            mask=(rows < T)[:, None] & r_mask[None, :], other=0.0)
-                local = off_n - COLS[i] + tl.arange(0, BLOCK_N)
-                bt = tl.load(bs[i] + local[None, :].to(tl.int64) * B_STRIDES_N[i] + offs_r[:, None] * B_STRIDES_R[i],
-                             mask=r_mask[:, None] & ((local >= 0) & (local < WIDTHS[i]))[None, :],
-                             other=0.0)   # [BLOCK_R, BLOCK_N] = B^T; columns outside the slice add 0
+                if i == PRE:
+                    s, bt = s_pre, bt_pre
+                else:   # columns outside the slice add 0
+                    s, bt = _slice_operands(s_ptr, bs[i], off_m, off_n, T, i, WIDTHS, COLS, SCOLS, RANKS,
+                                            B_STRIDES_N, B_STRIDES_R, STRIDE_ST, BLOCK_M, BLOCK_N, BLOCK_R)
                 s = s.to(tl.float32) * SCALES[i]
                 if ROUND_EACH:
                     acc = _round(acc, OUT_DTYPE)
@@ -106,6 +121,21 @@ def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl
 
 
 @triton.jit
+def _prefetch(s_ptr, bs, off_m, off_n, T, PRE: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr,
+              SCOLS: tl.constexpr, RANKS: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
+              STRIDE_ST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Slice ``PRE``'s factors, loaded before a tile's K loop so that their latency hides under it (at the
+    end of a short K loop, 32 steps at 35B-A3B's forward, the epilogue's loads were ~5-10 % of the tile's
+    time); ``PRE`` -1: placeholders."""
+    if PRE >= 0:
+        s, bt = _slice_operands(s_ptr, bs[PRE], off_m, off_n, T, PRE, WIDTHS, COLS, SCOLS, RANKS, B_STRIDES_N,
+                                B_STRIDES_R, STRIDE_ST, BLOCK_M, BLOCK_N, BLOCK_R)
+    else:
+        s, bt = 0.0, 0.0
+    return s, bt
+
+
+@triton.jit
 def _desc(ptr, rows, COLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """A TMA descriptor of a row-major [rows, COLS] tensor, made on the device (the kernel takes plain
     pointers: a launch traced through ``wrap_triton`` needs no host descriptor)."""
@@ -118,13 +148,17 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
                WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
                SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA."""
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRE: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of projection ``P``'s output: its GEMM, then its slices' LoRA (slice ``PRE``'s
+    factors loaded before the K loop)."""
+    s_pre, bt_pre = _prefetch(s_ptr, bs, off_m, off_n, T, PRE, WIDTHS, COLS, SCOLS, RANKS, B_STRIDES_N, B_STRIDES_R,
+                              STRIDE_ST, BLOCK_M, BLOCK_N, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
     acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, P, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N,
-                      B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, True, BLOCK_M, BLOCK_N, BLOCK_R)
+                      B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, True, BLOCK_M, BLOCK_N, BLOCK_R,
+                      PRE, s_pre, bt_pre)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
@@ -135,8 +169,8 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
-                        NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_K: tl.constexpr,
+                        NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
+                        NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
     x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
@@ -164,7 +198,7 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                 _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M,
                            (pid_n - PROJ_TILE_OFF[q]) * BLOCK_NS[q], T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS,
                            SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M,
-                           BLOCK_NS[q], BLOCK_K, BLOCK_R)
+                           BLOCK_NS[q], BLOCK_K, BLOCK_R, PREFETCH[q])
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -200,6 +234,21 @@ def tile_widths(widths: Sequence[int], block_n: int) -> tuple[int, ...]:
     covers a narrower projection: b and a (32-64 columns at Qwen3.5's widths) would otherwise each take a
     full-width tile per row block, 2 of 50-82 tiles of the GEMM's work (tile cost grows with its width)."""
     return tuple(min(block_n, max(16, triton.next_power_of_2(n))) for n in widths)
+
+
+# Slice factors loaded before the K loop are held in registers through it, beside the [128, 256] fp32 accumulator
+# (128 registers a thread over 8 warps): s [128, 32] and B^T [32, 256] in fp32 take 48 more, a rank block of 64
+# would take 96.
+PREFETCH_MAX_RANK_BLOCK = 32
+
+
+def prefetch_slices(slice_proj: Sequence[int], num_proj: int, block_r: int) -> tuple[int, ...]:
+    """Per projection, the slice whose factors a tile loads before its K loop (:func:`_prefetch`): its first
+    slice; -1 where it has none or the rank block is over :data:`PREFETCH_MAX_RANK_BLOCK` (a second adapter
+    on the projection loads its factors after the loop)."""
+    if block_r > PREFETCH_MAX_RANK_BLOCK:
+        return (-1,) * num_proj
+    return tuple(next((i for i, p in enumerate(slice_proj) if p == q), -1) for q in range(num_proj))
 
 
 def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
@@ -242,6 +291,7 @@ class GemmExpand:
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
                          EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
+                         PREFETCH=prefetch_slices(slice_proj, MAX_PROJ, rank_block(sl.rank) if len(sl) else 16),
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m,
                          BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
@@ -292,8 +342,11 @@ def _dx_tile(dys, ws, o_desc, s_ptr, bs, off_m, off_n, T, KS: tl.constexpr, NUM_
              SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
              RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
              STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of dx (descriptors of that block shape): every projection's K, then the LoRA."""
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, PRE: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of dx (descriptors of that block shape): every projection's K, then the LoRA
+    (group ``PRE``'s factors loaded before the K loop)."""
+    s_pre, bt_pre = _prefetch(s_ptr, bs, off_m, off_n, T, PRE, WIDTHS, COLS, SCOLS, RANKS, B_STRIDES_N, B_STRIDES_R,
+                              STRIDE_ST, BLOCK_M, BLOCK_N, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for q in tl.static_range(NUM_PROJ):   # each projection's K (its columns of dy, its rows of W) in turn,
         if q > 0:                          # added to the rounded sum before it, as GEMMs accumulating into
@@ -302,7 +355,7 @@ def _dx_tile(dys, ws, o_desc, s_ptr, bs, off_m, off_n, T, KS: tl.constexpr, NUM_
             acc = tl.dot(dys[q].load([off_m, k0]), ws[q].load([k0, off_n]), acc)
     acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, 0, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
                       B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M,
-                      BLOCK_N, BLOCK_R)
+                      BLOCK_N, BLOCK_R, PRE, s_pre, bt_pre)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
 
@@ -328,7 +381,7 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
-                    NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
     dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
@@ -349,7 +402,7 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3
         pid_m, pid_n = _tile_pids(tile, num_m, NUM_N_TILES, GROUP_M)
         _dx_tile(dys, ws, o_desc, s_ptr, bs, pid_m * BLOCK_M, pid_n * BLOCK_N, T, KS, NUM_PROJ, SLICE_PROJ, WIDTHS,
                  COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M,
-                 BLOCK_N, BLOCK_K, BLOCK_R)
+                 BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
     if TAIL_TILES > 0:   # the last, partial wave's tiles in halves of BLOCK_M // 2 rows (:func:`tail_tiles`)
         HALF_M: tl.constexpr = BLOCK_M // 2
         half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
@@ -360,7 +413,7 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3
             if off_m < T:   # (the last row tile's second half may lie past T)
                 _dx_tile(half_dys, ws, half_o, s_ptr, bs, off_m, pid_n * BLOCK_N, T, KS, NUM_PROJ, SLICE_PROJ,
                          WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES,
-                         EPILOGUE_DOT, HALF_M, BLOCK_N, BLOCK_K, BLOCK_R)
+                         EPILOGUE_DOT, HALF_M, BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
 
 
 def dx_fusable(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], num_groups: int) -> bool:
@@ -399,6 +452,7 @@ class GemmDx:
         self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
                          NUM_SLICES=g, EPILOGUE_DOT=epilogue_dot or GemmExpand.epilogue_dot(adapter_dtype, on_gpu),
+                         PREFETCH=prefetch_slices((0,) * g, 1, rank_block(ranks) if g else 16)[0],
                          NUM_PROGRAMS=self.programs, TAIL_TILES=self.tail, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
                          GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
