@@ -447,6 +447,34 @@ def test_gemm_expand_narrow_projection_tiles(adapter_dtype):
         _close(got[p], want[p], torch.float16)
 
 
+def test_fused_gemms_prefetch_rule():
+    """Each projection's first slice has its factors loaded before the K loop up to a rank block of 32
+    (``prefetch_slices``; the layouts above take it, with slices missing tiles and second adapters loading
+    after the loop); over that both GEMMs load every slice after the loop, and still equal the reference."""
+    assert gemm_lora_train.prefetch_slices((0, 0, 1, 0), 4, 16) == (0, 2, -1, -1)
+    assert gemm_lora_train.prefetch_slices((1, 0), 2, 32) == (1, 0)
+    assert gemm_lora_train.prefetch_slices((0, 1), 4, 64) == (-1, -1, -1, -1)
+    T, r = 37, 40
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(T, 40, generator=g).to(torch.float16)
+    weights = [(torch.randn(n, 40, generator=g) * 0.2).to(torch.float16) for n in (48, 8)]
+    s = torch.randn(T, r, generator=g)
+    lora_b = [torch.randn(32, r, generator=g) * 0.3]
+    sl = Slices((32,), (8,), (0,), (r,), (0.5,))
+    plan = gemm_lora_train.GemmExpand(sl, [0], [48, 8], T, 40, torch.float16, torch.float32, x.device, SMALL_GEMM)
+    assert plan.meta["PREFETCH"] == (-1,) * gemm_lora_train.MAX_PROJ
+    want = [x @ w.t() for w in weights]
+    want[0][:, 8:40] = (want[0][:, 8:40].float() + 0.5 * s @ lora_b[0].t()).to(torch.float16)
+    got = plan(x, weights, s, lora_b)
+    for p in range(2):
+        _close(got[p], want[p], torch.float16)
+    dys, weights, ds, lora_a = _gemm_dx_args(T, ranks=(r,))
+    dx = gemm_lora_train.GemmDx([r], [w.shape[0] for w in weights], T, 40, torch.float16, ds.dtype, ds.device,
+                                SMALL_GEMM)
+    assert dx.meta["PREFETCH"] == -1
+    _close(dx(dys, weights, ds, lora_a), _dx_reference(dys, weights, ds, lora_a), torch.float16)
+
+
 def test_gemm_expand_conditions(monkeypatch):
     """Where the op's forward takes the fused GEMM: 16-bit x and weights of one dtype, TMA's rows (16-byte
     strides, unit last stride), at most MAX_PROJ projections, T from the device's ``train_fused_min_t``."""
