@@ -33,7 +33,11 @@ through every projection's gradient and weight in turn (dy_p [T, n_p] and W_p [n
 projections' widths), the sum rounded between projections as library GEMMs accumulating into one 16-bit
 buffer round it; then x's LoRA gradient of every A group chained into the rounded base and rounded once.
 Below :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`, or when the LoRA does not read x itself
-(dropout), the op runs library GEMMs (then :class:`~.lora_train.ExpandAdd` for x's LoRA part).
+(dropout), the op runs library GEMMs (then :class:`~.lora_train.ExpandAdd` for x's LoRA part). A last wave
+of tiles that would fill at most half the SMs runs as tiles of half the rows (:func:`tail_tiles`).
+
+In both kernels a tile loads its projection's first slice's s and B (x's first A group in dx) before its K
+loop (:func:`prefetch_slices`), so that their latency hides under the loop rather than after it.
 
 Descriptors: both kernels make their TMA descriptors on the device (:func:`_desc`, once per program, in global
 scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) and take plain pointers,
