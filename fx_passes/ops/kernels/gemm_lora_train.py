@@ -255,14 +255,16 @@ def prefetch_slices(slice_proj: Sequence[int], num_proj: int, block_r: int) -> t
     return tuple(next((i for i, p in enumerate(slice_proj) if p == q), -1) for q in range(num_proj))
 
 
-def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
-    """``(on a GPU, persistent programs)``: one per SM (or ``cfg.num_programs``), no more than the tiles."""
+def _max_programs(device: torch.device, cfg: PrefillLaunch) -> tuple[bool, int]:
+    """``(on a GPU, the most persistent programs)``: one per SM, or ``cfg.num_programs``."""
     on_gpu = device.type == "cuda" and not interpreting()
-    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, _max_programs(device, cfg, on_gpu)))
+    return on_gpu, cfg.num_programs or (device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS)
 
 
-def _max_programs(device: torch.device, cfg: PrefillLaunch, on_gpu: bool) -> int:
-    return cfg.num_programs or (device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS)
+def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
+    """``(on a GPU, persistent programs)``: :func:`_max_programs`, no more than the tiles."""
+    on_gpu, most = _max_programs(device, cfg)
+    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, most))
 
 
 def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]:
@@ -448,10 +450,11 @@ class GemmDx:
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
         offs, _ = _offsets(ranks)
         n_tiles = triton.cdiv(H, cfg.block_n)
-        on_gpu = device.type == "cuda" and not interpreting()
-        tiles, most = triton.cdiv(T, cfg.block_m) * n_tiles, _max_programs(device, cfg, on_gpu)
-        # (split_tail=False: whole tiles only, for benchmarks)
-        self.programs, self.tail = tail_tiles(tiles, most, cfg.block_m) if split_tail else (max(1, min(tiles, most)), 0)
+        if split_tail:
+            on_gpu, most = _max_programs(device, cfg)
+            self.programs, self.tail = tail_tiles(triton.cdiv(T, cfg.block_m) * n_tiles, most, cfg.block_m)
+        else:   # whole tiles only (benchmarks)
+            (on_gpu, self.programs), self.tail = _programs(device, cfg, T, n_tiles), 0
         g = len(ranks)
         self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
