@@ -10,7 +10,8 @@ GDN layer (qkv, z, b, a). GPU time: CUDA-graph replays.
 Columns: ``gemm_only`` is the fused kernel with no LoRA (its GEMM against the library's), ``expand`` the
 expand kernel alone (its share of ``split``), ``--configs`` more tile choices of the fused kernel
 (``BMxBNxBKsSTAGESwWARPS``), ``whole`` the fused kernel without the last wave's half tiles where it has them
-(``gemm_lora_train.tail_tiles``). Errors: against an fp32 product of the same inputs (relative Frobenius).
+(``gemm_lora_train.tail_tiles``), ``device_desc`` the fused kernel making its TMA descriptors on the device
+(it takes host-made ones). Errors: against an fp32 product of the same inputs (relative Frobenius).
 """
 from __future__ import annotations
 
@@ -91,6 +92,10 @@ def main() -> None:
                 t = {"frozen": gpu_ms(frozen), "gemm_only": gpu_ms(lambda: bare(dys, weights, ds, [])),
                      "split": gpu_ms(split), "expand": gpu_ms(expand_only),
                      "fused": gpu_ms(lambda: fused(dys, weights, ds, lora_a))}
+                # the same kernel making its TMA descriptors on the device (it takes host ones)
+                device_desc = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device,
+                                         host_descriptors=False)
+                t["fused_device_desc"] = gpu_ms(lambda: device_desc(dys, weights, ds, lora_a))
                 if fused.tail:   # the same kernel without the last wave's half tiles (gemm_lora_train.tail_tiles)
                     whole = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, split_tail=False)
                     t["fused_whole"] = gpu_ms(lambda: whole(dys, weights, ds, lora_a))

@@ -578,6 +578,26 @@ def test_gemm_dx_last_wave_in_half_tiles():
         _close(got, whole(dys, weights, ds, lora_a), torch.float16)
 
 
+def test_gemm_descriptors_made_on_host_or_device_agree():
+    """Both fused GEMMs take TMA descriptors made on the host (dx's default) or make them on the device (the
+    forward's default) with the same result to the bit, dx with and without half tiles (their own
+    descriptors) and with fewer than MAX_PROJ projections."""
+    for T, programs, widths in ((70, 4, (56, 24, 8, 8)), (37, 4, (56, 24)), (48, 3, (56, 24, 8))):
+        config = tuning.PrefillLaunch(32, 16, 16, 2, 4, num_programs=programs)
+        dys, weights, ds, lora_a = _gemm_dx_args(T, widths=widths)
+        args = ([a.shape[0] for a in lora_a], list(widths), T, 40, torch.float16, ds.dtype, ds.device, config)
+        host, device = gemm_lora_train.GemmDx(*args), gemm_lora_train.GemmDx(*args, host_descriptors=False)
+        assert host.host_descriptors and host.meta["HOST_DESC"] and not device.meta["HOST_DESC"]
+        assert torch.equal(host(dys, weights, ds, lora_a), device(dys, weights, ds, lora_a)), (T, host.tail)
+        x = dys[0][:, :40].contiguous()
+        sl = Slices((24,), (16,), (0,), (8,), (0.5,))
+        lora_b = [torch.randn(24, 8, generator=torch.Generator().manual_seed(T))]
+        fwd = [gemm_lora_train.GemmExpand(sl, [0], [w.shape[0] for w in weights], T, 40, torch.float16, ds.dtype,
+                                          ds.device, config, host_descriptors=h) for h in (False, True)]
+        outs = [f(x, weights, ds[:, :8].contiguous(), lora_b) for f in fwd]
+        assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
 def test_gemm_dx_conditions():
     """Where the backward takes the dx GEMM: :func:`gemm_lora_train.fusable`'s rules on the weights, T and
     the dtype, and TMA rows in every dy."""

@@ -3,6 +3,7 @@ tensors and prints, per case, what the traced graph calls: run by ``test_train_t
 interpreter without ``TRITON_INTERPRET`` (interpreted kernels cannot be traced; the CPU machine has no GPU, so
 the device properties are those of an assumed H200). The backward op's body slices its fake CUDA tensors,
 which a CPU build of torch refuses: it is traced on the GPU (``benchmarks/gpu_train_check.py --compiled``)."""
+import contextlib
 import importlib
 import json
 import logging
@@ -60,6 +61,55 @@ def trace_forward(device="cuda", T: int = T, widths=WIDTHS):
     return called(make_fx(dispatch_functionalize(f), tracing_mode="fake")(x, *weights, *lora_a, *lora_b))
 
 
+def trace_dx(T: int, widths=WIDTHS):
+    """The backward's dx GEMM traced alone (the backward op's body cannot be, see above): its kernel and the
+    host TMA descriptors the graph records (argument name: block shape) for Inductor's code to make."""
+    from fx_passes.ops.kernels.gemm_lora_train import GemmDx
+
+    with FakeTensorMode():
+        dys = [torch.empty(T, n, device="cuda", dtype=torch.bfloat16) for n in widths]
+        weights = [torch.empty(n, H, device="cuda", dtype=torch.bfloat16) for n in widths]
+        ds = torch.empty(T, 16, device="cuda")
+        lora_a = [torch.empty(8, H, device="cuda") for _ in range(2)]
+    plan = GemmDx([8, 8], list(widths), T, H, torch.bfloat16, torch.float32, torch.device("cuda"))
+
+    def f(*a):
+        n = len(widths)
+        return plan(list(a[:n]), list(a[n:2 * n]), a[2 * n], list(a[2 * n + 1:]), traced=True)
+    with assumed_sm90_target():
+        graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a)
+    out = called(graph)
+    nodes = [node for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    out["descriptors"] = {name: meta[1][0] for node in nodes for name, meta in node.kwargs["tma_descriptor_metadata"].items()}
+    out["written"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
+    out["tail"] = plan.tail
+    return out
+
+
+@contextlib.contextmanager
+def assumed_sm90_target():
+    """The kernels' mutation analysis (Triton's TTIR of the kernel, read by torch) for an assumed sm90 GPU: it
+    needs Triton's active driver only for the target, and torch's check that the device takes host TMA
+    descriptors (without them it assumes every argument written, or mis-reads the descriptors' arguments)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    import torch.utils._triton as torch_triton
+
+    class Target:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    saved, saved_driver = torch_triton.has_triton_tensor_descriptor_host_tma, triton.runtime.driver._active
+    triton.runtime.driver.set_active(Target())
+    torch_triton.has_triton_tensor_descriptor_host_tma = lambda: True
+    try:
+        yield
+    finally:
+        triton.runtime.driver._active = saved_driver   # (none on a machine without a GPU)
+        torch_triton.has_triton_tensor_descriptor_host_tma = saved
+
+
 def trace_for_export():
     from torch.export._trace import _disable_custom_triton_op_functional_decomposition
 
@@ -73,6 +123,8 @@ if __name__ == "__main__":
         # from train_fused_min_t, with TMA rows in every projection: the GEMMs + expand as one op
         "forward_large": trace_forward(T=tuning.tuning_for(tuning.device_info(None)).train_fused_min_t,
                                        widths=(200, 72, 8, 8)),
+        "dx": trace_dx(128 * 132, widths=(200, 72, 8, 8)),   # whole waves on the assumed 132 SMs
+        "dx_tail": trace_dx(1100, widths=(200, 72, 8, 8)),
         "forward_cpu": trace_forward("cpu"),
         "forward_export": trace_for_export(),
     }))

@@ -39,13 +39,15 @@ of tiles that would fill at most half the SMs runs as tiles of half the rows (:f
 In both kernels a tile loads its projection's first slice's s and B (x's first A group in dx) before its K
 loop (:func:`prefetch_slices`), so that their latency hides under the loop rather than after it.
 
-Descriptors: both kernels make their TMA descriptors on the device (:func:`_desc`, once per program, in global
-scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) and take plain pointers,
-so a traced call launches from Inductor's code through ``wrap_triton``. Host descriptors (``TensorDescriptor``
-arguments) ran these GEMMs 1-11 % faster on an H200 (most at short K loops), but ``wrap_triton`` outside
-Dynamo cannot trace them: each GEMM was then a custom-op call of 0.06-0.18 ms of host time, and a host-bound
-35B-A3B training step at T 2048 ran 0.70-0.87x as fast as with the unfused kernels, against 1.19-1.25x with
-device descriptors.
+Descriptors: both kernels make their outputs' TMA descriptors on the device (:func:`_desc`, once per program, in
+global scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) from plain pointers:
+a traced graph's mutation analysis (torch reading the kernel's TTIR) follows a pointer into the descriptor it
+stores through, where it found no store through a host descriptor passed on to the tile's function. The dx
+kernel takes its inputs' descriptors (dy_p, W_p) made on the host (``HOST_DESC``; traced, the graph records each
+one's tensor and block shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`): with host
+descriptors it ran 1.5-7 % faster on an H200 at every width and T measured (its K loop cycles through 8 of
+them); the forward, 0.97-1.01x, makes x's and W's on the device too (no host work: Triton's launcher encodes a
+host descriptor at every launch).
 """
 from __future__ import annotations
 
@@ -141,8 +143,7 @@ def _prefetch(s_ptr, bs, off_m, off_n, T, PRE: tl.constexpr, WIDTHS: tl.constexp
 
 @triton.jit
 def _desc(ptr, rows, COLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
-    """A TMA descriptor of a row-major [rows, COLS] tensor, made on the device (the kernel takes plain
-    pointers: a launch traced through ``wrap_triton`` needs no host descriptor)."""
+    """A TMA descriptor of a row-major [rows, COLS] tensor, made on the device from a plain pointer."""
     return tl.make_tensor_descriptor(ptr, shape=[rows, COLS], strides=[STRIDE, 1],
                                      block_shape=[BLOCK_ROWS, BLOCK_COLS])
 
@@ -175,23 +176,33 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
-    x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
-    wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                        HOST_DESC: tl.constexpr):
+    # the outputs' descriptors made on the device, once per program (as dx's in _gemm_dx_kernel); x's and W's
+    # too, or made on the host (HOST_DESC); projections past NUM_PROJ: the first one's, never read
     od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
-    wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
+    od1, od2, od3 = od0, od0, od0
     if NUM_PROJ > 1:
-        wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
         od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
     if NUM_PROJ > 2:
-        wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
         od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
     if NUM_PROJ > 3:
-        wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
         od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
-    ws = (wd0, wd1, wd2, wd3)
     os_ = (od0, od1, od2, od3)
+    if HOST_DESC:
+        x_desc = x_ptr
+        ws = (w0, w1, w2, w3)
+    else:
+        x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
+        wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
+        wd1, wd2, wd3 = wd0, wd0, wd0
+        if NUM_PROJ > 1:
+            wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
+        if NUM_PROJ > 2:
+            wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
+        if NUM_PROJ > 3:
+            wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
+        ws = (wd0, wd1, wd2, wd3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
@@ -211,6 +222,13 @@ def _tma_ok(t: torch.Tensor) -> bool:
     size = t.element_size()
     return (t.dim() == 2 and t.stride(-1) == 1 and (t.storage_offset() * size) % 16 == 0
             and (t.stride(0) * size) % 16 == 0)
+
+
+def _host_desc(t: torch.Tensor, block: tuple):
+    """A TMA descriptor of ``t`` made on the host (the kernels' ``HOST_DESC``)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, list(block))
 
 
 def fusable(x: torch.Tensor, weights: Sequence[torch.Tensor], num_slices: int) -> bool:
@@ -287,10 +305,13 @@ class GemmExpand:
 
     def __init__(self, sl: Slices, slice_proj: Sequence[int], widths: Sequence[int], T: int, K: int,
                  data_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device,
-                 config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None):
+                 config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None,
+                 host_descriptors: bool = False):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
+        self.host_descriptors = host_descriptors
         block_ns = tile_widths(widths, cfg.block_n)
+        self.block_ns = block_ns
         tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, block_ns)])
         on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
@@ -301,7 +322,7 @@ class GemmExpand:
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m,
                          BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
-                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         HOST_DESC=host_descriptors, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
 
     @staticmethod
@@ -318,13 +339,19 @@ class GemmExpand:
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
                  bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
-        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch` (the kernel makes its TMA descriptors
-        itself: it takes plain pointers)."""
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; ``host_descriptors`` (benchmarks): the
+        kernel takes TMA descriptors made on the host (module docstring), else plain pointers."""
         outs = [x.new_empty((x.shape[0], n)) for n in self.widths]
         if self.T == 0:
             return outs
         pad = (None,) * (MAX_PROJ - len(weights))
-        args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
+        if self.host_descriptors:
+            cfg = self.cfg
+            args = (_host_desc(x, (cfg.block_m, cfg.block_k)),
+                    *[_host_desc(w, (bn, cfg.block_k)) for w, bn in zip(weights, self.block_ns)], *pad,
+                    *outs, *pad, s, *_b_slots(bs), self.T)
+        else:
+            args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
         key = (x.stride(0), _strides(weights), _strides(bs), _strides(bs, 1), s.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, X_STRIDE=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
@@ -381,26 +408,32 @@ def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_
 
 
 @triton.jit
-def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
+def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
                     b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
                     W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
                     PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
-    # every descriptor made once per program (projections past NUM_PROJ: the first one's, never read)
-    dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
-    wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
-    wd1, wd2, wd3 = wd0, wd0, wd0
-    if NUM_PROJ > 1:
-        wd1 = _desc(w1, KS[1], H, W_STRIDES[1], BLOCK_K, BLOCK_N)
-    if NUM_PROJ > 2:
-        wd2 = _desc(w2, KS[2], H, W_STRIDES[2], BLOCK_K, BLOCK_N)
-    if NUM_PROJ > 3:
-        wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
-    ws = (wd0, wd1, wd2, wd3)
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                    HOST_DESC: tl.constexpr):
+    # dx's descriptor: made on the device, once per program (its store is what a traced graph's mutation analysis
+    # must see: it follows a pointer into tl.make_tensor_descriptor, not a descriptor argument into a function)
     o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
+    if HOST_DESC:   # dy's and W's made on the host (h0 .. h3: the half tiles' dy, None without TAIL_TILES)
+        dys = (d0, d1, d2, d3)
+        ws = (w0, w1, w2, w3)
+    else:   # made once per program (projections past NUM_PROJ: the first one's, never read)
+        dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
+        wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
+        wd1, wd2, wd3 = wd0, wd0, wd0
+        if NUM_PROJ > 1:
+            wd1 = _desc(w1, KS[1], H, W_STRIDES[1], BLOCK_K, BLOCK_N)
+        if NUM_PROJ > 2:
+            wd2 = _desc(w2, KS[2], H, W_STRIDES[2], BLOCK_K, BLOCK_N)
+        if NUM_PROJ > 3:
+            wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
+        ws = (wd0, wd1, wd2, wd3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     full = num_m * NUM_N_TILES - TAIL_TILES
@@ -411,7 +444,10 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, s_ptr, b0, b1, b2, b3
                  BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
     if TAIL_TILES > 0:   # the last, partial wave's tiles in halves of BLOCK_M // 2 rows (:func:`tail_tiles`)
         HALF_M: tl.constexpr = BLOCK_M // 2
-        half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
+        if HOST_DESC:
+            half_dys = (h0, h1, h2, h3)
+        else:
+            half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
         half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
         for unit in tl.range(tl.program_id(0), 2 * TAIL_TILES, NUM_PROGRAMS):
             pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_N_TILES, GROUP_M)
@@ -445,9 +481,10 @@ class GemmDx:
 
     def __init__(self, ranks: Sequence[int], widths: Sequence[int], T: int, H: int, data_dtype: torch.dtype,
                  adapter_dtype: torch.dtype, device: torch.device, config: Optional[PrefillLaunch] = None,
-                 epilogue_dot: Optional[str] = None, split_tail: bool = True):
+                 epilogue_dot: Optional[str] = None, split_tail: bool = True, host_descriptors: bool = True):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
+        self.host_descriptors = host_descriptors
         offs, _ = _offsets(ranks)
         n_tiles = triton.cdiv(H, cfg.block_n)
         if split_tail:
@@ -462,19 +499,29 @@ class GemmDx:
                          PREFETCH=prefetch_slices((0,) * g, 1, rank_block(ranks) if g else 16)[0],
                          NUM_PROGRAMS=self.programs, TAIL_TILES=self.tail, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
-                         GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         GROUP_M=cfg.group_m, HOST_DESC=host_descriptors, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
                  lora_a: Sequence[torch.Tensor], *, traced: bool = False) -> torch.Tensor:
-        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch` (the kernel makes its TMA descriptors
-        itself: it takes plain pointers)."""
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; the kernel takes TMA descriptors made on
+        the host (``host_descriptors=False``, benchmarks: plain pointers, descriptors made on the device)."""
         dx = dys[0].new_empty((self.T, self.H))
         if self.T == 0:
             return dx
         pad = (None,) * (MAX_PROJ - len(weights))
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
-        args = (*dys, *pad, *weights, *pad, dx, ds, *_b_slots(bs), self.T)
+        if self.host_descriptors:
+            cfg = self.cfg
+            half = (None,) * MAX_PROJ
+            if self.tail:
+                half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad)
+            args = (*[_host_desc(d, (cfg.block_m, cfg.block_k)) for d in dys], *pad,
+                    *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad, dx, *half, ds,
+                    *_b_slots(bs), self.T)
+        else:
+            args = (*dys, *pad, *weights, *pad, dx, *(None,) * MAX_PROJ, ds, *_b_slots(bs), self.T)
         key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],

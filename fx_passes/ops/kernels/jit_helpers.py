@@ -122,6 +122,11 @@ class CompiledLaunches:
     ``traced``: the op's body is being traced (its CUDA calls decomposed for Inductor): the launch is
     recorded through ``torch.library.wrap_triton`` and Inductor's generated code launches the kernel.
 
+    Host TMA descriptors among ``args`` (``TensorDescriptor``): Triton's launcher encodes them at each launch;
+    traced, the graph records each one's tensor and block shape and Inductor's code makes the descriptor
+    (:func:`_descriptor_hopifier`: what Dynamo records for a kernel called with host descriptors, which
+    ``wrap_triton`` outside Dynamo does not).
+
     ``device_descriptors``: the kernel makes TMA descriptors on the device (``tl.make_tensor_descriptor``), in
     global scratch memory that Triton asks an allocator for at launch: our launches give it torch's caching
     allocator in a copy of the caller's context (what ``triton.set_allocator`` sets stays the caller's);
@@ -135,7 +140,11 @@ class CompiledLaunches:
     def launch(self, slot, grid: tuple, args: tuple, meta: dict, tensors: Sequence[torch.Tensor],
                traced: bool = False) -> None:
         if traced:
-            torch.library.wrap_triton(self.kernel)[tuple(grid)](*args, **meta)
+            wrapped = torch.library.wrap_triton(self.kernel)[tuple(grid)]
+            if any(_is_host_descriptor(a) for a in args):
+                _descriptor_hopifier().call_triton_kernel(wrapped, args, meta, None)
+            else:
+                wrapped(*args, **meta)
             return
         if self.device_descriptors:
             contextvars.copy_context().run(self._launch_with_scratch, slot, grid, args, meta, tensors)
@@ -156,3 +165,32 @@ class CompiledLaunches:
         if aligned and not interpreting() and callable(getattr(compiled, "__getitem__", None)):
             constexprs = tuple(meta[name] for name in self.kernel.arg_names[len(args):])
             self._runners[slot] = (compiled[tuple(grid) + (1,) * (3 - len(grid))], constexprs)
+
+
+def _is_host_descriptor(arg) -> bool:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return isinstance(arg, TensorDescriptor)
+
+
+def _descriptor_hopifier():
+    """``wrap_triton``'s tracer, recording each host ``TensorDescriptor`` argument as its tensor plus
+    ``tma_descriptor_metadata`` (``("stable", (block_shape,))``, the form Dynamo records and Inductor turns
+    back into ``TensorDescriptor.from_tensor`` in its generated code)."""
+    from torch._higher_order_ops.triton_kernel_wrap import TracingTritonHOPifier, triton_kernel_wrapper_mutation
+
+    class DescriptorHOPifier(TracingTritonHOPifier):
+        def call_HOP(self, variable, grids, combined_args, tx):
+            metadata, args = {}, dict(combined_args)
+            for name, value in combined_args.items():
+                if _is_host_descriptor(value):
+                    if list(value.shape) != list(value.base.shape) or list(value.strides) != list(
+                            value.base.stride()):
+                        raise ValueError(f"{name}: a traced host descriptor spans its whole tensor")
+                    args[name] = value.base
+                    metadata[name] = ("stable", (list(value.block_shape),))
+            graphable, constant_args_idx = self.store_non_graphable_args(args)
+            return triton_kernel_wrapper_mutation(kernel_idx=variable.kernel_idx, constant_args_idx=constant_args_idx,
+                                                  grid=grids, tma_descriptor_metadata=metadata, kwargs=graphable)
+
+    return DescriptorHOPifier()
