@@ -3,9 +3,8 @@ tensors, in a fresh interpreter without the Triton interpreter, see ``train_trac
 op's traced graph holds the four base GEMMs and our two kernels (the shrink over x, the expand-add) and no
 op call, or from ``train_fused_min_t`` the shrink kernel and the base GEMMs with the expand in their epilogue
 (one kernel: it makes its TMA descriptors on the device); the backward's dx GEMM with the host TMA descriptors
-it takes (dy's, W's) recorded for Inductor's code to make
-and dx, written through a pointer, the one argument the kernel's mutation analysis finds written; off CUDA and under ``torch.export`` the op stays whole.
-The numerics of the traced graphs run on the
+it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; off CUDA
+and under ``torch.export`` the op stays whole. The numerics of the traced graphs run on the
 GPU: ``python -m benchmarks.gpu_train_check --compiled``."""
 import json
 import os
@@ -27,15 +26,17 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     large = got["forward_large"]   # the GEMMs with the expand in their epilogue: one kernel, no library GEMM
     assert large["kernels"] == ["_ds_kernel", "_gemm_expand_kernel"], large
     assert "aten::mm" not in large["ops"] and not any(op.startswith("fx_passes::") for op in large["ops"]), large
-    # the dx GEMM takes host TMA descriptors of dy and W (the graph records each one's tensor and block shape)
-    # and writes dx through a pointer, which the kernels' mutation analysis sees (and no other argument written)
+    # the dx GEMM takes host TMA descriptors (the graph records each one's tensor and block shape), and the
+    # kernels' mutation analysis finds dx written through them (and no other argument)
     block_m, block_n, block_k = 128, 256, 64
     dx = got["dx"]
     assert dx["kernels"] == ["_gemm_dx_kernel"] and dx["tail"] == 0, dx
-    want = {**{f"d{p}": [block_m, block_k] for p in range(4)}, **{f"w{p}": [block_k, block_n] for p in range(4)}}
+    want = {**{f"d{p}": [block_m, block_k] for p in range(4)}, **{f"w{p}": [block_k, block_n] for p in range(4)},
+            "o_ptr": [block_m, block_n]}
     assert dx["descriptors"] == want and dx["written"] == ["o_ptr"], dx
-    tail = got["dx_tail"]   # and the half tiles' dy descriptors
-    assert tail["tail"] > 0 and tail["written"] == ["o_ptr"], tail
-    assert tail["descriptors"] == {**want, **{f"h{p}": [block_m // 2, block_k] for p in range(4)}}, tail
+    tail = got["dx_tail"]   # and the half tiles' own descriptors
+    assert tail["tail"] > 0 and tail["written"] == ["o_ptr", "ho_ptr"], tail
+    assert tail["descriptors"] == {**want, **{f"h{p}": [block_m // 2, block_k] for p in range(4)},
+                                   "ho_ptr": [block_m // 2, block_n]}, tail
     for kept in ("forward_cpu", "forward_export"):
         assert got[kept] == {"ops": {"fx_passes::qkvz_lora_train": 1}, "kernels": []}, (kept, got[kept])

@@ -80,7 +80,8 @@ def trace_dx(T: int, widths=WIDTHS):
         graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a)
     out = called(graph)
     nodes = [node for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
-    out["descriptors"] = {name: meta[1][0] for node in nodes for name, meta in node.kwargs["tma_descriptor_metadata"].items()}
+    out["descriptors"] = {name: meta[1][0] for node in nodes
+                          for name, meta in node.kwargs["tma_descriptor_metadata"].items()}
     out["written"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
     out["tail"] = plan.tail
     return out

@@ -39,15 +39,15 @@ of tiles that would fill at most half the SMs runs as tiles of half the rows (:f
 In both kernels a tile loads its projection's first slice's s and B (x's first A group in dx) before its K
 loop (:func:`prefetch_slices`), so that their latency hides under the loop rather than after it.
 
-Descriptors: both kernels make their outputs' TMA descriptors on the device (:func:`_desc`, once per program, in
-global scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) from plain pointers:
-a traced graph's mutation analysis (torch reading the kernel's TTIR) follows a pointer into the descriptor it
-stores through, where it found no store through a host descriptor passed on to the tile's function. The dx
-kernel takes its inputs' descriptors (dy_p, W_p) made on the host (``HOST_DESC``; traced, the graph records each
-one's tensor and block shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`): with host
-descriptors it ran 1.5-7 % faster on an H200 at every width and T measured (its K loop cycles through 8 of
-them); the forward, 0.97-1.01x, makes x's and W's on the device too (no host work: Triton's launcher encodes a
-host descriptor at every launch).
+Descriptors: the forward kernel makes its TMA descriptors on the device (:func:`_desc`, once per program, in
+global scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) from plain
+pointers; the dx kernel takes descriptors made on the host (``HOST_DESC``; traced, the graph records each one's
+tensor and block shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`). On an H200 the dx
+kernel ran 1.5-7 % faster with host descriptors at every width and T measured (its K loop cycles through 8 of
+them), the forward 0.97-1.01x: it keeps device descriptors, which cost no host time (Triton's launcher encodes
+a host descriptor at every launch). A kernel uses a host descriptor argument as it is, never as a function's
+result: a traced graph's mutation analysis (torch reading the kernel's TTIR) follows stores through an argument
+passed into a function, and found none through one returned from it (the graph then drops the kernel's write).
 """
 from __future__ import annotations
 
@@ -178,31 +178,26 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                         HOST_DESC: tl.constexpr):
-    # the outputs' descriptors made on the device, once per program (as dx's in _gemm_dx_kernel); x's and W's
-    # too, or made on the host (HOST_DESC); projections past NUM_PROJ: the first one's, never read
-    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
-    od1, od2, od3 = od0, od0, od0
-    if NUM_PROJ > 1:
-        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
-    if NUM_PROJ > 2:
-        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
-    if NUM_PROJ > 3:
-        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
-    os_ = (od0, od1, od2, od3)
-    if HOST_DESC:
+    if HOST_DESC:   # made on the host, used as they are (module docstring; benchmarks only, never traced)
         x_desc = x_ptr
         ws = (w0, w1, w2, w3)
-    else:
+        os_ = (o0, o1, o2, o3)
+    else:   # made once per program (projections past NUM_PROJ: the first one's, never read)
         x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
         wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
-        wd1, wd2, wd3 = wd0, wd0, wd0
+        od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
+        wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
         if NUM_PROJ > 1:
             wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
+            od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
         if NUM_PROJ > 2:
             wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
+            od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
         if NUM_PROJ > 3:
             wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
+            od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
         ws = (wd0, wd1, wd2, wd3)
+        os_ = (od0, od1, od2, od3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
@@ -323,7 +318,7 @@ class GemmExpand:
                          BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          HOST_DESC=host_descriptors, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
+        self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=not host_descriptors)
 
     @staticmethod
     def epilogue_dot(adapter_dtype: torch.dtype, on_gpu: bool) -> str:
@@ -349,7 +344,8 @@ class GemmExpand:
             cfg = self.cfg
             args = (_host_desc(x, (cfg.block_m, cfg.block_k)),
                     *[_host_desc(w, (bn, cfg.block_k)) for w, bn in zip(weights, self.block_ns)], *pad,
-                    *outs, *pad, s, *_b_slots(bs), self.T)
+                    *[_host_desc(o, (cfg.block_m, bn)) for o, bn in zip(outs, self.block_ns)], *pad,
+                    s, *_b_slots(bs), self.T)
         else:
             args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
         key = (x.stride(0), _strides(weights), _strides(bs), _strides(bs, 1), s.stride(0))
@@ -408,8 +404,8 @@ def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_
 
 
 @triton.jit
-def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11,
-                    b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
+def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_ptr, s_ptr, b0, b1, b2, b3, b4, b5,
+                    b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
                     W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
@@ -417,12 +413,10 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
                     PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                     HOST_DESC: tl.constexpr):
-    # dx's descriptor: made on the device, once per program (its store is what a traced graph's mutation analysis
-    # must see: it follows a pointer into tl.make_tensor_descriptor, not a descriptor argument into a function)
-    o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
-    if HOST_DESC:   # dy's and W's made on the host (h0 .. h3: the half tiles' dy, None without TAIL_TILES)
-        dys = (d0, d1, d2, d3)
-        ws = (w0, w1, w2, w3)
+    if HOST_DESC:   # made on the host, h0 .. h3 and ho_ptr the half tiles' (None without TAIL_TILES), used as they
+        dys = (d0, d1, d2, d3)   # are: a traced graph's mutation analysis then sees the stores through o_ptr /
+        ws = (w0, w1, w2, w3)    # ho_ptr (through a function's result it sees none; module docstring)
+        o_desc = o_ptr
     else:   # made once per program (projections past NUM_PROJ: the first one's, never read)
         dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
         wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
@@ -434,6 +428,7 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
         if NUM_PROJ > 3:
             wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
         ws = (wd0, wd1, wd2, wd3)
+        o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     full = num_m * NUM_N_TILES - TAIL_TILES
@@ -446,9 +441,10 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
         HALF_M: tl.constexpr = BLOCK_M // 2
         if HOST_DESC:
             half_dys = (h0, h1, h2, h3)
+            half_o = ho_ptr
         else:
             half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
-        half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
+            half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
         for unit in tl.range(tl.program_id(0), 2 * TAIL_TILES, NUM_PROGRAMS):
             pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_N_TILES, GROUP_M)
             off_m = pid_m * BLOCK_M + (unit % 2) * HALF_M
@@ -501,7 +497,7 @@ class GemmDx:
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
                          GROUP_M=cfg.group_m, HOST_DESC=host_descriptors, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
+        self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=not host_descriptors)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
                  lora_a: Sequence[torch.Tensor], *, traced: bool = False) -> torch.Tensor:
@@ -514,14 +510,15 @@ class GemmDx:
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
         if self.host_descriptors:
             cfg = self.cfg
-            half = (None,) * MAX_PROJ
+            half = (None,) * 5
             if self.tail:
-                half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad)
+                half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad,
+                        _host_desc(dx, (cfg.block_m // 2, cfg.block_n)))
             args = (*[_host_desc(d, (cfg.block_m, cfg.block_k)) for d in dys], *pad,
-                    *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad, dx, *half, ds,
-                    *_b_slots(bs), self.T)
+                    *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad,
+                    _host_desc(dx, (cfg.block_m, cfg.block_n)), *half, ds, *_b_slots(bs), self.T)
         else:
-            args = (*dys, *pad, *weights, *pad, dx, *(None,) * MAX_PROJ, ds, *_b_slots(bs), self.T)
+            args = (*dys, *pad, *weights, *pad, dx, *(None,) * 5, ds, *_b_slots(bs), self.T)
         key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
