@@ -405,8 +405,8 @@ def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_
 
 @triton.jit
 def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_ptr, s_ptr, b0, b1, b2, b3, b4, b5,
-                    b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr, D_STRIDES: tl.constexpr,
-                    W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
+                    b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr,
+                    D_STRIDES: tl.constexpr, W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
@@ -510,7 +510,7 @@ class GemmDx:
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
         if self.host_descriptors:
             cfg = self.cfg
-            half = (None,) * 5
+            half = (None,) * (MAX_PROJ + 1)   # h0 .. h3, ho_ptr
             if self.tail:
                 half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad,
                         _host_desc(dx, (cfg.block_m // 2, cfg.block_n)))
@@ -518,7 +518,7 @@ class GemmDx:
                     *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad,
                     _host_desc(dx, (cfg.block_m, cfg.block_n)), *half, ds, *_b_slots(bs), self.T)
         else:
-            args = (*dys, *pad, *weights, *pad, dx, *(None,) * 5, ds, *_b_slots(bs), self.T)
+            args = (*dys, *pad, *weights, *pad, dx, *(None,) * (MAX_PROJ + 1), ds, *_b_slots(bs), self.T)
         key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
