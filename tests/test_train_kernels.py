@@ -641,9 +641,10 @@ def test_the_backward_op_takes_the_dx_gemm_from_the_devices_t(monkeypatch):
 
 
 def test_the_fused_gemms_launch_with_a_scratch_allocator_of_their_own(monkeypatch):
-    """The fused GEMMs make their TMA descriptors on the device, in scratch memory Triton asks an allocator for
-    at launch: our launches bring torch's (a caller without one gets no "no allocator was set" error) in a copy
-    of the caller's context, so the allocator the caller set (or none) is still the one in force after."""
+    """A fused GEMM making its TMA descriptors on the device (the forward; dx with ``host_descriptors=False``)
+    asks Triton for scratch memory at launch: our launches bring torch's allocator (a caller without one gets no
+    "no allocator was set" error) in a copy of the caller's context, so the allocator the caller set (or none)
+    is still the one in force after. dx with host descriptors (its default) needs none: the caller's is left."""
     from triton.runtime import _allocation
 
     from fx_passes.ops.kernels import jit_helpers
@@ -653,7 +654,10 @@ def test_the_fused_gemms_launch_with_a_scratch_allocator_of_their_own(monkeypatc
                         lambda self, *a: seen.append(_allocation._allocator.get()))
     before = _allocation._allocator.get()
     dys, weights, ds, lora_a = _gemm_dx_args(20)
-    gemm_lora_train.gemm_dx(dys, weights, ds, lora_a, config=SMALL_GEMM)
+    args = ([a.shape[0] for a in lora_a], [w.shape[0] for w in weights], 20, 40, torch.float16, ds.dtype,
+            ds.device, SMALL_GEMM)
+    gemm_lora_train.GemmDx(*args, host_descriptors=False)(dys, weights, ds, lora_a)
+    gemm_lora_train.GemmDx(*args)(dys, weights, ds, lora_a)
     x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(20, "qkvz", torch.float32)
     gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=SMALL_GEMM)
-    assert seen == [jit_helpers._scratch] * 2 and _allocation._allocator.get() is before
+    assert seen == [jit_helpers._scratch, before, jit_helpers._scratch] and _allocation._allocator.get() is before
