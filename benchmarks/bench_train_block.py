@@ -22,7 +22,7 @@ Per variant: ms per step (forward + ``backward`` with fixed output grads; CUDA e
 ``--reps``) started on an idle GPU (``ms``: host and GPU time add up) and issued back to back
 (``stream_ms``: max of the two, as in a model's stream of layers), peak memory of one step above what
 is allocated before it, and the relative error of every
-LoRA gradient and every output against the same step in eager fp32.
+LoRA gradient, every output and x's gradient against the same step in eager fp32.
 
     python -m benchmarks.bench_train_block --shapes 27B,35B-A3B,397B-A17B --T 4096,16384 --rank 16,64
 """
@@ -257,6 +257,7 @@ def main() -> None:
                     with {"fx_opaque": opaque_ops, "fx_split": split_forward}.get(variant, contextlib.nullcontext)():
                         step()
                     cell = dict(compile_s=time.perf_counter() - c0)
+                    dx = [x.grad.float() for x in xs]   # (copies: a later CUDA-graph replay overwrites x.grad)
                     if variant != "frozen":   # the outputs of one more training forward (bf16 rounding ~2e-3)
                         torch.manual_seed(0)
                         cell["out_err_vs_fp32"] = max(((o.detach().float() - r.detach()).norm() / r.norm()).item()
@@ -270,6 +271,8 @@ def main() -> None:
                     if variant != "frozen":
                         got = lora_grads(model)
                         cell["grad_err_vs_fp32"] = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
+                        cell["dx_err_vs_fp32"] = max(((d - x_ref.grad).norm() / x_ref.grad.norm()).item()
+                                                     for d, x_ref in zip(dx, x32))
                     cell["ms"] = time_steps(step, args.reps) if dev == "cuda" else float("nan")
                     cell["stream_ms"] = time_stream(step, args.reps) if dev == "cuda" else float("nan")
                     cell["peak_mb"] = peak_mb(step) if dev == "cuda" else float("nan")
@@ -285,7 +288,8 @@ def main() -> None:
                     print(f"{name:10s} r{r:<3d} T{T:<6d} L{args.layers:<2d} {variant:9s} {cell['ms']:8.3f} ms (stream {cell['stream_ms']:8.3f})"
                           f"  peak {cell['peak_mb']:9.1f} MB"
                           f"  grad err {cell.get('grad_err_vs_fp32', float('nan')):.1e} / {cell.get('warm_grad_err_vs_fp32', float('nan')):.1e}"
-                          f"  out err {cell.get('out_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",
+                          f"  out err {cell.get('out_err_vs_fp32', float('nan')):.1e}"
+                          f"  dx err {cell.get('dx_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",
                           flush=True)
                 c = row["cells"]
                 if not all(v in c for v in VARIANTS):   # (--variants: the cells alone)

@@ -7,7 +7,7 @@ gradient asked for, then only some.
 
     python -m benchmarks.gpu_train_check             # one line per case, exit 1 on a miss
     python -m benchmarks.gpu_train_check --compiled  # the ops under torch.compile (their CUDA bodies traced
-                                                     # into Inductor's graph), T 1200 cases
+                                                     # into Inductor's graph), T 1200 and 17920 cases
     python -m benchmarks.gpu_train_check --cpu       # fp16 cases at small T through the Triton interpreter
     ... --layouts big-rank                           # some of the layouts
 
@@ -163,10 +163,12 @@ def paths(layout: str, T: int, dtype, x_itself: bool) -> str:
 def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     dtypes = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)]
-    tokens = [1, 70, 1200, 5000]
+    # the dx GEMM at H 96 on 132 SMs: T 1200 / 5000 run half tiles only (gemm_lora_train.tail_tiles), T 17920
+    # 132 whole tiles, then 8 in halves
+    tokens = [1, 70, 1200, 5000, 17920]
     compiled = "--compiled" in sys.argv
     if compiled:
-        dtypes, tokens = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)], [1200]
+        dtypes, tokens = [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)], [1200, 17920]
     if DEVICE == "cpu":   # the interpreter: no bf16, slow
         dtypes, tokens = [(torch.float16, torch.float32)], [1, 70]
     worst_all, misses = 0.0, 0

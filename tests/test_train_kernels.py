@@ -578,10 +578,10 @@ def test_gemm_dx_last_wave_in_half_tiles():
         _close(got, whole(dys, weights, ds, lora_a), torch.float16)
 
 
-def test_gemm_descriptors_made_on_host_or_device_agree():
-    """Both fused GEMMs take TMA descriptors made on the host (dx's default) or make them on the device (the
-    forward's default) with the same result to the bit, dx with and without half tiles (their own
-    descriptors) and with fewer than MAX_PROJ projections."""
+def test_gemm_dx_descriptors_made_on_host_or_device_agree():
+    """The dx GEMM takes dy's and W's TMA descriptors made on the host (its default) or makes them on the
+    device with the same result to the bit, with and without half tiles (their own dy descriptors) and with
+    fewer than MAX_PROJ projections."""
     for T, programs, widths in ((70, 4, (56, 24, 8, 8)), (37, 4, (56, 24)), (48, 3, (56, 24, 8))):
         config = tuning.PrefillLaunch(32, 16, 16, 2, 4, num_programs=programs)
         dys, weights, ds, lora_a = _gemm_dx_args(T, widths=widths)
@@ -589,13 +589,6 @@ def test_gemm_descriptors_made_on_host_or_device_agree():
         host, device = gemm_lora_train.GemmDx(*args), gemm_lora_train.GemmDx(*args, host_descriptors=False)
         assert host.host_descriptors and host.meta["HOST_DESC"] and not device.meta["HOST_DESC"]
         assert torch.equal(host(dys, weights, ds, lora_a), device(dys, weights, ds, lora_a)), (T, host.tail)
-        x = dys[0][:, :40].contiguous()
-        sl = Slices((24,), (16,), (0,), (8,), (0.5,))
-        lora_b = [torch.randn(24, 8, generator=torch.Generator().manual_seed(T))]
-        fwd = [gemm_lora_train.GemmExpand(sl, [0], [w.shape[0] for w in weights], T, 40, torch.float16, ds.dtype,
-                                          ds.device, config, host_descriptors=h) for h in (False, True)]
-        outs = [f(x, weights, ds[:, :8].contiguous(), lora_b) for f in fwd]
-        assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 def test_gemm_dx_conditions():
@@ -641,10 +634,10 @@ def test_the_backward_op_takes_the_dx_gemm_from_the_devices_t(monkeypatch):
 
 
 def test_the_fused_gemms_launch_with_a_scratch_allocator_of_their_own(monkeypatch):
-    """A fused GEMM making its TMA descriptors on the device (the forward; dx with ``host_descriptors=False``)
-    asks Triton for scratch memory at launch: our launches bring torch's allocator (a caller without one gets no
-    "no allocator was set" error) in a copy of the caller's context, so the allocator the caller set (or none)
-    is still the one in force after. dx with host descriptors (its default) needs none: the caller's is left."""
+    """A fused GEMM making TMA descriptors on the device (the forward's all; dx's own, and dy's and W's with
+    ``host_descriptors=False``) asks Triton for scratch memory at launch: our launches bring torch's allocator
+    (a caller without one gets no "no allocator was set" error) in a copy of the caller's context, so the
+    allocator the caller set (or none) is still the one in force after."""
     from triton.runtime import _allocation
 
     from fx_passes.ops.kernels import jit_helpers
@@ -660,4 +653,4 @@ def test_the_fused_gemms_launch_with_a_scratch_allocator_of_their_own(monkeypatc
     gemm_lora_train.GemmDx(*args)(dys, weights, ds, lora_a)
     x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(20, "qkvz", torch.float32)
     gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=SMALL_GEMM)
-    assert seen == [jit_helpers._scratch, before, jit_helpers._scratch] and _allocation._allocator.get() is before
+    assert seen == [jit_helpers._scratch] * 3 and _allocation._allocator.get() is before

@@ -7,11 +7,13 @@ import contextlib
 import importlib
 import json
 import logging
+import operator
 import os
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+from torch._inductor.fx_passes import reinplace  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from torch._subclasses.functional_tensor import dispatch_functionalize  # noqa: E402
 from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
@@ -84,6 +86,14 @@ def trace_dx(T: int, widths=WIDTHS):
                           for name, meta in node.kwargs["tma_descriptor_metadata"].items()}
     out["written"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
     out["tail"] = plan.tail
+    # which of the kernel's results the graph returns, and the written arguments that Inductor's reinplacing
+    # (post-grad) must still copy (a copy it keeps costs a [T, H] buffer; two written arguments of one tensor
+    # keep one)
+    returned = graph.graph.output_node().args[0]
+    out["returns"] = returned.args[1] if returned.target is operator.getitem else str(returned)
+    with assumed_sm90_target():
+        reinplace.reinplace_inplaceable_ops_core(graph.graph)
+    out["cloned"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
     return out
 
 

@@ -39,15 +39,18 @@ of tiles that would fill at most half the SMs runs as tiles of half the rows (:f
 In both kernels a tile loads its projection's first slice's s and B (x's first A group in dx) before its K
 loop (:func:`prefetch_slices`), so that their latency hides under the loop rather than after it.
 
-Descriptors: the forward kernel makes its TMA descriptors on the device (:func:`_desc`, once per program, in
-global scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) from plain
-pointers; the dx kernel takes descriptors made on the host (``HOST_DESC``; traced, the graph records each one's
-tensor and block shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`). On an H200 the dx
-kernel ran 1.5-7 % faster with host descriptors at every width and T measured (its K loop cycles through 8 of
-them), the forward 0.97-1.01x: it keeps device descriptors, which cost no host time (Triton's launcher encodes
-a host descriptor at every launch). A kernel uses a host descriptor argument as it is, never as a function's
-result: a traced graph's mutation analysis (torch reading the kernel's TTIR) follows stores through an argument
-passed into a function, and found none through one returned from it (the graph then drops the kernel's write).
+Descriptors: both kernels make their outputs' TMA descriptors on the device (:func:`_desc`, once per program, in
+global scratch that :class:`~.jit_helpers.CompiledLaunches` or Inductor's launcher allocates) from plain pointers,
+so that each output is one written argument of the kernel: dx's whole and half tiles through two host
+descriptors would be two written arguments of one tensor, which a traced graph's functional form clones apart
+(each write to its own copy, an extra [T, H] buffer, and only one copy returned). The dx kernel takes its inputs'
+descriptors (dy_p, W_p) made on the host (``HOST_DESC``; traced, the graph records each one's tensor and block
+shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`): its K loop cycles through 8 of
+them, and with host-made ones it ran up to 7 % faster on an H200; the forward makes x's and W's on the device too
+(0.97-1.01x with host-made ones, which cost host time: Triton's launcher encodes one at every launch). A kernel
+uses a host descriptor argument as it is, never as a function's result: a traced graph's mutation analysis
+(torch reading the kernel's TTIR) follows an argument into a function and finds nothing through one returned
+from it.
 """
 from __future__ import annotations
 
@@ -176,28 +179,23 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                        HOST_DESC: tl.constexpr):
-    if HOST_DESC:   # made on the host, used as they are (module docstring; benchmarks only, never traced)
-        x_desc = x_ptr
-        ws = (w0, w1, w2, w3)
-        os_ = (o0, o1, o2, o3)
-    else:   # made once per program (projections past NUM_PROJ: the first one's, never read)
-        x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
-        wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
-        od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
-        wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
-        if NUM_PROJ > 1:
-            wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
-            od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
-        if NUM_PROJ > 2:
-            wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
-            od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
-        if NUM_PROJ > 3:
-            wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
-            od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
-        ws = (wd0, wd1, wd2, wd3)
-        os_ = (od0, od1, od2, od3)
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+    # made once per program (projections past NUM_PROJ: the first one's, never read)
+    x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
+    wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
+    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
+    wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
+    if NUM_PROJ > 1:
+        wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
+        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
+    if NUM_PROJ > 2:
+        wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
+        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
+    if NUM_PROJ > 3:
+        wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
+        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
+    ws = (wd0, wd1, wd2, wd3)
+    os_ = (od0, od1, od2, od3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
@@ -220,7 +218,7 @@ def _tma_ok(t: torch.Tensor) -> bool:
 
 
 def _host_desc(t: torch.Tensor, block: tuple):
-    """A TMA descriptor of ``t`` made on the host (the kernels' ``HOST_DESC``)."""
+    """A TMA descriptor of ``t`` made on the host (the dx kernel's ``HOST_DESC``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(t, list(block))
@@ -300,13 +298,10 @@ class GemmExpand:
 
     def __init__(self, sl: Slices, slice_proj: Sequence[int], widths: Sequence[int], T: int, K: int,
                  data_dtype: torch.dtype, adapter_dtype: torch.dtype, device: torch.device,
-                 config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None,
-                 host_descriptors: bool = False):
+                 config: Optional[PrefillLaunch] = None, epilogue_dot: Optional[str] = None):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
-        self.host_descriptors = host_descriptors
         block_ns = tile_widths(widths, cfg.block_n)
-        self.block_ns = block_ns
         tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, block_ns)])
         on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
         self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
@@ -317,8 +312,8 @@ class GemmExpand:
                          NUM_PROGRAMS=self.programs, BLOCK_M=cfg.block_m,
                          BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
-                         HOST_DESC=host_descriptors, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=not host_descriptors)
+                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
 
     @staticmethod
     def epilogue_dot(adapter_dtype: torch.dtype, on_gpu: bool) -> str:
@@ -334,20 +329,12 @@ class GemmExpand:
 
     def __call__(self, x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
                  bs: Sequence[torch.Tensor], *, traced: bool = False) -> list[torch.Tensor]:
-        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; ``host_descriptors`` (benchmarks): the
-        kernel takes TMA descriptors made on the host (module docstring), else plain pointers."""
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`."""
         outs = [x.new_empty((x.shape[0], n)) for n in self.widths]
         if self.T == 0:
             return outs
         pad = (None,) * (MAX_PROJ - len(weights))
-        if self.host_descriptors:
-            cfg = self.cfg
-            args = (_host_desc(x, (cfg.block_m, cfg.block_k)),
-                    *[_host_desc(w, (bn, cfg.block_k)) for w, bn in zip(weights, self.block_ns)], *pad,
-                    *[_host_desc(o, (cfg.block_m, bn)) for o, bn in zip(outs, self.block_ns)], *pad,
-                    s, *_b_slots(bs), self.T)
-        else:
-            args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
+        args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
         key = (x.stride(0), _strides(weights), _strides(bs), _strides(bs, 1), s.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, X_STRIDE=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
@@ -404,7 +391,7 @@ def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_
 
 
 @triton.jit
-def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_ptr, s_ptr, b0, b1, b2, b3, b4, b5,
+def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr, b0, b1, b2, b3, b4, b5,
                     b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr,
                     D_STRIDES: tl.constexpr, W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
@@ -413,10 +400,13 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_pt
                     PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                     HOST_DESC: tl.constexpr):
-    if HOST_DESC:   # made on the host, h0 .. h3 and ho_ptr the half tiles' (None without TAIL_TILES), used as they
-        dys = (d0, d1, d2, d3)   # are: a traced graph's mutation analysis then sees the stores through o_ptr /
-        ws = (w0, w1, w2, w3)    # ho_ptr (through a function's result it sees none; module docstring)
-        o_desc = o_ptr
+    # dx's descriptors made on the device from the pointer, whole and half tiles alike: dx is then the kernel's
+    # one written argument (two host descriptors of dx would be two written arguments of one tensor, which a
+    # traced graph's functional form clones apart; module docstring)
+    o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
+    if HOST_DESC:   # dy's and W's made on the host (h0 .. h3: the half tiles' dy, None without TAIL_TILES)
+        dys = (d0, d1, d2, d3)
+        ws = (w0, w1, w2, w3)
     else:   # made once per program (projections past NUM_PROJ: the first one's, never read)
         dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, BLOCK_M, BLOCK_K)
         wd0 = _desc(w0, KS[0], H, W_STRIDES[0], BLOCK_K, BLOCK_N)
@@ -428,7 +418,6 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_pt
         if NUM_PROJ > 3:
             wd3 = _desc(w3, KS[3], H, W_STRIDES[3], BLOCK_K, BLOCK_N)
         ws = (wd0, wd1, wd2, wd3)
-        o_desc = _desc(o_ptr, T, H, H, BLOCK_M, BLOCK_N)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     num_m = tl.cdiv(T, BLOCK_M)
     full = num_m * NUM_N_TILES - TAIL_TILES
@@ -439,12 +428,11 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, ho_pt
                  BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
     if TAIL_TILES > 0:   # the last, partial wave's tiles in halves of BLOCK_M // 2 rows (:func:`tail_tiles`)
         HALF_M: tl.constexpr = BLOCK_M // 2
+        half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
         if HOST_DESC:
             half_dys = (h0, h1, h2, h3)
-            half_o = ho_ptr
         else:
             half_dys = _dy_descs(d0, d1, d2, d3, T, KS, D_STRIDES, NUM_PROJ, HALF_M, BLOCK_K)
-            half_o = _desc(o_ptr, T, H, H, HALF_M, BLOCK_N)
         for unit in tl.range(tl.program_id(0), 2 * TAIL_TILES, NUM_PROGRAMS):
             pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_N_TILES, GROUP_M)
             off_m = pid_m * BLOCK_M + (unit % 2) * HALF_M
@@ -497,12 +485,12 @@ class GemmDx:
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
                          GROUP_M=cfg.group_m, HOST_DESC=host_descriptors, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
-        self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=not host_descriptors)
+        self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
                  lora_a: Sequence[torch.Tensor], *, traced: bool = False) -> torch.Tensor:
-        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; the kernel takes TMA descriptors made on
-        the host (``host_descriptors=False``, benchmarks: plain pointers, descriptors made on the device)."""
+        """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; the kernel takes dy's and W's TMA
+        descriptors made on the host (``host_descriptors=False``, benchmarks: made on the device)."""
         dx = dys[0].new_empty((self.T, self.H))
         if self.T == 0:
             return dx
@@ -510,15 +498,14 @@ class GemmDx:
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
         if self.host_descriptors:
             cfg = self.cfg
-            half = (None,) * (MAX_PROJ + 1)   # h0 .. h3, ho_ptr
+            half = (None,) * MAX_PROJ   # h0 .. h3
             if self.tail:
-                half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad,
-                        _host_desc(dx, (cfg.block_m // 2, cfg.block_n)))
+                half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad)
             args = (*[_host_desc(d, (cfg.block_m, cfg.block_k)) for d in dys], *pad,
                     *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad,
-                    _host_desc(dx, (cfg.block_m, cfg.block_n)), *half, ds, *_b_slots(bs), self.T)
+                    dx, *half, ds, *_b_slots(bs), self.T)
         else:
-            args = (*dys, *pad, *weights, *pad, dx, *(None,) * (MAX_PROJ + 1), ds, *_b_slots(bs), self.T)
+            args = (*dys, *pad, *weights, *pad, dx, *(None,) * MAX_PROJ, ds, *_b_slots(bs), self.T)
         key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
