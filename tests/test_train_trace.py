@@ -3,8 +3,9 @@ tensors, in a fresh interpreter without the Triton interpreter, see ``train_trac
 op's traced graph holds the four base GEMMs and our two kernels (the shrink over x, the expand-add) and no
 op call, or from ``train_fused_min_t`` the shrink kernel and the base GEMMs with the expand in their epilogue
 (one kernel: it makes its TMA descriptors on the device); the backward's dx GEMM with the host TMA descriptors
-it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; off CUDA
-and under ``torch.export`` the op stays whole. The numerics of the traced graphs run on the
+it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; every
+kernel writes in place once Inductor's reinplacing ran (no copy left); off CUDA and under ``torch.export`` the
+op stays whole. The numerics of the traced graphs run on the
 GPU: ``python -m benchmarks.gpu_train_check --compiled``."""
 import json
 import os
@@ -26,6 +27,7 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     large = got["forward_large"]   # the GEMMs with the expand in their epilogue: one kernel, no library GEMM
     assert large["kernels"] == ["_ds_kernel", "_gemm_expand_kernel"], large
     assert "aten::mm" not in large["ops"] and not any(op.startswith("fx_passes::") for op in large["ops"]), large
+    assert traced["cloned"] == large["cloned"] == [], (traced, large)   # every kernel writes in place
     # the dx GEMM takes host TMA descriptors of dy and W (the graph records each one's tensor and block shape);
     # the kernels' mutation analysis finds dx written (its descriptors made on the device) and no other argument,
     # and Inductor's reinplacing leaves no copy: the graph returns the kernel's dx
@@ -40,4 +42,4 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     assert tail["tail"] > 0, tail
     assert tail["descriptors"] == {**want, **{f"h{p}": [block_m // 2, block_k] for p in range(4)}}, tail
     for kept in ("forward_cpu", "forward_export"):
-        assert got[kept] == {"ops": {"fx_passes::qkvz_lora_train": 1}, "kernels": []}, (kept, got[kept])
+        assert got[kept] == {"ops": {"fx_passes::qkvz_lora_train": 1}, "kernels": [], "cloned": []}, (kept, got[kept])

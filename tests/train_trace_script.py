@@ -29,7 +29,10 @@ WIDTHS, H, T = (200, 72, 4, 4), 96, 64
 
 
 def called(graph) -> dict:
-    """The graph's calls: ``ops`` (aten / fx_passes op names, counted) and ``kernels`` (Triton kernels)."""
+    """The graph's calls: ``ops`` (aten / fx_passes op names, counted) and ``kernels`` (Triton kernels); then
+    Inductor's reinplacing (post-grad, run on the graph) and ``cloned``, the kernels' written arguments it must
+    still copy (each a buffer and a copy the compiled code would add; two written arguments of one tensor keep
+    one, and the graph returns one of the two copies)."""
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
     ops: dict = {}
@@ -42,7 +45,11 @@ def called(graph) -> dict:
         elif hasattr(node.target, "name"):
             name = node.target.name()
             ops[name] = ops.get(name, 0) + 1
-    return {"ops": ops, "kernels": kernels}
+    with assumed_sm90_target():
+        reinplace.reinplace_inplaceable_ops_core(graph.graph)
+    cloned = [name for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)
+              for name in node.kwargs["tensors_to_clone"]]
+    return {"ops": ops, "kernels": kernels, "cloned": cloned}
 
 
 def tensors(device: str, T: int = T, widths=WIDTHS):
@@ -60,7 +67,8 @@ def trace_forward(device="cuda", T: int = T, widths=WIDTHS):
     def f(x, *params):
         w, a, b = params[:4], params[4:6], params[6:]
         return torch.ops.fx_passes.qkvz_lora_train(x, [x, x], list(w), list(a), list(b), [0, 1], [0, 200], [2.0, 0.5])
-    return called(make_fx(dispatch_functionalize(f), tracing_mode="fake")(x, *weights, *lora_a, *lora_b))
+    with assumed_sm90_target():
+        return called(make_fx(dispatch_functionalize(f), tracing_mode="fake")(x, *weights, *lora_a, *lora_b))
 
 
 def trace_dx(T: int, widths=WIDTHS):
@@ -80,21 +88,14 @@ def trace_dx(T: int, widths=WIDTHS):
         return plan(list(a[:n]), list(a[n:2 * n]), a[2 * n], list(a[2 * n + 1:]), traced=True)
     with assumed_sm90_target():
         graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a)
-    out = called(graph)
     nodes = [node for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
-    out["descriptors"] = {name: meta[1][0] for node in nodes
-                          for name, meta in node.kwargs["tma_descriptor_metadata"].items()}
-    out["written"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
-    out["tail"] = plan.tail
-    # which of the kernel's results the graph returns, and the written arguments that Inductor's reinplacing
-    # (post-grad) must still copy (a copy it keeps costs a [T, H] buffer; two written arguments of one tensor
-    # keep one)
-    returned = graph.graph.output_node().args[0]
+    out = {"descriptors": {name: meta[1][0] for node in nodes
+                           for name, meta in node.kwargs["tma_descriptor_metadata"].items()},
+           "written": [name for node in nodes for name in node.kwargs["tensors_to_clone"]],
+           "tail": plan.tail}
+    returned = graph.graph.output_node().args[0]   # which of the kernel's results the graph returns
     out["returns"] = returned.args[1] if returned.target is operator.getitem else str(returned)
-    with assumed_sm90_target():
-        reinplace.reinplace_inplaceable_ops_core(graph.graph)
-    out["cloned"] = [name for node in nodes for name in node.kwargs["tensors_to_clone"]]
-    return out
+    return {**called(graph), **out}
 
 
 @contextlib.contextmanager
