@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -173,10 +174,12 @@ def _is_host_descriptor(arg) -> bool:
     return isinstance(arg, TensorDescriptor)
 
 
+@functools.cache
 def _descriptor_hopifier():
     """``wrap_triton``'s tracer, recording each host ``TensorDescriptor`` argument as its tensor plus
     ``tma_descriptor_metadata`` (``("stable", (block_shape,))``, the form Dynamo records and Inductor turns
-    back into ``TensorDescriptor.from_tensor`` in its generated code)."""
+    back into ``TensorDescriptor.from_tensor`` in its generated code). One, stateless, built on first use (its
+    torch module is imported then, as torch's own tracer is)."""
     from torch._higher_order_ops.triton_kernel_wrap import TracingTritonHOPifier, triton_kernel_wrapper_mutation
 
     class DescriptorHOPifier(TracingTritonHOPifier):
