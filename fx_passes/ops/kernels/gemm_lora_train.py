@@ -46,7 +46,7 @@ descriptors would be two written arguments of one tensor, which a traced graph's
 (each write to its own copy, an extra [T, H] buffer, and only one copy returned). The dx kernel takes its inputs'
 descriptors (dy_p, W_p) made on the host (``HOST_DESC``; traced, the graph records each one's tensor and block
 shape and Inductor's code makes it, :class:`~.jit_helpers.CompiledLaunches`): its K loop cycles through 8 of
-them, and with host-made ones it ran up to 7 % faster on an H200; the forward makes x's and W's on the device too
+them, and with host-made ones it ran 1-6 % faster on an H200; the forward makes x's and W's on the device too
 (0.97-1.01x with host-made ones, which cost host time: Triton's launcher encodes one at every launch). A kernel
 uses a host descriptor argument as it is, never as a function's result: a traced graph's mutation analysis
 (torch reading the kernel's TTIR) follows an argument into a function and finds nothing through one returned
