@@ -257,7 +257,8 @@ def main() -> None:
                     with {"fx_opaque": opaque_ops, "fx_split": split_forward}.get(variant, contextlib.nullcontext)():
                         step()
                     cell = dict(compile_s=time.perf_counter() - c0)
-                    dx = [x.grad.float() for x in xs]   # (copies: a later CUDA-graph replay overwrites x.grad)
+                    # x's gradient (copies: a later CUDA-graph replay overwrites x.grad)
+                    dx = [x.grad.float() for x in xs] if variant != "frozen" else []
                     if variant != "frozen":   # the outputs of one more training forward (bf16 rounding ~2e-3)
                         torch.manual_seed(0)
                         cell["out_err_vs_fp32"] = max(((o.detach().float() - r.detach()).norm() / r.norm()).item()

@@ -28,6 +28,11 @@ train = importlib.import_module("fx_passes.ops.qkvz_lora_train")
 WIDTHS, H, T = (200, 72, 4, 4), 96, 64
 
 
+def kernel_nodes(graph) -> list:
+    """The graph's Triton kernel calls (``triton_kernel_wrapper_*`` nodes)."""
+    return [node for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+
+
 def called(graph) -> dict:
     """The graph's calls: ``ops`` (aten / fx_passes op names, counted) and ``kernels`` (Triton kernels); then
     Inductor's reinplacing (post-grad, run on the graph) and ``cloned``, the kernels' written arguments it must
@@ -47,8 +52,7 @@ def called(graph) -> dict:
             ops[name] = ops.get(name, 0) + 1
     with assumed_sm90_target():
         reinplace.reinplace_inplaceable_ops_core(graph.graph)
-    cloned = [name for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)
-              for name in node.kwargs["tensors_to_clone"]]
+    cloned = [name for node in kernel_nodes(graph) for name in node.kwargs["tensors_to_clone"]]
     return {"ops": ops, "kernels": kernels, "cloned": cloned}
 
 
@@ -88,7 +92,7 @@ def trace_dx(T: int, widths=WIDTHS):
         return plan(list(a[:n]), list(a[n:2 * n]), a[2 * n], list(a[2 * n + 1:]), traced=True)
     with assumed_sm90_target():
         graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a)
-    nodes = [node for node in graph.graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    nodes = kernel_nodes(graph)
     out = {"descriptors": {name: meta[1][0] for node in nodes
                            for name, meta in node.kwargs["tma_descriptor_metadata"].items()},
            "written": [name for node in nodes for name in node.kwargs["tensors_to_clone"]],
