@@ -170,14 +170,14 @@ def compare_precisions(args) -> None:
             calls = {
                 "expand": (lambda: lt.expand_add_(scratch, s, lora_b, sl), expand),
                 "ds": (lambda: lt.lora_ds(outs, lora_b, sl, 2 * r),) * 2,
-                "db": (lambda: lt.lora_db(outs, s, sl, sms), lambda: lt.lora_db(outs, s, sl, sms).sum(0)[:, :r]),
+                "db": (lambda: lt.lora_db(outs, s, sl, sms), lambda: lt.lora_db(outs, s, sl, sms)[:, :r]),
                 "dsdb": (lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms),
                          lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms)[0]),
                 "dsdb_db": (lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms),
-                            lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms)[1].sum(0)[:, :r]),
+                            lambda: lt.lora_dsdb(outs, lora_b, s, sl, sms)[1][:, :r]),
                 "shrink_x": (lambda: lt.lora_ds([x], [lora_a.t()], x_side, 2 * r),) * 2,
                 "da_x": (lambda: lt.lora_db([x], s, x_side, sms, transposed=True),
-                         lambda: lt.lora_db([x], s, x_side, sms, transposed=True).sum(0)),
+                         lambda: lt.lora_db([x], s, x_side, sms, transposed=True)),
             }
             for kernel, (run, result) in calls.items():
                 cell, first = {}, None

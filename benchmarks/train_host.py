@@ -104,18 +104,18 @@ def main() -> None:
     torch.ops.fx_passes.qkvz_lora_train_backward(*bwd)
     plan = qlt._BACKWARD_PLANS.get(qlt._signature(*bwd), lambda: None)
     dy_of = [dys[p] for p in plan.out_of]
-    d_s, part = plan.dsdb(dy_of, lora_b, s)
-    a_part = plan.da([xb], d_s)
+    d_s, d_b = plan.dsdb(dy_of, lora_b, s)
+    d_a = plan.da([xb], d_s)
     bs = qlt._x_side_bs(plan.x_side, lora_a)
     d_x = qlt._sum_of_products(dys, weights)
     pieces.update({
         "  backward signature": lambda: qlt._signature(*bwd),
         "  dx GEMMs": lambda: qlt._sum_of_products(dys, weights),
-        "  dS + dB kernel, dS sums": lambda: plan.dsdb(dy_of, lora_b, s),
-        "  dB sums": lambda: [part[:, row:row + b.shape[0], :b.shape[1]].sum(0) for row, b in
-                              zip(plan.db_rows, lora_b)],
-        "  dA kernel": lambda: plan.da([xb], d_s),
-        "  dA sums": lambda: [a_part[:, off:off + r].sum(0) for off in plan.offs],
+        "  dS + dB kernel, sums": lambda: plan.dsdb(dy_of, lora_b, s),
+        "  dB pieces": lambda: qlt._pieces(d_b, [(slice(row, row + b.shape[0]), slice(0, b.shape[1])) for row, b in
+                                                 zip(plan.db_rows, lora_b)], torch.float32, False),
+        "  dA kernel, sums": lambda: plan.da([xb], d_s),
+        "  dA pieces": lambda: qlt._pieces(d_a, [(slice(off, off + r),) for off in plan.offs], torch.float32, False),
         "  x-side B (cat of A)": lambda: qlt._x_side_bs(plan.x_side, lora_a),
         "  dx kernel (+ empty)": lambda: plan.dx([torch.empty_like(d_x)], d_s, bs, srcs=[d_x]),
     })

@@ -98,10 +98,10 @@ def test_grads_match_reference(layout, T, adapter_dtype):
     got_s = lora_train.lora_ds(dy_of, lora_b, sl, s.shape[1], chunk=32)
     assert got_s.shape == want_s.shape and got_s.dtype == torch.float32
     _close(got_s, want_s, adapter_dtype)
-    part = lora_train.lora_db(dy_of, s, sl, sms=4)
+    d_b = lora_train.lora_db(dy_of, s, sl, sms=4)
     row = 0
     for b, want in zip(lora_b, want_b):
-        _close(part[:, row:row + b.shape[0], :b.shape[1]].sum(0), want, adapter_dtype)
+        _close(d_b[row:row + b.shape[0], :b.shape[1]], want, adapter_dtype)
         row += b.shape[0]
 
 
@@ -114,15 +114,17 @@ def test_ds_and_db_from_one_read_of_dy(layout, T, adapter_dtype):
     "interleaved") and, at T 1200, several token splits (dB summed over them), tails in T, columns, rank."""
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype, seed=3)
     want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
-    d_s, part = lora_train.lora_dsdb([dys[p] for p in out_of], lora_b, s, sl, sms=64,
-                                     launch=lora_train.TrainLaunch(32, 16))
+    plan = lora_train.LoraDsDb(sl, T, s.shape[1], torch.float16, adapter_dtype, 64,
+                               launch=lora_train.TrainLaunch(32, 16))
+    d_s, d_b = plan([dys[p] for p in out_of], lora_b, s)
     assert d_s.shape == want_s.shape and d_s.dtype == torch.float32
-    assert (part.shape[0] > 1) == (T == 1200)
+    assert d_b.shape == (sum(sl.width), max(ranks)) and d_b.dtype == torch.float32
+    assert (plan.db_shape[0] > 1) == (T == 1200)
     if T:
         _close(d_s, want_s, adapter_dtype)
     row = 0
     for b, want in zip(lora_b, want_b):
-        _close(part[:, row:row + b.shape[0], :b.shape[1]].sum(0), want, adapter_dtype)
+        _close(d_b[row:row + b.shape[0], :b.shape[1]], want, adapter_dtype)
         row += b.shape[0]
 
 
@@ -139,10 +141,10 @@ def test_dsdb_default_launch_of_each_rank_block(rank):
     sl = Slices(widths, (0, 0), (0, rank), (rank, rank), (2.0, 0.5))
     owners = [(0, 0), (1, 0)]
     want_s, want_b = lora_grads_reference(dys, s, lora_b, [0, 1], owners, [2.0, 0.5], [rank, rank], True)
-    d_s, part = lora_train.lora_dsdb(dys, lora_b, s, sl, sms=4)
+    d_s, d_b = lora_train.lora_dsdb(dys, lora_b, s, sl, sms=4)
     _close(d_s, want_s, torch.float32)
     for b, want, row in zip(lora_b, want_b, (0, widths[0])):
-        _close(part[:, row:row + b.shape[0], :rank].sum(0), want, torch.float32)
+        _close(d_b[row:row + b.shape[0], :rank], want, torch.float32)
 
 
 def test_ds_columns_of_s_that_no_slice_reads_are_zero():
@@ -184,15 +186,16 @@ def test_db_token_splits_cover_every_token():
     # tokens: one split of zeros
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(1200, "qkvz", torch.float32, seed=2)
     empty = lora_train.lora_db([dys[p][:0] for p in out_of], s[:0], sl, sms=64)
-    assert empty.shape[0] == 1 and not empty.any()
+    assert empty.shape == (sum(sl.width), 8) and not empty.any()
     _, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
     for sms in (1, 64):
-        part = lora_train.lora_db([dys[p] for p in out_of], s, sl, sms=sms, launch=lora_train.TrainLaunch(64, 64),
-                                  programs_per_sm=2)
-        assert part.shape[0] == (1 if sms == 1 else 3)
+        plan = lora_train.LoraDb(sl, 1200, s.shape[1], torch.float32, torch.float32, sms,
+                                 launch=lora_train.TrainLaunch(64, 64), programs_per_sm=2)
+        assert plan.shape[0] == (1 if sms == 1 else 3)
+        d_b = plan([dys[p] for p in out_of], s)
         row = 0
         for b, want in zip(lora_b, want_b):
-            _close(part[:, row:row + b.shape[0]].sum(0), want, torch.float32)
+            _close(d_b[row:row + b.shape[0]], want, torch.float32)
             row += b.shape[0]
 
 
@@ -212,10 +215,10 @@ def test_x_side_shrink_da_and_dx(T, one_slice):
     s = lora_train.lora_ds([x] * len(sl), bs, sl, 13, chunk=32)
     _close(s, torch.cat([x.float() @ a.t() for a in lora_a], 1), torch.float32)
     ds = torch.randn(T, 13, generator=g)
-    part = lora_train.lora_db([x] * len(sl), ds, sl, sms=4, transposed=True)
-    assert part.shape[1:] == (13, 80)
-    _close(part[:, :8].sum(0), ds[:, :8].t() @ x.float(), torch.float32)
-    _close(part[:, 8:].sum(0), ds[:, 8:].t() @ x.float(), torch.float32)
+    d_a = lora_train.lora_db([x] * len(sl), ds, sl, sms=4, transposed=True)
+    assert d_a.shape == (13, 80)
+    _close(d_a[:8], ds[:, :8].t() @ x.float(), torch.float32)
+    _close(d_a[8:], ds[:, 8:].t() @ x.float(), torch.float32)
     d_x = torch.randn(T, 80, generator=g).to(torch.float16)
     want = d_x.float() + ds[:, :8] @ lora_a[0] + ds[:, 8:] @ lora_a[1]
     if one_slice:
@@ -225,6 +228,61 @@ def test_x_side_shrink_da_and_dx(T, one_slice):
         new = d_x.clone()
         lora_train.expand_add_([new, new], ds, bs, sl)
     _close(new, want, torch.float16)
+
+
+def _in_row_order(rows):
+    """The sum of ``rows`` added one after another in fp32: what :class:`PartSums` computes, to the bit."""
+    total = torch.zeros_like(rows[0])
+    for r in rows:
+        total = total + r
+    return total
+
+
+def test_part_sums_regions_in_one_launch():
+    """Two partial-sum tensors into two outputs, one launch: two regions of [rows, lines, width] blocks of one
+    tensor into strided columns of one output (rows 6 and 3: tails in the 4-row steps; lines 70: a tail in the
+    line tiles; widths 5 and 8 under a 16-wide block), one flat region of the other (its numel 3 x 60: lines
+    of 4); equal to the rows added in order, to the bit; the columns no region writes stay as they were."""
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(9, 70, 16, generator=g)
+    b = torch.randn(5, 3, 60, generator=g)
+    plane = 70 * 16
+    regions = [lora_train.SumRegion(0, 0, 0, 6, plane, 70, 16, 0, 20, 5),
+               lora_train.SumRegion(0, 0, 6 * plane, 3, plane, 70, 16, 9, 20, 8),
+               lora_train.flat_region(1, 1, 5, 180, 16)]
+    assert regions[2].width == 4 and regions[2].lines == 45
+    sums = lora_train.PartSums(regions, 16, sms=4)
+    assert sums.grid[0] > 3   # several programs per region
+    out_a = torch.full((70, 20), 7.0)
+    out_b = torch.empty(3, 60)
+    sums([a, b], [out_a, out_b])
+    assert torch.equal(out_a[:, :5], _in_row_order(a[:6, :, :5]))
+    assert torch.equal(out_a[:, 9:17], _in_row_order(a[6:, :, :8]))
+    assert (out_a[:, 5:9] == 7).all() and (out_a[:, 17:] == 7).all()
+    assert torch.equal(out_b, _in_row_order(b))
+
+
+def test_stacked_regions_are_flat_only_where_every_element_is_written():
+    """dB of slices of one rank covering every row: one flat region; ranks below the largest (or rows of no
+    slice): one region per slice, reading only what the kernel wrote."""
+    assert lora_train.stacked_regions(0, 0, 3, 10, 16, [(4, 6, 16), (0, 4, 16)], 16) == [
+        lora_train.flat_region(0, 0, 3, 160, 16)]
+    per = lora_train.stacked_regions(1, 0, 3, 10, 16, [(0, 4, 16), (4, 6, 5)], 16)
+    assert [(r.src, r.in_off, r.row_stride, r.lines, r.in_line, r.out_off, r.width) for r in per] == [
+        (1, 0, 160, 4, 16, 0, 16), (1, 64, 160, 6, 16, 64, 5)]
+    assert len(lora_train.stacked_regions(0, 0, 3, 10, 16, [(0, 4, 16), (5, 5, 16)], 16)) == 2
+
+
+def test_part_sums_tiles_shrink_to_fill_the_sms():
+    """Elements per program: ``PART_SUMS_TILE``, halved (down to 256) while there are fewer than
+    ``PART_SUMS_PROGRAMS_PER_SM`` programs per SM."""
+    def tile(numel, sms):
+        sums = lora_train.PartSums([lora_train.flat_region(0, 0, 4, numel, 16)], 16, sms)
+        return sums.meta["BLOCK_L"] * sums.meta["BLOCK_W"]
+    per_sm = lora_train.PART_SUMS_PROGRAMS_PER_SM
+    assert tile(lora_train.PART_SUMS_TILE * per_sm * 132, 132) == lora_train.PART_SUMS_TILE
+    assert tile(lora_train.PART_SUMS_TILE * per_sm * 132 // 2, 132) == lora_train.PART_SUMS_TILE // 2
+    assert tile(16, 132) == 256
 
 
 def test_ds_chunk_fills_the_sms():

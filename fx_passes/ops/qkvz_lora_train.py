@@ -216,7 +216,7 @@ class _TrainPlan:
     offs: tuple[int, ...]                # each group's first column in s
     R: int                               # columns of s
     out_of: tuple[int, ...] = ()         # each slice's projection
-    db_rows: tuple[int, ...] = ()        # each slice's first row in the dB partial sums
+    db_rows: tuple[int, ...] = ()        # each slice's first row in dB (all slices' dB stacked)
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
     expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
     gemm: object = None                  # forward at large T: GemmExpand (base GEMMs + expand), no ExpandAdd
@@ -515,9 +515,9 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     dy_of = [dys[p] for p in plan.out_of]
     d_b = []
     if need_db:   # one read of dy for both
-        d_s, part = plan.dsdb(dy_of, lora_b, s, traced=traced)   # fp32 [T, R], dB's partial sums
-        d_b = _parts_sums(part, [(slice(row, row + b.shape[0]), slice(0, b.shape[1])) for row, b in
-                                 zip(plan.db_rows, lora_b)], ad, traced)
+        d_s, d_b_all = plan.dsdb(dy_of, lora_b, s, traced=traced)   # fp32 [T, R], every slice's dB stacked
+        d_b = _pieces(d_b_all, [(slice(row, row + b.shape[0]), slice(0, b.shape[1])) for row, b in
+                                zip(plan.db_rows, lora_b)], ad, traced)
     else:
         d_s = plan.ds(dy_of, lora_b, traced=traced)
     if ad != torch.float32:
@@ -529,8 +529,8 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     if side is not None:   # x itself, every group: x read in its dtype by the kernels
         x = xs[0]
         if need_da:
-            part = plan.da([x] * len(side.slices), d_s, traced=traced)
-            d_a = _parts_sums(part, [(slice(off, off + r),) for off, r in zip(plan.offs, ranks)], ad, traced)
+            d_a_all = plan.da([x] * len(side.slices), d_s, traced=traced)   # fp32 [R, H], every group's dA
+            d_a = _pieces(d_a_all, [(slice(off, off + r),) for off, r in zip(plan.offs, ranks)], ad, traced)
         if fused_dx:
             d_x = plan.gemm_dx(dys, weights, d_s, lora_a, traced=traced)
         elif need_dx:
@@ -547,15 +547,11 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     return d_x, d_s, d_a, d_b
 
 
-def _parts_sums(part: torch.Tensor, pieces: Sequence[tuple], dtype: torch.dtype, traced: bool) -> list[torch.Tensor]:
-    """``part[:, *piece].sum(0)`` per piece (a slice's dB, a group's dA from a kernel's fp32 partial sums), in
-    ``dtype``. Traced for Inductor: ONE sum of ``part`` and each piece a view of it (a reduction kernel per piece
-    costs 1-5 us each at T 2048, 4-8 per layer-step); run as the op, one sum per piece (an op's outputs
-    may not alias one another)."""
-    if traced:
-        total = part.sum(0)
-        return [total[piece].to(dtype) for piece in pieces]
-    return [part[(slice(None), *piece)].sum(0).to(dtype) for piece in pieces]
+def _pieces(total: torch.Tensor, pieces: Sequence[tuple], dtype: torch.dtype, traced: bool) -> list[torch.Tensor]:
+    """``total[piece]`` per piece (a slice's dB, a group's dA, of a kernel's fp32 result for all of them), in
+    ``dtype``. Traced for Inductor: views of ``total`` where the dtype is kept; run as the op, copies (an op's
+    outputs may not alias one another)."""
+    return [total[piece].to(dtype, copy=not traced) for piece in pieces]
 
 
 # --------------------------------------------------------------------------------------------
@@ -642,7 +638,7 @@ def _keeps_op(args, kwargs) -> bool:
 def _inline_for_inductor(op, body) -> None:
     """Registers how AOTAutograd's functionalization traces a CUDA call of ``op``: through ``body`` (the CUDA
     implementation) with ``traced=True``, whose kernels then launch through ``torch.library.wrap_triton``.
-    The traced graph holds the library GEMMs, the Triton kernels and the partial sums as Inductor's own
+    The traced graph holds the library GEMMs, the Triton kernels and the casts as Inductor's own
     nodes, so the compiled code launches each of them directly and the per-signature planning runs once,
     when the graph is traced; as an opaque op, each call runs the body in Python (~0.2 ms forward, ~0.4 ms
     backward of host time per layer-step on an H200 machine's host, more than a 35B-A3B layer's GPU work at

@@ -17,20 +17,21 @@ tensor (two adapters on one projection) go to successive launches, in slice orde
 
 Backward, given ``dy`` = the outputs' gradients (x's dtype)::
 
-    _dsdb_kernel  dspart[t, :, :r_i] = scale_i * dy[:, tile t of slice i] @ B_i[tile t]
-                  dbpart[p, rows i]  = scale_i * dy[T-split p, slice i's tile]^T @ s[:, scols i]
-                  dS[:, group g] = sum of the rows of g's tiles      dB_i = dbpart[:, rows i].sum(0)
+    _dsdb_kernel       dspart[t, :, :r_i] = scale_i * dy[:, tile t of slice i] @ B_i[tile t]
+                       dbpart[p, rows i]  = scale_i * dy[T-split p, slice i's tile]^T @ s[:, scols i]
+    _part_sums_kernel  dS[:, group g] = sum of the rows of g's tiles      dB_i = dbpart[:, rows i].sum(0)
 
 one program per (column tile of a slice, token split), each [block_m, block_n] tile of dy loaded once for
 both products: the two kernels it replaces, ``_ds_kernel`` (dS over column chunks) and ``_db_kernel`` (dB
 over token splits), each reading dy once, took 1.04-1.48x its time. Every reduction is split (the columns
-of a group, the tokens) into fixed parts written to an fp32 buffer and summed by torch afterwards:
-deterministic (no atomics), and enough programs to fill the GPU at T 2048 where one program per token
-tile (dS) or per column tile (dB) would not. dy is multiplied with fp32 adapters' factors at fp32-level
-precision (:func:`dot_precision`). ``_ds_kernel`` still runs where no dB is asked for.
+of a group, the tokens) into fixed parts written to an fp32 buffer and summed after the kernel, all of them
+by one launch (:class:`PartSums`): deterministic (no atomics), and enough programs to fill the GPU at T 2048
+where one program per token tile (dS) or per column tile (dB) would not. dy is multiplied with fp32
+adapters' factors at fp32-level precision (:func:`dot_precision`). ``_ds_kernel`` still runs where no dB is
+asked for.
 
 The same kernels serve the LoRA input's side when it is x itself (no dropout): the shrink ``x @ A^T`` is
-the dS kernel over x's H columns with B = A^T, ``dA = dS^T x`` the dB kernel storing its partial sums
+the dS kernel over x's H columns with B = A^T, ``dA = dS^T x`` the dB kernel with its partial sums
 transposed, and x's LoRA gradient ``dS @ A`` the expand kernel adding into x's gradient: x is read in its
 own dtype, never written as an fp32 [T, H] copy.
 
@@ -104,6 +105,9 @@ DS_PROGRAMS_PER_SM = 2
 # best with 8 (2: up to 1.3x slower), dS + dB with 4.
 DB_PROGRAMS_PER_SM = 8
 DSDB_PROGRAMS_PER_SM = 4
+# PartSums: elements per program, halved while the grid has fewer programs per SM than this.
+PART_SUMS_TILE = 2048
+PART_SUMS_PROGRAMS_PER_SM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,6 +297,116 @@ def _slot_strides(slots: tuple, dim: int = 0) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------------------------
+# the partial sums' sums
+# --------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class SumRegion:
+    """One region of :class:`PartSums`: ``out[out_off + l * out_line + w] = sum over k < rows of
+    in[in_off + k * row_stride + l * in_line + w]`` for lines ``l < lines``, ``w < width`` (element offsets;
+    ``src`` / ``dst``: which input / output tensor of the launch)."""
+    src: int
+    dst: int
+    in_off: int
+    rows: int
+    row_stride: int
+    lines: int
+    in_line: int
+    out_off: int
+    out_line: int
+    width: int
+
+
+def flat_region(src: int, dst: int, rows: int, numel: int, width: int) -> SumRegion:
+    """A region summing ``rows`` contiguous ``[numel]`` rows into a contiguous ``[numel]`` output, as lines of
+    ``width`` elements (the largest power of 2 up to ``width`` that divides ``numel``)."""
+    w = width
+    while numel % w:
+        w //= 2
+    return SumRegion(src, dst, 0, rows, numel, numel // w, w, 0, w, w)
+
+
+def stacked_regions(src: int, dst: int, rows: int, lines: int, line: int, blocks: Sequence[tuple[int, int, int]],
+                    width: int) -> list[SumRegion]:
+    """The regions summing ``rows`` contiguous ``[lines, line]`` partial sums where only ``blocks`` were
+    written, each ``(first line, lines, elements per line)`` (a slice's dB: its rows, its rank): one flat region
+    where they cover every element, else one per distinct block (the rest of the output is not written)."""
+    blocks = list(dict.fromkeys(blocks))
+    spans = sorted((f, n) for f, n, _ in blocks)
+    ends = [f + n for f, n in spans]
+    if [f for f, _ in spans] == [0, *ends[:-1]] and ends[-1] == lines and all(w == line for *_, w in blocks):
+        return [flat_region(src, dst, rows, lines * line, width)]
+    plane = lines * line
+    return [SumRegion(src, dst, f * line, rows, plane, n, line, f * line, line, w) for f, n, w in blocks]
+
+
+@triton.jit
+def _part_sums_tile(in_ptr, out_ptr, in_off, rows, row_stride, lines, in_line, out_off, out_line, width, tile,
+                    BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr):
+    offs_l = (tile * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
+    offs_w = tl.arange(0, BLOCK_W)
+    mask = (offs_l < lines)[:, None] & (offs_w < width)[None, :]
+    src = in_ptr + in_off + offs_l[:, None] * in_line + offs_w[None, :]
+    acc = tl.zeros((BLOCK_L, BLOCK_W), dtype=tl.float32)
+    # four rows' loads issued before their adds (in row order: the sum is the same on every run)
+    for k0 in range(0, rows, 4):
+        at = src + k0 * tl.full((), row_stride, tl.int64)
+        v0 = tl.load(at, mask=mask, other=0.0)
+        v1 = tl.load(at + row_stride, mask=tl.where(k0 + 1 < rows, mask, False), other=0.0)
+        v2 = tl.load(at + 2 * row_stride, mask=tl.where(k0 + 2 < rows, mask, False), other=0.0)
+        v3 = tl.load(at + 3 * row_stride, mask=tl.where(k0 + 3 < rows, mask, False), other=0.0)
+        acc = (((acc + v0) + v1) + v2) + v3
+    tl.store(out_ptr + out_off + offs_l[:, None] * out_line + offs_w[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _part_sums_kernel(in0, in1, out0, out1, SRC: tl.constexpr, DST: tl.constexpr, IN_OFF: tl.constexpr,
+                      ROWS: tl.constexpr, ROW_STRIDE: tl.constexpr, LINES: tl.constexpr, IN_LINE: tl.constexpr,
+                      OUT_OFF: tl.constexpr, OUT_LINE: tl.constexpr, WIDTH: tl.constexpr, TILE_OFF: tl.constexpr,
+                      NUM_REGIONS: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_W: tl.constexpr):
+    ins = (in0, in1)
+    outs = (out0, out1)
+    pid = tl.program_id(0)
+    region = tile_owner(pid, TILE_OFF, NUM_REGIONS)
+    for i in tl.static_range(NUM_REGIONS):
+        if region == i:
+            _part_sums_tile(ins[SRC[i]], outs[DST[i]], IN_OFF[i], ROWS[i], ROW_STRIDE[i], LINES[i], IN_LINE[i],
+                            OUT_OFF[i], OUT_LINE[i], WIDTH[i], pid - TILE_OFF[i], BLOCK_L, BLOCK_W)
+
+
+class PartSums:
+    """Finishes the kernels' split reductions: the fp32 partial sums of several regions (:class:`SumRegion`,
+    of up to two partial-sum tensors into up to two outputs) summed over their rows in ONE launch, each
+    output element by one program in row order (deterministic). Inductor's reduction per region took 7-9 us
+    each at 35B-A3B T 6144 on an H200 (a layer's dS groups, dB: 26 us for 28 MB) and one launch per region.
+    Programs: ``PART_SUMS_TILE`` elements of one region each (``block_w``-wide lines: the regions' widest,
+    a power of 2), halved down to 256 while fewer than ``PART_SUMS_PROGRAMS_PER_SM`` per SM."""
+
+    def __init__(self, regions: Sequence[SumRegion], block_w: int, sms: int):
+        tile = PART_SUMS_TILE
+        while tile > max(256, block_w) and sum(r.lines * block_w for r in regions) < (
+                PART_SUMS_PROGRAMS_PER_SM * sms * tile):
+            tile //= 2
+        block_l = max(1, tile // block_w)
+        tile_off, n_tiles = _offsets([triton.cdiv(r.lines, block_l) for r in regions])
+        self.grid = (n_tiles,)
+        self.meta = dict(**{name: tuple(getattr(r, field) for r in regions) for name, field in (
+            ("SRC", "src"), ("DST", "dst"), ("IN_OFF", "in_off"), ("ROWS", "rows"), ("ROW_STRIDE", "row_stride"),
+            ("LINES", "lines"), ("IN_LINE", "in_line"), ("OUT_OFF", "out_off"), ("OUT_LINE", "out_line"),
+            ("WIDTH", "width"))}, TILE_OFF=tile_off, NUM_REGIONS=len(regions), BLOCK_L=block_l, BLOCK_W=block_w,
+                         num_warps=4)
+        self.empty = n_tiles == 0
+        self.launches = CompiledLaunches(_part_sums_kernel)
+
+    def __call__(self, ins: Sequence[torch.Tensor], outs: Sequence[torch.Tensor], *, traced: bool = False) -> None:
+        """Writes ``outs`` (each contiguous, fp32, as the regions were planned)."""
+        if self.empty:
+            return
+        ins, outs = (*ins, *(None,) * (2 - len(ins))), (*outs, *(None,) * (2 - len(outs)))
+        self.launches.launch(0, self.grid, (*ins, *outs), self.meta, [t for t in (*ins, *outs) if t is not None],
+                             traced)
+
+
+# --------------------------------------------------------------------------------------------
 # forward: out += scale * s @ B^T
 # --------------------------------------------------------------------------------------------
 @triton.jit
@@ -467,6 +581,7 @@ class LoraDs:
                          BLOCK_N=cfg.block_n, BLOCK_R=rank_block(sl.rank), num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_ds_kernel)
+        self.sums = PartSums([flat_region(0, 0, self.rows, T * R, 16)], 16, sms or 1) if self.rows > 1 else None
 
     def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], *,
                  traced: bool = False) -> torch.Tensor:
@@ -481,7 +596,11 @@ class LoraDs:
                                  dict(self.meta, DY_SLOT=slot, T_STRIDES=key[1], STRIDE_PC=key[2], STRIDE_PT=key[3],
                                       B_STRIDES_N=key[4], B_STRIDES_R=key[5]),
                                  (*(t for t in ts if t is not None), part, *bs), traced)
-        return part if rows == 1 else part.sum(0)
+        if rows == 1:
+            return part
+        d_s = torch.empty((T, R), dtype=torch.float32, device=part.device)
+        self.sums([part], [d_s], traced=traced)
+        return d_s
 
 
 def lora_ds(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], sl: Slices, R: int, *,
@@ -554,6 +673,11 @@ class LoraDb:
             rcols = (0,) * len(sl)
         self.grid = (n_tiles, splits)
         self.t_per_split = t_per_split
+        if transposed:   # slice i: rows scol_i .. + rank_i, width_i each
+            blocks = [(c, r, n) for c, r, n in zip(sl.scol, sl.rank, sl.width)]
+        else:            # slice i: rows row_i .. + width_i, rank_i each
+            blocks = [(f, n, r) for f, n, r in zip(rows, sl.width, sl.rank)]
+        self.sums = PartSums(stacked_regions(0, 0, splits, self.shape[1], self.shape[2], blocks, 16), 16, sms)
         self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, ROWS=rows, RCOLS=rcols, RANKS=sl.rank,
                          SCALES=sl.scale, TILE_OFF=tile_off, NUM_SLICES=len(sl),
                          DOT_PRECISION=dot_precision(data_dtype, s_dtype), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -561,9 +685,10 @@ class LoraDb:
         self.launches = CompiledLaunches(_db_kernel)
 
     def __call__(self, dys: Sequence[torch.Tensor], s: torch.Tensor, *, traced: bool = False) -> torch.Tensor:
-        part = torch.empty(self.shape, dtype=torch.float32, device=s.device)
+        total = torch.empty(self.shape[1:], dtype=torch.float32, device=s.device)
         if self.T == 0:
-            return part.zero_()   # no split runs: the sums are 0
+            return total.zero_()   # no split runs: the sums are 0
+        part = torch.empty(self.shape, dtype=torch.float32, device=s.device)
         stride_pn, stride_pr = (part.stride(2), part.stride(1)) if self.transposed else (part.stride(1), part.stride(2))
         ts, slot = _slots(dys)
         key = (slot, _slot_strides(ts), s.stride(0), part.stride(0), stride_pn, stride_pr)
@@ -571,16 +696,17 @@ class LoraDb:
                              dict(self.meta, DY_SLOT=slot, T_STRIDES=key[1], STRIDE_ST=key[2], STRIDE_PS=key[3],
                                   STRIDE_PN=key[4], STRIDE_PR=key[5]),
                              (*(t for t in ts if t is not None), s, part), traced)
-        return part
+        self.sums([part], [total], traced=traced)
+        return total
 
 
 def lora_db(dys: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *, transposed: bool = False,
             launch: Optional[TrainLaunch] = None, programs_per_sm: int = DB_PROGRAMS_PER_SM) -> torch.Tensor:
-    """Partial sums over token splits (fp32; sum over dim 0 to finish) of ``scale_i * dys[i][:, slice i]^T @
-    s[:, scols i]``: ``[splits, sum of widths, max rank]`` with slice i in rows ``sum(width[:i]) ..`` (dB_i), or
-    ``transposed``: ``[splits, s columns, width]`` with slice i in rows ``scols i`` (dA of A groups over the
-    same columns of x). ``sms``: the device's SM count (how far the tokens are split). Launched on the
-    current CUDA device."""
+    """``scale_i * dys[i][:, slice i]^T @ s[:, scols i]`` (fp32, summed over token splits): ``[sum of widths,
+    max rank]`` with slice i in rows ``sum(width[:i]) ..`` (dB_i), or ``transposed``: ``[s columns, width]``
+    with slice i in rows ``scols i`` (dA of A groups over the same columns of x); what lies outside every
+    slice's block (a rank below the largest) is not written. ``sms``: the device's SM count (how far the
+    tokens are split). Launched on the current CUDA device."""
     return LoraDb(sl, dys[0].shape[0], s.shape[1], dys[0].dtype, s.dtype, sms, transposed=transposed, launch=launch,
                   programs_per_sm=programs_per_sm)(dys, s)
 
@@ -646,7 +772,8 @@ class LoraDsDb:
     token split; each loads a [block_m, block_n] tile of dy once per step and multiplies it with B (dS) and,
     transposed, with s (dB). Both reductions are split and summed afterwards, deterministically: dS over the
     column tiles (partial sums ``[tiles, T, max rank]`` fp32, each A group's tiles in successive rows), dB
-    over the token splits (as :class:`LoraDb`). Call: ``(dS [T, R] fp32, dB partial sums)``."""
+    over the token splits (as :class:`LoraDb`), both finished by one :class:`PartSums` launch. Call: ``(dS
+    [T, R], dB [sum of widths, max rank])``, fp32."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
@@ -671,11 +798,15 @@ class LoraDsDb:
         splits, t_per_split = token_splits(T, n_tiles, cfg.block_m, sms, programs_per_sm)
         db_rows, total = _offsets(sl.width)
         self.T, self.R, self.rank = T, R, max(sl.rank)
-        # one group over all of s: dS is the partial sums' sum; columns of s no group covers: dS 0 there
-        self.ds_whole = len(self.ds_groups) == 1 and self.rank == R
+        # columns of s no group covers: dS 0 there
         self.ds_gaps = sum(rank for *_, rank in self.ds_groups) != R
         self.ds_shape = (n_tiles, T, self.rank)
         self.db_shape = (splits, total, self.rank)
+        plane = T * self.rank
+        self.sums = PartSums([SumRegion(0, 0, first * plane, rows, plane, T, self.rank, scol, R, rank)
+                              for first, rows, scol, rank in self.ds_groups]
+                             + stacked_regions(1, 1, splits, total, self.rank, list(zip(db_rows, sl.width, sl.rank)),
+                                               block_r), block_r, sms)
         self.grid = (n_tiles, splits)
         self.t_per_split = t_per_split
         self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank, SCALES=sl.scale,
@@ -687,10 +818,11 @@ class LoraDsDb:
     def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, *,
                  traced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         dev = s.device
+        if self.T == 0:
+            return (torch.zeros((0, self.R), dtype=torch.float32, device=dev),
+                    torch.zeros(self.db_shape[1:], dtype=torch.float32, device=dev))
         ds_part = torch.empty(self.ds_shape, dtype=torch.float32, device=dev)
         db_part = torch.empty(self.db_shape, dtype=torch.float32, device=dev)
-        if self.T == 0:
-            return torch.zeros((0, self.R), dtype=torch.float32, device=dev), db_part.zero_()
         ts, slot = _slots(dys)
         key = (slot, _slot_strides(ts), s.stride(0), _strides(bs), _strides(bs, 1), ds_part.stride(0),
                ds_part.stride(1), db_part.stride(0), db_part.stride(1))
@@ -699,18 +831,16 @@ class LoraDsDb:
                                   B_STRIDES_R=key[4], STRIDE_DSC=key[5], STRIDE_DST=key[6], STRIDE_DBS=key[7],
                                   STRIDE_DBN=key[8]),
                              (*(t for t in ts if t is not None), s, *bs, ds_part, db_part), traced)
-        if self.ds_whole:
-            return ds_part.sum(0) if ds_part.shape[0] > 1 else ds_part[0], db_part
         d_s = (torch.zeros if self.ds_gaps else torch.empty)((self.T, self.R), dtype=torch.float32, device=dev)
-        for first, rows, scol, rank in self.ds_groups:
-            torch.sum(ds_part[first:first + rows, :, :rank], 0, out=d_s[:, scol:scol + rank])
-        return d_s, db_part
+        d_b = torch.empty(self.db_shape[1:], dtype=torch.float32, device=dev)
+        self.sums([ds_part, db_part], [d_s, d_b], traced=traced)
+        return d_s, d_b
 
 
 def lora_dsdb(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *,
               launch: Optional[TrainLaunch] = None,
               programs_per_sm: int = DSDB_PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dS, dB partial sums)``: :func:`lora_ds`'s dS [T, R] fp32 and :func:`lora_db`'s partial sums, from one
-    read of ``dys``. Launched on the current CUDA device."""
+    """``(dS, dB)``: :func:`lora_ds`'s dS [T, R] and :func:`lora_db`'s dB [sum of widths, max rank], fp32, from
+    one read of ``dys``. Launched on the current CUDA device."""
     return LoraDsDb(sl, s.shape[0], s.shape[1], dys[0].dtype, bs[0].dtype, sms, launch=launch,
                     programs_per_sm=programs_per_sm)(dys, bs, s)
