@@ -105,11 +105,12 @@ DS_PROGRAMS_PER_SM = 2
 # best with 8 (2: up to 1.3x slower), dS + dB with 4.
 DB_PROGRAMS_PER_SM = 8
 DSDB_PROGRAMS_PER_SM = 4
-# PartSums: elements per program, halved while the grid has fewer programs per SM than this. Each program walks
-# its rows 4 loads at a time, so the programs in flight set the bandwidth: 4 per SM took 0.25-0.97x the time of 2
-# (1024 or 2048 elements alike; rank 64: 1024 0.9x), 1 per SM 1.3-4x (benchmarks/RESULTS.md: "PartSums").
+# PartSums: elements per program, halved (down to 256) while the grid has fewer programs per SM than this. Each
+# program walks its rows 4 loads at a time (dS: 32-96 rows, one per column tile), so the programs in flight set
+# the bandwidth: at rank 32 (128-column tiles, more rows) 4 per SM of 1024 elements took up to 1.6x the time of 8
+# (benchmarks/RESULTS.md: "PartSums").
 PART_SUMS_TILE = 1024
-PART_SUMS_PROGRAMS_PER_SM = 4
+PART_SUMS_PROGRAMS_PER_SM = 8
 
 
 @dataclasses.dataclass(frozen=True)
