@@ -3,7 +3,8 @@ tensors, in a fresh interpreter without the Triton interpreter, see ``train_trac
 op's traced graph holds the four base GEMMs and our two kernels (the shrink over x, the expand-add) and no
 op call, or from ``train_fused_min_t`` the shrink kernel and the base GEMMs with the expand in their epilogue
 (one kernel: it makes its TMA descriptors on the device); the backward's dx GEMM with the host TMA descriptors
-it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; every
+it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; the
+dS + dB kernel with the launch summing its partial sums (and the shrink's, over a wide x); every
 kernel writes in place once Inductor's reinplacing ran (no copy left); off CUDA and under ``torch.export`` the
 op stays whole. The numerics of the traced graphs run on the
 GPU: ``python -m benchmarks.gpu_train_check --compiled``."""
@@ -41,5 +42,12 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     tail = got["dx_tail"]   # and the half tiles' own dy descriptors
     assert tail["tail"] > 0, tail
     assert tail["descriptors"] == {**want, **{f"h{p}": [block_m // 2, block_k] for p in range(4)}}, tail
+    # the shrink over x in column chunks (H 600): their partial sums finished by our sum kernel, in place
+    wide = got["forward_wide"]
+    assert wide["kernels"] == ["_ds_kernel", "_part_sums_kernel", "_expand_add_kernel"] and wide["cloned"] == [], wide
+    # dS + dB, then one launch summing both kernels' partial sums: the graph returns what it wrote, no copy
+    dsdb = got["dsdb"]
+    assert dsdb["kernels"] == ["_dsdb_kernel", "_part_sums_kernel"] and dsdb["cloned"] == [], dsdb
+    assert dsdb["returns"] == ["_part_sums_kernel.out0", "_part_sums_kernel.out1"], dsdb
     for kept in ("forward_cpu", "forward_export"):
         assert got[kept] == {"ops": {"fx_passes::qkvz_lora_train": 1}, "kernels": [], "cloned": []}, (kept, got[kept])

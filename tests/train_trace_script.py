@@ -56,17 +56,17 @@ def called(graph) -> dict:
     return {"ops": ops, "kernels": kernels, "cloned": cloned}
 
 
-def tensors(device: str, T: int = T, widths=WIDTHS):
+def tensors(device: str, T: int = T, widths=WIDTHS, h: int = H):
     with FakeTensorMode():
-        x = torch.empty(T, H, device=device, dtype=torch.bfloat16)
-        weights = [torch.empty(n, H, device=device, dtype=torch.bfloat16) for n in widths]
-        lora_a = [torch.empty(8, H, device=device) for _ in range(2)]
+        x = torch.empty(T, h, device=device, dtype=torch.bfloat16)
+        weights = [torch.empty(n, h, device=device, dtype=torch.bfloat16) for n in widths]
+        lora_a = [torch.empty(8, h, device=device) for _ in range(2)]
         lora_b = [torch.empty(WIDTHS[0], 8, device=device), torch.empty(WIDTHS[1], 8, device=device)]
     return x, weights, lora_a, lora_b
 
 
-def trace_forward(device="cuda", T: int = T, widths=WIDTHS):
-    x, weights, lora_a, lora_b = tensors(device, T, widths)
+def trace_forward(device="cuda", T: int = T, widths=WIDTHS, h: int = H):
+    x, weights, lora_a, lora_b = tensors(device, T, widths, h)
 
     def f(x, *params):
         w, a, b = params[:4], params[4:6], params[6:]
@@ -100,6 +100,29 @@ def trace_dx(T: int, widths=WIDTHS):
     returned = graph.graph.output_node().args[0]   # which of the kernel's results the graph returns
     out["returns"] = returned.args[1] if returned.target is operator.getitem else str(returned)
     return {**called(graph), **out}
+
+
+def trace_dsdb(T: int = T):
+    """The backward's dS + dB kernel and its partial sums traced alone (the backward op's body cannot be):
+    the kernels and which kernel's results the graph returns."""
+    from fx_passes.ops.kernels.lora_train import LoraDsDb, Slices
+
+    widths = (120, 80)
+    with FakeTensorMode():
+        dys = [torch.empty(T, n, device="cuda", dtype=torch.bfloat16) for n in widths]
+        lora_b = [torch.empty(n, 8, device="cuda") for n in widths]
+        s = torch.empty(T, 16, device="cuda")
+    plan = LoraDsDb(Slices(widths, (0, 0), (0, 8), (8, 8), (2.0, 0.5)), T, 16, torch.bfloat16, torch.float32, 132)
+
+    def f(*a):
+        return plan(list(a[:2]), list(a[2:4]), a[4], traced=True)
+    with assumed_sm90_target():
+        graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *lora_b, s)
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    returns = [f"{kernel_side_table.get_kernel(r.args[0].kwargs['kernel_idx']).fn.__name__}.{r.args[1]}"
+               if r.target is operator.getitem else str(r) for r in graph.graph.output_node().args[0]]
+    return {**called(graph), "returns": returns}   # (before the reinplacing rewrites the outputs)
 
 
 @contextlib.contextmanager
@@ -141,6 +164,8 @@ if __name__ == "__main__":
                                        widths=(200, 72, 8, 8)),
         "dx": trace_dx(128 * 132, widths=(200, 72, 8, 8)),   # whole waves on the assumed 132 SMs
         "dx_tail": trace_dx(1100, widths=(200, 72, 8, 8)),
+        "forward_wide": trace_forward(h=600),   # the shrink over x in column chunks, summed by PartSums
+        "dsdb": trace_dsdb(),
         "forward_cpu": trace_forward("cpu"),
         "forward_export": trace_for_export(),
     }))
