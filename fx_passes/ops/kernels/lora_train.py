@@ -379,9 +379,9 @@ def _part_sums_kernel(in0, in1, out0, out1, SRC: tl.constexpr, DST: tl.constexpr
 class PartSums:
     """Finishes the kernels' split reductions: the fp32 partial sums of several regions (:class:`SumRegion`,
     of up to two partial-sum tensors into up to two outputs) summed over their rows in ONE launch, each
-    output element by one program in row order (deterministic). Inductor's reduction per region took 7-9 us
-    each at 35B-A3B T 6144 on an H200 (a layer's dS groups, dB: 26 us for 28 MB) and one launch per region.
-    Programs: ``PART_SUMS_TILE`` elements of one region each (``block_w``-wide lines: the regions' widest,
+    output element by one program in row order (deterministic). Inductor compiled one reduction per region
+    from ``torch.sum``: a 35B-A3B layer's dS groups and dB at T 6144 (28 MB of partial sums) took 25 us on an
+    H200 in three launches, 4.8 us in this one. Programs: ``PART_SUMS_TILE`` elements of one region each (``block_w``-wide lines: the regions' widest,
     a power of 2), halved down to 256 while fewer than ``PART_SUMS_PROGRAMS_PER_SM`` per SM."""
 
     def __init__(self, regions: Sequence[SumRegion], block_w: int, sms: int):
