@@ -14,6 +14,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops import tuning  # noqa: E402
@@ -439,19 +441,53 @@ def test_bf16_parts_hold_an_fp32_value_to_its_last_bit():
 def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatch):
     """The forward / backward plans of a bf16 layer with fp32 adapters (x itself as the LoRA input): every
     kernel that multiplies a bf16 tensor with an fp32 factor (the shrink over x, dS and dS + dB over dy, dA over x)
-    takes ``bf16x3``; the expands (two fp32 factors) keep ``tf32x3``; an fp16 layer keeps ``tf32x3``
-    everywhere. (Plans only: the interpreter cannot run bf16 kernels.)"""
+    takes ``bf16x3``, dS + dB at rank block 16 with the parts side by side (``bf16x3_cat``); the expands (two
+    fp32 factors) keep ``tf32x3``; an fp16 layer keeps ``tf32x3`` everywhere. (Plans only: the interpreter
+    cannot run bf16 kernels.)"""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    for dtype, data_precision in ((torch.bfloat16, "bf16x3"), (torch.float16, "tf32x3")):
-        x, weights, lora_a, lora_b, dys, _ = _layer(3)
+    for dtype, data_precision, ranks, dsdb_precision in ((torch.bfloat16, "bf16x3", (8, 8), "bf16x3_cat"),
+                                                         (torch.bfloat16, "bf16x3", (8, 24), "bf16x3"),
+                                                         (torch.float16, "tf32x3", (8, 8), "tf32x3")):
+        x, weights, lora_a, lora_b, dys, _ = _layer(3, ranks=ranks)
         x = x.to(dtype)
         owners = slice_owners([w.shape[0] for w in weights], [0, 88], [b.shape[0] for b in lora_b])
         fwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, False)
         bwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, True)
         assert fwd.shrink.meta["DOT_PRECISION"] == data_precision
         assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in fwd.expand.waves + bwd.dx.waves)
-        for kernel in (bwd.ds, bwd.dsdb, bwd.da):
+        for kernel in (bwd.ds, bwd.da):
             assert kernel.meta["DOT_PRECISION"] == data_precision
+        assert bwd.dsdb.meta["DOT_PRECISION"] == dsdb_precision
+
+
+@triton.jit
+def _side_by_side_kernel(a_ptr, parts_ptr, p_ptr, out_ptr, M: tl.constexpr, K: tl.constexpr, R: tl.constexpr):
+    """out[0] = the sum of a @ each of the three [K, R] parts through one dot over them side by side;
+    out[1] = :func:`_sum_side_by_side` of a given [M, 4R] product."""
+    rows, ks, rs, ps = tl.arange(0, M), tl.arange(0, K), tl.arange(0, R), tl.arange(0, 4 * R)
+    a = tl.load(a_ptr + rows[:, None] * K + ks[None, :])
+    part = parts_ptr + ks[:, None] * R + rs[None, :]
+    cat = lora_train._parts_side_by_side(tl.load(part), tl.load(part + K * R), tl.load(part + 2 * K * R))
+    out = out_ptr + rows[:, None] * R + rs[None, :]
+    tl.store(out, lora_train._sum_side_by_side(tl.dot(a, cat, input_precision="ieee")))
+    tl.store(out + M * R, lora_train._sum_side_by_side(tl.load(p_ptr + rows[:, None] * 4 * R + ps[None, :])))
+
+
+def test_parts_side_by_side_multiply_each_part_once():
+    """``bf16x3_cat``'s plumbing (its bf16 parts run on GPUs only; here fp32 stand-ins): one dot over hi | mid |
+    lo | 0 gives a @ (hi + mid + lo), each part once, parts of different magnitudes; summing a product takes its
+    first three blocks, never the fourth (here huge)."""
+    g = torch.Generator().manual_seed(0)
+    M, K, R = 16, 32, 16
+    a = torch.randn(M, K, generator=g)
+    parts = torch.randn(3, K, R, generator=g) * torch.tensor([1.0, 1e-3, 1e-6]).view(3, 1, 1)
+    p = torch.randn(M, 4 * R, generator=g)
+    p[:, 3 * R:] = 1e6
+    out = torch.empty(2, M, R)
+    _side_by_side_kernel[(1,)](a, parts, p, out, M, K, R)
+    torch.testing.assert_close(out[0].double(), a.double() @ parts.double().sum(0), rtol=1e-5, atol=1e-5)
+    want = p[:, R:2 * R] + p[:, 2 * R:3 * R] + p[:, :R]
+    torch.testing.assert_close(out[1], want, rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------

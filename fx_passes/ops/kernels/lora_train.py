@@ -111,6 +111,11 @@ DSDB_PROGRAMS_PER_SM = 4
 # (benchmarks/RESULTS.md: "PartSums").
 PART_SUMS_TILE = 1024
 PART_SUMS_PROGRAMS_PER_SM = 8
+# bf16x3's parts side by side in one dot (:func:`parts_side_by_side`) up to this many columns: _dsdb_kernel at rank
+# 16 (64 columns) took 0.78-0.83x the time of three dots (27B, 35B-A3B, 397B-A17B widths, T 2048 / 6144), at
+# rank 32 (128 columns) 0.98-1.04x, and two dots (hi | mid, then lo) 1.07-1.18x at ranks 16-64
+# (benchmarks/RESULTS.md: "bf16x3 parts side by side").
+PARTS_SIDE_BY_SIDE_MAX = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,6 +158,14 @@ def dot_precision(data_dtype: torch.dtype, adapter_dtype: torch.dtype) -> str:
     return "bf16x3" if precision == "tf32x3" and data_dtype == torch.bfloat16 else precision
 
 
+def parts_side_by_side(precision: str, block_r: int) -> str:
+    """``"bf16x3_cat"`` for ``"bf16x3"`` where the three parts of a rank block side by side (and a zero
+    block: 4 x ``block_r`` columns) fit :data:`PARTS_SIDE_BY_SIDE_MAX`: one dot per product then reads the
+    [T, *] tile from shared memory once, where three dots of ``block_r`` columns read it three times. Else
+    ``precision``."""
+    return "bf16x3_cat" if precision == "bf16x3" and 4 * block_r <= PARTS_SIDE_BY_SIDE_MAX else precision
+
+
 @triton.jit
 def _bf16_parts(v):
     """fp32 ``v`` as hi + mid + lo in bf16 (each part the rounding of what the others leave)."""
@@ -164,11 +177,37 @@ def _bf16_parts(v):
 
 
 @triton.jit
+def _parts_side_by_side(hi, mid, lo):
+    """[rows, 4 r]: ``hi | mid | lo | 0`` (``"bf16x3_cat"``: one dot multiplies all three parts)."""
+    rows: tl.constexpr = hi.shape[0]
+    r: tl.constexpr = hi.shape[1]
+    both = tl.join(tl.join(hi, mid), tl.join(lo, tl.zeros_like(lo)))   # [rows, r, part in pair, pair]
+    return tl.reshape(tl.permute(both, (0, 3, 2, 1)), (rows, 4 * r))
+
+
+@triton.jit
+def _sum_side_by_side(p):
+    """A product with :func:`_parts_side_by_side`'s factor, [rows, 4 r] -> (mid + lo) + hi, [rows, r]."""
+    rows: tl.constexpr = p.shape[0]
+    r: tl.constexpr = p.shape[1] // 4
+    pair0, pair1 = tl.split(tl.permute(tl.reshape(p, (rows, 2, 2, r)), (0, 3, 2, 1)))
+    hi, mid = tl.split(pair0)
+    lo, _ = tl.split(pair1)
+    return (mid + lo) + hi
+
+
+@triton.jit
 def _factor_parts(b, DOT_PRECISION: tl.constexpr):
     """An adapters' factor as :func:`_dot_parts` takes it (hoisted out of a loop where the factor is
-    fixed): its three bf16 parts for ``"bf16x3"``, else the factor itself three times."""
+    fixed): its three bf16 parts for ``"bf16x3"``, the three side by side (three times) for
+    ``"bf16x3_cat"``, else the factor itself three times."""
     if DOT_PRECISION == "bf16x3":
         hi, mid, lo = _bf16_parts(b)
+    elif DOT_PRECISION == "bf16x3_cat":
+        hi, mid, lo = _bf16_parts(b)
+        hi = _parts_side_by_side(hi, mid, lo)
+        mid = hi
+        lo = hi
     else:
         hi = b
         mid = b
@@ -181,6 +220,8 @@ def _dot_parts(a, hi, mid, lo, acc, DOT_PRECISION: tl.constexpr):
     """:func:`_dot_data` over a factor already split by :func:`_factor_parts`."""
     if DOT_PRECISION == "bf16x3":
         acc += tl.dot(a, hi, tl.dot(a, lo, tl.dot(a, mid)))
+    elif DOT_PRECISION == "bf16x3_cat":
+        acc += _sum_side_by_side(tl.dot(a, hi))
     else:
         acc = tl.dot(a.to(hi.dtype), hi, acc, input_precision=DOT_PRECISION)
     return acc
@@ -193,7 +234,9 @@ def _dot_data(a, b, acc, DOT_PRECISION: tl.constexpr):
     (the small parts first), then into ``acc`` by an fp32 add: the tensor cores' fp32 sums drop bits
     (truncation) of the terms they align to a much larger total, so the three parts chained straight
     into ``acc`` over a 2048 - 16384-long reduction lost 7e-6 .. 5e-5 (relative, on an H200) where an fp32
-    add per tile keeps the sum at fp32 level."""
+    add per tile keeps the sum at fp32 level. ``"bf16x3_cat"`` (:func:`parts_side_by_side`): the same three
+    products, from one dot over the parts side by side, each part's accumulated apart and the three added in
+    fp32."""
     hi, mid, lo = _factor_parts(b, DOT_PRECISION)
     return _dot_parts(a, hi, mid, lo, acc, DOT_PRECISION)
 
@@ -814,8 +857,9 @@ class LoraDsDb:
         self.t_per_split = t_per_split
         self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank, SCALES=sl.scale,
                          TILE_OFF=tile_off, DS_BASE=tuple(ds_base), DB_ROWS=db_rows, NUM_SLICES=len(sl),
-                         DOT_PRECISION=dot_precision(data_dtype, adapter_dtype), BLOCK_M=cfg.block_m,
-                         BLOCK_N=cfg.block_n, BLOCK_R=block_r, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                         DOT_PRECISION=parts_side_by_side(dot_precision(data_dtype, adapter_dtype), block_r),
+                         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_r, num_warps=cfg.num_warps,
+                         num_stages=cfg.num_stages)
         self.launches = CompiledLaunches(_dsdb_kernel)
 
     def __call__(self, dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, *,
