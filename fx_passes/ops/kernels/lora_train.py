@@ -424,8 +424,9 @@ class PartSums:
     of up to two partial-sum tensors into up to two outputs) summed over their rows in ONE launch, each
     output element by one program in row order (deterministic). Inductor compiled one reduction per region
     from ``torch.sum``: a 35B-A3B layer's dS groups and dB at T 6144 (28 MB of partial sums) took 25 us on an
-    H200 in three launches, 4.8 us in this one. Programs: ``PART_SUMS_TILE`` elements of one region each (``block_w``-wide lines: the regions' widest,
-    a power of 2), halved down to 256 while fewer than ``PART_SUMS_PROGRAMS_PER_SM`` per SM."""
+    H200 in three launches, 4.8 us in this one. Programs: ``PART_SUMS_TILE`` elements of one region each
+    (``block_w``-wide lines: the regions' widest, a power of 2), halved down to 256 while fewer than
+    ``PART_SUMS_PROGRAMS_PER_SM`` per SM."""
 
     def __init__(self, regions: Sequence[SumRegion], block_w: int, sms: int):
         tile = PART_SUMS_TILE
@@ -819,7 +820,8 @@ class LoraDsDb:
     transposed, with s (dB). Both reductions are split and summed afterwards, deterministically: dS over the
     column tiles (partial sums ``[tiles, T, max rank]`` fp32, each A group's tiles in successive rows), dB
     over the token splits (as :class:`LoraDb`), both finished by one :class:`PartSums` launch. Call: ``(dS
-    [T, R], dB [sum of widths, max rank])``, fp32."""
+    [T, R], dB [sum of widths, max rank])``, fp32. bf16 dy with fp32 adapters at rank block 16 multiplies the
+    factors' bf16 parts side by side (:func:`parts_side_by_side`)."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
