@@ -113,8 +113,8 @@ PART_SUMS_TILE = 1024
 PART_SUMS_PROGRAMS_PER_SM = 8
 # bf16x3's parts side by side in one dot (:func:`parts_side_by_side`) up to this many columns: _dsdb_kernel at rank
 # 16 (64 columns) took 0.78-0.83x the time of three dots (27B, 35B-A3B, 397B-A17B widths, T 2048 / 6144), at
-# rank 32 (128 columns) 0.98-1.04x, and two dots (hi | mid, then lo) 1.07-1.18x at ranks 16-64
-# (benchmarks/RESULTS.md: "bf16x3 parts side by side").
+# rank 32 (128 columns) 0.98-1.04x, and two dots (hi | mid, then lo) 1.07-1.18x at ranks 16-64; held out, T 3072 /
+# 12288: 0.78-0.82x (benchmarks/RESULTS.md v28: "dS + dB multiply bf16x3's three parts in one dot").
 PARTS_SIDE_BY_SIDE_MAX = 64
 
 
