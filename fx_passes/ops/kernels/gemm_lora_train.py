@@ -8,11 +8,13 @@ per layer at T 16384 on the Qwen3.5 widths on an H200, a third of what LoRA cost
 Inside a GEMM that runs at the library's rate it costs a [BLOCK_R, BLOCK_N] load of B and one small dot
 per tile.
 
-``_gemm_expand_kernel``: persistent (one program per SM), grouped tile order, the column tiles of every
-projection side by side (each projection its own W and output descriptor: a training step's frozen
-weights are separate tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA
-loads of x and W, fp32 accumulator, TMA store. After a tile's K loop, each LoRA slice over the tile's
-columns is added in slice order, PEFT's roundings kept::
+``_gemm_expand_kernel``: persistent (one program per SM), the column tiles of every projection side by
+side (each projection its own W and output descriptor: a training step's frozen weights are separate
+tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA loads of x and W, fp32
+accumulator, TMA store. Tiles in three phases (:func:`schedule`): the wide projections' tiles in grouped
+order, their last partial wave in halves, then b's and a's narrow tiles onto the programs left lighter.
+After a tile's K loop, each LoRA slice over the tile's columns is added in slice order, PEFT's roundings
+kept::
 
     acc = round(acc)                                  the base, rounded as the library GEMM's output
     acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
@@ -54,6 +56,7 @@ from it.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import torch
@@ -171,42 +174,98 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
 
 
 @triton.jit
+def _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, FIRST: tl.constexpr, LAST: tl.constexpr,
+             PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr, SLICE_PROJ: tl.constexpr,
+             WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+             B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr,
+             EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
+             BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Tile (``pid_m``, ``pid_n``) of the column tiles in :func:`schedule` order (wide projections' first), a
+    [BLOCK_M, *] tile at row ``pid_m * BLOCK_M``; only projections ``FIRST .. LAST - 1`` of that order are
+    compiled in (separate descriptors per projection: a branch each, unrolled)."""
+    c = tile_owner(pid_n, PROJ_TILE_OFF, NUM_PROJ)
+    for i in tl.static_range(FIRST, LAST):
+        if c == i:
+            q: tl.constexpr = PROJ_ORDER[i]
+            _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M, (pid_n - PROJ_TILE_OFF[i]) * BLOCK_NS[q],
+                       T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST,
+                       NUM_SLICES, EPILOGUE_DOT, BLOCK_M, BLOCK_NS[q], BLOCK_K, BLOCK_R, PREFETCH[q])
+
+
+@triton.jit
+def _out_descs(o0, o1, o2, o3, T, NS: tl.constexpr, NUM_PROJ: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_NS: tl.constexpr):
+    """The outputs' descriptors, [BLOCK_M, BLOCK_NS[p]] tiles (projections past NUM_PROJ: the first one's)."""
+    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
+    od1, od2, od3 = od0, od0, od0
+    if NUM_PROJ > 1:
+        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
+    if NUM_PROJ > 2:
+        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
+    if NUM_PROJ > 3:
+        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
+    return od0, od1, od2, od3
+
+
+@triton.jit
 def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
                         b11, b12, b13, b14, b15, T, K: tl.constexpr, X_STRIDE: tl.constexpr, NS: tl.constexpr,
-                        W_STRIDES: tl.constexpr, PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr,
+                        W_STRIDES: tl.constexpr, PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr,
+                        NUM_PROJ: tl.constexpr, NUM_WIDE_PROJ: tl.constexpr, NUM_WIDE_TILES: tl.constexpr,
                         NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
+                        NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, HEAVY: tl.constexpr,
+                        FILL: tl.constexpr, FILL_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # made once per program (projections past NUM_PROJ: the first one's, never read)
     x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
     wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
-    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
-    wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
+    wd1, wd2, wd3 = wd0, wd0, wd0
     if NUM_PROJ > 1:
         wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
-        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
     if NUM_PROJ > 2:
         wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
-        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
     if NUM_PROJ > 3:
         wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
-        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
     ws = (wd0, wd1, wd2, wd3)
-    os_ = (od0, od1, od2, od3)
+    os_ = _out_descs(o0, o1, o2, o3, T, NS, NUM_PROJ, BLOCK_M, BLOCK_NS)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
+    pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
-    for tile in tl.range(tl.program_id(0), num_m * NUM_N_TILES, NUM_PROGRAMS):
-        pid_m, pid_n = _tile_pids(tile, num_m, NUM_N_TILES, GROUP_M)
-        p = tile_owner(pid_n, PROJ_TILE_OFF, NUM_PROJ)
-        for q in tl.static_range(NUM_PROJ):   # separate descriptors per projection: a branch each, unrolled
-            if p == q:
-                _proj_tile(x_desc, ws[q], os_[q], s_ptr, bs, pid_m * BLOCK_M,
-                           (pid_n - PROJ_TILE_OFF[q]) * BLOCK_NS[q], T, K, q, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS,
-                           SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, BLOCK_M,
-                           BLOCK_NS[q], BLOCK_K, BLOCK_R, PREFETCH[q])
+    # (1) the wide projections' tiles, grouped order, round robin (:func:`schedule`)
+    full = num_m * NUM_WIDE_TILES - TAIL_TILES
+    for tile in tl.range(pid, full, NUM_PROGRAMS):
+        pid_m, pid_n = _tile_pids(tile, num_m, NUM_WIDE_TILES, GROUP_M)
+        _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, 0, NUM_WIDE_PROJ, PROJ_ORDER, PROJ_TILE_OFF,
+                 NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST,
+                 NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M, BLOCK_NS, BLOCK_K, BLOCK_R)
+    if TAIL_TILES > 0:   # (2) the last, partial wave of them in halves of BLOCK_M // 2 rows
+        HALF_M: tl.constexpr = BLOCK_M // 2
+        half_x = _desc(x_ptr, T, K, X_STRIDE, HALF_M, BLOCK_K)
+        half_os = _out_descs(o0, o1, o2, o3, T, NS, NUM_PROJ, HALF_M, BLOCK_NS)
+        for unit in tl.range(pid, 2 * TAIL_TILES, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_WIDE_TILES, GROUP_M)
+            if pid_m * BLOCK_M + (unit % 2) * HALF_M < T:   # (the last row tile's second half may lie past T)
+                _tile_of(half_x, ws, half_os, s_ptr, bs, 2 * pid_m + unit % 2, pid_n, T, K, 0, NUM_WIDE_PROJ,
+                         PROJ_ORDER, PROJ_TILE_OFF, NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
+                         B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, PREFETCH, HALF_M, BLOCK_NS,
+                         BLOCK_K, BLOCK_R)
+    if NUM_N_TILES > NUM_WIDE_TILES:   # (3) the narrow projections' tiles: FILL each on the lighter programs, then
+        narrow = num_m * (NUM_N_TILES - NUM_WIDE_TILES)   # round robin over all
+        if FILL > 0:   # programs HEAVY .. take FILL each of the first FILL_CAP
+            first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, FILL_CAP)
+            for j in tl.range(first, tl.minimum(first + FILL, FILL_CAP)):
+                _tile_of(x_desc, ws, os_, s_ptr, bs, j % num_m, NUM_WIDE_TILES + j // num_m, T, K, NUM_WIDE_PROJ,
+                         NUM_PROJ, PROJ_ORDER, PROJ_TILE_OFF, NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS,
+                         SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M,
+                         BLOCK_NS, BLOCK_K, BLOCK_R)
+        for j in tl.range(FILL_CAP + pid, narrow, NUM_PROGRAMS):
+            _tile_of(x_desc, ws, os_, s_ptr, bs, j % num_m, NUM_WIDE_TILES + j // num_m, T, K, NUM_WIDE_PROJ,
+                     NUM_PROJ, PROJ_ORDER, PROJ_TILE_OFF, NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
+                     B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M, BLOCK_NS,
+                     BLOCK_K, BLOCK_R)
 
 
 def _tma_ok(t: torch.Tensor) -> bool:
@@ -291,6 +350,44 @@ def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]
     return min(max_programs, n_tiles + rem), rem
 
 
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """How the persistent forward GEMM's programs share its tiles (:func:`schedule`): ``programs``;
+    ``tail``: the wide tiles of the last, partial wave that run as two halves; narrow tiles: ``fill`` each
+    on programs ``heavy ..`` (the first ``fill_cap`` narrow tiles), the rest round robin over all."""
+    programs: int
+    tail: int
+    heavy: int
+    fill: int
+    fill_cap: int
+
+
+def schedule(wide_tiles: int, narrow_tiles: int, max_programs: int, block_m: int, narrow_cost: float) -> Schedule:
+    """The forward GEMM's tiles in three phases. (1) The wide projections' tiles (``block_n`` columns: qkv,
+    z) round robin; (2) where their last wave would fill at most half the programs, its tiles as two halves
+    (:func:`tail_tiles`); (3) the narrow projections' tiles (b, a: 16-64 columns), which cost
+    ``narrow_cost`` of a wide tile each, first ``fill`` to each program that (1) and (2) left a wide tile (a
+    half) lighter than the rest, as many as fit in that gap, then round robin over all. Round robin over
+    every tile in one order, as before, gave b / a tiles to the programs already holding one more wide
+    tile: at 35B-A3B T 2048 (768 wide and 32 narrow tiles on 132 SMs) the heaviest program held 6 wide and
+    1 narrow tile against an average of 5.9 tile-times, where 6 suffice."""
+    _, tail = tail_tiles(wide_tiles, max_programs, block_m) if wide_tiles else (0, 0)
+    programs = max(1, min(max_programs, wide_tiles + tail + narrow_tiles))
+    if tail:   # programs 0 .. 2 tail - 1 run a half each
+        heavy, gap = 2 * tail, 0.5
+    else:      # programs 0 .. heavy - 1 run one wide tile more
+        heavy, gap = wide_tiles % programs, 1.0
+    fill = int(gap / narrow_cost) if heavy and narrow_tiles else 0
+    return Schedule(programs, tail, heavy, fill, min(narrow_tiles, (programs - heavy) * fill))
+
+
+def narrow_tile_cost(block_m: int, block_n: int, narrow_n: int) -> float:
+    """A narrow tile's time as a share of a wide tile's: what a K step loads (x's [block_m, K step] and W's
+    [n, K step] tiles), the bound where the narrow tile's small dot hides under its loads: 0.42 for b / a's
+    32-wide tiles beside 128 x 256 (its dot is an eighth of the wide tile's)."""
+    return (block_m + narrow_n) / (block_m + block_n)
+
+
 class GemmExpand:
     """``outs[p] = x @ W_p^T`` with the slices' LoRA (module docstring) for one call signature: the tiles,
     tile order and every per-slice number planned once. ``slice_proj``: each slice's projection;
@@ -302,9 +399,21 @@ class GemmExpand:
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.widths, self.slices = cfg, T, tuple(widths), sl
         block_ns = tile_widths(widths, cfg.block_n)
-        tile_off, n_tiles = _offsets([triton.cdiv(n, bn) for n, bn in zip(widths, block_ns)])
-        on_gpu, self.programs = _programs(device, cfg, T, n_tiles)
-        self.meta = dict(K=K, NS=tuple(widths), PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths), NUM_N_TILES=n_tiles,
+        # the projections in schedule order: wide (block_n columns) first, then narrow
+        order = tuple(sorted(range(len(widths)), key=lambda q: block_ns[q] < cfg.block_n))
+        num_wide = sum(bn == cfg.block_n for bn in block_ns)
+        tile_off, n_tiles = _offsets([triton.cdiv(widths[q], block_ns[q]) for q in order])
+        wide = tile_off[num_wide] if num_wide < len(widths) else n_tiles
+        num_m = triton.cdiv(T, cfg.block_m)
+        on_gpu, most = _max_programs(device, cfg)
+        narrow_n = max((block_ns[q] for q in order[num_wide:]), default=0)
+        self.schedule = schedule(num_m * wide, num_m * (n_tiles - wide), most, cfg.block_m,
+                                 narrow_tile_cost(cfg.block_m, cfg.block_n, narrow_n))
+        self.programs = self.schedule.programs
+        self.meta = dict(K=K, NS=tuple(widths), PROJ_ORDER=order, PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths),
+                         NUM_WIDE_PROJ=num_wide, NUM_WIDE_TILES=wide, NUM_N_TILES=n_tiles,
+                         TAIL_TILES=self.schedule.tail, HEAVY=self.schedule.heavy, FILL=self.schedule.fill,
+                         FILL_CAP=self.schedule.fill_cap,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
                          EPILOGUE_DOT=epilogue_dot or self.epilogue_dot(adapter_dtype, on_gpu),
