@@ -552,46 +552,43 @@ def _narrow_tiles_of(sched, program: int, narrow: int) -> list[int]:
 def test_forward_gemm_schedule_rule():
     """The forward GEMM's phases (``schedule``): b / a tiles first onto the programs left lighter. 35B-A3B at T
     2048 (768 wide tiles, 32 narrow, 132 SMs): 108 programs hold 6 wide tiles, the other 24 take 2 narrow
-    each (round robin over one order gave 8 programs 6 wide + 1 narrow); at T 6144 (2304 wide: 17 waves + 60)
-    the last 60 run as 120 halves and the 12 programs without one take a narrow tile each. Every narrow tile
-    goes to one program, and by the rule's own cost model no program holds more than with round robin."""
+    each (round robin over one order gave 8 programs 6 wide + 1 narrow); at T 6144 (2304 wide: 17 waves +
+    60) the 72 lighter programs take the 96 narrow tiles. Every narrow tile goes to one program, and by the
+    rule's own cost model no program holds more than with round robin."""
     cost = gemm_lora_train.narrow_tile_cost(128, 256, 32)
     assert cost == pytest.approx(160 / 384)
-    assert gemm_lora_train.schedule(768, 32, 132, 128, cost) == gemm_lora_train.Schedule(132, 0, 108, 2, 32)
-    assert gemm_lora_train.schedule(2304, 96, 132, 128, cost) == gemm_lora_train.Schedule(132, 60, 120, 1, 12)
-    assert gemm_lora_train.schedule(2304, 0, 132, 128, cost).fill_cap == 0   # no narrow projections
-    assert gemm_lora_train.schedule(0, 10, 132, 128, cost) == gemm_lora_train.Schedule(10, 0, 0, 0, 0)
+    assert gemm_lora_train.schedule(768, 32, 132, cost) == gemm_lora_train.Schedule(132, 108, 2, 32)
+    assert gemm_lora_train.schedule(2304, 96, 132, cost) == gemm_lora_train.Schedule(132, 60, 2, 96)
+    assert gemm_lora_train.schedule(2376, 96, 132, cost).fill_cap == 0       # whole waves: round robin
+    assert gemm_lora_train.schedule(2304, 0, 132, cost).fill_cap == 0        # no narrow projections
+    assert gemm_lora_train.schedule(0, 10, 132, cost) == gemm_lora_train.Schedule(10, 0, 0, 0)
     for wide, narrow, most, c in itertools.product((0, 5, 131, 200, 768, 2304), (0, 1, 32, 96, 400), (4, 132),
                                                    (0.25, cost, 0.5)):
-        sched = gemm_lora_train.schedule(wide, narrow, most, 128, c)
+        sched = gemm_lora_train.schedule(wide, narrow, most, c)
         got = sorted(j for p in range(sched.programs) for j in _narrow_tiles_of(sched, p, narrow))
         assert got == list(range(narrow)), (wide, narrow, most, c)
-        full = wide - sched.tail
-        load = [full // sched.programs + (p < full % sched.programs) + 0.5 * ((2 * sched.tail) // sched.programs
-                + (p < (2 * sched.tail) % sched.programs)) + c * len(_narrow_tiles_of(sched, p, narrow))
-                for p in range(sched.programs)]
-        robin = [((wide - p + sched.programs - 1) // sched.programs if wide > p else 0) for p in range(sched.programs)]
-        for j in range(narrow):
-            robin[(wide + j) % sched.programs] += c
+        P = sched.programs
+        load = [wide // P + (p < wide % P) + c * len(_narrow_tiles_of(sched, p, narrow)) for p in range(P)]
+        robin = [wide // P + (p < wide % P) + c * sum((wide + j) % P == p for j in range(narrow)) for p in range(P)]
         assert max(load) <= max(robin) + 1e-9, (wide, narrow, most, c)
 
 
 @pytest.mark.parametrize("T, programs, phases", [
-    (130, 7, (1, 2, 1, 5)),   # a tail of halves, narrow tiles on the lighter programs and round robin
-    (200, 8, (0, 5, 2, 6)),   # no tail: 2 narrow tiles each on the 3 lighter programs, the rest round robin
-    (100, 5, (2, 4, 1, 1)),   # the last row tile's second half past T
-    (20, 4, (0, 3, 2, 2)),    # one row tile: every narrow tile on the one program without a wide one
+    (200, 8, (8, 5, 2, 6)),     # 2 narrow tiles each on the 3 lighter programs, the rest round robin
+    (130, 7, (7, 1, 2, 10)),    # every narrow tile on the lighter programs
+    (20, 8, (5, 3, 2, 2)),      # one row tile: fewer tiles than programs
+    (130, 5, (5, 0, 0, 0)),     # whole waves of wide tiles: narrow ones round robin
 ])
 def test_gemm_expand_phases(T, programs, phases, monkeypatch):
-    """The forward GEMM's three phases (``schedule``) under the interpreter: wide tiles, the tail's halves,
-    narrow tiles filling the lighter programs then round robin; with the outputs allocated as NaN, every
-    element is written, and equals the reference."""
+    """The forward GEMM's two phases (``schedule``) under the interpreter: wide tiles, then narrow tiles
+    filling the lighter programs and round robin; with the outputs allocated as NaN, every element is
+    written, and equals the reference."""
     config = tuning.PrefillLaunch(32, 64, 16, 2, 4, num_programs=programs)
     x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(T, "qkvz", torch.float32)
     plan = gemm_lora_train.GemmExpand(sl, out_of, [w.shape[0] for w in weights], T, 40, x.dtype, s.dtype, x.device,
                                       config)
     sched = plan.schedule
-    assert (sched.programs, sched.tail, sched.heavy, sched.fill, sched.fill_cap) == (programs, *phases)
+    assert (sched.programs, sched.heavy, sched.fill, sched.fill_cap) == phases
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
     got = plan(x, weights, s, lora_b)

@@ -11,8 +11,8 @@ per tile.
 ``_gemm_expand_kernel``: persistent (one program per SM), the column tiles of every projection side by
 side (each projection its own W and output descriptor: a training step's frozen weights are separate
 tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA loads of x and W, fp32
-accumulator, TMA store. Tiles in three phases (:func:`schedule`): the wide projections' tiles in grouped
-order, their last partial wave in halves, then b's and a's narrow tiles onto the programs left lighter.
+accumulator, TMA store. Tiles in two phases (:func:`schedule`): the wide projections' tiles in grouped
+order, then b's and a's narrow tiles onto the programs left lighter.
 After a tile's K loop, each LoRA slice over the tile's columns is added in slice order, PEFT's roundings
 kept::
 
@@ -216,7 +216,7 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
                         COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
-                        NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, HEAVY: tl.constexpr,
+                        NUM_PROGRAMS: tl.constexpr, HEAVY: tl.constexpr,
                         FILL: tl.constexpr, FILL_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
                         BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
     # made once per program (projections past NUM_PROJ: the first one's, never read)
@@ -235,24 +235,12 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
     # (1) the wide projections' tiles, grouped order, round robin (:func:`schedule`)
-    full = num_m * NUM_WIDE_TILES - TAIL_TILES
-    for tile in tl.range(pid, full, NUM_PROGRAMS):
+    for tile in tl.range(pid, num_m * NUM_WIDE_TILES, NUM_PROGRAMS):
         pid_m, pid_n = _tile_pids(tile, num_m, NUM_WIDE_TILES, GROUP_M)
         _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, 0, NUM_WIDE_PROJ, PROJ_ORDER, PROJ_TILE_OFF,
                  NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST,
                  NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M, BLOCK_NS, BLOCK_K, BLOCK_R)
-    if TAIL_TILES > 0:   # (2) the last, partial wave of them in halves of BLOCK_M // 2 rows
-        HALF_M: tl.constexpr = BLOCK_M // 2
-        half_x = _desc(x_ptr, T, K, X_STRIDE, HALF_M, BLOCK_K)
-        half_os = _out_descs(o0, o1, o2, o3, T, NS, NUM_PROJ, HALF_M, BLOCK_NS)
-        for unit in tl.range(pid, 2 * TAIL_TILES, NUM_PROGRAMS):
-            pid_m, pid_n = _tile_pids(full + unit // 2, num_m, NUM_WIDE_TILES, GROUP_M)
-            if pid_m * BLOCK_M + (unit % 2) * HALF_M < T:   # (the last row tile's second half may lie past T)
-                _tile_of(half_x, ws, half_os, s_ptr, bs, 2 * pid_m + unit % 2, pid_n, T, K, 0, NUM_WIDE_PROJ,
-                         PROJ_ORDER, PROJ_TILE_OFF, NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
-                         B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, PREFETCH, HALF_M, BLOCK_NS,
-                         BLOCK_K, BLOCK_R)
-    if NUM_N_TILES > NUM_WIDE_TILES:   # (3) the narrow projections' tiles: FILL each on the lighter programs, then
+    if NUM_N_TILES > NUM_WIDE_TILES:   # (2) the narrow projections' tiles: FILL each on the lighter programs, then
         narrow = num_m * (NUM_N_TILES - NUM_WIDE_TILES)   # round robin over all
         if FILL > 0:   # programs HEAVY .. take FILL each of the first FILL_CAP
             first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, FILL_CAP)
@@ -352,33 +340,28 @@ def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """How the persistent forward GEMM's programs share its tiles (:func:`schedule`): ``programs``;
-    ``tail``: the wide tiles of the last, partial wave that run as two halves; narrow tiles: ``fill`` each
-    on programs ``heavy ..`` (the first ``fill_cap`` narrow tiles), the rest round robin over all."""
+    """How the persistent forward GEMM's programs share its tiles (:func:`schedule`): ``programs``; the
+    narrow tiles: ``fill`` each on programs ``heavy ..`` (the first ``fill_cap`` of them), the rest round
+    robin over all."""
     programs: int
-    tail: int
     heavy: int
     fill: int
     fill_cap: int
 
 
-def schedule(wide_tiles: int, narrow_tiles: int, max_programs: int, block_m: int, narrow_cost: float) -> Schedule:
-    """The forward GEMM's tiles in three phases. (1) The wide projections' tiles (``block_n`` columns: qkv,
-    z) round robin; (2) where their last wave would fill at most half the programs, its tiles as two halves
-    (:func:`tail_tiles`); (3) the narrow projections' tiles (b, a: 16-64 columns), which cost
-    ``narrow_cost`` of a wide tile each, first ``fill`` to each program that (1) and (2) left a wide tile (a
-    half) lighter than the rest, as many as fit in that gap, then round robin over all. Round robin over
-    every tile in one order, as before, gave b / a tiles to the programs already holding one more wide
-    tile: at 35B-A3B T 2048 (768 wide and 32 narrow tiles on 132 SMs) the heaviest program held 6 wide and
-    1 narrow tile against an average of 5.9 tile-times, where 6 suffice."""
-    _, tail = tail_tiles(wide_tiles, max_programs, block_m) if wide_tiles else (0, 0)
-    programs = max(1, min(max_programs, wide_tiles + tail + narrow_tiles))
-    if tail:   # programs 0 .. 2 tail - 1 run a half each
-        heavy, gap = 2 * tail, 0.5
-    else:      # programs 0 .. heavy - 1 run one wide tile more
-        heavy, gap = wide_tiles % programs, 1.0
-    fill = int(gap / narrow_cost) if heavy and narrow_tiles else 0
-    return Schedule(programs, tail, heavy, fill, min(narrow_tiles, (programs - heavy) * fill))
+def schedule(wide_tiles: int, narrow_tiles: int, max_programs: int, narrow_cost: float) -> Schedule:
+    """The forward GEMM's tiles in two phases. (1) The wide projections' tiles (``block_n`` columns: qkv, z)
+    round robin: programs ``0 .. heavy - 1`` run one more than the rest; (2) the narrow projections' tiles
+    (b, a: 16-64 columns), which cost ``narrow_cost`` of a wide tile each, first ``fill`` to each of the
+    lighter programs (as many as fit in one wide tile's time), then round robin over all. Round robin over
+    every tile in one order gave b / a tiles to programs already holding one wide tile more: at 35B-A3B T
+    2048 (768 wide and 32 narrow tiles on 132 SMs) the heaviest held 6 wide tiles and a narrow one, where 6
+    suffice. (The last partial wave of wide tiles as halves, as :func:`tail_tiles` does for dx, made this
+    GEMM 0.5-1.5 % slower where it applied: its tiles are short, K = H.)"""
+    programs = max(1, min(max_programs, wide_tiles + narrow_tiles))
+    heavy = wide_tiles % programs
+    fill = int(1.0 / narrow_cost) if heavy and narrow_tiles else 0
+    return Schedule(programs, heavy, fill, min(narrow_tiles, (programs - heavy) * fill))
 
 
 def narrow_tile_cost(block_m: int, block_n: int, narrow_n: int) -> float:
@@ -407,12 +390,12 @@ class GemmExpand:
         num_m = triton.cdiv(T, cfg.block_m)
         on_gpu, most = _max_programs(device, cfg)
         narrow_n = max((block_ns[q] for q in order[num_wide:]), default=0)
-        self.schedule = schedule(num_m * wide, num_m * (n_tiles - wide), most, cfg.block_m,
+        self.schedule = schedule(num_m * wide, num_m * (n_tiles - wide), most,
                                  narrow_tile_cost(cfg.block_m, cfg.block_n, narrow_n))
         self.programs = self.schedule.programs
         self.meta = dict(K=K, NS=tuple(widths), PROJ_ORDER=order, PROJ_TILE_OFF=tile_off, NUM_PROJ=len(widths),
                          NUM_WIDE_PROJ=num_wide, NUM_WIDE_TILES=wide, NUM_N_TILES=n_tiles,
-                         TAIL_TILES=self.schedule.tail, HEAVY=self.schedule.heavy, FILL=self.schedule.fill,
+                         HEAVY=self.schedule.heavy, FILL=self.schedule.fill,
                          FILL_CAP=self.schedule.fill_cap,
                          SLICE_PROJ=tuple(slice_proj), WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank,
                          SCALES=sl.scale, NUM_SLICES=len(sl),
