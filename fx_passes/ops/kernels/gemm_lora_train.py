@@ -12,9 +12,8 @@ per tile.
 side (each projection its own W and output descriptor: a training step's frozen weights are separate
 tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA loads of x and W, fp32
 accumulator, TMA store. Tiles in two phases (:func:`schedule`): the wide projections' tiles in grouped
-order, then b's and a's narrow tiles onto the programs left lighter.
-After a tile's K loop, each LoRA slice over the tile's columns is added in slice order, PEFT's roundings
-kept::
+order, then b's and a's narrow tiles onto the programs left lighter. After a tile's K loop, each LoRA
+slice over the tile's columns is added in slice order, PEFT's roundings kept::
 
     acc = round(acc)                                  the base, rounded as the library GEMM's output
     acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
@@ -193,21 +192,6 @@ def _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, FIRST: tl.constexpr
 
 
 @triton.jit
-def _out_descs(o0, o1, o2, o3, T, NS: tl.constexpr, NUM_PROJ: tl.constexpr, BLOCK_M: tl.constexpr,
-               BLOCK_NS: tl.constexpr):
-    """The outputs' descriptors, [BLOCK_M, BLOCK_NS[p]] tiles (projections past NUM_PROJ: the first one's)."""
-    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
-    od1, od2, od3 = od0, od0, od0
-    if NUM_PROJ > 1:
-        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
-    if NUM_PROJ > 2:
-        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
-    if NUM_PROJ > 3:
-        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
-    return od0, od1, od2, od3
-
-
-@triton.jit
 def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
                         b11, b12, b13, b14, b15, T, K: tl.constexpr, X_STRIDE: tl.constexpr, NS: tl.constexpr,
                         W_STRIDES: tl.constexpr, PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr,
@@ -222,15 +206,19 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
     # made once per program (projections past NUM_PROJ: the first one's, never read)
     x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
     wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
-    wd1, wd2, wd3 = wd0, wd0, wd0
+    od0 = _desc(o0, T, NS[0], NS[0], BLOCK_M, BLOCK_NS[0])
+    wd1, od1, wd2, od2, wd3, od3 = wd0, od0, wd0, od0, wd0, od0
     if NUM_PROJ > 1:
         wd1 = _desc(w1, NS[1], K, W_STRIDES[1], BLOCK_NS[1], BLOCK_K)
+        od1 = _desc(o1, T, NS[1], NS[1], BLOCK_M, BLOCK_NS[1])
     if NUM_PROJ > 2:
         wd2 = _desc(w2, NS[2], K, W_STRIDES[2], BLOCK_NS[2], BLOCK_K)
+        od2 = _desc(o2, T, NS[2], NS[2], BLOCK_M, BLOCK_NS[2])
     if NUM_PROJ > 3:
         wd3 = _desc(w3, NS[3], K, W_STRIDES[3], BLOCK_NS[3], BLOCK_K)
+        od3 = _desc(o3, T, NS[3], NS[3], BLOCK_M, BLOCK_NS[3])
     ws = (wd0, wd1, wd2, wd3)
-    os_ = _out_descs(o0, o1, o2, o3, T, NS, NUM_PROJ, BLOCK_M, BLOCK_NS)
+    os_ = (od0, od1, od2, od3)
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
