@@ -11,7 +11,11 @@ Columns: ``gemm_only`` is the fused kernel with no LoRA (its GEMM against the li
 expand kernel alone (its share of ``split``), ``--configs`` more tile choices of the fused kernel
 (``BMxBNxBKsSTAGESwWARPS``), ``whole`` the fused kernel without the last wave's half tiles where it has them
 (``gemm_lora_train.tail_tiles``), ``device_desc`` the fused kernel making its TMA descriptors on the device
-(it takes host-made ones). Errors: against an fp32 product of the same inputs (relative Frobenius).
+(it takes host-made ones). dA (``dS^T x``, the op's next gradient over x): ``da_kernel`` is the dA kernel of its
+own with the sums of its token splits (``lora_train.LoraDb``), ``fused_da`` the fused kernel computing dA on its
+lighter programs (``GemmDx.with_da``, where ``gemm_lora_train.dx_schedule`` finds room; ``-`` elsewhere), and
+``(fused + da_kernel) / fused_da`` what that saves. Errors: against an fp32 product of the same inputs (relative
+Frobenius).
 """
 from __future__ import annotations
 
@@ -24,7 +28,11 @@ from benchmarks.common import (csv_list, environment, json_path, projection_weig
                                select_shapes, write_rows)
 from fx_passes.ops.kernels import gemm_lora_train as glt
 from fx_passes.ops.kernels import lora_train as lt
-from fx_passes.ops.tuning import PrefillLaunch
+from fx_passes.ops.tuning import PrefillLaunch, device_info
+
+
+def env_sms() -> int:
+    return device_info(torch.device("cuda")).sms
 
 
 def gpu_ms(fn) -> float:
@@ -103,7 +111,25 @@ def main() -> None:
                     k = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, config=c)
                     t[f"fused_{c.block_m}x{c.block_n}x{c.block_k}s{c.num_stages}w{c.num_warps}"] = gpu_ms(
                         lambda: k(dys, weights, ds, lora_a))
+                x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
+                da_kernel = lt.LoraDb(side, T, 2 * r, torch.bfloat16, ds.dtype, env_sms(), transposed=True)
+                t["da_kernel"] = gpu_ms(lambda: da_kernel([x], ds))
+                with_da = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, with_da=True)
                 err = {"fused": _rel(got_f, ref), "split": _rel(got_s, ref)}
+                da_note = "fused_da -"
+                if with_da.da_schedule is not None:
+                    t["with_da"] = gpu_ms(lambda: with_da.with_da(dys, weights, ds, lora_a, x))
+                    dx_da, da = with_da.with_da(dys, weights, ds, lora_a, x)
+                    da_ref = ds.t() @ x.float()
+                    err["da"] = _rel(da, da_ref)
+                    err["da_kernel"] = _rel(da_kernel([x], ds), da_ref)
+                    assert torch.equal(dx_da, got_f), "the fused kernel's dx changed with dA beside it"
+                    s_ = with_da.da_schedule
+                    da_note = (f"fused_da {t['with_da'] / t['frozen']:.3f}x  (fused + da_kernel) / fused_da "
+                               f"{(t['fused'] + t['da_kernel']) / t['with_da']:.3f}  (da_kernel "
+                               f"{t['da_kernel'] * 1e3:.1f} us; {s_.fill_cap} dA tiles, {s_.fill} each on programs "
+                               f"{s_.heavy}..{s_.programs - 1}; err dA {err['da']:.1e} vs kernel "
+                               f"{err['da_kernel']:.1e})")
                 extra = "  ".join(f"{k[6:]} {v / t['frozen']:.3f}x" for k, v in t.items() if k.startswith("fused_"))
                 extra += f"  (tail {fused.tail} of {fused.programs} programs)" if fused.tail else ""
                 expand_gbs = 2 * T * H * 2 / (t["expand"] * 1e-3) / 1e9
@@ -111,7 +137,7 @@ def main() -> None:
                       f"{t['gemm_only'] / t['frozen']:.3f}x  split {t['split'] / t['frozen']:.3f}x  (expand "
                       f"{t['expand'] * 1e3:.1f} us, {expand_gbs:.0f} GB/s)  fused {t['fused'] / t['frozen']:.3f}x  "
                       f"split/fused {t['split'] / t['fused']:.3f}  err fused {err['fused']:.2e} split "
-                      f"{err['split']:.2e}  {extra}", flush=True)
+                      f"{err['split']:.2e}  {extra}  {da_note}", flush=True)
                 rows.append(result_row(env, shape=name, r=r, T=T, epilogue_dot=fused.meta["EPILOGUE_DOT"],
                                        **{f"{k}_us": v * 1e3 for k, v in t.items()}, err_fused=err["fused"],
                                        err_split=err["split"]))

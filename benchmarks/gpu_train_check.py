@@ -43,6 +43,8 @@ LAYOUTS = {
     "rank-64": ([520, 264, 4, 4], [520, 264], (48, 64)),   # rank block 64: dS + dB's own launch
     # TMA rows (16-byte strides) in every projection: from train_fused_min_t the forward's fused GEMM
     "tma": ([264, 136, 16, 16], [264, 136], (16, 16)),
+    # dx's K long against T: at T 1200 the dx GEMM's lighter programs run dA (gemm_lora_train.dx_schedule)
+    "da-fold": ([2048, 1024, 16, 16], [2048, 1024], (16, 16)),
 }
 
 
@@ -146,17 +148,20 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
     return worst, worst_name[0]
 
 
-def paths(layout: str, T: int, dtype, x_itself: bool) -> str:
+def paths(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> str:
     """Which forward and which dx the case runs: ``gemm`` (the base GEMMs with the expand in their epilogue)
     or ``split`` (library GEMMs, then the expand kernel); dx ``gemm`` (dx's GEMMs with x's LoRA gradient in
-    their epilogue, x itself the LoRA input) or ``split``."""
-    from fx_passes.ops.kernels.gemm_lora_train import dx_fusable, fusable
+    their epilogue, x itself the LoRA input; ``gemm+dA``: dA on its lighter programs too) or ``split``."""
+    from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable, fusable
 
+    widths, _, ranks = LAYOUTS[layout]
     x = torch.empty(T, 96, device=DEVICE, dtype=dtype)
-    weights = [torch.empty(n, 96, device=DEVICE, dtype=dtype) for n in LAYOUTS[layout][0]]
-    dys = [torch.empty(T, n, device=DEVICE, dtype=dtype) for n in LAYOUTS[layout][0]]
+    weights = [torch.empty(n, 96, device=DEVICE, dtype=dtype) for n in widths]
+    dys = [torch.empty(T, n, device=DEVICE, dtype=dtype) for n in widths]
     fwd = "gemm" if fusable(x, weights, len(LAYOUTS[layout][1])) else "split"
-    dx = "gemm" if x_itself and dx_fusable(dys, weights, len(LAYOUTS[layout][2])) else "split"
+    dx = "gemm" if x_itself and dx_fusable(dys, weights, len(ranks)) else "split"
+    if dx == "gemm" and GemmDx(ranks, widths, T, 96, dtype, adapter_dtype, x.device, with_da=True).da_schedule:
+        dx += "+dA"
     return f"{fwd}/{dx}"
 
 
@@ -178,7 +183,7 @@ def main() -> int:
         worst_all = max(worst_all, worst)
         misses += worst > 1
         print(f"{layout:9s} T{T:<5d} {str(dtype)[6:]:8s} adapters {str(ad)[6:]:8s} "
-              f"{'x itself' if x_itself else 'per group':9s} {paths(layout, T, dtype, x_itself):10s} "
+              f"{'x itself' if x_itself else 'per group':9s} {paths(layout, T, dtype, ad, x_itself):10s} "
               f"worst error / bound {worst:.3f} ({name})", flush=True)
     print(f"worst error / bound {worst_all:.3f}, {misses} case(s) over", flush=True)
     return 1 if misses else 0

@@ -576,7 +576,7 @@ def test_forward_gemm_schedule_rule():
 @pytest.mark.parametrize("T, programs, phases", [
     (200, 8, (8, 5, 2, 6)),     # 2 narrow tiles each on the 3 lighter programs, the rest round robin
     (130, 7, (7, 1, 2, 10)),    # every narrow tile on the lighter programs
-    (20, 8, (5, 3, 2, 2)),      # one row tile: fewer tiles than programs
+    (20, 8, (5, 3, 1, 2)),      # one row tile: fewer tiles than programs (one narrow tile each on 2)
     (130, 5, (5, 0, 0, 0)),     # whole waves of wide tiles: narrow ones round robin
 ])
 def test_gemm_expand_phases(T, programs, phases, monkeypatch):
@@ -730,6 +730,89 @@ def test_gemm_dx_last_wave_in_half_tiles():
         _close(got, whole(dys, weights, ds, lora_a), torch.float16)
 
 
+def _da_placements(sched, da_tiles: int) -> list[list[int]]:
+    """The dA tiles each program of ``_gemm_dx_kernel`` runs (its last loop, in Python)."""
+    out = []
+    for p in range(sched.programs):
+        first = (p - sched.heavy) * sched.fill if p >= sched.heavy else da_tiles
+        out.append(list(range(first, min(first + sched.fill, da_tiles))))
+    return out
+
+
+def test_dx_schedule_rule():
+    """dA's tiles go to the dx GEMM's lighter programs only where all of them fit there by the cost model
+    (``dx_schedule``, ``da_tile_cost``), spread evenly; else None (the dA kernel runs). 35B-A3B at T 2048 (128 dx
+    tiles on 132 SMs, LoRA on qkv and z at rank 16): the 4 idle programs take 4 of the 16 dA tiles each; 27B at T
+    2048 (2 waves + 56 tiles as 112 halves): 20 programs without a half take 2 each; whole waves, or tiles that
+    cost too much (35B-A3B T 6144), leave dA to its own kernel."""
+    cfg = tuning.PrefillLaunch()
+    widths_35b, widths_27b = (8192, 4096, 32, 32), (10240, 6144, 48, 48)
+    cost = gemm_lora_train.da_tile_cost(2048, widths_35b, 32, torch.bfloat16, torch.float32, cfg)
+    assert cost == pytest.approx(2.6 * 2048 * (128 * 2 + 32 * 4) / (194 * 384 * 64 * 2))
+    assert gemm_lora_train.dx_schedule(128, 0, 132, 16, cost) == gemm_lora_train.Schedule(132, 128, 4, 16)
+    cost = gemm_lora_train.da_tile_cost(2048, widths_27b, 32, torch.bfloat16, torch.float32, cfg)
+    assert gemm_lora_train.dx_schedule(320, 56, 132, 40, cost) == gemm_lora_train.Schedule(132, 112, 2, 40)
+    assert gemm_lora_train.dx_schedule(264, 0, 132, 16, 0.1) is None      # whole waves: no program lighter
+    cost = gemm_lora_train.da_tile_cost(6144, widths_35b, 32, torch.bfloat16, torch.float32, cfg)
+    assert gemm_lora_train.dx_schedule(384, 0, 132, 16, cost) is None      # 12 lighter programs, 1 tile each
+    assert gemm_lora_train.dx_schedule(128, 0, 132, 0, cost) is None       # no dA asked for
+    assert gemm_lora_train.dx_schedule(28, 28, 132, 3, 0.2) == gemm_lora_train.Schedule(132, 56, 1, 3)
+    for tiles, most, da, c in itertools.product((1, 5, 28, 128, 131, 200, 320, 384, 1000), (4, 132), (1, 16, 40),
+                                                (0.05, 0.2, 0.45, 0.9)):
+        programs, tail = gemm_lora_train.tail_tiles(tiles, most, 128)
+        sched = gemm_lora_train.dx_schedule(tiles, tail, most, da, c)
+        if sched is None:
+            continue
+        placed = _da_placements(sched, da)
+        assert sorted(j for p in placed for j in p) == list(range(da)), (tiles, most, da, c)
+        full = tiles - tail   # each program's dx load (whole tiles, then halves from program 0), then its dA tiles
+        load = [full // sched.programs + (p < full % sched.programs) + 0.5 * (p < 2 * tail)
+                for p in range(sched.programs)]
+        assert max(l + c * len(placed[p]) for p, l in enumerate(load)) <= max(load) + 1e-9, (tiles, most, da, c)
+
+
+@pytest.mark.parametrize("widths,T,H,programs,tail", [
+    ((120, 56, 8, 8), 20, 72, 3, 0),     # whole tiles: the program left one lighter takes all 5 dA tiles
+    ((120, 56, 8, 8), 70, 40, 8, 1),     # the last wave in halves: the programs without one take 1 each
+    ((56, 24, 8, 8), 20, 40, 8, 3),      # every tile halved: programs added for dA
+    ((120, 56, 8, 8), 37, 72, 8, 2),     # 5 dA tiles over 4 lighter programs, 2 each
+])
+@pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
+def test_gemm_dx_with_da(widths, T, H, programs, tail, adapter_dtype, monkeypatch):
+    """The dx GEMM computing dA = dS^T x on its lighter programs (``GemmDx.with_da``; 16-token steps over 16
+    columns of x here, T and H tails in the dA tiles): with both outputs allocated NaN, every element is written;
+    dx equals the same GEMM without dA to the bit, dA equals dS^T x (fp32) and the dA kernel's result."""
+    monkeypatch.setattr(gemm_lora_train, "DA_BLOCK_T", 16)
+    monkeypatch.setattr(gemm_lora_train, "DA_BLOCK_N", 16)
+    monkeypatch.setattr(gemm_lora_train, "DA_LOOP_SLOWDOWN", 1.0)
+    config = tuning.PrefillLaunch(32, 16, 16, 2, 4, num_programs=programs)
+    dys, weights, ds, lora_a = _gemm_dx_args(T, (8, 8), widths, adapter_dtype, H=H)
+    x = torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    args = ([8, 8], list(widths), T, H, torch.float16, adapter_dtype, ds.device, config)
+    plan = gemm_lora_train.GemmDx(*args, with_da=True)
+    assert plan.tail == tail and plan.da_schedule is not None and plan.da_schedule.fill_cap == triton.cdiv(H, 16)
+    new_empty = torch.Tensor.new_empty
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
+    dx, da = plan.with_da(dys, weights, ds, lora_a, x)
+    monkeypatch.setattr(torch.Tensor, "new_empty", new_empty)
+    assert da.shape == (16, H) and da.dtype == torch.float32 and not dx.isnan().any() and not da.isnan().any()
+    assert torch.equal(dx, gemm_lora_train.GemmDx(*args)(dys, weights, ds, lora_a))
+    _close(dx, _dx_reference(dys, weights, ds, lora_a), torch.float16)
+    _close(da, ds.float().t() @ x.float(), adapter_dtype)
+    side = Slices((H,), (0,), (0,), (16,), (1.0,))
+    _close(da, lora_train.lora_db([x], ds, side, sms=4, transposed=True), adapter_dtype)
+
+
+def test_gemm_dx_with_da_needs_a_schedule():
+    """A plan without dA (not asked for, or no room for its tiles) refuses ``with_da`` with a clear error."""
+    dys, weights, ds, lora_a = _gemm_dx_args(20)
+    args = ([8, 5], [w.shape[0] for w in weights], 20, 40, torch.float16, ds.dtype, ds.device, SMALL_GEMM)
+    for plan in (gemm_lora_train.GemmDx(*args), gemm_lora_train.GemmDx([], *args[1:], with_da=True)):
+        assert plan.da_schedule is None
+        with pytest.raises(ValueError, match="runs no dA"):
+            plan.with_da(dys, weights, ds, lora_a, torch.zeros(20, 40, dtype=torch.float16))
+
+
 def test_gemm_dx_descriptors_made_on_host_or_device_agree():
     """The dx GEMM takes dy's and W's TMA descriptors made on the host (its default) or makes them on the
     device with the same result to the bit, with and without half tiles (their own dy descriptors) and with
@@ -778,6 +861,8 @@ def test_the_backward_op_takes_the_dx_gemm_from_the_devices_t(monkeypatch):
             got = train._backward_cuda(*back)
             plan = train._BACKWARD_PLANS.get(train._signature(*back), lambda: None)
             assert (plan.gemm_dx is not None, plan.dx is None) == (fused and need_dx, fused and need_dx)
+            # the dx GEMM's lighter programs run dA too (one dx tile of 128 x 256 as two halves on 4 programs)
+            assert (plan.da is None) == (fused and need_dx)
             want = torch.ops.fx_passes.qkvz_lora_train_backward(*back)
             for got_t, want_t in zip([got[0], got[1]] + got[2] + got[3], [want[0], want[1]] + want[2] + want[3]):
                 assert got_t.dtype == want_t.dtype and got_t.shape == want_t.shape

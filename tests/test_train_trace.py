@@ -3,7 +3,8 @@ tensors, in a fresh interpreter without the Triton interpreter, see ``train_trac
 op's traced graph holds the four base GEMMs and our two kernels (the shrink over x, the expand-add) and no
 op call, or from ``train_fused_min_t`` the shrink kernel and the base GEMMs with the expand in their epilogue
 (one kernel: it makes its TMA descriptors on the device); the backward's dx GEMM with the host TMA descriptors
-it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written; the
+it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written (dx and dA
+where the GEMM computes dA on its lighter programs); the
 dS + dB kernel with the launch summing its partial sums (and the shrink's, over a wide x); every
 kernel writes in place once Inductor's reinplacing ran (no copy left); off CUDA and under ``torch.export`` the
 op stays whole. The numerics of the traced graphs run on the
@@ -37,7 +38,12 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     assert dx["kernels"] == ["_gemm_dx_kernel"] and dx["tail"] == 0, dx
     want = {**{f"d{p}": [block_m, block_k] for p in range(4)}, **{f"w{p}": [block_k, block_n] for p in range(4)}}
     for case in (dx, got["dx_tail"]):
-        assert case["written"] == ["o_ptr"] and case["returns"] == "o_ptr" and case["cloned"] == [], case
+        assert case["written"] == ["o_ptr"] and case["returns"] == ["o_ptr"] and case["cloned"] == [], case
+    # with dA on its lighter programs: dx and dA written, both returned as the kernel wrote them
+    dx_da = got["dx_da"]
+    assert dx_da["da"] and dx_da["kernels"] == ["_gemm_dx_kernel"], dx_da
+    assert dx_da["written"] == ["o_ptr", "da_ptr"] and dx_da["returns"] == ["o_ptr", "da_ptr"], dx_da
+    assert dx_da["cloned"] == [], dx_da
     assert dx["descriptors"] == want, dx
     tail = got["dx_tail"]   # and the half tiles' own dy descriptors
     assert tail["tail"] > 0, tail

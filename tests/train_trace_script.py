@@ -75,9 +75,10 @@ def trace_forward(device="cuda", T: int = T, widths=WIDTHS, h: int = H):
         return called(make_fx(dispatch_functionalize(f), tracing_mode="fake")(x, *weights, *lora_a, *lora_b))
 
 
-def trace_dx(T: int, widths=WIDTHS):
+def trace_dx(T: int, widths=WIDTHS, with_da: bool = False):
     """The backward's dx GEMM traced alone (the backward op's body cannot be, see above): its kernel and the
-    host TMA descriptors the graph records (argument name: block shape) for Inductor's code to make."""
+    host TMA descriptors the graph records (argument name: block shape) for Inductor's code to make;
+    ``with_da``: the same GEMM computing dA too (``GemmDx.with_da``)."""
     from fx_passes.ops.kernels.gemm_lora_train import GemmDx
 
     with FakeTensorMode():
@@ -85,20 +86,23 @@ def trace_dx(T: int, widths=WIDTHS):
         weights = [torch.empty(n, H, device="cuda", dtype=torch.bfloat16) for n in widths]
         ds = torch.empty(T, 16, device="cuda")
         lora_a = [torch.empty(8, H, device="cuda") for _ in range(2)]
-    plan = GemmDx([8, 8], list(widths), T, H, torch.bfloat16, torch.float32, torch.device("cuda"))
+        x = torch.empty(T, H, device="cuda", dtype=torch.bfloat16)
+    plan = GemmDx([8, 8], list(widths), T, H, torch.bfloat16, torch.float32, torch.device("cuda"), with_da=with_da)
 
     def f(*a):
         n = len(widths)
-        return plan(list(a[:n]), list(a[n:2 * n]), a[2 * n], list(a[2 * n + 1:]), traced=True)
+        args = (list(a[:n]), list(a[n:2 * n]), a[2 * n], list(a[2 * n + 1:-1]))
+        return plan.with_da(*args, a[-1], traced=True) if with_da else plan(*args, traced=True)
     with assumed_sm90_target():
-        graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a)
+        graph = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*dys, *weights, ds, *lora_a, x)
     nodes = kernel_nodes(graph)
     out = {"descriptors": {name: meta[1][0] for node in nodes
                            for name, meta in node.kwargs["tma_descriptor_metadata"].items()},
            "written": [name for node in nodes for name in node.kwargs["tensors_to_clone"]],
-           "tail": plan.tail}
+           "tail": plan.tail, "da": plan.da_schedule is not None}
     returned = graph.graph.output_node().args[0]   # which of the kernel's results the graph returns
-    out["returns"] = returned.args[1] if returned.target is operator.getitem else str(returned)
+    out["returns"] = [r.args[1] if r.target is operator.getitem else str(r)
+                      for r in (returned if isinstance(returned, (list, tuple)) else [returned])]
     return {**called(graph), **out}
 
 
@@ -164,6 +168,8 @@ if __name__ == "__main__":
                                        widths=(200, 72, 8, 8)),
         "dx": trace_dx(128 * 132, widths=(200, 72, 8, 8)),   # whole waves on the assumed 132 SMs
         "dx_tail": trace_dx(1100, widths=(200, 72, 8, 8)),
+        # a long K against T: dA on the GEMM's lighter programs (gemm_lora_train.dx_schedule)
+        "dx_da": trace_dx(1100, widths=(2048, 1024, 16, 16), with_da=True),
         "forward_wide": trace_forward(h=600),   # the shrink over x in column chunks, summed by PartSums
         "dsdb": trace_dsdb(),
         "forward_cpu": trace_forward("cpu"),

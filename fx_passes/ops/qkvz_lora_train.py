@@ -223,17 +223,18 @@ class _TrainPlan:
     shrink: object = None
     ds: object = None                    # backward, the slices: LoraDs (dS where no dB is asked for),
     dsdb: object = None                  # LoraDsDb (dS and dB from one read of dy)
-    da: object = None                    # x's side: LoraDb (dA), ExpandAdd (x's LoRA gradient)
-    dx: object = None
+    da: object = None                    # x's side: LoraDb (dA; None where gemm_dx runs it),
+    dx: object = None                    # ExpandAdd (x's LoRA gradient)
     gemm_dx: object = None               # backward at large T: GemmDx (dx's GEMMs + x's LoRA part), no dx
 
 
 def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lora_a, lora_b, slice_a, scales, owners,
-          backward: bool, gemm_of: Optional[tuple] = None) -> _TrainPlan:
+          backward: bool, gemm_of: Optional[tuple] = None, need_da: bool = False) -> _TrainPlan:
     """``data_dtype``: the outputs' (x's); ``x_itself``: x, when it is every group's LoRA input (else None);
     ``gemm_of``: the forward's ``(x, weights)``, for :class:`~.kernels.gemm_lora_train.GemmExpand` where it
     runs (:func:`~.kernels.gemm_lora_train.fusable`); the backward's ``(dys, weights)`` when it computes dx,
-    for :class:`~.kernels.gemm_lora_train.GemmDx` (:func:`~.kernels.gemm_lora_train.dx_fusable`)."""
+    for :class:`~.kernels.gemm_lora_train.GemmDx` (:func:`~.kernels.gemm_lora_train.dx_fusable`), which also
+    computes dA where ``need_da`` and its schedule has room (then ``da`` is None)."""
     ranks = [a.shape[0] for a in lora_a]
     offs = tuple(group_columns(ranks))
     R = offs[-1] + ranks[-1]
@@ -273,13 +274,14 @@ def _plan(T: int, data_dtype: torch.dtype, x_itself: Optional[torch.Tensor], lor
 
         if gemm_of is not None and dx_fusable(*gemm_of, len(lora_a)):
             gemm_dx = GemmDx(ranks, [w.shape[0] for w in gemm_of[1]], T, x_itself.shape[1], data_dtype, ad,
-                             x_itself.device)
+                             x_itself.device, with_da=need_da)
         else:
             dx = ExpandAdd(side.slices, T, ad)
     return _TrainPlan(**common, db_rows=tuple(group_columns(slices.width)),
                       ds=LoraDs(slices, T, R, data_dtype, ad, sms=sms),
                       dsdb=LoraDsDb(slices, T, R, data_dtype, ad, sms),
-                      da=None if side is None else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
+                      da=None if side is None or gemm_dx is not None and gemm_dx.da_schedule is not None
+                      else LoraDb(side.slices, T, R, x_itself.dtype, ad, sms, transposed=True),
                       dx=dx, gemm_dx=gemm_dx)
 
 
@@ -492,7 +494,7 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
         owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                       xs_of, x_input, need_dx)
         return _plan(s.shape[0], dys[0].dtype, xs[0] if every_reads_x else None, lora_a, lora_b, slice_a, scales,
-                     owners, True, (dys, weights) if need_dx else None)
+                     owners, True, (dys, weights) if need_dx else None, need_da)
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)
@@ -528,11 +530,16 @@ def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, 
     d_a: list = [None] * len(lora_a)
     if side is not None:   # x itself, every group: x read in its dtype by the kernels
         x = xs[0]
+        folded = plan.da is None   # dA by the dx GEMM's lighter programs (gemm_lora_train.dx_schedule)
+        if folded:
+            d_x, d_a_all = plan.gemm_dx.with_da(dys, weights, d_s, lora_a, x, traced=traced)
         if need_da:
-            d_a_all = plan.da([x] * len(side.slices), d_s, traced=traced)   # fp32 [R, H], every group's dA
+            if not folded:
+                d_a_all = plan.da([x] * len(side.slices), d_s, traced=traced)   # fp32 [R, H], every group's dA
             d_a = _pieces(d_a_all, [(slice(off, off + r),) for off, r in zip(plan.offs, ranks)], ad, traced)
         if fused_dx:
-            d_x = plan.gemm_dx(dys, weights, d_s, lora_a, traced=traced)
+            if not folded:
+                d_x = plan.gemm_dx(dys, weights, d_s, lora_a, traced=traced)
         elif need_dx:
             bs = _x_side_bs(side, lora_a)
             if side.cat:

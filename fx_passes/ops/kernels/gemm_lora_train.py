@@ -35,7 +35,12 @@ projections' widths), the sum rounded between projections as library GEMMs accum
 buffer round it; then x's LoRA gradient of every A group chained into the rounded base and rounded once.
 Below :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`, or when the LoRA does not read x itself
 (dropout), the op runs library GEMMs (then :class:`~.lora_train.ExpandAdd` for x's LoRA part). A last wave
-of tiles that would fill at most half the SMs runs as tiles of half the rows (:func:`tail_tiles`).
+of tiles that would fill at most half the SMs runs as tiles of half the rows (:func:`tail_tiles`). Where the
+last wave leaves programs a tile (or half a tile) lighter and x's gradient of A is asked for, those programs
+compute it too (:meth:`GemmDx.with_da`, :func:`dx_schedule`): ``dA = dS^T x`` [sum of ranks, H] in fp32,
+one program per 128 columns of x over all T (each element written once: no partial sums, no atomics), in the
+time the other programs run their last tile; the dA kernel of its own and the sum of its token splits (7.7 +
+1.4 us per 35B-A3B layer at T 2048 on an H200) then do not run.
 
 In both kernels a tile loads its projection's first slice's s and B (x's first A group in dx) before its K
 loop (:func:`prefetch_slices`), so that their latency hides under the loop rather than after it.
@@ -64,7 +69,8 @@ import triton.language as tl
 
 from fx_passes.ops.kernels.gemm_lora_prefill import _tile_pids
 from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
-from fx_passes.ops.kernels.lora_train import MAX_SLICES, Slices, _b_slots, _offsets, _strides, dot_precision, rank_block
+from fx_passes.ops.kernels.lora_train import (MAX_SLICES, Slices, _b_slots, _db_tile, _dot_data, _offsets, _strides,
+                                              dot_precision, rank_block)
 from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
 
 # One W and one output (or dy) pointer argument per projection, up to 4 (a GDN layer's qkv, z, b, a), unused ones None.
@@ -307,12 +313,6 @@ def _max_programs(device: torch.device, cfg: PrefillLaunch) -> tuple[bool, int]:
     return on_gpu, cfg.num_programs or (device_info(device).sms if on_gpu else _OFF_GPU_PROGRAMS)
 
 
-def _programs(device: torch.device, cfg: PrefillLaunch, T: int, n_tiles: int) -> tuple[bool, int]:
-    """``(on a GPU, persistent programs)``: :func:`_max_programs`, no more than the tiles."""
-    on_gpu, most = _max_programs(device, cfg)
-    return on_gpu, max(1, min(triton.cdiv(T, cfg.block_m) * n_tiles, most))
-
-
 def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]:
     """``(programs, tail)``: the persistent GEMM's programs and how many of its last tiles run as two halves of
     ``block_m // 2`` rows. A last wave of tiles filling at most half the programs would leave the others idle
@@ -328,28 +328,55 @@ def tail_tiles(n_tiles: int, max_programs: int, block_m: int) -> tuple[int, int]
 
 @dataclasses.dataclass(frozen=True)
 class Schedule:
-    """How the persistent forward GEMM's programs share its tiles (:func:`schedule`): ``programs``; the
-    narrow tiles: ``fill`` each on programs ``heavy ..`` (the first ``fill_cap`` of them), the rest round
-    robin over all."""
+    """How a persistent GEMM's programs share its tiles (:func:`schedule`, :func:`dx_schedule`): ``programs``;
+    the narrow tiles (b / a in the forward, dA in dx): ``fill`` each on programs ``heavy ..`` (the first
+    ``fill_cap`` of them), the rest round robin over all."""
     programs: int
     heavy: int
     fill: int
     fill_cap: int
 
 
+def _fill(programs: int, heavy: int, narrow_tiles: int, narrow_cost: float, spare: float) -> tuple[int, int]:
+    """``(fill, fill_cap)``: narrow tiles per program on the programs ``heavy ..`` that run ``spare`` of a wide
+    tile less than the rest, as many as fit in that time and no more than spreading them evenly takes."""
+    light = programs - heavy
+    if not (heavy and light and narrow_tiles):
+        return 0, 0
+    fill = min(int(spare / narrow_cost), triton.cdiv(narrow_tiles, light))
+    return fill, min(narrow_tiles, light * fill)
+
+
 def schedule(wide_tiles: int, narrow_tiles: int, max_programs: int, narrow_cost: float) -> Schedule:
     """The forward GEMM's tiles in two phases. (1) The wide projections' tiles (``block_n`` columns: qkv, z)
     round robin: programs ``0 .. heavy - 1`` run one more than the rest; (2) the narrow projections' tiles
     (b, a: 16-64 columns), which cost ``narrow_cost`` of a wide tile each, first ``fill`` to each of the
-    lighter programs (as many as fit in one wide tile's time), then round robin over all. Round robin over
-    every tile in one order gave b / a tiles to programs already holding one wide tile more: at 35B-A3B T
-    2048 (768 wide and 32 narrow tiles on 132 SMs) the heaviest held 6 wide tiles and a narrow one, where 6
-    suffice. (The last partial wave of wide tiles as halves, as :func:`tail_tiles` does for dx, made this
-    GEMM 0.5-1.5 % slower where it applied: its tiles are short, K = H.)"""
+    lighter programs (as many as fit in one wide tile's time, spread evenly), then round robin over all.
+    Round robin over every tile in one order gave b / a tiles to programs already holding one wide tile more:
+    at 35B-A3B T 2048 (768 wide and 32 narrow tiles on 132 SMs) the heaviest held 6 wide tiles and a narrow
+    one, where 6 suffice. (The last partial wave of wide tiles as halves, as :func:`tail_tiles` does for dx,
+    made this GEMM 0.5-1.5 % slower where it applied: its tiles are short, K = H.)"""
     programs = max(1, min(max_programs, wide_tiles + narrow_tiles))
     heavy = wide_tiles % programs
-    fill = int(1.0 / narrow_cost) if heavy and narrow_tiles else 0
-    return Schedule(programs, heavy, fill, min(narrow_tiles, (programs - heavy) * fill))
+    return Schedule(programs, heavy, *_fill(programs, heavy, narrow_tiles, narrow_cost, 1.0))
+
+
+def dx_schedule(tiles: int, tail: int, max_programs: int, da_tiles: int, da_cost: float) -> Optional[Schedule]:
+    """dA's tiles (``da_tiles``, each ``da_cost`` of a dx tile) on the dx GEMM's lighter programs, or None
+    where they do not all fit there (then dA runs as a kernel of its own). dx's ``tiles`` run round robin
+    (``tail``: the last ``tail`` of them as halves, one per program from program 0, :func:`tail_tiles`):
+    programs ``heavy ..`` run one tile (a half) less than the rest, and each takes up to as many dA tiles as
+    that time holds. A dx GEMM filling its last wave (35B-A3B at T 2048: 128 tiles on 132 SMs) leaves SMs
+    idle for a whole tile; the dA kernel and the sums of its token splits cost 7.7 + 1.4 us a layer there."""
+    if not da_tiles:
+        return None
+    if tail:   # whole waves, then 2 tail halves (tail_tiles keeps them within one wave)
+        programs, heavy, spare = max_programs, 2 * tail, 0.5
+    else:
+        programs = max(1, min(max_programs, tiles + da_tiles))
+        heavy, spare = tiles % programs, 1.0
+    fill, cap = _fill(programs, heavy, da_tiles, da_cost, spare)
+    return Schedule(programs, heavy, fill, cap) if cap == da_tiles else None
 
 
 def narrow_tile_cost(block_m: int, block_n: int, narrow_n: int) -> float:
@@ -472,14 +499,16 @@ def _dy_descs(d0, d1, d2, d3, T, KS: tl.constexpr, D_STRIDES: tl.constexpr, NUM_
 
 @triton.jit
 def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr, b0, b1, b2, b3, b4, b5,
-                    b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, T, H: tl.constexpr, KS: tl.constexpr,
+                    b6, b7, b8, b9, b10, b11, b12, b13, b14, b15, x_ptr, da_ptr, T, H: tl.constexpr, KS: tl.constexpr,
                     D_STRIDES: tl.constexpr, W_STRIDES: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_N_TILES: tl.constexpr,
                     SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr,
                     RANKS: tl.constexpr, SCALES: tl.constexpr, B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr,
                     STRIDE_ST: tl.constexpr, NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr,
                     PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                    HOST_DESC: tl.constexpr):
+                    HOST_DESC: tl.constexpr, X_STRIDE: tl.constexpr, DA_TILES: tl.constexpr, HEAVY: tl.constexpr,
+                    FILL: tl.constexpr, DA_RANK: tl.constexpr, DA_PRECISION: tl.constexpr, DA_LOOP: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
     # dx's descriptors made on the device from the pointer, whole and half tiles alike: dx is then the kernel's
     # one written argument (two host descriptors of dx would be two written arguments of one tensor, which a
     # traced graph's functional form clones apart; module docstring)
@@ -520,6 +549,59 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
                 _dx_tile(half_dys, ws, half_o, s_ptr, bs, off_m, pid_n * BLOCK_N, T, KS, NUM_PROJ, SLICE_PROJ,
                          WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES,
                          EPILOGUE_DOT, HALF_M, BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
+    if DA_TILES > 0:   # dA = dS^T x [DA_RANK, H], BLOCK_NA columns a tile, FILL tiles each on programs HEAVY ..
+        pid = tl.program_id(0)   # (dx_schedule), every one over all T: each element written once, no sums
+        first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, DA_TILES)
+        for j in tl.range(first, tl.minimum(first + FILL, DA_TILES)):
+            if DA_LOOP == "plain":
+                _db_tile(x_ptr, X_STRIDE, s_ptr, STRIDE_ST, 0, da_ptr, 0, 1, H, H, 0, 0, 0, DA_RANK, 1.0, j, 0, T, T,
+                         DA_PRECISION, BLOCK_T, BLOCK_NA, BLOCK_RA)
+            else:
+                _da_tile(x_ptr, s_ptr, da_ptr, j * BLOCK_NA, T, H, X_STRIDE, STRIDE_ST, DA_RANK, DA_PRECISION,
+                         DA_LOOP, BLOCK_T, BLOCK_NA, BLOCK_RA)
+
+
+@triton.jit
+def _da_rows(x_ptr, ds_ptr, t0, off_n, T, H: tl.constexpr, X_STRIDE: tl.constexpr, STRIDE_ST: tl.constexpr,
+             DA_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
+    """x^T [BLOCK_NA, BLOCK_T] and dS [BLOCK_T, BLOCK_RA] of tokens t0 .. (zeros past T, H, the rank)."""
+    rows = t0 + tl.arange(0, BLOCK_T)
+    offs_n = off_n + tl.arange(0, BLOCK_NA)
+    offs_r = tl.arange(0, BLOCK_RA)
+    xt = tl.load(x_ptr + rows.to(tl.int64)[None, :] * X_STRIDE + offs_n[:, None],
+                 mask=(offs_n < H)[:, None] & (rows < T)[None, :], other=0.0)
+    ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * STRIDE_ST + offs_r[None, :],
+                 mask=(rows < T)[:, None] & (offs_r < DA_RANK)[None, :], other=0.0)
+    return xt, ds
+
+
+@triton.jit
+def _da_tile(x_ptr, ds_ptr, da_ptr, off_n, T, H: tl.constexpr, X_STRIDE: tl.constexpr, STRIDE_ST: tl.constexpr,
+             DA_RANK: tl.constexpr, DA_PRECISION: tl.constexpr, DA_LOOP: tl.constexpr, BLOCK_T: tl.constexpr,
+             BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
+    """dA[:, off_n .. + BLOCK_NA] = dS^T x over all T. ``"prefetch"``: each step's tiles loaded one step ahead
+    (a persistent program has no other program on its SM to hide their latency); ``"tma"``: x's tiles by a TMA
+    descriptor (Triton pipelines them), dS's one step ahead."""
+    acc = tl.zeros((BLOCK_NA, BLOCK_RA), dtype=tl.float32)
+    if DA_LOOP == "tma":
+        x_desc = _desc(x_ptr, T, H, X_STRIDE, BLOCK_T, BLOCK_NA)
+        _, ds = _da_rows(x_ptr, ds_ptr, 0, H, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T, BLOCK_NA, BLOCK_RA)
+        for t0 in range(0, T, BLOCK_T):
+            _, ds_next = _da_rows(x_ptr, ds_ptr, t0 + BLOCK_T, H, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T,
+                                  BLOCK_NA, BLOCK_RA)
+            acc = _dot_data(x_desc.load([t0, off_n]).T, ds, acc, DA_PRECISION)
+            ds = ds_next
+    else:
+        xt, ds = _da_rows(x_ptr, ds_ptr, 0, off_n, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T, BLOCK_NA, BLOCK_RA)
+        for t0 in range(BLOCK_T, T + BLOCK_T, BLOCK_T):
+            xt_next, ds_next = _da_rows(x_ptr, ds_ptr, t0, off_n, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T,
+                                        BLOCK_NA, BLOCK_RA)
+            acc = _dot_data(xt, ds, acc, DA_PRECISION)
+            xt, ds = xt_next, ds_next
+    offs_n = off_n + tl.arange(0, BLOCK_NA)
+    offs_r = tl.arange(0, BLOCK_RA)
+    tl.store(da_ptr + offs_r[None, :].to(tl.int64) * H + offs_n[:, None], acc,
+             mask=(offs_n < H)[:, None] & (offs_r < DA_RANK)[None, :])
 
 
 def dx_fusable(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], num_groups: int) -> bool:
@@ -541,21 +623,35 @@ class GemmDx:
     the roundings of library GEMMs accumulating into one buffer, then of the expand kernel adding the LoRA
     part (what runs below ``train_fused_min_t``), with [T, H] written once where those re-read and re-wrote it
     once per projection after the first and once more for the LoRA part. fp32 adapters: the epilogue's
-    bf16 hi + lo dots (:meth:`GemmExpand.epilogue_dot`)."""
+    bf16 hi + lo dots (:meth:`GemmExpand.epilogue_dot`). ``with_da``: plan dA = ds^T x on the lighter
+    programs (:attr:`da_schedule`, None where :func:`dx_schedule` finds no room or the ranks' block is over
+    :data:`DA_MAX_RANK_BLOCK`), run by :meth:`with_da`, with the dA kernel's semantics (fp32, the dots of
+    :func:`~.lora_train.dot_precision`; :class:`~.lora_train.LoraDb` sums token splits, this one token tile
+    after another)."""
 
     def __init__(self, ranks: Sequence[int], widths: Sequence[int], T: int, H: int, data_dtype: torch.dtype,
                  adapter_dtype: torch.dtype, device: torch.device, config: Optional[PrefillLaunch] = None,
-                 epilogue_dot: Optional[str] = None, split_tail: bool = True, host_descriptors: bool = True):
+                 epilogue_dot: Optional[str] = None, split_tail: bool = True, host_descriptors: bool = True,
+                 with_da: bool = False, da_loop: str = "plain"):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
         self.host_descriptors = host_descriptors
-        offs, _ = _offsets(ranks)
+        offs, R = _offsets(ranks)
         n_tiles = triton.cdiv(H, cfg.block_n)
+        tiles = triton.cdiv(T, cfg.block_m) * n_tiles
+        on_gpu, most = _max_programs(device, cfg)
         if split_tail:
-            on_gpu, most = _max_programs(device, cfg)
-            self.programs, self.tail = tail_tiles(triton.cdiv(T, cfg.block_m) * n_tiles, most, cfg.block_m)
+            self.programs, self.tail = tail_tiles(tiles, most, cfg.block_m)
         else:   # whole tiles only (benchmarks)
-            (on_gpu, self.programs), self.tail = _programs(device, cfg, T, n_tiles), 0
+            self.programs, self.tail = max(1, min(tiles, most)), 0
+        # dA in the lighter programs' time (dx_schedule), where asked for, up to DA_MAX_RANK_BLOCK
+        block_ra = rank_block([R]) if ranks else 0
+        da = dx_schedule(tiles, self.tail, most, triton.cdiv(H, DA_BLOCK_N),
+                         da_tile_cost(T, widths, block_ra, data_dtype, adapter_dtype, cfg)) \
+            if with_da and ranks and block_ra <= DA_MAX_RANK_BLOCK and T else None
+        self.da_schedule = da
+        if da is not None:
+            self.programs = da.programs
         g = len(ranks)
         self.meta = dict(H=H, KS=tuple(widths), NUM_PROJ=len(widths), NUM_N_TILES=n_tiles, SLICE_PROJ=(0,) * g,
                          WIDTHS=(H,) * g, COLS=(0,) * g, SCOLS=offs, RANKS=tuple(ranks), SCALES=(1.0,) * g,
@@ -564,16 +660,34 @@ class GemmDx:
                          NUM_PROGRAMS=self.programs, TAIL_TILES=self.tail, BLOCK_M=cfg.block_m,
                          BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=rank_block(ranks) if g else 16,
                          GROUP_M=cfg.group_m, HOST_DESC=host_descriptors, num_warps=cfg.num_warps,
-                         num_stages=cfg.num_stages)
+                         num_stages=cfg.num_stages, DA_TILES=da.fill_cap if da else 0,
+                         HEAVY=da.heavy if da else 0, FILL=da.fill if da else 0, DA_RANK=R,
+                         DA_PRECISION=dot_precision(data_dtype, adapter_dtype), DA_LOOP=da_loop,
+                         BLOCK_T=DA_BLOCK_T,
+                         BLOCK_NA=DA_BLOCK_N, BLOCK_RA=max(16, block_ra))
         self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
     def __call__(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
                  lora_a: Sequence[torch.Tensor], *, traced: bool = False) -> torch.Tensor:
         """``traced``: see :meth:`~.jit_helpers.CompiledLaunches.launch`; the kernel takes dy's and W's TMA
         descriptors made on the host (``host_descriptors=False``, benchmarks: made on the device)."""
+        return self._run(dys, weights, ds, lora_a, None, traced)[0]
+
+    def with_da(self, dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
+                lora_a: Sequence[torch.Tensor], x: torch.Tensor, *, traced: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(dx, dA)``: dx as the call, and ``dA = ds^T @ x`` [sum of ranks, H] in fp32 by the same launch (planned
+        ``with_da`` and :attr:`da_schedule` not None)."""
+        if self.da_schedule is None:
+            raise ValueError("GemmDx.with_da: this plan runs no dA (planned without with_da, or dx_schedule "
+                             "found no room for its tiles)")
+        return self._run(dys, weights, ds, lora_a, x, traced)
+
+    def _run(self, dys, weights, ds, lora_a, x, traced):
         dx = dys[0].new_empty((self.T, self.H))
+        da = None if x is None else x.new_empty((ds.shape[1], self.H), dtype=torch.float32)
         if self.T == 0:
-            return dx
+            return dx, (None if da is None else da.zero_())
         pad = (None,) * (MAX_PROJ - len(weights))
         bs = [a.t() for a in lora_a]   # B_g = A_g^T as a view: the epilogue reads [rank, BLOCK_N] of A_g's rows
         if self.host_descriptors:
@@ -583,15 +697,47 @@ class GemmDx:
                 half = (*[_host_desc(d, (cfg.block_m // 2, cfg.block_k)) for d in dys], *pad)
             args = (*[_host_desc(d, (cfg.block_m, cfg.block_k)) for d in dys], *pad,
                     *[_host_desc(w, (cfg.block_k, cfg.block_n)) for w in weights], *pad,
-                    dx, *half, ds, *_b_slots(bs), self.T)
+                    dx, *half, ds, *_b_slots(bs), x, da, self.T)
         else:
-            args = (*dys, *pad, *weights, *pad, dx, *(None,) * MAX_PROJ, ds, *_b_slots(bs), self.T)
-        key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0))
-        self.launches.launch(key, (self.programs,), args,
-                             dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
-                                  B_STRIDES_R=key[3], STRIDE_ST=key[4]),
-                             (*dys, *weights, dx, ds, *lora_a), traced)
-        return dx
+            args = (*dys, *pad, *weights, *pad, dx, *(None,) * MAX_PROJ, ds, *_b_slots(bs), x, da, self.T)
+        key = (_strides(dys), _strides(weights), _strides(bs), _strides(bs, 1), ds.stride(0),
+               None if x is None else x.stride(0))
+        meta = dict(self.meta, D_STRIDES=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2], B_STRIDES_R=key[3],
+                    STRIDE_ST=key[4], X_STRIDE=key[5] or 0)
+        if x is None:
+            meta["DA_TILES"] = 0
+        self.launches.launch(key, (self.programs,), args, meta,
+                             (*dys, *weights, dx, ds, *lora_a, *(() if x is None else (x, da))), traced)
+        return dx, da
+
+
+# dA's tiles in the dx GEMM (dx_schedule): DA_BLOCK_T tokens a step, DA_BLOCK_N columns of x, the x side's ranks
+# (every A group side by side) in one rank block of at most DA_MAX_RANK_BLOCK: the [128, 64] fp32 accumulator is 32
+# registers a thread over the GEMM's 8 warps. At a rank block of 128 (two groups of rank 64) the dA tiles took 27B's
+# dx GEMM at T 3072 to 1.07-1.08x its time where the dA kernel beside it cost 1.07x (0.991-1.010x of it, two runs):
+# no gain to take there.
+DA_BLOCK_T = 64
+DA_BLOCK_N = 128
+DA_MAX_RANK_BLOCK = 64
+# A dA tile's loop moves its bytes at 1 / DA_LOOP_SLOWDOWN the rate of the GEMM's K loop on one SM (plain loads of x
+# and dS, dS split into bf16 parts and three dots a step, against TMA loads and one dot): 24 vs 61 GB/s per SM on an
+# H200, from the dx GEMM's time with dA tiles on its lighter programs at 35B-A3B T 6144 / 12288, beside the GEMM's
+# last wave (benchmarks/RESULTS.md v30). By loads alone (1.0) 2 dA tiles a program there took the dx GEMM to 1.07-
+# 1.09x its time, where the dA kernel beside it cost 1.03x. (Loading each step's tiles one step ahead, or x's by
+# TMA, was slower still.)
+DA_LOOP_SLOWDOWN = 2.6
+
+
+def da_tile_cost(T: int, widths: Sequence[int], block_ra: int, data_dtype: torch.dtype, ds_dtype: torch.dtype,
+                 cfg: PrefillLaunch) -> float:
+    """A dA tile's time as a share of a dx tile's: what their loops load (as :func:`narrow_tile_cost`), x's
+    [DA_BLOCK_T, DA_BLOCK_N] and dS's [DA_BLOCK_T, block_ra] tiles over T against dy's and W's tiles over every
+    projection's K, times :data:`DA_LOOP_SLOWDOWN`. 0.21 at 35B-A3B's widths, T 2048 and two A groups of rank
+    16 (16 tiles of 128 columns beside 128 dx tiles)."""
+    elt = data_dtype.itemsize
+    da = triton.cdiv(T, DA_BLOCK_T) * DA_BLOCK_T * (DA_BLOCK_N * elt + block_ra * ds_dtype.itemsize)
+    dx = sum(triton.cdiv(k, cfg.block_k) for k in widths) * (cfg.block_m + cfg.block_n) * cfg.block_k * elt
+    return DA_LOOP_SLOWDOWN * da / max(1, dx)
 
 
 def gemm_dx(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], ds: torch.Tensor,
