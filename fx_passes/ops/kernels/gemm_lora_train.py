@@ -69,7 +69,7 @@ import triton.language as tl
 
 from fx_passes.ops.kernels.gemm_lora_prefill import _tile_pids
 from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
-from fx_passes.ops.kernels.lora_train import (MAX_SLICES, Slices, _b_slots, _db_tile, _dot_data, _offsets, _strides,
+from fx_passes.ops.kernels.lora_train import (MAX_SLICES, Slices, _b_slots, _db_tile, _offsets, _strides,
                                               dot_precision, rank_block)
 from fx_passes.ops.tuning import PrefillLaunch, device_info, interpreting, prefill_launch, tuning_for
 
@@ -507,8 +507,8 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
                     PREFETCH: tl.constexpr, NUM_PROGRAMS: tl.constexpr, TAIL_TILES: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                     HOST_DESC: tl.constexpr, X_STRIDE: tl.constexpr, DA_TILES: tl.constexpr, HEAVY: tl.constexpr,
-                    FILL: tl.constexpr, DA_RANK: tl.constexpr, DA_PRECISION: tl.constexpr, DA_LOOP: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
+                    FILL: tl.constexpr, DA_RANK: tl.constexpr, DA_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
     # dx's descriptors made on the device from the pointer, whole and half tiles alike: dx is then the kernel's
     # one written argument (two host descriptors of dx would be two written arguments of one tensor, which a
     # traced graph's functional form clones apart; module docstring)
@@ -553,55 +553,8 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
         pid = tl.program_id(0)   # (dx_schedule), every one over all T: each element written once, no sums
         first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, DA_TILES)
         for j in tl.range(first, tl.minimum(first + FILL, DA_TILES)):
-            if DA_LOOP == "plain":
-                _db_tile(x_ptr, X_STRIDE, s_ptr, STRIDE_ST, 0, da_ptr, 0, 1, H, H, 0, 0, 0, DA_RANK, 1.0, j, 0, T, T,
-                         DA_PRECISION, BLOCK_T, BLOCK_NA, BLOCK_RA)
-            else:
-                _da_tile(x_ptr, s_ptr, da_ptr, j * BLOCK_NA, T, H, X_STRIDE, STRIDE_ST, DA_RANK, DA_PRECISION,
-                         DA_LOOP, BLOCK_T, BLOCK_NA, BLOCK_RA)
-
-
-@triton.jit
-def _da_rows(x_ptr, ds_ptr, t0, off_n, T, H: tl.constexpr, X_STRIDE: tl.constexpr, STRIDE_ST: tl.constexpr,
-             DA_RANK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
-    """x^T [BLOCK_NA, BLOCK_T] and dS [BLOCK_T, BLOCK_RA] of tokens t0 .. (zeros past T, H, the rank)."""
-    rows = t0 + tl.arange(0, BLOCK_T)
-    offs_n = off_n + tl.arange(0, BLOCK_NA)
-    offs_r = tl.arange(0, BLOCK_RA)
-    xt = tl.load(x_ptr + rows.to(tl.int64)[None, :] * X_STRIDE + offs_n[:, None],
-                 mask=(offs_n < H)[:, None] & (rows < T)[None, :], other=0.0)
-    ds = tl.load(ds_ptr + rows.to(tl.int64)[:, None] * STRIDE_ST + offs_r[None, :],
-                 mask=(rows < T)[:, None] & (offs_r < DA_RANK)[None, :], other=0.0)
-    return xt, ds
-
-
-@triton.jit
-def _da_tile(x_ptr, ds_ptr, da_ptr, off_n, T, H: tl.constexpr, X_STRIDE: tl.constexpr, STRIDE_ST: tl.constexpr,
-             DA_RANK: tl.constexpr, DA_PRECISION: tl.constexpr, DA_LOOP: tl.constexpr, BLOCK_T: tl.constexpr,
-             BLOCK_NA: tl.constexpr, BLOCK_RA: tl.constexpr):
-    """dA[:, off_n .. + BLOCK_NA] = dS^T x over all T. ``"prefetch"``: each step's tiles loaded one step ahead
-    (a persistent program has no other program on its SM to hide their latency); ``"tma"``: x's tiles by a TMA
-    descriptor (Triton pipelines them), dS's one step ahead."""
-    acc = tl.zeros((BLOCK_NA, BLOCK_RA), dtype=tl.float32)
-    if DA_LOOP == "tma":
-        x_desc = _desc(x_ptr, T, H, X_STRIDE, BLOCK_T, BLOCK_NA)
-        _, ds = _da_rows(x_ptr, ds_ptr, 0, H, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T, BLOCK_NA, BLOCK_RA)
-        for t0 in range(0, T, BLOCK_T):
-            _, ds_next = _da_rows(x_ptr, ds_ptr, t0 + BLOCK_T, H, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T,
-                                  BLOCK_NA, BLOCK_RA)
-            acc = _dot_data(x_desc.load([t0, off_n]).T, ds, acc, DA_PRECISION)
-            ds = ds_next
-    else:
-        xt, ds = _da_rows(x_ptr, ds_ptr, 0, off_n, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T, BLOCK_NA, BLOCK_RA)
-        for t0 in range(BLOCK_T, T + BLOCK_T, BLOCK_T):
-            xt_next, ds_next = _da_rows(x_ptr, ds_ptr, t0, off_n, T, H, X_STRIDE, STRIDE_ST, DA_RANK, BLOCK_T,
-                                        BLOCK_NA, BLOCK_RA)
-            acc = _dot_data(xt, ds, acc, DA_PRECISION)
-            xt, ds = xt_next, ds_next
-    offs_n = off_n + tl.arange(0, BLOCK_NA)
-    offs_r = tl.arange(0, BLOCK_RA)
-    tl.store(da_ptr + offs_r[None, :].to(tl.int64) * H + offs_n[:, None], acc,
-             mask=(offs_n < H)[:, None] & (offs_r < DA_RANK)[None, :])
+            _db_tile(x_ptr, X_STRIDE, s_ptr, STRIDE_ST, 0, da_ptr, 0, 1, H, H, 0, 0, 0, DA_RANK, 1.0, j, 0, T, T,
+                     DA_PRECISION, BLOCK_T, BLOCK_NA, BLOCK_RA)
 
 
 def dx_fusable(dys: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], num_groups: int) -> bool:
@@ -632,7 +585,7 @@ class GemmDx:
     def __init__(self, ranks: Sequence[int], widths: Sequence[int], T: int, H: int, data_dtype: torch.dtype,
                  adapter_dtype: torch.dtype, device: torch.device, config: Optional[PrefillLaunch] = None,
                  epilogue_dot: Optional[str] = None, split_tail: bool = True, host_descriptors: bool = True,
-                 with_da: bool = False, da_loop: str = "plain"):
+                 with_da: bool = False):
         cfg = config or prefill_launch(device, data_dtype) or PrefillLaunch()
         self.cfg, self.T, self.H, self.widths = cfg, T, H, tuple(widths)
         self.host_descriptors = host_descriptors
@@ -662,8 +615,7 @@ class GemmDx:
                          GROUP_M=cfg.group_m, HOST_DESC=host_descriptors, num_warps=cfg.num_warps,
                          num_stages=cfg.num_stages, DA_TILES=da.fill_cap if da else 0,
                          HEAVY=da.heavy if da else 0, FILL=da.fill if da else 0, DA_RANK=R,
-                         DA_PRECISION=dot_precision(data_dtype, adapter_dtype), DA_LOOP=da_loop,
-                         BLOCK_T=DA_BLOCK_T,
+                         DA_PRECISION=dot_precision(data_dtype, adapter_dtype), BLOCK_T=DA_BLOCK_T,
                          BLOCK_NA=DA_BLOCK_N, BLOCK_RA=max(16, block_ra))
         self.launches = CompiledLaunches(_gemm_dx_kernel, device_descriptors=True)
 
