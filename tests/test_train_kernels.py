@@ -559,6 +559,8 @@ def test_forward_gemm_schedule_rule():
     assert cost == pytest.approx(160 / 384)
     assert gemm_lora_train.schedule(768, 32, 132, cost) == gemm_lora_train.Schedule(132, 108, 2, 32)
     assert gemm_lora_train.schedule(2304, 96, 132, cost) == gemm_lora_train.Schedule(132, 60, 2, 96)
+    # 27B at T 2048 (64-wide b / a tiles: cost 0.5): 32 narrow tiles spread one each over the 32 lighter programs
+    assert gemm_lora_train.schedule(1024, 32, 132, 0.5) == gemm_lora_train.Schedule(132, 100, 1, 32)
     assert gemm_lora_train.schedule(2376, 96, 132, cost).fill_cap == 0       # whole waves: round robin
     assert gemm_lora_train.schedule(2304, 0, 132, cost).fill_cap == 0        # no narrow projections
     assert gemm_lora_train.schedule(0, 10, 132, cost) == gemm_lora_train.Schedule(10, 0, 0, 0)

@@ -666,17 +666,16 @@ class GemmDx:
 # dA's tiles in the dx GEMM (dx_schedule): DA_BLOCK_T tokens a step, DA_BLOCK_N columns of x, the x side's ranks
 # (every A group side by side) in one rank block of at most DA_MAX_RANK_BLOCK: the [128, 64] fp32 accumulator is 32
 # registers a thread over the GEMM's 8 warps. At a rank block of 128 (two groups of rank 64) the dA tiles took 27B's
-# dx GEMM at T 3072 to 1.07-1.08x its time where the dA kernel beside it cost 1.07x (0.991-1.010x of it, two runs):
-# no gain to take there.
+# dx GEMM at T 3072 to 1.06-1.08x its time where the dA kernel beside it cost 1.07x (two runs): no gain to take there.
 DA_BLOCK_T = 64
 DA_BLOCK_N = 128
 DA_MAX_RANK_BLOCK = 64
 # A dA tile's loop moves its bytes at 1 / DA_LOOP_SLOWDOWN the rate of the GEMM's K loop on one SM (plain loads of x
 # and dS, dS split into bf16 parts and three dots a step, against TMA loads and one dot): 24 vs 61 GB/s per SM on an
 # H200, from the dx GEMM's time with dA tiles on its lighter programs at 35B-A3B T 6144 / 12288, beside the GEMM's
-# last wave (benchmarks/RESULTS.md v30). By loads alone (1.0) 2 dA tiles a program there took the dx GEMM to 1.07-
-# 1.09x its time, where the dA kernel beside it cost 1.03x. (Loading each step's tiles one step ahead, or x's by
-# TMA, was slower still.)
+# last wave (benchmarks/RESULTS.md v30). By loads alone (1.0) 2 dA tiles a program at T 6144 took the dx GEMM to
+# 1.07-1.10x its time, where the dA kernel beside it cost 1.03x. (Loading each step's tiles one step ahead, or x's
+# by TMA, was slower still.)
 DA_LOOP_SLOWDOWN = 2.6
 
 
