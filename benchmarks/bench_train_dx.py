@@ -31,10 +31,6 @@ from fx_passes.ops.kernels import lora_train as lt
 from fx_passes.ops.tuning import PrefillLaunch, device_info
 
 
-def env_sms() -> int:
-    return device_info(torch.device("cuda")).sms
-
-
 def gpu_ms(fn) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=50)
 
@@ -61,6 +57,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     env = environment("cuda")
+    sms = device_info(torch.device("cuda")).sms
     configs = [parse_config(c) for c in csv_list(args.configs, str)] if args.configs else []
     rows = []
     for name, spec in select_shapes(args.shapes).items():
@@ -112,7 +109,7 @@ def main() -> None:
                     t[f"fused_{c.block_m}x{c.block_n}x{c.block_k}s{c.num_stages}w{c.num_warps}"] = gpu_ms(
                         lambda: k(dys, weights, ds, lora_a))
                 x = torch.randn(T, H, device="cuda", generator=g).to(torch.bfloat16)
-                da_kernel = lt.LoraDb(side, T, 2 * r, torch.bfloat16, ds.dtype, env_sms(), transposed=True)
+                da_kernel = lt.LoraDb(side, T, 2 * r, torch.bfloat16, ds.dtype, sms, transposed=True)
                 t["da_kernel"] = gpu_ms(lambda: da_kernel([x], ds))
                 with_da = glt.GemmDx([r, r], widths, T, H, torch.bfloat16, ds.dtype, ds.device, with_da=True)
                 err = {"fused": _rel(got_f, ref), "split": _rel(got_s, ref)}

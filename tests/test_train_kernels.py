@@ -732,15 +732,6 @@ def test_gemm_dx_last_wave_in_half_tiles():
         _close(got, whole(dys, weights, ds, lora_a), torch.float16)
 
 
-def _da_placements(sched, da_tiles: int) -> list[list[int]]:
-    """The dA tiles each program of ``_gemm_dx_kernel`` runs (its last loop, in Python)."""
-    out = []
-    for p in range(sched.programs):
-        first = (p - sched.heavy) * sched.fill if p >= sched.heavy else da_tiles
-        out.append(list(range(first, min(first + sched.fill, da_tiles))))
-    return out
-
-
 def test_dx_schedule_rule():
     """dA's tiles go to the dx GEMM's lighter programs only where all of them fit there by the cost model
     (``dx_schedule``, ``da_tile_cost``), spread evenly; else None (the dA kernel runs). 35B-A3B at T 2048 (128 dx
@@ -765,7 +756,7 @@ def test_dx_schedule_rule():
         sched = gemm_lora_train.dx_schedule(tiles, tail, most, da, c)
         if sched is None:
             continue
-        placed = _da_placements(sched, da)
+        placed = [_narrow_tiles_of(sched, p, da) for p in range(sched.programs)]   # (no round robin: cap == da)
         assert sorted(j for p in placed for j in p) == list(range(da)), (tiles, most, da, c)
         full = tiles - tail   # each program's dx load (whole tiles, then halves from program 0), then its dA tiles
         load = [full // sched.programs + (p < full % sched.programs) + 0.5 * (p < 2 * tail)

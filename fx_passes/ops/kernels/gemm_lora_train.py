@@ -198,6 +198,14 @@ def _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, FIRST: tl.constexpr
 
 
 @triton.jit
+def _filled(pid, HEAVY: tl.constexpr, FILL: tl.constexpr, CAP: tl.constexpr):
+    """``(first, last)``: the narrow tiles a :class:`Schedule` fills program ``pid`` with (``FILL`` each on
+    programs ``HEAVY ..``, the first ``CAP`` tiles); none on the heavier programs."""
+    first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, CAP)
+    return first, tl.minimum(first + FILL, CAP)
+
+
+@triton.jit
 def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
                         b11, b12, b13, b14, b15, T, K: tl.constexpr, X_STRIDE: tl.constexpr, NS: tl.constexpr,
                         W_STRIDES: tl.constexpr, PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr,
@@ -237,8 +245,8 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
     if NUM_N_TILES > NUM_WIDE_TILES:   # (2) the narrow projections' tiles: FILL each on the lighter programs, then
         narrow = num_m * (NUM_N_TILES - NUM_WIDE_TILES)   # round robin over all
         if FILL > 0:   # programs HEAVY .. take FILL each of the first FILL_CAP
-            first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, FILL_CAP)
-            for j in tl.range(first, tl.minimum(first + FILL, FILL_CAP)):
+            first, last = _filled(pid, HEAVY, FILL, FILL_CAP)
+            for j in tl.range(first, last):
                 _tile_of(x_desc, ws, os_, s_ptr, bs, j % num_m, NUM_WIDE_TILES + j // num_m, T, K, NUM_WIDE_PROJ,
                          NUM_PROJ, PROJ_ORDER, PROJ_TILE_OFF, NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS,
                          SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M,
@@ -550,9 +558,8 @@ def _gemm_dx_kernel(d0, d1, d2, d3, w0, w1, w2, w3, o_ptr, h0, h1, h2, h3, s_ptr
                          WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES,
                          EPILOGUE_DOT, HALF_M, BLOCK_N, BLOCK_K, BLOCK_R, PREFETCH)
     if DA_TILES > 0:   # dA = dS^T x [DA_RANK, H], BLOCK_NA columns a tile, FILL tiles each on programs HEAVY ..
-        pid = tl.program_id(0)   # (dx_schedule), every one over all T: each element written once, no sums
-        first = tl.where(pid >= HEAVY, (pid - HEAVY) * FILL, DA_TILES)
-        for j in tl.range(first, tl.minimum(first + FILL, DA_TILES)):
+        first, last = _filled(tl.program_id(0), HEAVY, FILL, DA_TILES)   # (dx_schedule), every one over all T:
+        for j in tl.range(first, last):                                   # each element written once, no sums
             _db_tile(x_ptr, X_STRIDE, s_ptr, STRIDE_ST, 0, da_ptr, 0, 1, H, H, 0, 0, 0, DA_RANK, 1.0, j, 0, T, T,
                      DA_PRECISION, BLOCK_T, BLOCK_NA, BLOCK_RA)
 
