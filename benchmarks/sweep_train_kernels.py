@@ -7,7 +7,7 @@ default), LoRA on qkv and z.
     python -m benchmarks.sweep_train_kernels --shapes 35B-A3B,27B --T 4096,16384
     python -m benchmarks.sweep_train_kernels --kernels dsdb,ds+db   # only these
     python -m benchmarks.sweep_train_kernels --kernels dsdb --rank 16,32,64 --T 2048,8192 --block-m 64 \
-        --programs-per-sm 4   # dsdb's tiles per rank
+        --dsdb-splits 0   # dsdb's tiles per rank, its token splits by its own rule
     python -m benchmarks.sweep_train_kernels --precisions bf16x3,tf32x3   # the default tiles, per precision
 
 ``--precisions``: each kernel at its default tiles with its fp32 dots forced to each precision in turn (the
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--T", default="4096,16384")
     ap.add_argument("--rank", default="16", help="LoRA ranks (comma-separated; --precisions: the first)")
     ap.add_argument("--block-m", default="32,64,128", help="token tiles of the candidate launches")
-    ap.add_argument("--programs-per-sm", default="1,2,4", help="dsdb's candidate programs per SM")
+    ap.add_argument("--dsdb-splits", default="0,2,4,8", help="dsdb's candidate token splits (0: its own rule)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--precisions", default=None, help="compare these dot precisions at the default tiles")
     ap.add_argument("--kernels", default="expand,ds,db,dsdb,ds+db,shrink_x,da_x")
@@ -64,7 +64,7 @@ def main() -> None:
         "ds": (lt.DS_LAUNCH, {}, launches(block_ms, [64, 128], [4, 8], [3, 4]), kw("chunk", [1024, 2048, 4096])),
         "db": (lt.DB_LAUNCH, {}, launches(block_ms, [32, 64, 128], [4, 8], [3, 4]), kw("programs_per_sm", [2, 4])),
         "dsdb": (None, {}, launches(block_ms, [64, 128, 256], [4, 8], [2, 3]),
-                 kw("programs_per_sm", csv_list(args.programs_per_sm, int))),
+                 kw("splits", [k or None for k in csv_list(args.dsdb_splits, int)])),
         "ds+db": (None, {}, [None], [{}]),
         "shrink_x": (lt.DS_LAUNCH, {}, launches(block_ms, [64, 128], [4], [3, 4]),
                      kw("chunk", [256, 512, 1024, 2048])),

@@ -118,11 +118,11 @@ def test_ds_and_db_from_one_read_of_dy(layout, T, adapter_dtype):
     dys, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype, seed=3)
     want_s, want_b = lora_grads_reference(dys, s, lora_b, slice_a, owners, scales, ranks, True)
     plan = lora_train.LoraDsDb(sl, T, s.shape[1], torch.float16, adapter_dtype, 64,
-                               launch=lora_train.TrainLaunch(32, 16))
+                               launch=lora_train.TrainLaunch(32, 16), splits=3 if T == 1200 else None)
     d_s, d_b = plan([dys[p] for p in out_of], lora_b, s)
     assert d_s.shape == want_s.shape and d_s.dtype == torch.float32
     assert d_b.shape == (sum(sl.width), max(ranks)) and d_b.dtype == torch.float32
-    assert (plan.db_shape[0] > 1) == (T == 1200)
+    assert plan.db_shape[0] == (3 if T == 1200 else plan.grid[1])
     if T:
         _close(d_s, want_s, adapter_dtype)
     row = 0
@@ -148,6 +148,36 @@ def test_dsdb_default_launch_of_each_rank_block(rank):
     _close(d_s, want_s, torch.float32)
     for b, want, row in zip(lora_b, want_b, (0, widths[0])):
         _close(d_b[row:row + b.shape[0], :rank], want, torch.float32)
+
+
+def test_dsdb_makespan_model():
+    """The model's arithmetic: a lone program runs one step per unit (plus its fixed cost), two on one SM
+    each ``DSDB_SHARED_STEP`` per step, a third program waits for a free slot."""
+    cost, shared = lora_train.DSDB_PROGRAM_COST, lora_train.DSDB_SHARED_STEP
+    assert lora_train.dsdb_makespan(1, 4, 4, 1, 1) == pytest.approx(4 + cost)
+    assert lora_train.dsdb_makespan(2, 4, 4, 1, 2) == pytest.approx((4 + cost) * shared)
+    assert lora_train.dsdb_makespan(2, 4, 4, 2, 2) == pytest.approx(4 + cost)   # one program on each SM
+    # 3 tiles on 1 SM of 2 slots: two together, then the third alone
+    assert lora_train.dsdb_makespan(3, 4, 4, 1, 2) == pytest.approx((4 + cost) * (shared + 1))
+    # splits of 3, 3 and 2 token tiles: the short last splits launch last
+    assert lora_train.dsdb_makespan(1, 8, 3, 3, 1) == pytest.approx(3 + cost)
+
+
+@pytest.mark.parametrize("n_tiles,T,want", [(48, 2048, 6), (64, 2048, 4), (64, 6144, 4), (48, 4096, 11)])
+def test_dsdb_splits_rule(n_tiles, T, want):
+    """dS + dB's token splits on an H200 (132 SMs, 2 programs each) at 35B-A3B's (48 tiles of 256 columns)
+    and 27B's (64) widths: the split count of least modelled time, every token in one split, at most
+    ``DSDB_MAX_WAVES`` waves; by the model no slower than the previous rule (>= 4 programs an SM, splits of >= 8 token
+    tiles), which it measured 0.78-1.00x the time of (benchmarks/RESULTS.md v31)."""
+    splits, t_per = lora_train.dsdb_splits(T, n_tiles, 64, 132, 2)
+    assert splits == want and t_per % 64 == 0
+    assert (splits - 1) * t_per < T <= splits * t_per
+    assert n_tiles * splits <= lora_train.DSDB_MAX_WAVES * 2 * 132
+    m_tiles = T // 64
+    old = lora_train.token_splits(T, n_tiles, 64, 132, 4)[1] // 64
+    assert (lora_train.dsdb_makespan(n_tiles, m_tiles, t_per // 64, 132, 2)
+            <= lora_train.dsdb_makespan(n_tiles, m_tiles, old, 132, 2))
+    assert lora_train.dsdb_splits(0, n_tiles, 64, 132, 2) == (1, 64)
 
 
 def test_ds_columns_of_s_that_no_slice_reads_are_zero():

@@ -51,6 +51,8 @@ Launches run on the current CUDA device (the ops make the tensors' device curren
 from __future__ import annotations
 
 import dataclasses
+import functools
+import heapq
 from typing import Optional, Sequence
 
 import torch
@@ -62,11 +64,14 @@ from fx_passes.ops.kernels.jit_helpers import CompiledLaunches, tile_owner
 
 @dataclasses.dataclass(frozen=True)
 class TrainLaunch:
-    """One kernel's tiles: ``block_m`` tokens x ``block_n`` columns, its warps and pipeline stages."""
+    """One kernel's tiles: ``block_m`` tokens x ``block_n`` columns, its warps and pipeline stages;
+    ``resident``: how many of its programs an SM holds at once (by its shared memory and registers, compiled
+    for an H200), the slots of :func:`dsdb_splits`' model."""
     block_m: int
     block_n: int
     num_warps: int = 4
     num_stages: int = 3
+    resident: int = 1
 
 
 EXPAND_LAUNCH = TrainLaunch(64, 128)
@@ -76,7 +81,7 @@ EXPAND_LAUNCH = TrainLaunch(64, 128)
 DS_LAUNCH = TrainLaunch(64, 64, 4, 4)
 DB_LAUNCH = TrainLaunch(32, 128)
 # dS + dB: 256-column tiles halve dS's partial sums (one [T, rank] fp32 row per tile) against 128.
-DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2)
+DSDB_LAUNCH = TrainLaunch(64, 256, 4, 2, resident=2)   # 110.6 KB of shared memory of 227, 255 registers
 # ... up to this many tile elements of B (block_n x rank block): B's three bf16 parts stay in shared memory
 # beside the pipelined dy and s tiles, 96 KB of them (256-column tiles at a rank block of 128 asked for 336 KB,
 # an H200 has 227 KB per block).
@@ -85,12 +90,12 @@ DSDB_MAX_B_TILE = 256 * 64
 # parts (96 KB) and the [256, 64] fp32 dB accumulator leave 4 warps spilling registers: 0.73-0.91x its time
 # at 35B-A3B / 27B widths, T 2048 - 8192, one cell 1.00x (benchmarks/RESULTS.md: "dS + dB tiles per rank").
 # (Rank block 128 keeps the capped default: 3 stages there exceed shared memory.)
-DSDB_RANK64_LAUNCH = TrainLaunch(64, 128, 8, 3)
+DSDB_RANK64_LAUNCH = TrainLaunch(64, 128, 8, 3, resident=1)   # 155.6 KB
 # Ranks 17 - 32 (rank block 32): 128-column tiles over 4 warps, 3 stages: 0.79-0.97x the default's time at
 # 35B-A3B / 27B widths, T 2048 / 8192, and the best launch of the sweep in every held-out cell (397B-A17B / 27B,
 # T 1024 / 3072 / 6144: 0.73-0.86x). With rank 16's 256 x 16 and rank 64's 128 x 64 over 8 warps, B's tile
 # stays at 4096 elements per 4 warps.
-DSDB_RANK32_LAUNCH = TrainLaunch(64, 128, 4, 3)
+DSDB_RANK32_LAUNCH = TrainLaunch(64, 128, 4, 3, resident=2)   # 102.4 KB
 
 # One program of _ds_kernel walks this many columns of one slice: 8 chunks for a 27B layer's 16384
 # columns, so with 64-token tiles T 2048 still starts 32 x 8 programs.
@@ -100,11 +105,22 @@ DS_CHUNK = 2048
 # chunks, which left most of an H200's 132 SMs idle (:func:`ds_chunk`).
 DS_MIN_CHUNK = 256
 DS_PROGRAMS_PER_SM = 2
-# _db_kernel and _dsdb_kernel split the tokens so that there are at least this many programs per SM (each
-# walks its split one token tile after another): by the same sweep, dA over x within 6 % of each cell's
-# best with 8 (2: up to 1.3x slower), dS + dB with 4.
+# _db_kernel splits the tokens so that there are at least this many programs per SM (each walks its split
+# one token tile after another): by the same sweep, dA over x within 6 % of each cell's best with 8 (2: up to
+# 1.3x slower).
 DB_PROGRAMS_PER_SM = 8
-DSDB_PROGRAMS_PER_SM = 4
+# _dsdb_kernel's token splits come from a model of its programs on the SMs (:func:`dsdb_splits`), in units of
+# one token tile's step of a program alone on its SM: with two programs on an SM each step takes
+# DSDB_SHARED_STEP of that (the loop waits on every tile it loads: a second program hides part of the wait),
+# and every program pays DSDB_PROGRAM_COST steps once (B's parts, its first loads, dB's store). Fitted to the
+# 64 x 256 tiles at T 2048 (2.4 / 3.3 / 1.0 us on an H200: 35B-A3B, 27B and 397B-A17B widths, 2 - 16
+# splits; benchmarks/RESULTS.md "dS + dB token splits"); "at least 4 programs per SM, 8 token tiles each"
+# took 1.19x / 1.00x / 1.21x the best split's time there.
+DSDB_SHARED_STEP = 1.375
+DSDB_PROGRAM_COST = 0.42
+# ... over split counts up to this many waves of programs (each split adds a [sum of widths, rank] fp32
+# plane of dB's partial sums).
+DSDB_MAX_WAVES = 4
 # PartSums: elements per program, halved (down to 256) while the grid has fewer programs per SM than this. Each
 # program walks its rows 4 loads at a time (dS: 32-96 rows, one per column tile), so the programs in flight set
 # the bandwidth: at rank 32 (128-column tiles, more rows) 4 per SM of 1024 elements took up to 1.6x the time of 8
@@ -268,6 +284,57 @@ def token_splits(T: int, n_tiles: int, block_m: int, sms: int, programs_per_sm: 
     splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
     t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), block_m)) * block_m
     return max(1, triton.cdiv(T, t_per_split)), t_per_split
+
+
+def dsdb_makespan(n_tiles: int, m_tiles: int, t_per_split: int, sms: int, resident: int) -> float:
+    """Modelled time of :class:`LoraDsDb`'s grid (module constants ``DSDB_*``), in steps: ``n_tiles`` column
+    tiles x splits of ``t_per_split`` token tiles (of ``m_tiles``; the last split shorter), launched in
+    program-id order (every tile's first split, then the second, ...) onto ``sms`` SMs of ``resident``
+    slots, round robin, each later program into the first slot to free; a program alone on its SM runs one
+    step per unit of time, each of c programs on one SM ``1 + (c - 1) * (DSDB_SHARED_STEP - 1)``."""
+    splits = triton.cdiv(m_tiles, t_per_split)
+    last = m_tiles - (splits - 1) * t_per_split
+    work = [t_per_split + DSDB_PROGRAM_COST] * (n_tiles * (splits - 1)) + [last + DSDB_PROGRAM_COST] * n_tiles
+    step = [1.0 + (c - 1) * (DSDB_SHARED_STEP - 1) for c in range(resident + 1)]   # step time with c on an SM
+    running: list[list[float]] = [[] for _ in range(sms)]
+    nxt = 0
+    for _ in range(resident):
+        for sm in range(sms):
+            if nxt < len(work):
+                running[sm].append(work[nxt])
+                nxt += 1
+    clock = [0.0] * sms
+    events = [(min(r) * step[len(r)], sm) for sm, r in enumerate(running) if r]
+    heapq.heapify(events)
+    end = 0.0
+    while events:
+        t, sm = heapq.heappop(events)
+        done = (t - clock[sm]) / step[len(running[sm])]
+        clock[sm], end = t, t
+        left = [w - done for w in running[sm] if w - done > 1e-9]
+        while len(left) < resident and nxt < len(work):
+            left.append(work[nxt])
+            nxt += 1
+        running[sm] = left
+        if left:
+            heapq.heappush(events, (t + min(left) * step[len(left)], sm))
+    return end
+
+
+@functools.lru_cache(maxsize=256)
+def dsdb_splits(T: int, n_tiles: int, block_m: int, sms: int, resident: int) -> tuple[int, int]:
+    """``(splits, tokens per split)`` of :class:`LoraDsDb`: of the split counts up to ``DSDB_MAX_WAVES``
+    waves of programs, the one of least :func:`dsdb_makespan` (fewer splits on a tie). T 0: one split."""
+    m_tiles = triton.cdiv(T, block_m)
+    if m_tiles <= 1:
+        return 1, max(1, m_tiles) * block_m
+    most = max(1, min(m_tiles, DSDB_MAX_WAVES * resident * sms // n_tiles))
+    best = None
+    for t_per in sorted({triton.cdiv(m_tiles, k) for k in range(1, most + 1)}, reverse=True):
+        cost = dsdb_makespan(n_tiles, m_tiles, t_per, sms, resident)
+        if best is None or cost < best[0] * (1 - 1e-6):
+            best = (cost, t_per)
+    return triton.cdiv(m_tiles, best[1]), best[1] * block_m
 
 
 def rank_block(ranks: Sequence[int]) -> int:
@@ -824,7 +891,7 @@ class LoraDsDb:
     factors' bf16 parts side by side (:func:`parts_side_by_side`)."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
-                 launch: Optional[TrainLaunch] = None, programs_per_sm: int = DSDB_PROGRAMS_PER_SM):
+                 launch: Optional[TrainLaunch] = None, splits: Optional[int] = None):
         block_r = rank_block(sl.rank)
         cfg = launch or {32: DSDB_RANK32_LAUNCH, 64: DSDB_RANK64_LAUNCH}.get(block_r, DSDB_LAUNCH)
         if cfg.block_n * block_r > DSDB_MAX_B_TILE:
@@ -843,7 +910,11 @@ class LoraDsDb:
                 ds_base[i] = row
                 row += counts[i]
             self.ds_groups.append((first, row - first, scol, rank))
-        splits, t_per_split = token_splits(T, n_tiles, cfg.block_m, sms, programs_per_sm)
+        if splits is None:
+            splits, t_per_split = dsdb_splits(T, n_tiles, cfg.block_m, sms, cfg.resident)
+        else:   # as asked (sweeps), each split a whole number of token tiles
+            t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), cfg.block_m)) * cfg.block_m
+            splits = max(1, triton.cdiv(T, t_per_split))
         db_rows, total = _offsets(sl.width)
         self.T, self.R, self.rank = T, R, max(sl.rank)
         # columns of s no group covers: dS 0 there
@@ -887,9 +958,8 @@ class LoraDsDb:
 
 
 def lora_dsdb(dys: Sequence[torch.Tensor], bs: Sequence[torch.Tensor], s: torch.Tensor, sl: Slices, sms: int, *,
-              launch: Optional[TrainLaunch] = None,
-              programs_per_sm: int = DSDB_PROGRAMS_PER_SM) -> tuple[torch.Tensor, torch.Tensor]:
+              launch: Optional[TrainLaunch] = None, splits: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dS, dB)``: :func:`lora_ds`'s dS [T, R] and :func:`lora_db`'s dB [sum of widths, max rank], fp32, from
     one read of ``dys``. Launched on the current CUDA device."""
     return LoraDsDb(sl, s.shape[0], s.shape[1], dys[0].dtype, bs[0].dtype, sms, launch=launch,
-                    programs_per_sm=programs_per_sm)(dys, bs, s)
+                    splits=splits)(dys, bs, s)
