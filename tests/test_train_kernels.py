@@ -167,8 +167,8 @@ def test_dsdb_makespan_model():
 def test_dsdb_splits_rule(n_tiles, T, want):
     """dS + dB's token splits on an H200 (132 SMs, 2 programs each) at 35B-A3B's (48 tiles of 256 columns)
     and 27B's (64) widths: the split count of least modelled time, every token in one split, at most
-    ``DSDB_MAX_WAVES`` waves; by the model no slower than the previous rule (>= 4 programs an SM, splits of >= 8 token
-    tiles), which it measured 0.78-1.00x the time of (benchmarks/RESULTS.md v31)."""
+    ``DSDB_MAX_WAVES`` waves, by the model no slower than the previous rule's (>= 4 programs an SM, splits of
+    >= 8 token tiles; on the GPU 0.78-1.00x its time, benchmarks/RESULTS.md v31)."""
     splits, t_per = lora_train.dsdb_splits(T, n_tiles, 64, 132, 2)
     assert splits == want and t_per % 64 == 0
     assert (splits - 1) * t_per < T <= splits * t_per

@@ -114,8 +114,8 @@ DB_PROGRAMS_PER_SM = 8
 # DSDB_SHARED_STEP of that (the loop waits on every tile it loads: a second program hides part of the wait),
 # and every program pays DSDB_PROGRAM_COST steps once (B's parts, its first loads, dB's store). Fitted to the
 # 64 x 256 tiles at T 2048 (2.4 / 3.3 / 1.0 us on an H200: 35B-A3B, 27B and 397B-A17B widths, 2 - 16
-# splits; benchmarks/RESULTS.md "dS + dB token splits"); "at least 4 programs per SM, 8 token tiles each"
-# took 1.19x / 1.00x / 1.21x the best split's time there.
+# splits; benchmarks/RESULTS.md v31), where "at least 4 programs per SM, 8 token tiles each" took 1.19x /
+# 1.00x / 1.21x the best split's time; held out (T 1024 - 12288, ranks 16 - 64) 0.78-1.00x that rule's.
 DSDB_SHARED_STEP = 1.375
 DSDB_PROGRAM_COST = 0.42
 # ... over split counts up to this many waves of programs (each split adds a [sum of widths, rank] fp32
@@ -886,9 +886,10 @@ class LoraDsDb:
     token split; each loads a [block_m, block_n] tile of dy once per step and multiplies it with B (dS) and,
     transposed, with s (dB). Both reductions are split and summed afterwards, deterministically: dS over the
     column tiles (partial sums ``[tiles, T, max rank]`` fp32, each A group's tiles in successive rows), dB
-    over the token splits (as :class:`LoraDb`), both finished by one :class:`PartSums` launch. Call: ``(dS
-    [T, R], dB [sum of widths, max rank])``, fp32. bf16 dy with fp32 adapters at rank block 16 multiplies the
-    factors' bf16 parts side by side (:func:`parts_side_by_side`)."""
+    over the token splits (as :class:`LoraDb`; how many: :func:`dsdb_splits`, or ``splits`` where given), both
+    finished by one :class:`PartSums` launch. Call: ``(dS [T, R], dB [sum of widths, max rank])``, fp32. bf16
+    dy with fp32 adapters at rank block 16 multiplies the factors' bf16 parts side by side
+    (:func:`parts_side_by_side`)."""
 
     def __init__(self, sl: Slices, T: int, R: int, data_dtype: torch.dtype, adapter_dtype: torch.dtype, sms: int, *,
                  launch: Optional[TrainLaunch] = None, splits: Optional[int] = None):
