@@ -321,20 +321,26 @@ def dsdb_makespan(n_tiles: int, m_tiles: int, t_per_split: int, sms: int, reside
     return end
 
 
-@functools.lru_cache(maxsize=256)
 def dsdb_splits(T: int, n_tiles: int, block_m: int, sms: int, resident: int) -> tuple[int, int]:
     """``(splits, tokens per split)`` of :class:`LoraDsDb`: of the split counts up to ``DSDB_MAX_WAVES``
     waves of programs, the one of least :func:`dsdb_makespan` (fewer splits on a tie). T 0: one split."""
-    m_tiles = triton.cdiv(T, block_m)
+    splits, t_per = _dsdb_splits(triton.cdiv(T, block_m), n_tiles, sms, resident)
+    return splits, t_per * block_m
+
+
+@functools.lru_cache(maxsize=512)
+def _dsdb_splits(m_tiles: int, n_tiles: int, sms: int, resident: int) -> tuple[int, int]:
+    """:func:`dsdb_splits` in token tiles, once per count of them (a new T is a new plan: ~5 ms of model
+    runs at Qwen3.5's widths, paid once per count)."""
     if m_tiles <= 1:
-        return 1, max(1, m_tiles) * block_m
+        return 1, 1
     most = max(1, min(m_tiles, DSDB_MAX_WAVES * resident * sms // n_tiles))
     best = None
     for t_per in sorted({triton.cdiv(m_tiles, k) for k in range(1, most + 1)}, reverse=True):
         cost = dsdb_makespan(n_tiles, m_tiles, t_per, sms, resident)
         if best is None or cost < best[0] * (1 - 1e-6):
             best = (cost, t_per)
-    return triton.cdiv(m_tiles, best[1]), best[1] * block_m
+    return triton.cdiv(m_tiles, best[1]), best[1]
 
 
 def rank_block(ranks: Sequence[int]) -> int:
