@@ -200,6 +200,8 @@ def test_dsdb_tiles_narrow_for_large_ranks():
                                    torch.bfloat16, torch.float32, sms=132)
         assert (plan.meta["BLOCK_N"], plan.meta["BLOCK_N"] * plan.meta["BLOCK_R"]) == (block_n, min(
             lora_train.DSDB_MAX_B_TILE, block_n * plan.meta["BLOCK_R"]))
+        # the split model's slots: the capped tiles (rank block 128) fill an SM's shared memory alone
+        assert plan.launch.resident == (2 if max(ranks) <= 32 else 1)
 
 
 def test_a_slice_across_two_projections_is_refused():

@@ -901,8 +901,8 @@ class LoraDsDb:
                  launch: Optional[TrainLaunch] = None, splits: Optional[int] = None):
         block_r = rank_block(sl.rank)
         cfg = launch or {32: DSDB_RANK32_LAUNCH, 64: DSDB_RANK64_LAUNCH}.get(block_r, DSDB_LAUNCH)
-        if cfg.block_n * block_r > DSDB_MAX_B_TILE:
-            cfg = dataclasses.replace(cfg, block_n=max(16, DSDB_MAX_B_TILE // block_r))
+        if cfg.block_n * block_r > DSDB_MAX_B_TILE:   # (rank block 128: 213 KB of shared memory, 1 an SM)
+            cfg = dataclasses.replace(cfg, block_n=max(16, DSDB_MAX_B_TILE // block_r), resident=1)
         counts = [triton.cdiv(n, cfg.block_n) for n in sl.width]
         tile_off, n_tiles = _offsets(counts)
         # each A group's tiles in successive rows of the dS partial sums (groups in order of first slice)
@@ -933,6 +933,7 @@ class LoraDsDb:
                               for first, rows, scol, rank in self.ds_groups]
                              + stacked_regions(1, 1, splits, total, self.rank, list(zip(db_rows, sl.width, sl.rank)),
                                                block_r), block_r, sms)
+        self.launch = cfg
         self.grid = (n_tiles, splits)
         self.t_per_split = t_per_split
         self.meta = dict(WIDTHS=sl.width, COLS=sl.col, SCOLS=sl.scol, RANKS=sl.rank, SCALES=sl.scale,
