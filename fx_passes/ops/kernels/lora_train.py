@@ -281,7 +281,13 @@ def token_splits(T: int, n_tiles: int, block_m: int, sms: int, programs_per_sm: 
     """``(splits, tokens per split)`` of a kernel whose programs are ``n_tiles`` column tiles x token splits:
     at least ``programs_per_sm`` programs per SM where T allows, each split at least 8 token tiles and a
     whole number of them (T 0: one split)."""
-    splits = max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m)))
+    return split_tokens(T, max(1, min(triton.cdiv(programs_per_sm * sms, n_tiles), triton.cdiv(T, 8 * block_m))),
+                        block_m)
+
+
+def split_tokens(T: int, splits: int, block_m: int) -> tuple[int, int]:
+    """``(splits, tokens per split)``: T in about ``splits`` parts, each a whole number of ``block_m`` token
+    tiles (fewer parts where rounding up leaves the last ones empty; T 0: one)."""
     t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), block_m)) * block_m
     return max(1, triton.cdiv(T, t_per_split)), t_per_split
 
@@ -919,9 +925,8 @@ class LoraDsDb:
             self.ds_groups.append((first, row - first, scol, rank))
         if splits is None:
             splits, t_per_split = dsdb_splits(T, n_tiles, cfg.block_m, sms, cfg.resident)
-        else:   # as asked (sweeps), each split a whole number of token tiles
-            t_per_split = max(1, triton.cdiv(triton.cdiv(T, splits), cfg.block_m)) * cfg.block_m
-            splits = max(1, triton.cdiv(T, t_per_split))
+        else:   # as asked (sweeps)
+            splits, t_per_split = split_tokens(T, splits, cfg.block_m)
         db_rows, total = _offsets(sl.width)
         self.T, self.R, self.rank = T, R, max(sl.rank)
         # columns of s no group covers: dS 0 there
