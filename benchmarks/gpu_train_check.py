@@ -12,11 +12,13 @@ gradient asked for, then only some.
     ... --layouts big-rank                           # some of the layouts
 
 ``--compiled`` also asserts that Inductor's code launches the training kernels itself and calls neither
-op (from ``train_fused_min_t`` that includes the fused GEMMs of :mod:`fx_passes.ops.kernels.gemm_lora_train`).
+op (from ``train_fused_min_t`` that includes the fused GEMMs of :mod:`fx_passes.ops.kernels.gemm_lora_train`),
+and that the forward's outputs equal the eager call's to the bit (the same kernels on the same operands: an
+operand Inductor computed otherwise, as a 16-bit rounding it elided, shows there and may pass the bounds).
 
 Bounds (relative Frobenius error against fp64): fp32 results (s, dS, dA, dB) 1e-5; 16-bit results (the
-outputs, dx) three times what rounding the fp64 result to their dtype costs, plus 1e-4 (the ops round
-twice, as PEFT: the base product to x's dtype, then its sum with the LoRA part).
+outputs, dx) three times what rounding the fp64 result to their dtype costs, plus 1e-4 (the outputs round
+base + LoRA once; dx rounds its GEMMs' sum, then its sum with x's LoRA part).
 """
 from __future__ import annotations
 
@@ -125,10 +127,17 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
         forward = _compiled(torch.ops.fx_passes.qkvz_lora_train)
         backward = _compiled(torch.ops.fx_passes.qkvz_lora_train_backward)
     outs, s = forward(x, xs, w, a, b, slice_a, slice_start, scales)
+    if compiled:   # the traced graph runs the eager call's kernels on the same operands: equal to the bit
+        eager_outs, eager_s = train._train_cuda(x, xs, w, a, b, slice_a, slice_start, scales)
+        for p, (o, e) in enumerate(zip([*outs, s], [*eager_outs, eager_s])):
+            if not torch.equal(o, e):
+                worst, worst_name[0] = max(worst, 2.0), f"compiled != eager ({p})"
+                print(f"    output {p}: compiled differs from eager by {(o.float() - e.float()).abs().max():.2e}")
     # the ops' torch implementations (their argument checks take no fp64: called past them)
     owners = train.slice_owners([t.shape[0] for t in w64], slice_start, [t.shape[0] for t in b64])
-    outs64, s64 = [x64 @ t.t() for t in w64], train._shrink_reference(xs64, a64)
-    train._add_lora_reference(outs64, s64, b64, slice_a, owners, scales, train.group_columns([t.shape[0] for t in a64]))
+    s64 = train._shrink_reference(xs64, a64)
+    outs64 = train.forward_reference(x64, w64, s64, b64, slice_a, owners, scales,
+                                     train.group_columns([t.shape[0] for t in a64]))
     for p, (o, o64) in enumerate(zip(outs, outs64)):
         compare(f"out {p}", o, o64, dtype)
     compare("s", s, s64, adapter_dtype)
@@ -149,9 +158,10 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
 
 
 def paths(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> str:
-    """Which forward and which dx the case runs: ``gemm`` (the base GEMMs with the expand in their epilogue)
-    or ``split`` (library GEMMs, then the expand kernel); dx ``gemm`` (dx's GEMMs with x's LoRA gradient in
-    their epilogue, x itself the LoRA input; ``gemm+dA``: dA on its lighter programs too) or ``split``."""
+    """Which forward and which dx the case runs: ``gemm`` (the fused GEMM, the LoRA in its K loop or epilogue)
+    or ``split`` (the library GEMMs' fp32 products, then the expand kernel); dx ``gemm`` (dx's GEMMs with x's
+    LoRA gradient in their epilogue, x itself the LoRA input; ``gemm+dA``: dA on its lighter programs too) or
+    ``split``."""
     from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable, fusable
 
     widths, _, ranks = LAYOUTS[layout]

@@ -22,7 +22,7 @@ import fx_passes.ops  # noqa: E402,F401
 from fx_passes.ops import tuning  # noqa: E402
 from fx_passes.ops.kernels import gemm_lora_train, lora_train  # noqa: E402
 from fx_passes.ops.kernels.lora_train import Slices  # noqa: E402
-from fx_passes.ops.qkvz_lora_train import (_add_lora_reference, group_columns, lora_grads_reference,  # noqa: E402
+from fx_passes.ops.qkvz_lora_train import (forward_reference, group_columns, lora_grads_reference,  # noqa: E402
                                            slice_owners)
 
 train = importlib.import_module("fx_passes.ops.qkvz_lora_train")   # the module (fx_passes.ops exports the op)
@@ -53,6 +53,17 @@ def _case(T, layout, adapter_dtype, seed=0):
     return dys, s, lora_b, slice_a, scales, owners, ranks, sl, [p for p, _ in owners]
 
 
+def _expand_reference(outs, s, lora_b, slice_a, owners, scales, offs) -> None:
+    """ExpandAdd's semantics, in place: each slice's sum in promote(out, adapters) dtype, rounded to the
+    output's dtype in slice order (two slices over the same columns: once each)."""
+    acc = torch.promote_types(outs[0].dtype, lora_b[0].dtype)
+    for i, b in enumerate(lora_b):
+        p, start = owners[i]
+        cols = outs[p][:, start:start + b.shape[0]]
+        sg = s[:, offs[slice_a[i]]:offs[slice_a[i]] + b.shape[1]]
+        cols.copy_(torch.addmm(cols.to(acc), sg.to(acc), b.t().to(acc), alpha=scales[i]))
+
+
 def _close(got, want, dtype):
     tol = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.float().abs().max().item())
@@ -64,7 +75,7 @@ def _close(got, want, dtype):
 def test_expand_add_matches_reference(layout, T, adapter_dtype):
     outs, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(T, layout, adapter_dtype)
     want = [o.clone() for o in outs]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    _expand_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     got = [o.clone() for o in outs]
     lora_train.expand_add_([got[p] for p in out_of], s, lora_b, sl)
     assert not torch.equal(got[0], outs[0])
@@ -80,7 +91,7 @@ def test_expand_slices_of_other_tensors_share_a_launch(layout):
     a launch of its own); the sums equal the reference."""
     outs, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _case(70, layout, torch.float32)
     want = [o.clone() for o in outs]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    _expand_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     got = [o.clone() for o in outs]
     lora_train.expand_add_([got[p] for p in out_of], s, lora_b, sl, tensor_of=out_of)
     for p in range(len(outs)):
@@ -474,8 +485,8 @@ def test_bf16_parts_hold_an_fp32_value_to_its_last_bit():
 def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatch):
     """The forward / backward plans of a bf16 layer with fp32 adapters (x itself as the LoRA input): every
     kernel that multiplies a bf16 tensor with an fp32 factor (the shrink over x, dS and dS + dB over dy, dA over x)
-    takes ``bf16x3``, dS + dB at rank block 16 with the parts side by side (``bf16x3_cat``); the expands (two
-    fp32 factors) keep ``tf32x3``; an fp16 layer keeps ``tf32x3`` everywhere. (Plans only: the interpreter
+    takes ``bf16x3``, dS + dB at rank block 16 with the parts side by side (``bf16x3_cat``); x's LoRA gradient
+    (two fp32 factors) keeps ``tf32x3``; an fp16 layer keeps ``tf32x3`` everywhere. (Plans only: the interpreter
     cannot run bf16 kernels.)"""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     for dtype, data_precision, ranks, dsdb_precision in ((torch.bfloat16, "bf16x3", (8, 8), "bf16x3_cat"),
@@ -487,7 +498,7 @@ def test_the_ops_plans_pick_bf16_parts_for_bf16_x_under_fp32_adapters(monkeypatc
         fwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, False)
         bwd = train._plan(70, dtype, x, lora_a, lora_b, [0, 1], [2.0, 0.5], owners, True)
         assert fwd.shrink.meta["DOT_PRECISION"] == data_precision
-        assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in fwd.expand.waves + bwd.dx.waves)
+        assert all(meta["DOT_PRECISION"] == "tf32x3" for *_, meta in bwd.dx.waves)
         for kernel in (bwd.ds, bwd.da):
             assert kernel.meta["DOT_PRECISION"] == data_precision
         assert bwd.dsdb.meta["DOT_PRECISION"] == dsdb_precision
@@ -543,12 +554,11 @@ def _gemm_case(T, layout, adapter_dtype, seed=0):
 @pytest.mark.parametrize("T", [5, 37])
 @pytest.mark.parametrize("adapter_dtype", [torch.float32, torch.float16])
 def test_gemm_expand_matches_reference(layout, T, adapter_dtype):
-    """The persistent GEMM + expand (3 programs over 16 x 16 tiles: several tiles each, tiles across slice
-    bounds, a K tail, T tails) against library GEMMs + the expand reference: the base rounded first, each
-    slice's sum rounded in slice order (two adapters over the same columns)."""
+    """The persistent GEMM + LoRA (3 programs over 16 x 16 tiles: several tiles each, tiles across slice
+    bounds, a K tail, T tails; every projection wide, so the LoRA as K steps) against the op's torch
+    implementation: base + LoRA in fp32, rounded once (two adapters over the same columns summed)."""
     x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(T, layout, adapter_dtype)
-    want = [x @ w.t() for w in weights]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    want = forward_reference(x, weights, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     got = gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=SMALL_GEMM)
     assert [g.shape for g in got] == [w.shape for w in want] and all(g.dtype == torch.float16 for g in got)
     for p in range(len(want)):
@@ -567,11 +577,65 @@ def test_gemm_expand_narrow_projection_tiles(adapter_dtype):
     x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(37, "qkvz", adapter_dtype)
     assert gemm_lora_train.tile_widths([w.shape[0] for w in weights], 32) == (32, 32, 16, 16)
     assert gemm_lora_train.tile_widths([10240, 6144, 48, 48], 256) == (256, 256, 64, 64)
-    want = [x @ w.t() for w in weights]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    want = forward_reference(x, weights, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     got = gemm_lora_train.gemm_expand(x, weights, s, lora_b, sl, out_of, config=config)
     for p in range(len(want)):
         _close(got[p], want[p], torch.float16)
+
+
+@pytest.mark.parametrize("narrow_slice", [False, True])
+def test_gemm_expand_lora_as_k_steps_or_epilogue(narrow_slice):
+    """Slices on the wide projections only (qkv, z: a PEFT model's layout) run as the first K steps of their
+    tiles (``KstepLayout``: s's and B's two-part splits, two adapters over the same columns summed, K steps
+    of 16 with a zero-padded tail); a slice on a narrow projection (b) keeps every slice in the epilogue.
+    Both equal the op's torch implementation (one rounding of base + LoRA)."""
+    config = tuning.PrefillLaunch(16, 32, 16, 2, 4, num_programs=3)
+    layout = "qkvz" if narrow_slice else "two_adapters"
+    x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(37, layout, torch.float32)
+    if narrow_slice:   # one more slice: b's 8 columns, A group 0
+        g = torch.Generator().manual_seed(9)
+        lora_b = [*lora_b, torch.randn(8, ranks[0], generator=g)]
+        slice_a, scales, owners = [*slice_a, 0], [*scales, 1.5], [*owners, (2, 0)]
+        sl = Slices(sl.width + (8,), sl.col + (0,), sl.scol + (0,), sl.rank + (ranks[0],), sl.scale + (1.5,))
+        out_of = [*out_of, 2]
+    plan = gemm_lora_train.GemmExpand(sl, out_of, [w.shape[0] for w in weights], 37, 40, x.dtype, s.dtype,
+                                      x.device, config)
+    assert (plan.kstep is None) == narrow_slice and plan.meta["KSTEP"] == (not narrow_slice)
+    if not narrow_slice:   # qkv (wide 0): groups 0 and 1, 3 x (ranks) parts in K steps of 16
+        assert plan.kstep.groups[0] == tuple(sorted({(sl.scol[i], sl.rank[i]) for i in range(len(sl))
+                                                      if out_of[i] == 0}))
+        assert plan.kstep.steps[0] == -(-3 * sum(r for _, r in plan.kstep.groups[0]) // 16)
+    want = forward_reference(x, weights, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    got = plan(x, weights, s, lora_b)
+    for p in range(len(want)):
+        _close(got[p], want[p], torch.float16)
+    if narrow_slice:   # b's LoRA is there
+        assert not torch.allclose(got[2].float(), (x @ weights[2].t()).float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kstep_parts_are_exact_splits_under_inductor(dtype):
+    """The K steps' operands (``kstep_parts``: s's and B's two-part splits) as torch ops compiled by Inductor
+    equal them run eagerly, bit for bit: a split as ``v.to(dtype)`` and back is kept by Inductor as the fp32
+    value inside one kernel, which would make every lo part 0 (the LoRA term then at 16-bit precision).
+    ``SP_j @ C_j^T`` is the slices' scaled LoRA to ~2^-15, two adapters over the same columns summed."""
+    x, weights, s, lora_b, slice_a, scales, owners, ranks, sl, out_of = _gemm_case(37, "two_adapters",
+                                                                                   torch.float32)
+    ks = gemm_lora_train.kstep_layout(sl, out_of, [0, 1], [w.shape[0] for w in weights], 16)
+    eager = gemm_lora_train.kstep_parts(ks, s, lora_b, dtype)
+    compiled = torch.compile(lambda s, *b: gemm_lora_train.kstep_parts(ks, s, b, dtype), fullgraph=True)(s, *lora_b)
+    assert torch.equal(eager[0], compiled[0]) and all(torch.equal(a, b) for a, b in zip(eager[1], compiled[1]))
+    sp, cs = eager
+    offs = group_columns(ranks)
+    for j, c in enumerate(cs):
+        want = torch.zeros(weights[j].shape[0], 37, dtype=torch.float64)
+        for i in ks.slices[j]:
+            g = slice_a[i]
+            want[owners[i][1]:owners[i][1] + lora_b[i].shape[0]] += scales[i] * (
+                lora_b[i].double() @ s[:, offs[g]:offs[g] + ranks[g]].double().t())
+        cols = slice(ks.sp_col[j], ks.sp_col[j] + ks.steps[j] * 16)
+        got = c.double() @ sp[:, cols].double().t()
+        assert ((got - want).norm() / want.norm()).item() < 2 ** -15
 
 
 def _narrow_tiles_of(sched, program: int, narrow: int) -> list[int]:
@@ -626,8 +690,7 @@ def test_gemm_expand_phases(T, programs, phases, monkeypatch):
     new_empty = torch.Tensor.new_empty
     monkeypatch.setattr(torch.Tensor, "new_empty", lambda t, *a, **k: new_empty(t, *a, **k).fill_(float("nan")))
     got = plan(x, weights, s, lora_b)
-    want = [x @ w.t() for w in weights]
-    _add_lora_reference(want, s, lora_b, slice_a, owners, scales, group_columns(ranks))
+    want = forward_reference(x, weights, s, lora_b, slice_a, owners, scales, group_columns(ranks))
     for p in range(len(want)):
         assert not got[p].isnan().any()
         _close(got[p], want[p], torch.float16)
@@ -649,8 +712,7 @@ def test_fused_gemms_prefetch_rule():
     sl = Slices((32,), (8,), (0,), (r,), (0.5,))
     plan = gemm_lora_train.GemmExpand(sl, [0], [48, 8], T, 40, torch.float16, torch.float32, x.device, SMALL_GEMM)
     assert plan.meta["PREFETCH"] == (-1,) * gemm_lora_train.MAX_PROJ
-    want = [x @ w.t() for w in weights]
-    want[0][:, 8:40] = (want[0][:, 8:40].float() + 0.5 * s @ lora_b[0].t()).to(torch.float16)
+    want = forward_reference(x, weights, s, lora_b, [0], [(0, 8)], [0.5], [0])
     got = plan(x, weights, s, lora_b)
     for p in range(2):
         _close(got[p], want[p], torch.float16)
@@ -693,7 +755,7 @@ def test_the_forward_op_takes_the_fused_gemm_from_the_devices_t(monkeypatch):
         args = (x, [x, x], weights, lora_a, lora_b, [0, 1], [0, 96], [2.0, 0.5])
         got_outs, got_s = train._train_cuda(*args)
         plan = train._FORWARD_PLANS.get(train._signature(*args, (0, 0), 0), lambda: None)
-        assert (plan.gemm is not None, plan.expand is None) == (fused, fused)
+        assert (plan.gemm is not None) == fused
         want_outs, want_s = torch.ops.fx_passes.qkvz_lora_train(*args)
         _close(got_s, want_s, torch.float32)
         for got, want in zip(got_outs, want_outs):

@@ -1,8 +1,10 @@
 """The training ops' CUDA bodies traced into the graph (what Inductor compiles; no GPU here: fake CUDA
 tensors, in a fresh interpreter without the Triton interpreter, see ``train_trace_script.py``): the forward
-op's traced graph holds the four base GEMMs and our two kernels (the shrink over x, the expand-add) and no
-op call, or from ``train_fused_min_t`` the shrink kernel and the base GEMMs with the expand in their epilogue
-(one kernel: it makes its TMA descriptors on the device); the backward's dx GEMM with the host TMA descriptors
+op's traced graph holds the four base GEMMs (fp32 products where LoRA is added) and our two kernels (the
+shrink over x, the expand-add) and no op call, or from ``train_fused_min_t`` the shrink kernel and the base
+GEMMs with the LoRA in their epilogue (one kernel: it makes its TMA descriptors on the device; with the LoRA
+as K steps its parts are torch ops slicing s, which a CPU build cannot trace on fake CUDA tensors:
+``gpu_train_check --compiled`` runs that graph); the backward's dx GEMM with the host TMA descriptors
 it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written (dx and dA
 where the GEMM computes dA on its lighter programs); the
 dS + dB kernel with the launch summing its partial sums (and the shrink's, over a wide x); every
@@ -25,8 +27,10 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     got = json.loads(done.stdout.strip().splitlines()[-1])
     traced = got["forward"]
     assert traced["kernels"] == ["_ds_kernel", "_expand_add_kernel"], traced
-    assert traced["ops"]["aten::mm"] == 4 and not any(op.startswith("fx_passes::") for op in traced["ops"]), traced
-    large = got["forward_large"]   # the GEMMs with the expand in their epilogue: one kernel, no library GEMM
+    # qkv's and z's GEMMs with an fp32 output (the LoRA added into it, rounded once), b's and a's in bf16
+    assert traced["ops"]["aten::mm.dtype"] == 2 and traced["ops"]["aten::mm"] == 2, traced
+    assert not any(op.startswith("fx_passes::") for op in traced["ops"]), traced
+    large = got["forward_large"]   # the GEMMs with the LoRA in their epilogue: one kernel, no library GEMM
     assert large["kernels"] == ["_ds_kernel", "_gemm_expand_kernel"], large
     assert "aten::mm" not in large["ops"] and not any(op.startswith("fx_passes::") for op in large["ops"]), large
     assert traced["cloned"] == large["cloned"] == [], (traced, large)   # every kernel writes in place

@@ -163,7 +163,8 @@ def trace_for_export():
 if __name__ == "__main__":
     print(json.dumps({
         "forward": trace_forward(),
-        # from train_fused_min_t, with TMA rows in every projection: the GEMMs + expand as one op
+        # from train_fused_min_t, with TMA rows in every projection: the GEMMs + LoRA as one kernel (z's 72
+        # columns take a narrow tile, so its slice keeps the LoRA in the epilogue)
         "forward_large": trace_forward(T=tuning.tuning_for(tuning.device_info(None)).train_fused_min_t,
                                        widths=(200, 72, 8, 8)),
         "dx": trace_dx(128 * 132, widths=(200, 72, 8, 8)),   # whole waves on the assumed 132 SMs

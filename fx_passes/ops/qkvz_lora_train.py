@@ -2,24 +2,27 @@
 
 ``fx_passes::qkvz_lora_train(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales) -> (outs, s)``::
 
-    outs[p]   = x @ W_p^T                                   rounded to x's dtype, one tensor per projection
     s[:, g]   = xs[g].to(adapters) @ lora_a[g]^T            [T, sum of ranks], A group g in columns
                                                             off_g = r_0 + .. + r_{g-1} .. off_g + r_g
     delta[i]  = scales[i] * s[:, slice_a[i]] @ lora_b[i]^T  columns [slice_start[i], + n_i) of cat(outs)
-    outs[p][:, slice i] = round(base + delta[i]), summed in promote(x, adapters) dtype and rounded to x's
-                dtype once per slice (two slices over the same columns: once each)
+    outs[p]   = round(x @ W_p^T + sum of delta[i] over p's slices)   summed in fp32 (x's dtype where wider),
+                                                            rounded to x's dtype once; one tensor per projection
 
-which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result =
-base_layer(x); result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where
-it rounds: the expand and its scaling are not rounded apart from the sum. (On Hopper from the device's
-``train_fused_min_t`` the expand of fp32 adapters multiplies bf16 hi + lo parts of s and B: ~2^-16 relative
-in delta, below the 16-bit output's rounding; :mod:`~.kernels.gemm_lora_train`.) ``slice_start`` counts columns
-of the projections side by side; a slice lies inside one projection. ``xs[g]`` is the LoRA input of A
-group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels' registers), or what PEFT
-made of it (the cast to the adapters' dtype, its dropout): dropout stays outside the op, so Inductor's RNG
-draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices may overlap (two
-adapters on one projection add up). ``s`` (every group's shrink, side by side) is returned so that
-autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
+which is what PEFT's LoRA ``Linear`` computes for every adapter of every projection (``result = base_layer(x);
+result = result + lora_B(lora_A(dropout(x))) * scaling; result.to(x.dtype)``) up to where it rounds: PEFT
+rounds the base GEMM's output, and the sum after each adapter, to x's dtype; the op rounds base + LoRA once.
+The two differ by at most a unit in the last place of an output element (about one element in five at rank 16
+on a bf16 base), the op's the closer to the exact sum (1.66e-3 against 1.82e-3 from fp64 at 35B-A3B's widths,
+1.66e-3 against 2.43e-3 with two adapters). One rounding is what lets the fused GEMM carry the LoRA as K steps
+of its main loop (:mod:`~.kernels.gemm_lora_train`), where rounding the base first needs a second pass over
+each tile after it. (On Hopper from the device's ``train_fused_min_t`` the LoRA of fp32 adapters multiplies
+two-part 16-bit splits of s and B: ~2^-16 relative in delta, below the 16-bit output's rounding.)
+``slice_start`` counts columns of the projections side by side; a slice lies inside one projection. ``xs[g]``
+is the LoRA input of A group ``g``: ``x`` itself (in x's dtype: the op casts it, on CUDA in the kernels'
+registers), or what PEFT made of it (the cast to the adapters' dtype, its dropout): dropout stays outside the
+op, so Inductor's RNG draws the masks, and q / k / v (one PEFT module, one A) read one mask, z another. Slices
+may overlap (two adapters on one projection add up). ``s`` (every group's shrink, side by side) is returned so
+that autograd keeps it for the backward (dB needs it) instead of recomputing the shrink.
 
 One output per projection, not one packed [T, N] tensor: the graph reads the projections apart, and the
 backward of slicing one output is a zero-filled [T, N] gradient per slice summed up (4 fills, 4 copies
@@ -154,10 +157,9 @@ def qkvz_lora_train(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    outs = [x @ w.t() for w in weights]
     s = _shrink_reference(xs, lora_a)
-    _add_lora_reference(outs, s, lora_b, slice_a, owners, scales, group_columns([a.shape[0] for a in lora_a]))
-    return outs, s
+    return forward_reference(x, weights, s, lora_b, slice_a, owners, scales,
+                             group_columns([a.shape[0] for a in lora_a])), s
 
 
 def _shrink_reference(xs, lora_a) -> torch.Tensor:
@@ -170,16 +172,35 @@ def _shrink_reference(xs, lora_a) -> torch.Tensor:
     return s
 
 
-def _add_lora_reference(outs, s, lora_b, slice_a, owners, scales, offs) -> None:
-    acc = torch.promote_types(outs[0].dtype, lora_b[0].dtype)
-    for i, b in enumerate(lora_b):
-        p, start = owners[i]
-        cols = outs[p][:, start:start + b.shape[0]]
-        sg = s[:, offs[slice_a[i]]:offs[slice_a[i]] + b.shape[1]]
-        if acc == cols.dtype:
-            cols.addmm_(sg, b.t(), alpha=scales[i])
-        else:   # fp32 adapters on a 16-bit base: the slice's sum in fp32, rounded once (only [T, n_i] in fp32)
-            cols.copy_(torch.addmm(cols.to(acc), sg, b.t(), alpha=scales[i]))
+def forward_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor,
+                      lora_b: Sequence[torch.Tensor], slice_a: Sequence[int], owners: Sequence[tuple[int, int]],
+                      scales: Sequence[float], offs: Sequence[int]) -> list[torch.Tensor]:
+    """The op's outputs by torch ops: a projection with slices as its base GEMM's fp32 product (x's dtype
+    where wider) plus each slice's ``scale * s_g @ B^T`` in that dtype, rounded to x's dtype once."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    outs = []
+    for p, w in enumerate(weights):
+        mine = [i for i, (q, _) in enumerate(owners) if q == p]
+        if not mine:
+            outs.append(x @ w.t())
+            continue
+        out = _base_product(x, w, acc)
+        for i in mine:
+            b, (_, start), g = lora_b[i], owners[i], slice_a[i]
+            out[:, start:start + b.shape[0]].addmm_(s[:, offs[g]:offs[g] + b.shape[1]].to(acc), b.t().to(acc),
+                                                    alpha=scales[i])
+        outs.append(out.to(x.dtype))
+    return outs
+
+
+def _base_product(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``x @ w^T`` unrounded, in ``acc``: on CUDA the library GEMM's fp32 output (``out_dtype``), elsewhere
+    the product of x and W in ``acc`` (the CPU has no 16-bit GEMM with an fp32 output)."""
+    if acc == x.dtype:
+        return x @ w.t()
+    if x.device.type == "cuda":
+        return torch.mm(x, w.t(), out_dtype=acc)
+    return x.to(acc) @ w.to(acc).t()
 
 
 def _distinct(xs: Sequence[torch.Tensor], x: Optional[torch.Tensor]) -> tuple[list[int], list[int], int]:
@@ -218,9 +239,9 @@ class _TrainPlan:
     out_of: tuple[int, ...] = ()         # each slice's projection
     db_rows: tuple[int, ...] = ()        # each slice's first row in dB (all slices' dB stacked)
     x_side: Optional[_XSide] = None      # x itself read by the kernels (16-bit x, wider adapters)
-    expand: object = None                # forward: ExpandAdd of the slices; shrink: LoraDs of x's side
-    gemm: object = None                  # forward at large T: GemmExpand (base GEMMs + expand), no ExpandAdd
-    shrink: object = None
+    expand: object = None                # forward: ExpandAdd of the slices (into the GEMMs' fp32 products)
+    gemm: object = None                  # forward at large T: GemmExpand (base GEMMs + LoRA), no ExpandAdd
+    shrink: object = None                # forward: LoraDs of x's side
     ds: object = None                    # backward, the slices: LoraDs (dS where no dB is asked for),
     dsdb: object = None                  # LoraDsDb (dS and dB from one read of dy)
     da: object = None                    # x's side: LoraDb (dA; None where gemm_dx runs it),
@@ -325,20 +346,21 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
                                          tuple(xs_of), x_input), make)
     with on_device(x, traced):
         if not plan.kernels:
-            outs = [x @ w.t() for w in weights]   # library GEMMs: the base rounded as PEFT's
             s = _shrink_reference(xs, lora_a)
-            _add_lora_reference(outs, s, lora_b, slice_a, plan.owners, scales, plan.offs)
-            return outs, s
+            return forward_reference(x, weights, s, lora_b, slice_a, plan.owners, scales, plan.offs), s
         if plan.shrink is None:
             s = _shrink_reference(xs, lora_a)
         else:   # one read of x, cast in registers, where the library GEMM would need an fp32 copy of [T, H]
             s = plan.shrink([x] * len(plan.x_side.slices), _x_side_bs(plan.x_side, lora_a), traced=traced)
             s = s if s.dtype == lora_a[0].dtype else s.to(lora_a[0].dtype)
-        if plan.gemm is not None:   # the GEMMs with the expand in their epilogue: [T, N] written once
+        if plan.gemm is not None:   # the GEMMs with the LoRA in their K loop or epilogue: [T, N] written once
             return plan.gemm(x, weights, s, lora_b, traced=traced), s
-        outs = [x @ w.t() for w in weights]
+        # the library GEMMs' fp32 products where a slice lies, the LoRA added into them, rounded once
+        acc = torch.promote_types(x.dtype, torch.float32)
+        lora = set(plan.out_of)
+        outs = [_base_product(x, w, acc) if p in lora else x @ w.t() for p, w in enumerate(weights)]
         plan.expand([outs[p] for p in plan.out_of], s, lora_b, traced=traced)
-    return outs, s
+    return [o.to(x.dtype) for o in outs], s
 
 
 @qkvz_lora_train.register_fake

@@ -6,8 +6,8 @@
 * :mod:`.gemm_lora_decode` -- small-T GEMM with the expand in its epilogue;
 * :mod:`.gemm_lora_prefill` -- persistent TMA GEMM with the expand in its epilogue (Hopper+);
 * :mod:`.lora_train` -- the training op's LoRA: expand-add over every slice, dS / dB, x's side;
-* :mod:`.gemm_lora_train` -- training at large T (Hopper+): the forward's GEMMs with the expand in their
-  epilogue, dx's GEMMs with x's LoRA gradient in theirs.
+* :mod:`.gemm_lora_train` -- training at large T (Hopper+): the forward's GEMMs with the LoRA as their first
+  K steps (or in their epilogue), dx's GEMMs with x's LoRA gradient in their epilogue.
 
 :mod:`fx_passes.ops.dispatch` chooses among them; launch choices come from :mod:`fx_passes.ops.tuning`.
 """

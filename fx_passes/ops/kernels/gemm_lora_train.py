@@ -1,4 +1,4 @@
-"""``fx_passes::qkvz_lora_train`` at large T: the forward's base GEMMs with the LoRA expand in their epilogue,
+"""``fx_passes::qkvz_lora_train`` at large T: the forward's base GEMMs with the LoRA in their K loop (or epilogue),
 and the backward's dx GEMMs with x's LoRA gradient in theirs (Triton, Hopper TMA; semantics:
 :mod:`fx_passes.ops.qkvz_lora_train`).
 
@@ -8,20 +8,30 @@ per layer at T 16384 on the Qwen3.5 widths on an H200, a third of what LoRA cost
 Inside a GEMM that runs at the library's rate it costs a [BLOCK_R, BLOCK_N] load of B and one small dot
 per tile.
 
-``_gemm_expand_kernel``: persistent (one program per SM), the column tiles of every projection side by
-side (each projection its own W and output descriptor: a training step's frozen weights are separate
-tensors, not packed; b and a in tiles of their own width, :func:`tile_widths`), TMA loads of x and W, fp32
-accumulator, TMA store. Tiles in two phases (:func:`schedule`): the wide projections' tiles in grouped
-order, then b's and a's narrow tiles onto the programs left lighter. After a tile's K loop, each LoRA
-slice over the tile's columns is added in slice order, PEFT's roundings kept::
+``_gemm_expand_kernel``: persistent (one program per SM), the column tiles of every projection side by side
+(each projection its own W and output descriptor: a training step's frozen weights are separate tensors, not
+packed; b and a in tiles of their own width, :func:`tile_widths`), TMA loads of x and W, fp32 accumulator, TMA
+store, base + LoRA rounded once at the store (the op's semantics). Tiles in two phases (:func:`schedule`): the
+wide projections' tiles in grouped order, then b's and a's narrow tiles onto the programs left lighter.
 
-    acc = round(acc)                                  the base, rounded as the library GEMM's output
-    acc = round(acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile])     per slice over the tile
+Where every slice lies on a wide projection (qkv, z), the LoRA runs as the first K steps of their tiles
+(:class:`KstepLayout`, :func:`_kstep_tiles`)::
 
-``round``: to x's dtype and back (PEFT adds each adapter to the rounded result and rounds the sum). The
-scale multiplies s before the dot (16-bit adapters: one rounding of the scaled s); fp32 adapters multiply as
-bf16 hi + lo parts on a GPU (:meth:`GemmExpand.epilogue_dot`: ~2^-16 relative in the LoRA term, where the
-op's other kernels are fp32-level), at :func:`~.lora_train.dot_precision` under the Triton interpreter.
+    out_p = [SP | x] @ [C_p | W_p]^T      SP: s's parts [s_hi | s_lo | s_hi] per A group,
+                                          C_p: the parts [b_hi | b_hi | b_lo] of scale_i * B_i
+
+one K step more (rank 16 in 64 columns) in the same pipelined loop, flattened over the tiles so that a tile's store
+overlaps the next tile's first loads: the kernel at 0.94 / 0.96 / 0.91x the epilogue form's time at 35B-A3B T 2048 /
+4096 / 6144 on an H200, 0.90x at rank 64 (T 4096). Elsewhere each LoRA slice over a tile's columns is added after
+its K loop (the epilogue: ~2 us a tile that nothing overlaps, Triton 3.6 not warp-specializing on Hopper)::
+
+    acc = acc + (scale_i * s[:, scols i]) @ B_i^T[:, tile]     per slice over the tile, in slice order
+
+The scale multiplies s before the dot (16-bit adapters: one rounding of the scaled s); fp32 adapters multiply
+as bf16 hi + lo parts on a GPU (:meth:`GemmExpand.epilogue_dot`: ~2^-16 relative in the LoRA term, where the
+op's other kernels are fp32-level), at :func:`~.lora_train.dot_precision` under the Triton interpreter. The K
+steps take the same three products in x's dtype (fp16: a factor's lo part below 2^-14 loses bits to fp16's
+subnormals, 2^-24 apart: still far below the output's rounding).
 
 Conditions (:func:`fusable`): a GPU with TMA (sm90+) and shared memory for the tiles
 (:func:`~fx_passes.ops.tuning.prefill_launch`, the tiles of the inference prefill kernel), 16-bit x and
@@ -107,13 +117,13 @@ def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl
                 COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
                 B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                 NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, OUT_DTYPE: tl.constexpr,
-                ROUND_EACH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+                ROUND_BASE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
                 PRE: tl.constexpr, s_pre, bt_pre):
-    """``acc`` (a tile's fp32 GEMM sum) with the LoRA of projection ``P``'s slices over the tile's columns, in
-    slice order: the base rounded to ``OUT_DTYPE`` first; ``ROUND_EACH``: each slice's sum rounded too (the
-    forward, as PEFT adds adapter after adapter), else the slices chained and rounded once, at the store.
-    Slice ``PRE`` (-1: none) comes with its factors loaded already (``s_pre``, ``bt_pre``: :func:`_prefetch`)."""
-    if not ROUND_EACH:
+    """``acc`` (a tile's fp32 GEMM sum) with the LoRA of projection ``P``'s slices over the tile's columns
+    chained in slice order, rounded once at the store; ``ROUND_BASE``: the base rounded to ``OUT_DTYPE`` first
+    (dx, as its library GEMMs round). Slice ``PRE`` (-1: none) comes with its factors loaded already
+    (``s_pre``, ``bt_pre``: :func:`_prefetch`)."""
+    if ROUND_BASE:
         acc = _round(acc, OUT_DTYPE)
     for i in tl.static_range(NUM_SLICES):
         if SLICE_PROJ[i] == P:   # (compile time: this projection's slices only)
@@ -124,8 +134,6 @@ def _add_slices(acc, s_ptr, bs, off_m, off_n, T, P: tl.constexpr, SLICE_PROJ: tl
                     s, bt = _slice_operands(s_ptr, bs[i], off_m, off_n, T, i, WIDTHS, COLS, SCOLS, RANKS,
                                             B_STRIDES_N, B_STRIDES_R, STRIDE_ST, BLOCK_M, BLOCK_N, BLOCK_R)
                 s = s.to(tl.float32) * SCALES[i]
-                if ROUND_EACH:
-                    acc = _round(acc, OUT_DTYPE)
                 if EPILOGUE_DOT == "bf16x3":   # fp32 factors as bf16 hi + lo: hi hi + hi lo + lo hi
                     s_hi = s.to(tl.bfloat16)
                     s_lo = (s - s_hi.to(tl.float32)).to(tl.bfloat16)
@@ -173,7 +181,7 @@ def _proj_tile(x_desc, w_desc, o_desc, s_ptr, bs, off_m, off_n, T, K, P: tl.cons
     for k0 in range(0, K, BLOCK_K):
         acc = tl.dot(x_desc.load([off_m, k0]), w_desc.load([off_n, k0]).T, acc)
     acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, P, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N,
-                      B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, True, BLOCK_M, BLOCK_N, BLOCK_R,
+                      B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M, BLOCK_N, BLOCK_R,
                       PRE, s_pre, bt_pre)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
@@ -198,6 +206,69 @@ def _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, FIRST: tl.constexpr
 
 
 @triton.jit
+def _c_desc(c_ptr, w_desc, rows, STEPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A wide projection's ``C`` descriptor [rows, STEPS x BLOCK_K]; with no LoRA steps its W's (never read)."""
+    if STEPS > 0:
+        return _desc(c_ptr, rows, STEPS * BLOCK_K, STEPS * BLOCK_K, BLOCK_N, BLOCK_K)
+    return w_desc
+
+
+@triton.jit
+def _kstep_tiles(x_desc, ws, os_, sp_ptr, c0, c1, c2, c3, pid, num_m, T, K: tl.constexpr, NS: tl.constexpr,
+                 PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr, NUM_WIDE_PROJ: tl.constexpr,
+                 NUM_WIDE_TILES: tl.constexpr, NL: tl.constexpr, SPCOL: tl.constexpr, SP_COLS: tl.constexpr,
+                 NUM_PROGRAMS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """The wide projections' tiles with their LoRA as the first K steps, ``[SP | x] @ [C_p | W_p]^T``
+    (:class:`KstepLayout`): one flattened loop over tiles and K steps, descriptors picked per tile and per step,
+    base + LoRA rounded once at the store."""
+    sp_desc = _desc(sp_ptr, T, SP_COLS, SP_COLS, BLOCK_M, BLOCK_K)
+    cd0 = _c_desc(c0, ws[PROJ_ORDER[0]], NS[PROJ_ORDER[0]], NL[0], BLOCK_N, BLOCK_K)
+    cd1, cd2, cd3 = cd0, cd0, cd0
+    if NUM_WIDE_PROJ > 1:
+        cd1 = _c_desc(c1, ws[PROJ_ORDER[1]], NS[PROJ_ORDER[1]], NL[1], BLOCK_N, BLOCK_K)
+    if NUM_WIDE_PROJ > 2:
+        cd2 = _c_desc(c2, ws[PROJ_ORDER[2]], NS[PROJ_ORDER[2]], NL[2], BLOCK_N, BLOCK_K)
+    if NUM_WIDE_PROJ > 3:
+        cd3 = _c_desc(c3, ws[PROJ_ORDER[3]], NS[PROJ_ORDER[3]], NL[3], BLOCK_N, BLOCK_K)
+    cds = (cd0, cd1, cd2, cd3)
+    k_steps: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K   # (TMA zero-fills a K tail)
+    for tile in tl.range(pid, num_m * NUM_WIDE_TILES, NUM_PROGRAMS, flatten=True):
+        pid_m, pid_n = _tile_pids(tile, num_m, NUM_WIDE_TILES, GROUP_M)
+        c = tile_owner(pid_n, PROJ_TILE_OFF, NUM_WIDE_PROJ)
+        wd = ws[PROJ_ORDER[0]]
+        od = os_[PROJ_ORDER[0]]
+        cd = cds[0]
+        nl = NL[0]
+        spc = SPCOL[0]
+        first = PROJ_TILE_OFF[0]
+        for i in tl.static_range(1, NUM_WIDE_PROJ):
+            if c == i:
+                wd = ws[PROJ_ORDER[i]]
+                od = os_[PROJ_ORDER[i]]
+                cd = cds[i]
+                nl = NL[i]
+                spc = SPCOL[i]
+                first = PROJ_TILE_OFF[i]
+        off_m = pid_m * BLOCK_M
+        off_n = (pid_n - first) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(0, nl + k_steps):
+            if ki < nl:
+                a_d = sp_desc
+                b_d = cd
+                ka = spc + ki * BLOCK_K
+                kb = ki * BLOCK_K
+            else:
+                a_d = x_desc
+                b_d = wd
+                ka = (ki - nl) * BLOCK_K
+                kb = ka
+            acc = tl.dot(a_d.load([off_m, ka]), b_d.load([off_n, kb]).T, acc)
+        od.store([off_m, off_n], acc.to(od.dtype))
+
+
+@triton.jit
 def _filled(pid, HEAVY: tl.constexpr, FILL: tl.constexpr, CAP: tl.constexpr):
     """``(first, last)``: the narrow tiles a :class:`Schedule` fills program ``pid`` with (``FILL`` each on
     programs ``HEAVY ..``, the first ``CAP`` tiles); none on the heavier programs."""
@@ -207,16 +278,18 @@ def _filled(pid, HEAVY: tl.constexpr, FILL: tl.constexpr, CAP: tl.constexpr):
 
 @triton.jit
 def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10,
-                        b11, b12, b13, b14, b15, T, K: tl.constexpr, X_STRIDE: tl.constexpr, NS: tl.constexpr,
-                        W_STRIDES: tl.constexpr, PROJ_ORDER: tl.constexpr, PROJ_TILE_OFF: tl.constexpr,
-                        NUM_PROJ: tl.constexpr, NUM_WIDE_PROJ: tl.constexpr, NUM_WIDE_TILES: tl.constexpr,
-                        NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr, WIDTHS: tl.constexpr,
-                        COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr, SCALES: tl.constexpr,
+                        b11, b12, b13, b14, b15, sp_ptr, c0, c1, c2, c3, T, K: tl.constexpr, X_STRIDE: tl.constexpr,
+                        NS: tl.constexpr, W_STRIDES: tl.constexpr, PROJ_ORDER: tl.constexpr,
+                        PROJ_TILE_OFF: tl.constexpr, NUM_PROJ: tl.constexpr, NUM_WIDE_PROJ: tl.constexpr,
+                        NUM_WIDE_TILES: tl.constexpr, NUM_N_TILES: tl.constexpr, SLICE_PROJ: tl.constexpr,
+                        WIDTHS: tl.constexpr, COLS: tl.constexpr, SCOLS: tl.constexpr, RANKS: tl.constexpr,
+                        SCALES: tl.constexpr,
                         B_STRIDES_N: tl.constexpr, B_STRIDES_R: tl.constexpr, STRIDE_ST: tl.constexpr,
                         NUM_SLICES: tl.constexpr, EPILOGUE_DOT: tl.constexpr, PREFETCH: tl.constexpr,
                         NUM_PROGRAMS: tl.constexpr, HEAVY: tl.constexpr,
                         FILL: tl.constexpr, FILL_CAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_NS: tl.constexpr,
-                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr):
+                        BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                        KSTEP: tl.constexpr, NL: tl.constexpr, SPCOL: tl.constexpr, SP_COLS: tl.constexpr):
     # made once per program (projections past NUM_PROJ: the first one's, never read)
     x_desc = _desc(x_ptr, T, K, X_STRIDE, BLOCK_M, BLOCK_K)
     wd0 = _desc(w0, NS[0], K, W_STRIDES[0], BLOCK_NS[0], BLOCK_K)
@@ -236,12 +309,17 @@ def _gemm_expand_kernel(x_ptr, w0, w1, w2, w3, o0, o1, o2, o3, s_ptr, b0, b1, b2
     bs = (b0, b1, b2, b3, b4, b5, b6, b7, b8, b9, b10, b11, b12, b13, b14, b15)
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
-    # (1) the wide projections' tiles, grouped order, round robin (:func:`schedule`)
-    for tile in tl.range(pid, num_m * NUM_WIDE_TILES, NUM_PROGRAMS):
-        pid_m, pid_n = _tile_pids(tile, num_m, NUM_WIDE_TILES, GROUP_M)
-        _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, 0, NUM_WIDE_PROJ, PROJ_ORDER, PROJ_TILE_OFF,
-                 NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST,
-                 NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M, BLOCK_NS, BLOCK_K, BLOCK_R)
+    # (1) the wide projections' tiles, grouped order, round robin (:func:`schedule`): the LoRA as their first K
+    if KSTEP:   # steps (:class:`KstepLayout`), or in their epilogue
+        _kstep_tiles(x_desc, ws, os_, sp_ptr, c0, c1, c2, c3, pid, num_m, T, K, NS, PROJ_ORDER, PROJ_TILE_OFF,
+                     NUM_WIDE_PROJ, NUM_WIDE_TILES, NL, SPCOL, SP_COLS, NUM_PROGRAMS, BLOCK_M, BLOCK_NS[PROJ_ORDER[0]],
+                     BLOCK_K, GROUP_M)
+    else:
+        for tile in tl.range(pid, num_m * NUM_WIDE_TILES, NUM_PROGRAMS):
+            pid_m, pid_n = _tile_pids(tile, num_m, NUM_WIDE_TILES, GROUP_M)
+            _tile_of(x_desc, ws, os_, s_ptr, bs, pid_m, pid_n, T, K, 0, NUM_WIDE_PROJ, PROJ_ORDER, PROJ_TILE_OFF,
+                     NUM_PROJ, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES, B_STRIDES_N, B_STRIDES_R, STRIDE_ST,
+                     NUM_SLICES, EPILOGUE_DOT, PREFETCH, BLOCK_M, BLOCK_NS, BLOCK_K, BLOCK_R)
     if NUM_N_TILES > NUM_WIDE_TILES:   # (2) the narrow projections' tiles: FILL each on the lighter programs, then
         narrow = num_m * (NUM_N_TILES - NUM_WIDE_TILES)   # round robin over all
         if FILL > 0:   # programs HEAVY .. take FILL each of the first FILL_CAP
@@ -428,6 +506,9 @@ class GemmExpand:
                          BLOCK_NS=block_ns + (cfg.block_n,) * (MAX_PROJ - len(widths)), BLOCK_K=cfg.block_k,
                          BLOCK_R=rank_block(sl.rank) if len(sl) else 16, GROUP_M=cfg.group_m,
                          num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ks = self.kstep = kstep_layout(sl, slice_proj, order[:num_wide], widths, cfg.block_k) if len(sl) else None
+        self.meta.update(KSTEP=ks is not None, NL=ks.steps if ks else (0,), SPCOL=ks.sp_col if ks else (0,),
+                         SP_COLS=ks.sp_cols if ks else cfg.block_k)
         self.launches = CompiledLaunches(_gemm_expand_kernel, device_descriptors=True)
 
     @staticmethod
@@ -449,13 +530,92 @@ class GemmExpand:
         if self.T == 0:
             return outs
         pad = (None,) * (MAX_PROJ - len(weights))
-        args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), self.T)
+        sp, cs = (None, []) if self.kstep is None else kstep_parts(self.kstep, s, bs, x.dtype)
+        cs = cs + [None] * (MAX_PROJ - len(cs))
+        parts = [t for t in (sp, *cs) if t is not None]
+        args = (x, *weights, *pad, *outs, *pad, s, *_b_slots(bs), sp, *cs, self.T)
         key = (x.stride(0), _strides(weights), _strides(bs), _strides(bs, 1), s.stride(0))
         self.launches.launch(key, (self.programs,), args,
                              dict(self.meta, X_STRIDE=key[0], W_STRIDES=key[1], B_STRIDES_N=key[2],
                                   B_STRIDES_R=key[3], STRIDE_ST=key[4]),
-                             (x, *weights, *outs, s, *bs), traced)
+                             (x, *weights, *outs, s, *bs, *parts), traced)
         return outs
+
+
+@dataclasses.dataclass(frozen=True)
+class KstepLayout:
+    """The LoRA as the first K steps of the wide projections' tiles (:func:`_kstep_tiles`): per wide projection
+    ``j`` (schedule order) its A groups ``groups[j]`` ((first column in s, rank) each), s's parts
+    ``[s_hi | s_lo | s_hi]`` of each group side by side in SP's columns ``sp_col[j] ..``, and in ``C_j``
+    [n_j, steps[j] x block_k] the parts ``[b_hi | b_hi | b_lo]`` of ``scale_i * B_i`` summed over the
+    projection's slices on that group (zero elsewhere): ``SP_j @ C_j^T = sum_i scale_i * s_i @ B_i^T``
+    to ~2^-16 relative (the three products of two-part splits). ``steps[j]`` K steps of ``block_k``
+    (zero-padded), 0 where the projection has no slice."""
+    groups: tuple
+    slices: tuple        # per j: the slices on that projection
+    rows: tuple          # per j: the projection's width, C_j's rows
+    steps: tuple
+    sp_col: tuple
+    sp_cols: int
+    block_k: int
+    sl: Slices
+
+
+def kstep_layout(sl: Slices, slice_proj: Sequence[int], wide: Sequence[int], widths: Sequence[int],
+                 block_k: int) -> Optional[KstepLayout]:
+    """:class:`KstepLayout` of the wide projections ``wide`` (schedule order), or None where a slice lies on a
+    narrow projection (b / a: their tiles keep the LoRA in the epilogue)."""
+    if any(p not in wide for p in slice_proj):
+        return None
+    groups, slices, steps, sp_col, col = [], [], [], [], 0
+    for p in wide:
+        mine = tuple(i for i, q in enumerate(slice_proj) if q == p)
+        gs = tuple(sorted({(sl.scol[i], sl.rank[i]) for i in mine}))
+        n = triton.cdiv(3 * sum(r for _, r in gs), block_k)
+        groups.append(gs), slices.append(mine), steps.append(n), sp_col.append(col)
+        col += n * block_k
+    return KstepLayout(tuple(groups), tuple(slices), tuple(widths[p] for p in wide), tuple(steps), tuple(sp_col),
+                       max(col, block_k), block_k, sl)
+
+
+def _two_parts(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 ``v`` as ``hi + lo`` in the 16-bit ``dtype``: ``hi`` v rounded (to nearest even) to dtype's
+    significand by integer ops on v's bits, ``lo = v - hi`` rounded. Not ``v.to(dtype)`` and back: Inductor
+    keeps such a round trip inside one kernel as the fp32 value (``emulate_precision_casts`` is off by
+    default), which made every ``lo`` 0 in the traced graph."""
+    drop = 16 if dtype == torch.bfloat16 else 13   # significand bits fp32 has beyond bf16 / fp16
+    bits = v.view(torch.int32)
+    hi = ((bits + ((1 << (drop - 1)) - 1) + ((bits >> drop) & 1)) & -(1 << drop)).view(torch.float32)
+    return hi.to(dtype), (v - hi).to(dtype)
+
+
+def kstep_parts(ks: KstepLayout, s: torch.Tensor, bs: Sequence[torch.Tensor], dtype: torch.dtype
+                ) -> tuple[torch.Tensor, list]:
+    """``(SP [T, sp_cols], [C_j or None per wide projection])`` of :class:`KstepLayout`, in ``dtype`` (x's),
+    by functional torch ops (traced: Inductor fuses them into 3 small kernels at Qwen3.5's layout, 5 us at
+    35B-A3B T 4096 on an H200)."""
+    sf = s.float()
+    sp, cs = [], []
+    for gs, mine, rows, steps in zip(ks.groups, ks.slices, ks.rows, ks.steps):
+        if not steps:
+            cs.append(None)
+            continue
+        c_parts = []
+        for scol, r in gs:
+            s_hi, s_lo = _two_parts(sf[:, scol:scol + r], dtype)
+            # scale_i * B_i of the group's slices, each at its columns of the projection (zero elsewhere)
+            b = sum(torch.nn.functional.pad(bs[i].float() * ks.sl.scale[i],
+                                            (0, 0, ks.sl.col[i], rows - ks.sl.col[i] - ks.sl.width[i]))
+                    for i in mine if (ks.sl.scol[i], ks.sl.rank[i]) == (scol, r))
+            b_hi, b_lo = _two_parts(b, dtype)
+            sp += [s_hi, s_lo, s_hi]
+            c_parts += [b_hi, b_hi, b_lo]
+        pad = steps * ks.block_k - 3 * sum(r for _, r in gs)
+        if pad:
+            sp.append(s.new_zeros((s.shape[0], pad), dtype=dtype))
+            c_parts.append(s.new_zeros((rows, pad), dtype=dtype))
+        cs.append(torch.cat(c_parts, 1))
+    return torch.cat(sp, 1), cs
 
 
 def gemm_expand(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch.Tensor, bs: Sequence[torch.Tensor],
@@ -485,7 +645,7 @@ def _dx_tile(dys, ws, o_desc, s_ptr, bs, off_m, off_n, T, KS: tl.constexpr, NUM_
         for k0 in range(0, KS[q], BLOCK_K):   # (TMA zero-fills both operands past a projection's width)
             acc = tl.dot(dys[q].load([off_m, k0]), ws[q].load([k0, off_n]), acc)
     acc = _add_slices(acc, s_ptr, bs, off_m, off_n, T, 0, SLICE_PROJ, WIDTHS, COLS, SCOLS, RANKS, SCALES,
-                      B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, False, BLOCK_M,
+                      B_STRIDES_N, B_STRIDES_R, STRIDE_ST, NUM_SLICES, EPILOGUE_DOT, o_desc.dtype, True, BLOCK_M,
                       BLOCK_N, BLOCK_R, PRE, s_pre, bt_pre)
     o_desc.store([off_m, off_n], acc.to(o_desc.dtype))
 
