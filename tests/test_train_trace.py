@@ -2,9 +2,8 @@
 tensors, in a fresh interpreter without the Triton interpreter, see ``train_trace_script.py``): the forward
 op's traced graph holds the four base GEMMs (fp32 products where LoRA is added) and our two kernels (the
 shrink over x, the expand-add) and no op call, or from ``train_fused_min_t`` the shrink kernel and the base
-GEMMs with the LoRA in their epilogue (one kernel: it makes its TMA descriptors on the device; with the LoRA
-as K steps its parts are torch ops slicing s, which a CPU build cannot trace on fake CUDA tensors:
-``gpu_train_check --compiled`` runs that graph); the backward's dx GEMM with the host TMA descriptors
+GEMMs with the LoRA in their epilogue or as their first K steps (one kernel: it makes its TMA descriptors on
+the device; the K steps' operands made by Inductor's own ops); the backward's dx GEMM with the host TMA descriptors
 it takes recorded for Inductor's code to make, dx the one tensor its mutation analysis finds written (dx and dA
 where the GEMM computes dA on its lighter programs); the
 dS + dB kernel with the launch summing its partial sums (and the shrink's, over a wide x); every
@@ -33,7 +32,12 @@ def test_training_forward_traces_into_gemms_and_kernels_on_cuda_only():
     large = got["forward_large"]   # the GEMMs with the LoRA in their epilogue: one kernel, no library GEMM
     assert large["kernels"] == ["_ds_kernel", "_gemm_expand_kernel"], large
     assert "aten::mm" not in large["ops"] and not any(op.startswith("fx_passes::") for op in large["ops"]), large
-    assert traced["cloned"] == large["cloned"] == [], (traced, large)   # every kernel writes in place
+    # the LoRA as qkv's and z's first K steps: the same two kernels, the K steps' operands (s's and B's two-part
+    # splits) as Inductor's own ops, split by integer ops on the fp32 bits (a 16-bit round trip Inductor elides)
+    kstep = got["forward_kstep"]
+    assert kstep["kernels"] == ["_ds_kernel", "_gemm_expand_kernel"] and "aten::mm" not in kstep["ops"], kstep
+    assert kstep["ops"].get("aten::view.dtype", 0) >= 4 and kstep["ops"].get("aten::bitwise_and.Scalar"), kstep
+    assert traced["cloned"] == large["cloned"] == kstep["cloned"] == [], (traced, large)   # every kernel in place
     # the dx GEMM takes host TMA descriptors of dy and W (the graph records each one's tensor and block shape);
     # the kernels' mutation analysis finds dx written (its descriptors made on the device) and no other argument,
     # and Inductor's reinplacing leaves no copy: the graph returns the kernel's dx

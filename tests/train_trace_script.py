@@ -167,6 +167,9 @@ if __name__ == "__main__":
         # columns take a narrow tile, so its slice keeps the LoRA in the epilogue)
         "forward_large": trace_forward(T=tuning.tuning_for(tuning.device_info(None)).train_fused_min_t,
                                        widths=(200, 72, 8, 8)),
+        # qkv and z both 256-column tiles: the LoRA as their first K steps, its operands made by torch ops
+        "forward_kstep": trace_forward(T=tuning.tuning_for(tuning.device_info(None)).train_fused_min_t,
+                                       widths=(512, 256, 16, 16)),
         "dx": trace_dx(128 * 132, widths=(200, 72, 8, 8)),   # whole waves on the assumed 132 SMs
         "dx_tail": trace_dx(1100, widths=(200, 72, 8, 8)),
         # a long K against T: dA on the GEMM's lighter programs (gemm_lora_train.dx_schedule)

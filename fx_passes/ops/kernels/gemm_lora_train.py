@@ -592,8 +592,7 @@ def _two_parts(v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch
 def kstep_parts(ks: KstepLayout, s: torch.Tensor, bs: Sequence[torch.Tensor], dtype: torch.dtype
                 ) -> tuple[torch.Tensor, list]:
     """``(SP [T, sp_cols], [C_j or None per wide projection])`` of :class:`KstepLayout`, in ``dtype`` (x's),
-    by functional torch ops (traced: Inductor fuses them into 3 small kernels at Qwen3.5's layout, 5 us at
-    35B-A3B T 4096 on an H200)."""
+    by functional torch ops (traced: a few small Inductor kernels, ~5 us at 35B-A3B T 4096 on an H200)."""
     sf = s.float()
     sp, cs = [], []
     for gs, mine, rows, steps in zip(ks.groups, ks.slices, ks.rows, ks.steps):
@@ -601,8 +600,9 @@ def kstep_parts(ks: KstepLayout, s: torch.Tensor, bs: Sequence[torch.Tensor], dt
             cs.append(None)
             continue
         c_parts = []
-        for scol, r in gs:
-            s_hi, s_lo = _two_parts(sf[:, scol:scol + r], dtype)
+        for scol, r in gs:   # (a gather, not a slice: a CPU build of torch cannot trace views of fake CUDA tensors)
+            cols = torch.arange(scol, scol + r, device=s.device)
+            s_hi, s_lo = _two_parts(sf.index_select(1, cols), dtype)
             # scale_i * B_i of the group's slices, each at its columns of the projection (zero elsewhere)
             b = sum(torch.nn.functional.pad(bs[i].float() * ks.sl.scale[i],
                                             (0, 0, ks.sl.col[i], rows - ks.sl.col[i] - ks.sl.width[i]))
