@@ -37,7 +37,7 @@ Conditions (:func:`fusable`): a GPU with TMA (sm90+) and shared memory for the t
 (:func:`~fx_passes.ops.tuning.prefill_launch`, the tiles of the inference prefill kernel), 16-bit x and
 weights of one dtype, TMA's 16-byte rules, at most :data:`MAX_PROJ` projections and
 :data:`~.lora_train.MAX_SLICES` slices, T from :attr:`~fx_passes.ops.tuning.Tuning.train_fused_min_t`.
-Elsewhere the op runs the library GEMMs and then :class:`~.lora_train.ExpandAdd`.
+Elsewhere the op runs the library GEMMs (fp32 outputs where a slice lies) and then :class:`~.lora_train.ExpandAdd`.
 
 ``_gemm_dx_kernel`` (:class:`GemmDx`): the same tiles over x's gradient [T, H], each tile's K loop running
 through every projection's gradient and weight in turn (dy_p [T, n_p] and W_p [n_p, H] descriptors: K is the
