@@ -177,30 +177,28 @@ def forward_reference(x: torch.Tensor, weights: Sequence[torch.Tensor], s: torch
                       scales: Sequence[float], offs: Sequence[int]) -> list[torch.Tensor]:
     """The op's outputs by torch ops: a projection with slices as its base GEMM's fp32 product (x's dtype
     where wider) plus each slice's ``scale * s_g @ B^T`` in that dtype, rounded to x's dtype once."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    outs = []
-    for p, w in enumerate(weights):
-        mine = [i for i, (q, _) in enumerate(owners) if q == p]
-        if not mine:
-            outs.append(x @ w.t())
-            continue
-        out = _base_product(x, w, acc)
-        for i in mine:
-            b, (_, start), g = lora_b[i], owners[i], slice_a[i]
-            out[:, start:start + b.shape[0]].addmm_(s[:, offs[g]:offs[g] + b.shape[1]].to(acc), b.t().to(acc),
+    outs = _base_products(x, weights, {p for p, _ in owners})
+    for i, b in enumerate(lora_b):
+        (p, start), g = owners[i], slice_a[i]
+        acc = outs[p].dtype
+        outs[p][:, start:start + b.shape[0]].addmm_(s[:, offs[g]:offs[g] + b.shape[1]].to(acc), b.t().to(acc),
                                                     alpha=scales[i])
-        outs.append(out.to(x.dtype))
-    return outs
+    return [o.to(x.dtype) for o in outs]
 
 
-def _base_product(x: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """``x @ w^T`` unrounded, in ``acc``: on CUDA the library GEMM's fp32 output (``out_dtype``), elsewhere
-    the product of x and W in ``acc`` (the CPU has no 16-bit GEMM with an fp32 output)."""
-    if acc == x.dtype:
-        return x @ w.t()
-    if x.device.type == "cuda":
-        return torch.mm(x, w.t(), out_dtype=acc)
-    return x.to(acc) @ w.to(acc).t()
+def _base_products(x: torch.Tensor, weights: Sequence[torch.Tensor], lora: set) -> list[torch.Tensor]:
+    """Each ``x @ W_p^T``: unrounded where a LoRA slice lies (projections ``lora``), in fp32 (x's dtype where
+    wider: on CUDA the library GEMM's fp32 output, ``out_dtype``; on the CPU, which has no 16-bit GEMM with an
+    fp32 output, the product of x and W in fp32), else in x's dtype."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+
+    def unrounded(w):
+        if acc == x.dtype:
+            return x @ w.t()
+        if x.device.type == "cuda":
+            return torch.mm(x, w.t(), out_dtype=acc)
+        return x.to(acc) @ w.to(acc).t()
+    return [unrounded(w) if p in lora else x @ w.t() for p, w in enumerate(weights)]
 
 
 def _distinct(xs: Sequence[torch.Tensor], x: Optional[torch.Tensor]) -> tuple[list[int], list[int], int]:
@@ -356,9 +354,7 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
         if plan.gemm is not None:   # the GEMMs with the LoRA in their K loop or epilogue: [T, N] written once
             return plan.gemm(x, weights, s, lora_b, traced=traced), s
         # the library GEMMs' fp32 products where a slice lies, the LoRA added into them, rounded once
-        acc = torch.promote_types(x.dtype, torch.float32)
-        lora = set(plan.out_of)
-        outs = [_base_product(x, w, acc) if p in lora else x @ w.t() for p, w in enumerate(weights)]
+        outs = _base_products(x, weights, set(plan.out_of))
         plan.expand([outs[p] for p in plan.out_of], s, lora_b, traced=traced)
     return [o.to(x.dtype) for o in outs], s
 
