@@ -572,7 +572,10 @@ def kstep_layout(sl: Slices, slice_proj: Sequence[int], wide: Sequence[int], wid
         mine = tuple(i for i, q in enumerate(slice_proj) if q == p)
         gs = tuple(sorted({(sl.scol[i], sl.rank[i]) for i in mine}))
         n = triton.cdiv(3 * sum(r for _, r in gs), block_k)
-        groups.append(gs), slices.append(mine), steps.append(n), sp_col.append(col)
+        groups.append(gs)
+        slices.append(mine)
+        steps.append(n)
+        sp_col.append(col)
         col += n * block_k
     return KstepLayout(tuple(groups), tuple(slices), tuple(widths[p] for p in wide), tuple(steps), tuple(sp_col),
                        max(col, block_k), block_k, sl)
