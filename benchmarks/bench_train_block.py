@@ -20,9 +20,13 @@ overstates it). Variants, each ``torch.compile``d by name:
 
 Per variant: ms per step (forward + ``backward`` with fixed output grads; CUDA events, median of
 ``--reps``) started on an idle GPU (``ms``: host and GPU time add up) and issued back to back
-(``stream_ms``: max of the two, as in a model's stream of layers), peak memory of one step above what
+(``stream_ms``: max of the two, as in a model's stream of layers), the device's own time per step
+(``gpu_ms``, profiler: what ``stream_ms`` is once the host keeps ahead), peak memory of one step above what
 is allocated before it, and the relative error of every
-LoRA gradient, every output and x's gradient against the same step in eager fp32.
+LoRA gradient, every output and x's gradient against the same step in eager fp32. The variants are
+compiled side by side and timed in ``--rounds`` interleaved rounds (a clock or host drift between two
+variants timed one after the other moved their ratio by up to 10% at T 2048); times are the medians of the
+rounds, ratios the medians of the per-round ratios.
 
     python -m benchmarks.bench_train_block --shapes 27B,35B-A3B,397B-A17B --T 4096,16384 --rank 16,64
 """
@@ -143,6 +147,43 @@ def time_stream(step, reps: int, rounds: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_interleaved(row: dict, steps: dict, reps: int, rounds: int) -> None:
+    """Times every variant in ``rounds`` rounds, each round timing the variants one after another (the order
+    rotated from round to round), so that a drift of the GPU's clocks or of the host between variants lands
+    in every variant alike; each cell keeps its per-round times and their medians (``ms``, ``stream_ms``)."""
+    names = list(steps)
+    for i in range(rounds):
+        for v in names[i % len(names):] + names[:i % len(names)]:
+            cell = row["cells"][v]
+            cell.setdefault("ms_rounds", []).append(time_steps(steps[v], reps))
+            cell.setdefault("stream_ms_rounds", []).append(time_stream(steps[v], reps, rounds=1))
+    for v in names:
+        cell = row["cells"][v]
+        cell["ms"], cell["stream_ms"] = (statistics.median(cell["ms_rounds"]),
+                                         statistics.median(cell["stream_ms_rounds"]))
+
+
+def ratio_rounds(row: dict, a: str, b: str, key: str = "stream_ms") -> list[float]:
+    """Variant a's time over b's, round by round (the two timed within one round)."""
+    return [x / y for x, y in zip(row["cells"][a][key + "_rounds"], row["cells"][b][key + "_rounds"])]
+
+
+def gpu_ms(step, steps: int = 5) -> float:
+    """ms of device work per step (kernels, copies and sets as the profiler records them, CUDA-graph replays
+    included), summed over ``steps`` steps: what a step costs once the host keeps ahead of the GPU, which a
+    block of a few narrow layers does not (35B-A3B at T 2048: host-bound steps, their times varying by 30%
+    between processes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages()) / steps / 1000
+
+
 def peak_mb(step) -> float:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
@@ -201,6 +242,7 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--layers", type=int, default=1, help="projection blocks per step (see Block)")
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5, help="timing rounds, the variants interleaved in each")
     ap.add_argument("--budget-s", type=float, default=0.0, help="stop starting rows after this many seconds")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tf32", action="store_true",
@@ -242,16 +284,17 @@ def main() -> None:
                 ref = lora_grads(exact)
                 row = dict(shape=name, r=r, T=T, layers=args.layers, dropout=args.dropout, tf32=args.tf32,
                            mode=args.mode, cells={})
+                steps = {}
+                torch._dynamo.reset()   # once per row: the variants' compiled graphs are kept side by side
                 for variant in variants:
                     model = models["frozen" if variant == "frozen" else "lora"]
-                    torch._dynamo.reset()
                     model.zero_grad()
                     if variant.startswith("fx_"):
                         backend = FxPassesBackend(QkvzFusionConfig(fuse_training=True), mode=args.mode)
                         compiled = torch.compile(model, backend=backend, dynamic=False)
                     else:
                         compiled = torch.compile(model, backend="inductor", mode=args.mode, dynamic=False)
-                    step = step_fn(compiled, xs, grads, cudagraphs=args.mode == "reduce-overhead")
+                    step = steps[variant] = step_fn(compiled, xs, grads, cudagraphs=args.mode == "reduce-overhead")
                     c0 = time.perf_counter()
                     torch.manual_seed(0)
                     with {"fx_opaque": opaque_ops, "fx_split": split_forward}.get(variant, contextlib.nullcontext)():
@@ -274,10 +317,7 @@ def main() -> None:
                         cell["grad_err_vs_fp32"] = max(((got[k] - ref[k]).norm() / ref[k].norm()).item() for k in ref)
                         cell["dx_err_vs_fp32"] = max(((d - x_ref.grad).norm() / x_ref.grad.norm()).item()
                                                      for d, x_ref in zip(dx, x32))
-                    cell["ms"] = time_steps(step, args.reps) if dev == "cuda" else float("nan")
-                    cell["stream_ms"] = time_stream(step, args.reps) if dev == "cuda" else float("nan")
-                    cell["peak_mb"] = peak_mb(step) if dev == "cuda" else float("nan")
-                    if variant != "frozen":   # again after the timed steps (launches of warm signatures)
+                    if variant != "frozen":   # again on warm launches (the compiling call and two more before)
                         model.zero_grad()
                         step()
                         got = lora_grads(model)
@@ -286,29 +326,43 @@ def main() -> None:
                     if args.profile and dev == "cuda":
                         profile_step(step, f"{name} r{r} T{T} {variant}")
                     row["cells"][variant] = cell
-                    print(f"{name:10s} r{r:<3d} T{T:<6d} L{args.layers:<2d} {variant:9s} {cell['ms']:8.3f} ms (stream {cell['stream_ms']:8.3f})"
+                if dev == "cuda":
+                    time_interleaved(row, steps, args.reps, args.rounds)
+                for variant, cell in row["cells"].items():   # (after the timed steps: CUDA graphs recorded)
+                    cell["peak_mb"] = peak_mb(steps[variant]) if dev == "cuda" else float("nan")
+                    cell["gpu_ms"] = gpu_ms(steps[variant]) if dev == "cuda" else float("nan")
+                for variant, cell in row["cells"].items():
+                    nan = float("nan")
+                    print(f"{name:10s} r{r:<3d} T{T:<6d} L{args.layers:<2d} {variant:9s} {cell.get('ms', nan):8.3f} ms"
+                          f" (stream {cell.get('stream_ms', nan):8.3f}, gpu {cell['gpu_ms']:8.3f})"
                           f"  peak {cell['peak_mb']:9.1f} MB"
-                          f"  grad err {cell.get('grad_err_vs_fp32', float('nan')):.1e} / {cell.get('warm_grad_err_vs_fp32', float('nan')):.1e}"
-                          f"  out err {cell.get('out_err_vs_fp32', float('nan')):.1e}"
-                          f"  dx err {cell.get('dx_err_vs_fp32', float('nan')):.1e}  compile {cell['compile_s']:.1f} s",
+                          f"  grad err {cell.get('grad_err_vs_fp32', nan):.1e}"
+                          f" / {cell.get('warm_grad_err_vs_fp32', nan):.1e}"
+                          f"  out err {cell.get('out_err_vs_fp32', nan):.1e}"
+                          f"  dx err {cell.get('dx_err_vs_fp32', nan):.1e}  compile {cell['compile_s']:.1f} s",
+                          flush=True)
+                if "frozen" in row["cells"] and "fx_passes" in row["cells"] and dev == "cuda":
+                    q = row["stream_fx_over_frozen_rounds"] = ratio_rounds(row, "fx_passes", "frozen")
+                    c = row["cells"]
+                    row["gpu_fx_over_frozen"] = c["fx_passes"]["gpu_ms"] / c["frozen"]["gpu_ms"]
+                    print(f"  -> stream fx_passes / frozen per round: median {statistics.median(q):.3f}x, "
+                          f"range {min(q):.3f}-{max(q):.3f} ({len(q)} rounds); gpu {row['gpu_fx_over_frozen']:.3f}x",
                           flush=True)
                 c = row["cells"]
-                if not all(v in c for v in VARIANTS):   # (--variants: the cells alone)
+                if dev != "cuda" or not all(v in c for v in VARIANTS):   # (--variants: the cells alone)
                     rows.append(result_row(env, **row))
                     write_rows(json_path("bench_train_block", args.json), rows)
                     continue
-                row["fx_over_frozen"] = c["fx_passes"]["ms"] / c["frozen"]["ms"]
-                row["inductor_over_fx"] = c["inductor"]["ms"] / c["fx_passes"]["ms"]
-                row["stream_fx_over_frozen"] = c["fx_passes"]["stream_ms"] / c["frozen"]["stream_ms"]
-                row["stream_inductor_over_fx"] = c["inductor"]["stream_ms"] / c["fx_passes"]["stream_ms"]
+                pairs = dict(fx_over_frozen=("fx_passes", "frozen"), inductor_over_fx=("inductor", "fx_passes"),
+                             split_over_fx=("fx_split", "fx_passes"), opaque_over_fx=("fx_opaque", "fx_passes"))
+                for key, (a, b) in pairs.items():
+                    if a in c:
+                        row[key] = statistics.median(ratio_rounds(row, a, b, "ms"))
+                        row["stream_" + key] = statistics.median(ratio_rounds(row, a, b))
                 if "fx_split" in c:
-                    row["split_over_fx"] = c["fx_split"]["ms"] / c["fx_passes"]["ms"]
-                    row["stream_split_over_fx"] = c["fx_split"]["stream_ms"] / c["fx_passes"]["stream_ms"]
                     print(f"  -> fx_split / fx_passes {row['split_over_fx']:.3f}x (stream "
                           f"{row['stream_split_over_fx']:.3f}x)", flush=True)
                 if "fx_opaque" in c:
-                    row["opaque_over_fx"] = c["fx_opaque"]["ms"] / c["fx_passes"]["ms"]
-                    row["stream_opaque_over_fx"] = c["fx_opaque"]["stream_ms"] / c["fx_passes"]["stream_ms"]
                     print(f"  -> fx_opaque / fx_passes {row['opaque_over_fx']:.3f}x (stream "
                           f"{row['stream_opaque_over_fx']:.3f}x)", flush=True)
                 print(f"  -> fx_passes / frozen {row['fx_over_frozen']:.3f}x, inductor / fx_passes "
