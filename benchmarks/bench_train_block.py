@@ -24,9 +24,10 @@ Per variant: ms per step (forward + ``backward`` with fixed output grads; CUDA e
 (``gpu_ms``, profiler: what ``stream_ms`` is once the host keeps ahead), peak memory of one step above what
 is allocated before it, and the relative error of every
 LoRA gradient, every output and x's gradient against the same step in eager fp32. The variants are
-compiled side by side and timed in ``--rounds`` interleaved rounds (a clock or host drift between two
-variants timed one after the other moved their ratio by up to 10% at T 2048); times are the medians of the
-rounds, ratios the medians of the per-round ratios.
+compiled side by side and timed in ``--rounds`` interleaved rounds, so that a drift of clocks or host load
+during the run lands on every variant alike; times are the medians of the rounds, ratios the medians of the
+per-round ratios, whose range the run prints (a spread that no rounding of one run removes: the same tree's
+35B-A3B step at T 2048 took 1.6-2.4 ms from process to process, host-bound, where ``gpu_ms`` stayed put).
 
     python -m benchmarks.bench_train_block --shapes 27B,35B-A3B,397B-A17B --T 4096,16384 --rank 16,64
 """
@@ -170,9 +171,8 @@ def ratio_rounds(row: dict, a: str, b: str, key: str = "stream_ms") -> list[floa
 
 def gpu_ms(step, steps: int = 5) -> float:
     """ms of device work per step (kernels, copies and sets as the profiler records them, CUDA-graph replays
-    included), summed over ``steps`` steps: what a step costs once the host keeps ahead of the GPU, which a
-    block of a few narrow layers does not (35B-A3B at T 2048: host-bound steps, their times varying by 30%
-    between processes)."""
+    included), averaged over ``steps`` steps: what a step costs once the host keeps ahead of the GPU, which a
+    block of a few narrow layers does not (35B-A3B at T 2048)."""
     from torch.profiler import ProfilerActivity, profile
 
     step()
