@@ -27,7 +27,7 @@ LoRA gradient, every output and x's gradient against the same step in eager fp32
 compiled side by side and timed in ``--rounds`` interleaved rounds, so that a drift of clocks or host load
 during the run lands on every variant alike; times are the medians of the rounds, ratios the medians of the
 per-round ratios, whose range the run prints (a spread that no rounding of one run removes: the same tree's
-35B-A3B step at T 2048 took 1.6-2.4 ms from process to process, host-bound, where ``gpu_ms`` stayed put).
+35B-A3B step at T 2048 took 1.6-2.4 ms from process to process: host-bound, see ``gpu_ms``).
 
     python -m benchmarks.bench_train_block --shapes 27B,35B-A3B,397B-A17B --T 4096,16384 --rank 16,64
 """
