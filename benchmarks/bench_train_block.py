@@ -341,14 +341,13 @@ def main() -> None:
                           f"  out err {cell.get('out_err_vs_fp32', nan):.1e}"
                           f"  dx err {cell.get('dx_err_vs_fp32', nan):.1e}  compile {cell['compile_s']:.1f} s",
                           flush=True)
-                if "frozen" in row["cells"] and "fx_passes" in row["cells"] and dev == "cuda":
+                c = row["cells"]
+                if "frozen" in c and "fx_passes" in c and dev == "cuda":
                     q = row["stream_fx_over_frozen_rounds"] = ratio_rounds(row, "fx_passes", "frozen")
-                    c = row["cells"]
                     row["gpu_fx_over_frozen"] = c["fx_passes"]["gpu_ms"] / c["frozen"]["gpu_ms"]
                     print(f"  -> stream fx_passes / frozen per round: median {statistics.median(q):.3f}x, "
                           f"range {min(q):.3f}-{max(q):.3f} ({len(q)} rounds); gpu {row['gpu_fx_over_frozen']:.3f}x",
                           flush=True)
-                c = row["cells"]
                 if dev != "cuda" or not all(v in c for v in VARIANTS):   # (--variants: the cells alone)
                     rows.append(result_row(env, **row))
                     write_rows(json_path("bench_train_block", args.json), rows)
