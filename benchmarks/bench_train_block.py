@@ -4,7 +4,9 @@ The block is ``in_proj_qkv``, ``in_proj_z``, ``in_proj_b``, ``in_proj_a`` (bf16,
 qkv and z (r, alpha 2r, ``--dropout``), in train mode; x requires grad (the layers below need dx).
 ``--layers N`` puts N such blocks, each with its own x, into one step (a model's step pays the fixed cost
 of entering the compiled graph and the autograd engine once for all its layers: one block per step
-overstates it). Variants, each ``torch.compile``d by name:
+overstates it). ``--autocast`` runs every variant's forward under ``torch.autocast(bfloat16)``, as
+mixed-precision trainers do (the fp32 adapters' products then run in bf16). Variants, each
+``torch.compile``d by name:
 
 * ``frozen``    the same four projections without LoRA (what the LoRA should ideally cost nothing above);
 * ``inductor``  PEFT's graph compiled by Inductor (unfused);
@@ -95,12 +97,19 @@ def build(spec, rank: int, dropout: float, device: str, lora: bool, layers: int 
     return get_peft_model(block, config).train()   # fp32 adapters on the bf16 base (PEFT's default)
 
 
-def step_fn(model, xs, grads, cudagraphs: bool = False):
+def mixed_precision(device: str, on: bool):
+    """``--autocast``: the forward under ``torch.autocast(bfloat16)``, as mixed-precision trainers run it (the
+    fp32 adapters' GEMMs then run in bf16, in eager PEFT as in every compiled variant)."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=on)
+
+
+def step_fn(model, xs, grads, cudagraphs: bool = False, autocast: bool = False):
     """One training step of the block; ``cudagraphs`` (``mode="reduce-overhead"``): each call starts a new
     step for CUDA-graph trees and drops the LoRA gradients first, as ``optimizer.zero_grad()`` does (the
     previous step's outputs, gradients included, are overwritten by the next replay: accumulating into
     them fails)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    device = xs[0].device.type
 
     def step():
         if cudagraphs:
@@ -109,7 +118,8 @@ def step_fn(model, xs, grads, cudagraphs: bool = False):
                 p.grad = None
         for x in xs:
             x.grad = None
-        outs = model(*xs)
+        with mixed_precision(device, autocast):
+            outs = model(*xs)
         torch.autograd.backward(outs, grads)
     return step
 
@@ -247,6 +257,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tf32", action="store_true",
                     help="allow TF32 for fp32 matmuls (torch.backends.cuda.matmul.allow_tf32) in every variant")
+    ap.add_argument("--autocast", action="store_true",
+                    help="every variant's forward under torch.autocast(bfloat16) (the LoRA's GEMMs in bf16)")
     ap.add_argument("--mode", default=None, help="torch.compile mode of every variant (e.g. reduce-overhead)")
     ap.add_argument("--profile", action="store_true", help="print each variant's CUDA kernels (one step)")
     ap.add_argument("--opaque", action="store_true", help="also the fx_opaque variant (see the module docstring)")
@@ -283,7 +295,7 @@ def main() -> None:
                 torch.autograd.backward(ref_outs, [gr.float() for gr in grads])
                 ref = lora_grads(exact)
                 row = dict(shape=name, r=r, T=T, layers=args.layers, dropout=args.dropout, tf32=args.tf32,
-                           mode=args.mode, cells={})
+                           autocast=args.autocast, mode=args.mode, cells={})
                 steps = {}
                 torch._dynamo.reset()   # once per row: the variants' compiled graphs are kept side by side
                 for variant in variants:
@@ -294,7 +306,8 @@ def main() -> None:
                         compiled = torch.compile(model, backend=backend, dynamic=False)
                     else:
                         compiled = torch.compile(model, backend="inductor", mode=args.mode, dynamic=False)
-                    step = steps[variant] = step_fn(compiled, xs, grads, cudagraphs=args.mode == "reduce-overhead")
+                    step = steps[variant] = step_fn(compiled, xs, grads, cudagraphs=args.mode == "reduce-overhead",
+                                                    autocast=args.autocast)
                     c0 = time.perf_counter()
                     torch.manual_seed(0)
                     with {"fx_opaque": opaque_ops, "fx_split": split_forward}.get(variant, contextlib.nullcontext)():
@@ -304,8 +317,10 @@ def main() -> None:
                     dx = [x.grad.float() for x in xs] if variant != "frozen" else []
                     if variant != "frozen":   # the outputs of one more training forward (bf16 rounding ~2e-3)
                         torch.manual_seed(0)
+                        with mixed_precision(dev, args.autocast):
+                            again = compiled(*xs)
                         cell["out_err_vs_fp32"] = max(((o.detach().float() - r.detach()).norm() / r.norm()).item()
-                                                      for o, r in zip(compiled(*xs), ref_outs))
+                                                      for o, r in zip(again, ref_outs))
                     if variant.startswith("fx_"):
                         cell["rewritten"] = sum(len(rep.rewritten) for rep in backend.train_pass.reports)
                         if cell["rewritten"] != args.layers:

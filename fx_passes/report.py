@@ -32,6 +32,7 @@ class LayerMatch:
     weights_packed: Optional[bool] = None   # the op's weights adjacent in one buffer when the graph runs
     packing: Optional[str] = None           # who packed them, or why they stay unpacked
     kernel: Optional[str] = None            # which ops the layer now runs
+    autocast: Optional[str] = None          # the dtype autocast ran the layer's GEMMs in (the op's inputs cast to it)
     removed_nodes: list[str] = dataclasses.field(default_factory=list)
     new_nodes: list[str] = dataclasses.field(default_factory=list)
 
@@ -41,10 +42,11 @@ class LayerMatch:
                       None: "unknown"}[self.weights_packed]
             if self.packing:
                 packed += f" ({self.packing})"
-            ba = f"; b/a not folded: {self.ba_reason}" if self.ba_reason else ""
+            extra = f"; b/a not folded: {self.ba_reason}" if self.ba_reason else ""
+            extra += f"; under autocast: inputs cast to {self.autocast}" if self.autocast else ""
             return (f"REWRITTEN {self.layer}: {' + '.join(self.folded) or self.qkv_node} -> {self.kernel}; "
                     f"slices {self.slice_sizes}; LoRA {self.lora_slices or 'none'}; "
-                    f"shared A for q,k,v: {self.shared_a}; weights {packed}{ba}")
+                    f"shared A for q,k,v: {self.shared_a}; weights {packed}{extra}")
         return f"SKIPPED   {self.layer}: at node {self.node}: {self.reason}"
 
 

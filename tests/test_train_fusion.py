@@ -112,6 +112,22 @@ def test_op_reading_x_itself_matches_peft_math(dtype, adapter_dtype):
         assert _rel(g1, g2) <= tol, name
 
 
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_op_computes_in_its_inputs_dtypes_under_autocast(dtype, adapter_dtype):
+    """Called inside an autocast region the op and its backward give what they give outside one, bit for bit
+    (autocast would cast the fp32 products inside its bodies down: base + LoRA rounded twice)."""
+    x, _, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(dtype, adapter_dtype, adapters=2)
+    args = (x, [x, x, x, x], weights, lora_a, lora_b, slice_a, slice_start, scales)
+    results = []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            outs, s = OP(*args)
+            grads = torch.autograd.grad(torch.cat(outs, -1).float().square().sum(), [x, *lora_a, *lora_b])
+        results.append([*outs, s, *grads])
+    for plain, under_autocast in zip(*results):
+        assert plain.dtype == under_autocast.dtype and torch.equal(plain, under_autocast)
+
+
 def test_op_opcheck_and_frozen_weights_get_no_gradient():
     x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales = _op_case(adapters=2, dropout=0.25)
     xs = [t.detach().requires_grad_() for t in xs]
@@ -245,14 +261,16 @@ def _lora_grads(model) -> dict:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
 
 
-def _train(model, steps: int, ids, compile_with=None, lr: float = 1e-2):
-    """``steps`` optimizer steps (AdamW on the LoRA weights); returns (losses, LoRA grads of step 1, model)."""
+def _train(model, steps: int, ids, compile_with=None, lr: float = 1e-2, autocast=None):
+    """``steps`` optimizer steps (AdamW on the LoRA weights), each forward under ``torch.autocast`` to
+    ``autocast`` where given; returns (losses, LoRA grads of step 1)."""
     run = torch.compile(model, backend=compile_with) if compile_with is not None else model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, first = [], None
     for step in range(steps):
         torch.manual_seed(100 + step)
-        loss = run(input_ids=ids, labels=ids).loss
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            loss = run(input_ids=ids, labels=ids).loss
         loss.backward()
         losses.append(loss.detach())
         if first is None:
@@ -379,6 +397,36 @@ def test_bf16_base_with_fp32_adapters_as_close_to_fp32_as_eager():
     ref_losses, ref_grads = _train(eager_model, 1, ids)
     exact_losses, exact_grads = _train(fp32_model, 1, ids)
     _assert_rewritten(backend, graphs, spec.num_gdn_layers)
+    assert _rel(losses[0], exact_losses[0]) <= max(BF16_FACTOR * _rel(ref_losses[0], exact_losses[0]), 1e-3)
+    for name in exact_grads:
+        ours, eager = _rel(grads[name], exact_grads[name]), _rel(ref_grads[name], exact_grads[name])
+        assert ours <= BF16_FACTOR * eager + 1e-3, (name, ours, eager)
+
+
+@pytest.mark.parametrize("dtype,dropout", [(torch.float32, 0.0), (torch.bfloat16, 0.1)],
+                         ids=["fp32-model", "bf16-base-fp32-adapters-dropout"])
+def test_autocast_steps_are_fused_in_autocast_dtype(dtype, dropout):
+    """Mixed-precision training: the step's forward under ``torch.autocast(bfloat16)`` on an fp32 model, or on
+    a bf16 base with PEFT's fp32 adapters. Every GDN layer is rewritten with the op's inputs cast to bf16 as
+    autocast casts the linears' (the report says so), the LoRA gradients arrive in the adapters' fp32, and
+    loss and gradients are no farther from the fp32 step without autocast than BF16_FACTOR x eager
+    autocast's distance."""
+    spec = SPEC
+    eager_model = _training_model(spec, dtype=dtype, dropout=dropout)
+    fp32_model = copy.deepcopy(eager_model).float()
+    model = copy.deepcopy(eager_model)
+    ids = example_inputs(spec)
+    backend = FxPassesBackend(TRAINING, options={"fallback_random": True})
+    graphs = _capture_graph(backend)
+    losses, grads = _train(model, 1, ids, backend, autocast=torch.bfloat16)
+    ref_losses, ref_grads = _train(eager_model, 1, ids, autocast=torch.bfloat16)
+    exact_losses, exact_grads = _train(fp32_model, 1, ids)
+    _assert_rewritten(backend, graphs, spec.num_gdn_layers)
+    assert all(layer.autocast == "torch.bfloat16" for r in backend.train_pass.reports for layer in r.layers)
+    ops = [n for gm in graphs for n in gm.graph.nodes if n.target is TRAIN_OP]
+    x, xs, weights, lora_a, lora_b = ops[0].args[:5]
+    assert {n.meta["example_value"].dtype for n in [x, *xs, *weights, *lora_a, *lora_b]} == {torch.bfloat16}
+    assert {g.dtype for g in grads.values()} == {torch.float32} and grads.keys() == exact_grads.keys()
     assert _rel(losses[0], exact_losses[0]) <= max(BF16_FACTOR * _rel(ref_losses[0], exact_losses[0]), 1e-3)
     for name in exact_grads:
         ours, eager = _rel(grads[name], exact_grads[name]), _rel(ref_grads[name], exact_grads[name])

@@ -31,6 +31,15 @@ topologically). A layer is rewritten only when every projection's chain matches 
 node has no user outside it (nothing else reads a LoRA intermediate), all projections read the same x,
 the base linears have no bias and the x / weight dtypes agree; otherwise it stays as it was and the
 report says which condition failed at which node.
+
+Under autocast (a bf16 / fp16 region around an fp32 model, or around fp32 adapters on a 16-bit base: what
+mixed-precision trainers run) the Dynamo graph holds no casts: autocast casts each linear's inputs to its
+dtype when the graph is traced again by AOTAutograd. A linear whose output dtype is not its inputs' ran under
+it. When any linear of the layer did, every one of them (base, shrinks, expands) must give that one 16-bit
+dtype, and the rewrite casts what autocast would have cast, explicitly: x, the weights, A, B and each LoRA
+input ``.to(dtype)``, so the op runs as PEFT does under autocast -- 16-bit GEMMs and 16-bit LoRA products,
+gradients cast back to each fp32 tensor by autograd -- and no implementation of the op depends on the
+autocast state (the op's own bodies run with autocast off).
 """
 from __future__ import annotations
 
@@ -93,6 +102,7 @@ class LoraTerm:
     b: Node
     scale: float
     dropout: Optional[float]
+    linears: tuple[Node, Node]   # linear(d, A), linear(., B)
 
 
 @dataclasses.dataclass
@@ -140,7 +150,7 @@ def _match_term(node: Node, x: Node, removed: list) -> LoraTerm:
     if xc is not x and not (_cast_dtype(xc) is not None and xc.args[0] is x):
         raise NoMatch(xc, "the LoRA input is neither x nor a dtype cast of it")
     return LoraTerm(d, _weight(shrink.args[1], "lora_A weight"), _weight(up.args[1], "lora_B weight"),
-                    float(scale), p)
+                    float(scale), p, (shrink, up))
 
 
 def match_projection(name: str, base: Node) -> Projection:
@@ -248,9 +258,9 @@ class QkvzLoraTrainPass:
                         projections += [match_projection(name, found[name]) for name in (cfg.b_name, cfg.a_name)]
                     except NoMatch as e:
                         ba_reason = f"{e.reason} (at {e.node_name})"
-                self._check_layer(projections)
+                autocast = self._check_layer(projections)
                 _check_no_lora_left(graph, layer, projections)
-                match = self._rewrite_layer(graph, layer, projections)
+                match = self._rewrite_layer(graph, layer, projections, autocast)
                 match.ba_reason = ba_reason
                 report.layers.append(match)
                 changed = True
@@ -259,7 +269,9 @@ class QkvzLoraTrainPass:
         return changed
 
     @staticmethod
-    def _check_layer(projections: list[Projection]) -> None:
+    def _check_layer(projections: list[Projection]) -> Optional[torch.dtype]:
+        """Raises :class:`NoMatch` where the layer cannot be fused; returns autocast's dtype where its linears
+        ran under autocast (:func:`_autocast_dtype`), else None."""
         x = projections[0].x
         if not any(p.terms for p in projections[:2]):
             raise NoMatch(projections[0].base, "no trainable LoRA on in_proj_qkv / in_proj_z")
@@ -267,15 +279,22 @@ class QkvzLoraTrainPass:
         for p in projections:
             if p.x is not x:
                 raise NoMatch(p.base, f"{p.name} reads another input than {projections[0].name}")
-            if _val(p.weight).dtype != x_val.dtype:
+        autocast = _autocast_dtype(projections)
+        # the dtype the projections compute in and return: autocast's, else x's (the weights' must match)
+        dtype = autocast or x_val.dtype
+        for p in projections:
+            if autocast is None and _val(p.weight).dtype != x_val.dtype:
                 raise NoMatch(p.base, f"{p.name} weight dtype {_val(p.weight).dtype} != x dtype {x_val.dtype}")
-            if _val(p.end).dtype != x_val.dtype:
-                raise NoMatch(p.end, f"{p.name} result dtype {_val(p.end).dtype} != x dtype {x_val.dtype}")
+            if _val(p.end).dtype != dtype:
+                raise NoMatch(p.end, f"{p.name} result dtype {_val(p.end).dtype} != {dtype}"
+                                     + (" (autocast's)" if autocast else " (x's)"))
         dtypes = {_val(n).dtype for p in projections for t in p.terms for n in (t.xs, t.a, t.b)}
-        if len(dtypes) > 1:
+        if autocast is None and len(dtypes) > 1:
             raise NoMatch(projections[0].base, f"LoRA inputs / weights of several dtypes {sorted(map(str, dtypes))}")
+        return autocast
 
-    def _rewrite_layer(self, graph: Graph, layer: str, projections: list[Projection]) -> LayerMatch:
+    def _rewrite_layer(self, graph: Graph, layer: str, projections: list[Projection],
+                       autocast: Optional[torch.dtype] = None) -> LayerMatch:
         x = projections[0].x
         xv = _val(x)
         H = xv.shape[-1]
@@ -283,7 +302,8 @@ class QkvzLoraTrainPass:
         xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
         col = 0
         # Without dropout the op reads x itself: its kernels cast it in registers (PEFT's x.to(adapter dtype)
-        # would be a [T, H] fp32 copy written, read by the shrink and kept for dA)
+        # would be a [T, H] fp32 copy written, read by the shrink and kept for dA). Under autocast x and the
+        # LoRA input are both cast to autocast's dtype: one tensor again.
         dropped_casts: set[Node] = set()
         for p in projections:
             for t in p.terms:
@@ -302,22 +322,30 @@ class QkvzLoraTrainPass:
                 scales.append(t.scale)
                 names.append(p.name)
             col += _val(p.weight).shape[0]
-        _check_op_accepts(x, xs, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales)
+        weights = [p.weight for p in projections]
+        _check_op_accepts(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, autocast)
         last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
-        anchor = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
+        prev = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
         src = projections[0].base
-        with graph.inserting_after(anchor):
-            x2d = _emit(graph, "call_method", "reshape", (x, -1, H), src)
-        flat: dict[Node, Node] = {x: x2d}
-        prev = x2d
-        for n in xs:
+        new_nodes: list[Node] = []
+
+        def put(op: str, target: Any, args: tuple) -> Node:
+            nonlocal prev
+            with graph.inserting_after(prev):
+                prev = _emit(graph, op, target, args, src)
+            new_nodes.append(prev)
+            return prev
+
+        def cast(n: Node) -> Node:   # what autocast would have cast, explicitly (the weights: once per layer)
+            return n if autocast is None or _val(n).dtype == autocast else put("call_method", "to", (n, autocast))
+
+        flat: dict[Node, Node] = {}
+        for n in [x, *xs]:
             if n not in flat:
-                with graph.inserting_after(prev):
-                    flat[n] = prev = _emit(graph, "call_method", "reshape", (n, -1, H), src)
-        xs2d = [flat[n] for n in xs]
-        with graph.inserting_after(prev):
-            op = _emit(graph, "call_function", TRAIN_OP,
-                       (x2d, xs2d, [p.weight for p in projections], lora_a, lora_b, slice_a, slice_start, scales), src)
+                flat[n] = put("call_method", "reshape", (cast(n), -1, H))
+        x2d, xs2d = flat[x], [flat[n] for n in xs]
+        weights, lora_a, lora_b = ([cast(n) for n in nodes] for nodes in (weights, lora_a, lora_b))
+        op = put("call_function", TRAIN_OP, (x2d, xs2d, weights, lora_a, lora_b, slice_a, slice_start, scales))
         with graph.inserting_after(op):
             outs = _emit(graph, "call_function", operator.getitem, (op, 0), src)
         lead, prev = [], outs
@@ -327,7 +355,7 @@ class QkvzLoraTrainPass:
                 with graph.inserting_after(prev):
                     size = prev = _emit(graph, "call_method", "size", (x, d), src)
             lead.append(size)
-        new_nodes = [*flat.values(), op, outs, *[n for n in lead if isinstance(n, Node)]]
+        new_nodes += [outs, *[n for n in lead if isinstance(n, Node)]]
         for k, p in enumerate(projections):
             with graph.inserting_after(prev):
                 flat_p = _emit(graph, "call_function", operator.getitem, (outs, k), p.end)
@@ -342,8 +370,25 @@ class QkvzLoraTrainPass:
                           z_node=projections[1].base.name, folded=[p.name for p in projections],
                           slice_sizes=sizes, lora_slices=[[n] for n in names],
                           shared_a=bool(projections[0].terms),   # q, k, v: one PEFT module, one A
-                          kernel="fx_passes.qkvz_lora_train",
+                          kernel="fx_passes.qkvz_lora_train", autocast=str(autocast) if autocast else None,
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
+
+
+def _autocast_dtype(projections: list[Projection]) -> Optional[torch.dtype]:
+    """The dtype autocast runs the layer's linears in (a linear whose output dtype is not its inputs' ran under
+    it), None where it cast none of them. Raises :class:`NoMatch` unless, where it cast any, every linear of
+    the layer gives one 16-bit dtype (a layer half inside an autocast region stays as it is)."""
+    linears = [n for p in projections for n in (p.base, *(lin for t in p.terms for lin in t.linears))]
+    cast = [n for n in linears if any(_val(a).dtype != _val(n).dtype for a in n.args[:2])]
+    if not cast:
+        return None
+    dtype = _val(cast[0]).dtype
+    other = next((n for n in linears if _val(n).dtype != dtype), None)
+    if other is not None:
+        raise NoMatch(other, f"autocast runs {cast[0].name} in {dtype} but {other.name} gives {_val(other).dtype}")
+    if dtype not in (torch.float16, torch.bfloat16):
+        raise NoMatch(cast[0], f"autocast to {dtype}: the op takes 16-bit autocast dtypes")
+    return dtype
 
 
 def _check_no_lora_left(graph: Graph, layer: str, projections: list[Projection]) -> None:
@@ -360,18 +405,23 @@ def _check_no_lora_left(graph: Graph, layer: str, projections: list[Projection])
 
 
 def _check_op_accepts(x: Node, xs: list, weights: list, lora_a: list, lora_b: list, slice_a: list,
-                      slice_start: list, scales: list) -> None:
-    """Run the op's fake implementation on the layer's example values before the graph is touched: a layer
-    the op would reject stays as it was (with the op's message) instead of failing the compile half-way."""
-    def flat(n: Node):
+                      slice_start: list, scales: list, autocast: Optional[torch.dtype] = None) -> None:
+    """Run the op's fake implementation on the layer's example values (cast to ``autocast``'s dtype where
+    given) before the graph is touched: a layer the op would reject stays as it was (with the op's message)
+    instead of failing the compile half-way."""
+    def val(n: Node):
         v = _val(n)
+        return v if autocast is None else v.to(autocast)
+
+    def flat(n: Node):
+        v = val(n)
         return v.reshape(-1, v.shape[-1])
     mode = next((v.fake_mode for v in (_val(x), *map(_val, weights)) if isinstance(v, torch._subclasses.FakeTensor)),
                 None)
     try:
         with mode if mode is not None else contextlib.nullcontext():
-            TRAIN_OP(flat(x), [flat(n) for n in xs], [_val(w) for w in weights], [_val(a) for a in lora_a],
-                     [_val(b) for b in lora_b], slice_a, slice_start, scales)
+            TRAIN_OP(flat(x), [flat(n) for n in xs], [val(w) for w in weights], [val(a) for a in lora_a],
+                     [val(b) for b in lora_b], slice_a, slice_start, scales)
     except Exception as e:  # noqa: BLE001  (whatever the op's checks raise, the layer is reported, not fused)
         raise NoMatch(x, f"fx_passes.qkvz_lora_train rejects the layer: {str(e).splitlines()[0][:200]}") from e
 

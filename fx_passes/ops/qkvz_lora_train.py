@@ -49,6 +49,7 @@ their TMA descriptors on the device, as ``wrap_triton`` outside Dynamo cannot tr
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
@@ -135,6 +136,15 @@ def group_columns(ranks: Sequence[int]) -> list[int]:
     return offs
 
 
+def exact_dtypes(t: torch.Tensor):
+    """The context the op's bodies run in: autocast off on ``t``'s device, where a caller's autocast region
+    would cast the torch ops inside them again (an fp32 product of 16-bit inputs rounded to 16 bits), so that
+    the op computes in the dtypes it is given, under autocast or not. (The rewrite casts the op's inputs to
+    autocast's dtype itself.)"""
+    return torch.autocast(t.device.type, enabled=False) if torch.is_autocast_enabled(t.device.type) \
+        else contextlib.nullcontext()
+
+
 def _kernels_hold(ranks) -> bool:
     """The Triton kernels hold a whole rank in registers (a larger one runs the torch implementation, as do
     layouts with more projections or slices than a launch takes: :func:`~.kernels.lora_train.fits`)."""
@@ -157,9 +167,10 @@ def qkvz_lora_train(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``(outs, s)``: the projections with their LoRA (module docstring); every device, plain torch."""
     owners = check_train_args(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales)
-    s = _shrink_reference(xs, lora_a)
-    return forward_reference(x, weights, s, lora_b, slice_a, owners, scales,
-                             group_columns([a.shape[0] for a in lora_a])), s
+    with exact_dtypes(x):
+        s = _shrink_reference(xs, lora_a)
+        return forward_reference(x, weights, s, lora_b, slice_a, owners, scales,
+                                 group_columns([a.shape[0] for a in lora_a])), s
 
 
 def _shrink_reference(xs, lora_a) -> torch.Tensor:
@@ -342,7 +353,7 @@ def _train_cuda(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, tr
 
     plan = _FORWARD_PLANS.get(_signature(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales,
                                          tuple(xs_of), x_input), make)
-    with on_device(x, traced):
+    with on_device(x, traced), exact_dtypes(x):
         if not plan.kernels:
             s = _shrink_reference(xs, lora_a)
             return forward_reference(x, weights, s, lora_b, slice_a, plan.owners, scales, plan.offs), s
@@ -419,8 +430,9 @@ def qkvz_lora_train_backward(
     ``need_db`` (else empty lists)."""
     owners = _check_backward_args(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales, xs_of,
                                   x_input, need_dx)
-    return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input, need_dx,
-                               need_da, need_db, owners)
+    with exact_dtypes(s):
+        return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
+                                   need_dx, need_da, need_db, owners)
 
 
 def lora_grads_reference(dys: Sequence[torch.Tensor], s: torch.Tensor, lora_b: Sequence[torch.Tensor],
@@ -517,9 +529,10 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)
     if not plan.kernels:
-        return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
-                                   need_dx, need_da, need_db, plan.owners)
-    with on_device(s, traced):
+        with exact_dtypes(s):
+            return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
+                                       need_dx, need_da, need_db, plan.owners)
+    with on_device(s, traced), exact_dtypes(s):
         return _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx,
                                  need_da, need_db, traced)
 
@@ -610,6 +623,11 @@ def _unpack(ctx):
 
 def _backward(ctx, grad_outs: Optional[list], grad_s: Optional[torch.Tensor]):
     x, s, xs, weights, lora_a, lora_b = _unpack(ctx)
+    with exact_dtypes(s):
+        return _gradients(ctx, grad_outs, grad_s, x, s, xs, weights, lora_a, lora_b)
+
+
+def _gradients(ctx, grad_outs, grad_s, x, s, xs, weights, lora_a, lora_b):
     need = ctx.needs_input_grad   # x, xs, weights, lora_a, lora_b (lists: one flag per tensor), ...
     n_groups = len(lora_a)
     need_x = bool(need[0])
