@@ -123,12 +123,12 @@ def test_demo_passes_twice_on_one_machine(tmp_path):
 # them as for inference: other options and modes are the inference cases' (above).
 
 
-def _train_script(kwargs: dict, cache_dir: str) -> dict:
+def _train_script(kwargs: dict, cache_dir: str, *flags: str) -> dict:
     """The user's training script as the README has it: the backend's name, no setting (the training
     rewrite is on by default)."""
     env = _env(cache_dir)
-    done = subprocess.run([sys.executable, os.path.join(HERE, "user_train_script.py"), json.dumps(kwargs)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run([sys.executable, os.path.join(HERE, "user_train_script.py"), json.dumps(kwargs), *flags],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
     line = next(l for l in done.stdout.splitlines() if l.startswith("RESULTS "))
     return json.loads(line[len("RESULTS "):])
@@ -144,3 +144,19 @@ def test_training_script_by_name_cold_then_warm_cache(tmp_path):
         assert len(layers) == GDN_LAYERS and all(layer["rewritten"] for layer in layers), (run, train)
         assert result["lora_grads"] == 4 * GDN_LAYERS, run
         assert result["loss_err"] < 1e-5 and result["grad_err"] < 1e-5 and result["param_err"] < 1e-5, (run, result)
+
+
+def test_mixed_precision_training_script_cold_then_warm_cache(tmp_path):
+    """The same script with every forward under ``torch.autocast(bfloat16)`` (an fp32 model, as a
+    mixed-precision trainer runs it): both runs rewrite every GDN layer under autocast (its dtype in the
+    report), and the LoRA gradients are no farther from the fp32 steps without autocast than 1.5x eager
+    autocast's."""
+    for run in ("cold", "warm"):
+        result = _train_script({}, str(tmp_path), "autocast")
+        train = [r for r in result["reports"] if r["pass_name"] == "qkvz_lora_train_fusion"]
+        layers = [layer for r in train for layer in r["layers"]]
+        assert len(layers) == GDN_LAYERS and all(layer["rewritten"] for layer in layers), (run, train)
+        assert all(layer["autocast"] == "torch.bfloat16" for layer in layers), (run, train)
+        assert result["lora_grads"] == 4 * GDN_LAYERS, run
+        assert result["eager_grad_err_fp32"] > 1e-4, (run, result)   # bf16 products, not fp32's
+        assert result["grad_err_fp32"] <= 1.5 * result["eager_grad_err_fp32"] + 1e-4, (run, result)
