@@ -184,12 +184,15 @@ def clean_dump_dir(out_dir: str) -> None:
 
 def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional[QkvzFusionConfig] = None, *,
                  dynamic: Optional[bool] = None, inductor_options: Optional[dict] = None, use_depyf: bool = True,
-                 clean: bool = True, what: Optional[str] = None, backward: bool = False) -> DumpResult:
+                 clean: bool = True, what: Optional[str] = None, backward: bool = False,
+                 autocast: Optional[Any] = None) -> DumpResult:
     """Compile ``model`` with the fx_passes backend, run it once, and write one dump folder.
 
     ``example_inputs``: a dict (keyword arguments), a tuple / list (positional arguments) or one
     argument. Runs in the caller's grad mode. ``backward``: also run the backward of the output's sum (its
-    first tensor, or ``.logits``), so a training compile's backward graph is compiled and dumped too. ``config``: the pass configuration (its ``dump_dir`` is
+    first tensor, or ``.logits``), so a training compile's backward graph is compiled and dumped too. ``autocast``:
+    a dtype to run the forward under ``torch.autocast`` in (a mixed-precision step). ``config``: the pass
+    configuration (its ``dump_dir`` is
     replaced by ``out_dir``). Resets Dynamo before and after (a function compiled earlier would
     otherwise not recompile, so the pass would not run) and disables Inductor's caches for the compile.
     ``clean`` removes an earlier dump's files from ``out_dir`` first.
@@ -218,7 +221,9 @@ def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional
             depyf_context = depyf_dump(depyf_dir, required=False) if use_depyf else contextlib.nullcontext(False)
             with depyf_context as depyf_on:
                 compiled = torch.compile(model, backend=backend, dynamic=dynamic)
-                output = compiled(*args, **kwargs)
+                device = next((a.device.type for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor)), "cpu")
+                with torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+                    output = compiled(*args, **kwargs)
                 if backward:
                     _first_tensor(output).float().sum().backward()
                 # `compiled` stays alive until depyf has read the cache entries on exit
@@ -281,6 +286,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train", action="store_true",
                         help="a training step (train mode, grad enabled, forward + backward) with the training "
                              "rewrite on: its Dynamo graphs before / after, then Inductor's forward and backward")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                        help="the forward under torch.autocast in this dtype (a mixed-precision step)")
     parser.add_argument("--no-depyf", action="store_true", help="only our before/after graphs and the report")
 
 
@@ -299,12 +306,14 @@ def run(args) -> int:
     what = (f"tiny Qwen3.5{'-MoE' if args.moe else ''} ({spec.num_gdn_layers} GDN layer(s)), PEFT LoRA r={args.rank}"
             f"{f' dropout={args.dropout} (train mode)' if args.dropout > 0 else ''}"
             f"{', a training step (forward + backward, training rewrite on)' if args.train else ''}, {args.dtype} on "
-            f"{args.device}, weights of {packed} layer(s) packed{', dynamic' if args.dynamic else ''}")
+            f"{args.device}{f' under autocast {args.autocast}' if args.autocast else ''}, "
+            f"weights of {packed} layer(s) packed{', dynamic' if args.dynamic else ''}")
     ids = example_inputs(spec, device=args.device)
     config = QkvzFusionConfig(fuse_training=True) if args.train else None
     with torch.set_grad_enabled(args.train):
         result = dump_compile(model, {"input_ids": ids}, args.out, config, dynamic=args.dynamic or None,
-                              use_depyf=not args.no_depyf, what=what, backward=args.train)
+                              use_depyf=not args.no_depyf, what=what, backward=args.train,
+                              autocast=getattr(torch, args.autocast) if args.autocast else None)
     depyf_note = (f"depyf: {len(result.depyf_files)} files in {result.depyf_dir}" if result.depyf_available
                   else "depyf: not run" + (" (not installed)" if not args.no_depyf else ""))
     print(f"wrote {result.out_dir}: {len(result.graphs)} graph(s), {len(result.layers)} GDN layer candidate(s), "

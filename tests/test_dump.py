@@ -142,15 +142,19 @@ def test_cli_dump_reports_skip_reason_without_depyf(tmp_path, monkeypatch, capsy
         (out / "graph_000_after.py").read_text().split("\n", 1)[1]          # unchanged graph
 
 
-def test_cli_dump_of_a_training_step_shows_the_training_rewrite(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_cli_dump_of_a_training_step_shows_the_training_rewrite(tmp_path, monkeypatch, capsys, autocast):
     """`python -m fx_passes dump --train`: the training rewrite's Dynamo graph before / after (PEFT's LoRA
     linears -> one fx_passes.qkvz_lora_train), then Inductor's forward and backward graphs, which name the
-    op and its backward op as what fused their GDN layer."""
+    op and its backward op as what fused their GDN layer. ``--autocast bfloat16``: the same, the report
+    saying autocast's dtype, the graph after the rewrite casting the op's fp32 inputs to it (autocast's
+    casts are not in the Dynamo graph before)."""
     from fx_passes.__main__ import main
 
     monkeypatch.setitem(sys.modules, "depyf", None)
     out = tmp_path / "dump"
-    assert main(["dump", "--layers", "1", "--train", "--out", str(out)]) == 0
+    flags = ["--autocast", autocast] if autocast else []
+    assert main(["dump", "--layers", "1", "--train", "--out", str(out), *flags]) == 0
     assert "1 rewritten, 0 skipped" in capsys.readouterr().out
     data = json.loads((out / "report.json").read_text())
     passes = [g["report"]["pass_name"] for g in data["graphs"]]
@@ -164,6 +168,11 @@ def test_cli_dump_of_a_training_step_shows_the_training_rewrite(tmp_path, monkey
     assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train)" in text
     assert "fused by the training rewrite (1 fx_passes.qkvz_lora_train_backward)" in text
     assert "qkvz_lora_train_backward" in (out / "graph_002_after.py").read_text()
+    casts = [len(re.findall(r"\.to\(torch\.bfloat16\)", g)) for g in (before, after)]
+    if autocast:   # in: x, W_qkv, W_z, W_b, W_a, A_qkv, A_z, B_qkv, B_z; out: PEFT's result casts of qkv, z
+        assert "under autocast: inputs cast to torch.bfloat16" in text and casts[1] - casts[0] == 9 - 2, casts
+    else:
+        assert "under autocast" not in text and casts == [0, 0], casts
 
 
 def test_env_switch_dumps_every_graph_of_every_pass_instance(tmp_path, monkeypatch):

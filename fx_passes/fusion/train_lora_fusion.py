@@ -303,11 +303,12 @@ class QkvzLoraTrainPass:
         col = 0
         # Without dropout the op reads x itself: its kernels cast it in registers (PEFT's x.to(adapter dtype)
         # would be a [T, H] fp32 copy written, read by the shrink and kept for dA). Under autocast x and the
-        # LoRA input are both cast to autocast's dtype: one tensor again.
+        # LoRA input are both cast to autocast's dtype: one tensor again, where PEFT's cast loses nothing.
         dropped_casts: set[Node] = set()
         for p in projections:
             for t in p.terms:
-                if t.dropout is None and _cast_dtype(t.xs) is not None and t.xs.args[0] is x:
+                if t.dropout is None and _cast_dtype(t.xs) is not None and t.xs.args[0] is x \
+                        and (autocast is None or _cast_dtype(t.xs) in (torch.float32, autocast)):
                     dropped_casts.add(t.xs)
                     t.xs = x
                 if t.a not in groups:
