@@ -158,21 +158,24 @@ def check(layout: str, T: int, dtype, adapter_dtype, x_itself: bool, compiled: b
 
 
 def paths(layout: str, T: int, dtype, adapter_dtype, x_itself: bool) -> str:
-    """Which forward and which dx the case runs: ``gemm`` (the fused GEMM, the LoRA in its K loop or epilogue)
-    or ``split`` (the library GEMMs' fp32 products, then the expand kernel); dx ``gemm`` (dx's GEMMs with x's
-    LoRA gradient in their epilogue, x itself the LoRA input; ``gemm+dA``: dA on its lighter programs too) or
+    """Which forward and which dx the ops' plans for the case run: ``gemm`` (the fused GEMM, the LoRA in its K
+    loop or epilogue) or ``split`` (library GEMMs, then the expand kernel where the LoRA is added); dx ``gemm``
+    (dx's GEMMs with x's LoRA gradient in their epilogue; ``gemm+dA``: dA on its lighter programs too) or
     ``split``."""
-    from fx_passes.ops.kernels.gemm_lora_train import GemmDx, dx_fusable, fusable
+    widths, lora_widths, ranks = LAYOUTS[layout]
+    H = 96
 
-    widths, _, ranks = LAYOUTS[layout]
-    x = torch.empty(T, 96, device=DEVICE, dtype=dtype)
-    weights = [torch.empty(n, 96, device=DEVICE, dtype=dtype) for n in widths]
-    dys = [torch.empty(T, n, device=DEVICE, dtype=dtype) for n in widths]
-    fwd = "gemm" if fusable(x, weights, len(LAYOUTS[layout][1])) else "split"
-    dx = "gemm" if x_itself and dx_fusable(dys, weights, len(ranks)) else "split"
-    if dx == "gemm" and GemmDx(ranks, widths, T, 96, dtype, adapter_dtype, x.device, with_da=True).da_schedule:
-        dx += "+dA"
-    return f"{fwd}/{dx}"
+    def empty(*shape, dt=dtype):
+        return torch.empty(*shape, device=DEVICE, dtype=dt)
+    x, weights, dys = empty(T, H), [empty(n, H) for n in widths], [empty(T, n) for n in widths]
+    lora_a = [empty(r, H, dt=adapter_dtype) for r in ranks]
+    lora_b = [empty(n, r, dt=adapter_dtype) for n, r in zip(lora_widths, ranks)]
+    owners = train.slice_owners(widths, [0, widths[0]], lora_widths)
+    plan_args = (T, dtype, x if x_itself else None, lora_a, lora_b, [0, 1], [2.0, 0.5], owners)
+    fwd = train._plan(*plan_args, False, (x, weights))
+    bwd = train._plan(*plan_args, True, (dys, weights), True)
+    dx = "split" if bwd.gemm_dx is None else "gemm" if bwd.da is not None else "gemm+dA"
+    return f"{'split' if fwd.gemm is None else 'gemm'}/{dx}"
 
 
 def main() -> int:
