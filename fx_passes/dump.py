@@ -190,11 +190,11 @@ def dump_compile(model: Any, example_inputs: Any, out_dir: str, config: Optional
 
     ``example_inputs``: a dict (keyword arguments), a tuple / list (positional arguments) or one
     argument. Runs in the caller's grad mode. ``backward``: also run the backward of the output's sum (its
-    first tensor, or ``.logits``), so a training compile's backward graph is compiled and dumped too. ``autocast``:
-    a dtype to run the forward under ``torch.autocast`` in (a mixed-precision step). ``config``: the pass
-    configuration (its ``dump_dir`` is
-    replaced by ``out_dir``). Resets Dynamo before and after (a function compiled earlier would
-    otherwise not recompile, so the pass would not run) and disables Inductor's caches for the compile.
+    first tensor, or ``.logits``), so a training compile's backward graph is compiled and dumped too.
+    ``autocast``: a dtype to run the forward under ``torch.autocast`` in (a mixed-precision step). ``config``:
+    the pass configuration (its ``dump_dir`` is replaced by ``out_dir``). Resets Dynamo before and after (a
+    function compiled earlier would otherwise not recompile, so the pass would not run) and disables Inductor's
+    caches for the compile.
     ``clean`` removes an earlier dump's files from ``out_dir`` first.
     """
     import torch
