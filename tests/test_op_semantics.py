@@ -81,6 +81,31 @@ def test_out_of_range_and_int64_ids_select_no_adapter(impl):
     assert (got[lora_rows].float() - base[lora_rows]).abs().max() > 0.05   # the LoRA did something elsewhere
 
 
+def _lora_into(args, lora_op):
+    out = torch.ops.fx_passes.qkvz_gemm(args[0], args[1])
+    lora_op(out, args[0], *args[2:], 1.5)
+    return out
+
+
+ENTRY_POINTS = {   # what a caller (or Inductor's code) calls: the ops, on the CPU and on CUDA's paths
+    "qkvz_gemm_lora": _cpu_op,
+    "qkvz_gemm_lora_cuda": IMPLEMENTATIONS["cuda_dispatch"],
+    "qkvz_gemm + qkvz_lora_": lambda args: _lora_into(args, torch.ops.fx_passes.qkvz_lora_),
+    "qkvz_gemm + qkvz_lora_cuda": lambda args: _lora_into(args, _qkvz_lora_cuda),
+}
+
+
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_the_ops_compute_alike_inside_an_autocast_region(entry):
+    """Called inside ``torch.autocast(bfloat16)`` each op gives what it gives outside one, to the bit, in its
+    inputs' fp16 (autocast would cast the GEMMs of a CPU body to bf16 and leave the Triton kernels be)."""
+    args, _ = _ids_case()
+    plain = ENTRY_POINTS[entry](args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = ENTRY_POINTS[entry](args)
+    assert plain.dtype == under_autocast.dtype == torch.float16 and torch.equal(plain, under_autocast)
+
+
 def _big_rank_case(ranks, T=5, adapters=None, dtype=torch.float32, strided=False, seed=0):
     """q, k, v share an A of rank ranks[0]; z has its own of rank ranks[1]."""
     g = torch.Generator().manual_seed(seed)

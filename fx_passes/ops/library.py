@@ -1,6 +1,8 @@
 """The one torch.library namespace every fx_passes op lives in, and how the CUDA kernels are registered."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 LIB_NAMESPACE = "fx_passes"
@@ -32,3 +34,14 @@ def no_autograd_on_cuda(op_name: str) -> None:
     (~30-80 us per call on the H200 machine's host). Other devices keep the layer (and its error if a
     gradient is wanted)."""
     _CUDA_IMPLS.impl(op_name, torch.library.fallthrough_kernel, "AutogradCUDA")
+
+
+def exact_dtypes(t: torch.Tensor):
+    """The context every op body runs in: autocast off on ``t``'s device. A caller's autocast region would
+    otherwise cast the torch ops inside the body again (an fp32 product of 16-bit inputs rounded to 16 bits,
+    a 16-bit GEMM in the other 16-bit dtype), so the CPU body and the CUDA paths (whose Triton kernels no
+    autocast reaches) would part. Each op computes in the dtypes it is given, in an autocast region or not
+    (Inductor's compiled code runs with autocast off; the training rewrite casts the op's inputs to
+    autocast's dtype itself)."""
+    return torch.autocast(t.device.type, enabled=False) if torch.is_autocast_enabled(t.device.type) \
+        else contextlib.nullcontext()

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.library import LIB_NAMESPACE, exact_dtypes
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_WEIGHTS = 8   # W_qkv, W_z, W_b, W_a need 4; the launchers walk the list on the host
@@ -100,11 +100,12 @@ def _run_views(weights: Sequence[torch.Tensor]):
 def qkvz_gemm(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``torch.cat([x @ w.T for w in weights], -1)`` without concatenating anything."""
     check_gemm_args(x, weights)
-    if weights_are_packed(weights):
-        return torch.mm(x, packed_view(weights).t())
-    out = x.new_empty((x.shape[0], total_rows(weights)))
-    for col, w in _run_views(weights):
-        torch.mm(x, w.t(), out=out[:, col:col + w.shape[0]])
+    with exact_dtypes(x):
+        if weights_are_packed(weights):
+            return torch.mm(x, packed_view(weights).t())
+        out = x.new_empty((x.shape[0], total_rows(weights)))
+        for col, w in _run_views(weights):
+            torch.mm(x, w.t(), out=out[:, col:col + w.shape[0]])
     return out
 
 
@@ -129,11 +130,12 @@ def _qkvz_gemm_setup_context(ctx, inputs, output):
 def _qkvz_gemm_backward(ctx, grad):
     x, *weights = ctx.saved_tensors
     gx, grads, col = None, [], 0
-    for w in weights:
-        g = grad[:, col:col + w.shape[0]]
-        col += w.shape[0]
-        gx = g @ w if gx is None else gx + g @ w
-        grads.append(g.t() @ x)
+    with exact_dtypes(x):
+        for w in weights:
+            g = grad[:, col:col + w.shape[0]]
+            col += w.shape[0]
+            gx = g @ w if gx is None else gx + g @ w
+            grads.append(g.t() @ x)
     return gx, grads
 
 

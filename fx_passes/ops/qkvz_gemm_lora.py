@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.library import LIB_NAMESPACE, exact_dtypes
 from fx_passes.ops.lora_args import LoraSlices, check_qkvz_lora_args
 from fx_passes.ops.qkvz_gemm import check_gemm_args, total_rows
 from fx_passes.ops.qkvz_lora import qkvz_lora_reference
@@ -50,8 +50,9 @@ def qkvz_gemm_lora(
 ) -> torch.Tensor:
     """``qkvz_gemm(x, weights)`` + the LoRA of ``qkvz_lora_`` (plain torch: the CPU kernel)."""
     _check(x, weights, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales)
-    out = torch.ops.fx_passes.qkvz_gemm(x, weights)
-    qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale)
+    with exact_dtypes(x):
+        out = torch.ops.fx_passes.qkvz_gemm(x, weights)
+        qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale)
     return out
 
 
@@ -68,7 +69,8 @@ def _qkvz_gemm_lora_cuda(x, weights, lora_a, lora_b, slice_a, slice_start, token
     from fx_passes.ops.dispatch import gemm_lora   # imports Triton: only when a CUDA call comes
 
     # the argument rules depend on metadata only: checked once per call signature (dispatch's plan cache)
-    return gemm_lora(x, tuple(weights), LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids,
-                                                      lora_scales, scale),
-                     check=lambda: _check(x, weights, lora_a, lora_b, slice_a, slice_start, token_lora_ids,
-                                          lora_scales))
+    with exact_dtypes(x):
+        return gemm_lora(x, tuple(weights), LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids,
+                                                          lora_scales, scale),
+                         check=lambda: _check(x, weights, lora_a, lora_b, slice_a, slice_start, token_lora_ids,
+                                              lora_scales))

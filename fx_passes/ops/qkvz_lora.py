@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fx_passes.ops.library import LIB_NAMESPACE
+from fx_passes.ops.library import LIB_NAMESPACE, exact_dtypes
 from fx_passes.ops.lora_args import LoraSlices, check_qkvz_lora_args
 
 def _as_stacked(t: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,8 @@ def qkvz_lora_(
     scale: float = 1.0,
 ) -> None:
     """Adds the multi-slice LoRA of ``x`` into ``out`` in place (see module docstring)."""
-    qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale)
+    with exact_dtypes(x):
+        qkvz_lora_reference(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale)
 
 
 @qkvz_lora_.register_fake
@@ -105,4 +106,5 @@ def _qkvz_lora_fake(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids
 def _qkvz_lora_cuda(out, x, lora_a, lora_b, slice_a, slice_start, token_lora_ids=None, lora_scales=None, scale=1.0):
     from fx_passes.ops.dispatch import lora_   # imports Triton: only when a CUDA call comes
 
-    lora_(out, x, LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale))
+    with exact_dtypes(x):
+        lora_(out, x, LoraSlices.of(lora_a, lora_b, slice_a, slice_start, token_lora_ids, lora_scales, scale))

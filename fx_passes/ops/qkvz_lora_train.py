@@ -49,14 +49,13 @@ their TMA descriptors on the device, as ``wrap_triton`` outside Dynamo cannot tr
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Optional, Sequence
 
 import torch
 
 from fx_passes.ops.kernels.jit_helpers import on_device
-from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl, no_autograd_on_cuda
+from fx_passes.ops.library import LIB_NAMESPACE, cuda_impl, exact_dtypes, no_autograd_on_cuda
 from fx_passes.ops.lora_args import KERNEL_MAX_RANK
 from fx_passes.ops.memo import LruMemo, tensor_meta
 from fx_passes.ops.qkvz_gemm import check_gemm_args
@@ -134,15 +133,6 @@ def group_columns(ranks: Sequence[int]) -> list[int]:
         offs.append(total)
         total += r
     return offs
-
-
-def exact_dtypes(t: torch.Tensor):
-    """The context the op's bodies run in: autocast off on ``t``'s device, where a caller's autocast region
-    would cast the torch ops inside them again (an fp32 product of 16-bit inputs rounded to 16 bits), so that
-    the op computes in the dtypes it is given, under autocast or not. (The rewrite casts the op's inputs to
-    autocast's dtype itself.)"""
-    return torch.autocast(t.device.type, enabled=False) if torch.is_autocast_enabled(t.device.type) \
-        else contextlib.nullcontext()
 
 
 def _kernels_hold(ranks) -> bool:
