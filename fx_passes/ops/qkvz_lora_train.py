@@ -518,13 +518,13 @@ def _backward_cuda(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_s
 
     plan = _BACKWARD_PLANS.get(_signature(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, slice_start, scales,
                                           xs_of, x_input, need_dx, need_da, need_db), make)
-    if not plan.kernels:
-        with exact_dtypes(s):
+    with exact_dtypes(s):
+        if not plan.kernels:
             return _backward_reference(dys, xs, weights, lora_a, lora_b, s, grad_s, slice_a, scales, xs_of, x_input,
                                        need_dx, need_da, need_db, plan.owners)
-    with on_device(s, traced), exact_dtypes(s):
-        return _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx,
-                                 need_da, need_db, traced)
+        with on_device(s, traced):
+            return _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx,
+                                     need_da, need_db, traced)
 
 
 def _backward_kernels(plan, dys, xs, weights, lora_a, lora_b, s, grad_s, xs_of, x_input, need_dx, need_da, need_db,
