@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import operator
 
 import pytest
 import torch
@@ -363,6 +364,54 @@ def test_training_steps_fused_and_equal_to_eager_fp32(case):
             assert _rel(p, ref_params[name]) <= FP32_TOL, name
 
 
+def _set_scalings(model, scales: dict) -> None:
+    """PEFT's ``scaling[adapter]`` of every LoRA module, by adapter (what ``set_scale`` writes)."""
+    for module in model.modules():
+        if hasattr(module, "scaling") and isinstance(module.scaling, dict):
+            for adapter, value in scales.items():
+                module.scaling[adapter] = value
+
+
+def test_dynamic_true_scaling_is_a_graph_input_the_fused_step_reads_each_call():
+    """``torch.compile(dynamic=True)``: Dynamo makes PEFT's scaling a 0-d tensor input (read by ``.item()``),
+    not a number. The GDN layer (compiled on its own, as per-block compiles do; two adapters, dropout) is
+    rewritten with ``scale * B`` in the graph and the op scaling by 1; the gradients equal eager's, and after
+    the scalings change (non-powers of two) the same compiled graph -- no recompile -- follows them."""
+    eager_model = _training_model(SPEC, dropout=0.1, adapters=("x", "y"))
+    eager_layer = next(m for n, m in eager_model.named_modules() if n.endswith("linear_attn"))
+    layer = copy.deepcopy(eager_layer)
+    backend = FxPassesBackend(TRAINING, options={"fallback_random": True})
+    graphs = _capture_graph(backend)
+    compiled = torch.compile(layer, backend=backend, dynamic=True)
+    x = torch.randn(2, 8, SPEC.hidden_size, generator=torch.Generator().manual_seed(0))
+    compiles = []
+    for scales in ({"x": 0.37, "y": 1.3}, {"x": 2.9, "y": 0.11}):
+        _set_scalings(layer, scales)
+        _set_scalings(eager_layer, scales)
+        grads = []
+        for run, module in ((compiled, layer), (eager_layer, eager_layer)):
+            torch.manual_seed(7)
+            out = run(x)
+            (out.float().square().mean() + out.float().mean()).backward()
+            grads.append(({n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}, out))
+            module.zero_grad()
+        compiles.append(len(backend.train_pass.reports))
+        (got, out), (want, ref) = grads
+        assert _rel(out, ref) <= FP32_TOL
+        assert got.keys() == want.keys() and len(want) == 8   # A and B of qkv and z, two adapters
+        for name in want:
+            assert _rel(got[name], want[name]) <= FP32_TOL, name
+    # (Dynamo restarts its analysis once to specialize the dropout's p, a float the dropout cannot take
+    # symbolic: two graphs, both rewritten; the new scalings compile nothing)
+    reports = backend.train_pass.reports
+    assert compiles[0] == compiles[1] and all(len(r.rewritten) == 1 and not r.skipped for r in reports), \
+        (compiles, [r.to_text() for r in reports])
+    (op,) = [n for n in graphs[-1].graph.nodes if n.target is TRAIN_OP]
+    assert op.args[7] == [1.0] * 4   # scales: B carries them
+    scaled_b = [b for b in op.args[4] if b.target is operator.mul]
+    assert len(scaled_b) == 4 and all(isinstance(b.args[1].meta["example_value"], torch.SymFloat) for b in scaled_b)
+
+
 def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers():
     """HF gradient checkpointing (use_reentrant=False): Dynamo puts each decoder layer in an activation
     checkpoint body; the rewrite happens there, recomputation replays the op, gradients equal eager."""
@@ -493,5 +542,34 @@ def test_a_layer_the_op_rejects_stays_unfused_with_the_reason(monkeypatch):
     layers = [layer for r in backend.train_pass.reports for layer in r.layers]
     assert len(layers) == spec.num_gdn_layers and not any(layer.rewritten for layer in layers)
     assert all("rejected for the test" in layer.reason for layer in layers)
+    for name in ref_grads:
+        assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name
+
+
+def test_a_bug_in_the_rewrite_leaves_the_graph_as_it_was(monkeypatch):
+    """An unexpected error half-way through a layer's rewrite (here: after the op's call was made, at the
+    second projection's output) is no compile error: the nodes made so far go, the layer is reported with the
+    error and trains as eager."""
+    import fx_passes.fusion.train_lora_fusion as module
+
+    emit = module._emit
+
+    def failing_emit(graph, op, target, args, like):
+        if target is operator.getitem and args[1] == 1 and args[0].target is operator.getitem:
+            raise RuntimeError("bug for the test")
+        return emit(graph, op, target, args, like)
+    monkeypatch.setattr(module, "_emit", failing_emit)
+    eager_model = _training_model(SPEC)
+    model = copy.deepcopy(eager_model)
+    ids = example_inputs(SPEC)
+    backend = FxPassesBackend(TRAINING)
+    graphs = _capture_graph(backend)
+    _, grads = _train(model, 1, ids, backend)
+    monkeypatch.undo()
+    _, ref_grads = _train(eager_model, 1, ids)
+    layers = [layer for r in backend.train_pass.reports for layer in r.layers]
+    assert len(layers) == SPEC.num_gdn_layers and not any(layer.rewritten for layer in layers)
+    assert all("internal error" in layer.reason and "bug for the test" in layer.reason for layer in layers)
+    assert not any(n.target is TRAIN_OP for gm in graphs for n in gm.graph.nodes)
     for name in ref_grads:
         assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name

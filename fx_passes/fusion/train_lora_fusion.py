@@ -24,6 +24,9 @@ Fused::
 
 where ``d_p`` is the dropout's output, or x2d itself without dropout (PEFT's cast of x to the adapters'
 dtype is dropped: the op casts x in its kernels, and keeps x rather than an fp32 copy for the backward).
+Under ``dynamic=True`` Dynamo makes each ``scale_p`` a graph input (a 0-d tensor read by ``.item()``), not a
+number the op can take: then ``mul(B_p, scale_p)`` is the op's B and its scale is 1 (the same compiled graph
+follows a scaling that changes, e.g. by PEFT's ``set_scale``).
 
 The dropout nodes stay in the graph (the op reads their outputs), so the masks are Inductor's RNG as
 without the pass; only the graph position of a dropout may move (the op and its users are reordered
@@ -100,8 +103,8 @@ class LoraTerm:
     xs: Node               # the LoRA input (dropout output, cast or x)
     a: Node
     b: Node
-    scale: float
-    dropout: Optional[float]
+    scale: Any             # a number, or a node of a symbolic one (``dynamic=True``: PEFT's scaling is an input)
+    dropout: Any           # None without dropout; p (a number, or a node of a symbolic one)
     linears: tuple[Node, Node]   # linear(d, A), linear(., B)
 
 
@@ -130,8 +133,8 @@ def _match_term(node: Node, x: Node, removed: list) -> LoraTerm:
     up, scale = node.args
     if isinstance(up, (int, float)):
         up, scale = scale, up
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise NoMatch(node, f"LoRA scaling is not a constant number ({type(scale).__name__})")
+    if isinstance(scale, bool) or not (isinstance(scale, (int, float)) or _symbolic_scale(scale)):
+        raise NoMatch(node, f"LoRA scaling is neither a number nor a symbolic one ({type(_val(scale)).__name__})")
     if not _is(up, _LINEAR) or len(up.args) < 2 or (len(up.args) > 2 and up.args[2] is not None):
         raise NoMatch(up, "LoRA B is not a bias-free linear")
     shrink = up.args[0]
@@ -144,13 +147,21 @@ def _match_term(node: Node, x: Node, removed: list) -> LoraTerm:
         args = list(d.args) + [d.kwargs.get(k) for k in ("p", "training", "inplace") if k in d.kwargs]
         if len(args) < 3 or args[2] is not True or (len(args) > 3 and args[3]):
             raise NoMatch(d, "dropout not in training mode, or in place")
-        p, xc = float(args[1]), args[0]
+        p, xc = args[1], args[0]   # (symbolic under dynamic=True: only its presence matters here)
     else:
         xc = d
     if xc is not x and not (_cast_dtype(xc) is not None and xc.args[0] is x):
         raise NoMatch(xc, "the LoRA input is neither x nor a dtype cast of it")
     return LoraTerm(d, _weight(shrink.args[1], "lora_A weight"), _weight(up.args[1], "lora_B weight"),
-                    float(scale), p, (shrink, up))
+                    scale if isinstance(scale, Node) else float(scale), p, (shrink, up))
+
+
+def _symbolic_scale(node: Any) -> bool:
+    """A node of a float Dynamo did not specialize (``dynamic=True`` makes PEFT's ``scaling[adapter]`` a 0-d
+    tensor input, read by ``.item()``): a SymFloat, or a 0-d floating tensor."""
+    val = _val(node)
+    return isinstance(node, Node) and (isinstance(val, torch.SymFloat) or (
+        isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()))
 
 
 def match_projection(name: str, base: Node) -> Projection:
@@ -266,6 +277,10 @@ class QkvzLoraTrainPass:
                 changed = True
             except NoMatch as e:
                 report.layers.append(LayerMatch(layer=layer, rewritten=False, reason=e.reason, node=e.node_name))
+            except Exception as error:  # noqa: BLE001  (a bug of ours must not break the user's compile)
+                reason = f"internal error (layer left as it was): {type(error).__name__}: {error}"
+                report.layers.append(LayerMatch(layer=layer, rewritten=False, reason=reason))
+                logger.warning("fx_passes: %s not rewritten: %s", layer, reason)
         return changed
 
     @staticmethod
@@ -297,9 +312,9 @@ class QkvzLoraTrainPass:
                        autocast: Optional[torch.dtype] = None) -> LayerMatch:
         x = projections[0].x
         xv = _val(x)
-        H = xv.shape[-1]
+        H = _val(projections[0].weight).shape[1]   # an int (x's may be a SymInt Dynamo specialized)
         groups: dict[Node, int] = {}        # A node -> group index
-        xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
+        xs, lora_a, lora_b, slice_a, slice_start, scales, names, symbolic = [], [], [], [], [], [], [], []
         col = 0
         # Without dropout the op reads x itself: its kernels cast it in registers (PEFT's x.to(adapter dtype)
         # would be a [T, H] fp32 copy written, read by the shrink and kept for dA). Under autocast x and the
@@ -322,49 +337,54 @@ class QkvzLoraTrainPass:
                 slice_start.append(col)
                 scales.append(t.scale)
                 names.append(p.name)
+                symbolic.append(isinstance(t.scale, Node))
             col += _val(p.weight).shape[0]
         weights = [p.weight for p in projections]
+        # A symbolic scaling (a graph input: not a number the op can take) multiplies B before the op, which
+        # then scales by 1: ``s @ (scale * B)^T`` is PEFT's ``(s @ B^T) * scale`` up to where it rounds, and
+        # autograd takes ``dB = scale * dB'`` through the mul (one [n, r] product per slice and step).
+        b_scales = [sc if sym else None for sc, sym in zip(scales, symbolic)]
+        scales = [1.0 if sym else sc for sc, sym in zip(scales, symbolic)]
         _check_op_accepts(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, autocast)
         last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
         prev = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
         src = projections[0].base
         new_nodes: list[Node] = []
 
-        def put(op: str, target: Any, args: tuple) -> Node:
+        def put(op: str, target: Any, args: tuple, like: Node = src) -> Node:
             nonlocal prev
             with graph.inserting_after(prev):
-                prev = _emit(graph, op, target, args, src)
+                prev = _emit(graph, op, target, args, like)
             new_nodes.append(prev)
             return prev
 
         def cast(n: Node) -> Node:   # what autocast would have cast, explicitly (the weights: once per layer)
             return n if autocast is None or _val(n).dtype == autocast else put("call_method", "to", (n, autocast))
 
-        flat: dict[Node, Node] = {}
-        for n in [x, *xs]:
-            if n not in flat:
-                flat[n] = put("call_method", "reshape", (cast(n), -1, H))
-        x2d, xs2d = flat[x], [flat[n] for n in xs]
-        weights, lora_a, lora_b = ([cast(n) for n in nodes] for nodes in (weights, lora_a, lora_b))
-        op = put("call_function", TRAIN_OP, (x2d, xs2d, weights, lora_a, lora_b, slice_a, slice_start, scales))
-        with graph.inserting_after(op):
-            outs = _emit(graph, "call_function", operator.getitem, (op, 0), src)
-        lead, prev = [], outs
-        for d in range(xv.dim() - 1):   # x's leading sizes: ints when static, else x.size(d) nodes
-            size = _val(x).shape[d]
-            if not isinstance(size, int):
-                with graph.inserting_after(prev):
-                    size = prev = _emit(graph, "call_method", "size", (x, d), src)
-            lead.append(size)
-        new_nodes += [outs, *[n for n in lead if isinstance(n, Node)]]
-        for k, p in enumerate(projections):
-            with graph.inserting_after(prev):
-                flat_p = _emit(graph, "call_function", operator.getitem, (outs, k), p.end)
-            with graph.inserting_after(flat_p):
-                piece = _emit(graph, "call_method", "reshape", (flat_p, *lead, _val(p.weight).shape[0]), p.end)
+        try:   # every new node first, the graph's uses rewired after: a failure leaves the graph as it was
+            flat: dict[Node, Node] = {}
+            for n in [x, *xs]:
+                if n not in flat:
+                    flat[n] = put("call_method", "reshape", (cast(n), -1, H))
+            x2d, xs2d = flat[x], [flat[n] for n in xs]
+            lora_b = [b if sc is None else put("call_function", operator.mul, (b, sc))
+                      for b, sc in zip(lora_b, b_scales)]
+            weights, lora_a, lora_b = ([cast(n) for n in nodes] for nodes in (weights, lora_a, lora_b))
+            op = put("call_function", TRAIN_OP, (x2d, xs2d, weights, lora_a, lora_b, slice_a, slice_start, scales))
+            outs = put("call_function", operator.getitem, (op, 0))
+            # x's leading sizes: ints when static, else x.size(d) nodes
+            lead = [size if isinstance(size, int) else put("call_method", "size", (x, d))
+                    for d, size in enumerate(xv.shape[:-1])]
+            pieces = []
+            for k, p in enumerate(projections):
+                flat_p = put("call_function", operator.getitem, (outs, k), p.end)
+                pieces.append(put("call_method", "reshape", (flat_p, *lead, _val(p.weight).shape[0]), p.end))
+        except Exception:
+            for n in reversed(new_nodes):
+                graph.erase_node(n)
+            raise
+        for p, piece in zip(projections, pieces):
             p.end.replace_all_uses_with(piece)
-            new_nodes += [flat_p, piece]
-            prev = piece
         removed = erase_dead(graph, {n for p in projections for n in p.removed} | dropped_casts)
         sizes = [_val(p.weight).shape[0] for p in projections]
         return LayerMatch(layer=layer, rewritten=True, qkv_node=projections[0].base.name,
@@ -397,7 +417,8 @@ def _check_no_lora_left(graph: Graph, layer: str, projections: list[Projection])
     variant of another form (DoRA, ...) would otherwise keep running beside the op, its layer reported as
     fused."""
     prefix = "" if layer == ROOT_LAYER else layer + "."
-    covered = {n for p in projections for n in p.removed} | {t.xs for p in projections for t in p.terms}
+    covered = {n for p in projections for n in p.removed} | {t.xs for p in projections for t in p.terms} \
+        | {v for p in projections for t in p.terms for v in (t.scale, t.dropout) if isinstance(v, Node)}
     owners = tuple(f"{prefix}{p.name}.lora_" for p in projections)
     for node in graph.nodes:
         if node.op in ("call_function", "call_method", "call_module") and node not in covered \
