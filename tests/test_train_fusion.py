@@ -521,9 +521,8 @@ def test_inference_graphs_are_left_to_the_post_grad_pass():
     assert _rel(got, want) <= FP32_TOL
 
 
-def test_a_layer_the_op_rejects_stays_unfused_with_the_reason(monkeypatch):
-    """The op's own checks run on the layer's example values before the graph is touched: a rejection
-    leaves the layer as it was, reported with the op's message, and the compile trains as eager."""
+def _the_op_rejects(monkeypatch) -> tuple:
+    """The op's own checks (run on the layer's example values before the graph is touched) reject."""
     import importlib
 
     module = importlib.import_module("fx_passes.ops.qkvz_lora_train")
@@ -531,25 +530,12 @@ def test_a_layer_the_op_rejects_stays_unfused_with_the_reason(monkeypatch):
     def reject(*args):
         torch._check(False, lambda: "qkvz_lora_train: rejected for the test")
     monkeypatch.setattr(module, "check_train_args", reject)
-    spec = SPEC
-    eager_model = _training_model(spec)
-    model = copy.deepcopy(eager_model)
-    ids = example_inputs(spec)
-    backend = FxPassesBackend(TRAINING)
-    _, grads = _train(model, 1, ids, backend)
-    monkeypatch.undo()
-    _, ref_grads = _train(eager_model, 1, ids)
-    layers = [layer for r in backend.train_pass.reports for layer in r.layers]
-    assert len(layers) == spec.num_gdn_layers and not any(layer.rewritten for layer in layers)
-    assert all("rejected for the test" in layer.reason for layer in layers)
-    for name in ref_grads:
-        assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name
+    return ("rejected for the test",)
 
 
-def test_a_bug_in_the_rewrite_leaves_the_graph_as_it_was(monkeypatch):
-    """An unexpected error half-way through a layer's rewrite (here: after the op's call was made, at the
-    second projection's output) is no compile error: the nodes made so far go, the layer is reported with the
-    error and trains as eager."""
+def _a_bug_in_the_rewrite(monkeypatch) -> tuple:
+    """An unexpected error half-way through the rewrite: after the op's call was made, at the second
+    projection's output."""
     import fx_passes.fusion.train_lora_fusion as module
 
     emit = module._emit
@@ -559,6 +545,14 @@ def test_a_bug_in_the_rewrite_leaves_the_graph_as_it_was(monkeypatch):
             raise RuntimeError("bug for the test")
         return emit(graph, op, target, args, like)
     monkeypatch.setattr(module, "_emit", failing_emit)
+    return ("internal error", "bug for the test")
+
+
+@pytest.mark.parametrize("fault", [_the_op_rejects, _a_bug_in_the_rewrite], ids=["op-rejects", "rewrite-bug"])
+def test_a_layer_that_cannot_be_rewritten_stays_as_it_was_with_the_reason(monkeypatch, fault):
+    """No compile error: the nodes made so far go, the layer is reported with the op's message or the
+    error, no op is left in the graph and the step trains as eager."""
+    messages = fault(monkeypatch)
     eager_model = _training_model(SPEC)
     model = copy.deepcopy(eager_model)
     ids = example_inputs(SPEC)
@@ -569,7 +563,7 @@ def test_a_bug_in_the_rewrite_leaves_the_graph_as_it_was(monkeypatch):
     _, ref_grads = _train(eager_model, 1, ids)
     layers = [layer for r in backend.train_pass.reports for layer in r.layers]
     assert len(layers) == SPEC.num_gdn_layers and not any(layer.rewritten for layer in layers)
-    assert all("internal error" in layer.reason and "bug for the test" in layer.reason for layer in layers)
+    assert all(m in layer.reason for layer in layers for m in messages), [layer.reason for layer in layers]
     assert not any(n.target is TRAIN_OP for gm in graphs for n in gm.graph.nodes)
     for name in ref_grads:
         assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name
