@@ -306,8 +306,8 @@ def _capture_graph(backend: FxPassesBackend) -> list:
 def _assert_rewritten(backend: FxPassesBackend, graphs: list, layers: int, graph_breaks: bool = False) -> None:
     """Every GDN layer rewritten, none skipped, no PEFT LoRA linear left in a rewritten graph and one op per
     layer. ``graph_breaks``: the model's graph breaks (HF MoE routing: Inductor cannot compile its
-    data-dependent ops, with or without the pass) make Dynamo trace again from several frames, each graph
-    rewritten on its own: then every graph that has GDN layers has all of them rewritten."""
+    data-dependent ops, with or without the pass; reentrant checkpoints) make Dynamo trace again from several
+    frames, each graph rewritten on its own: then every graph that has GDN layers has all of them rewritten."""
     reports = backend.train_pass.reports
     assert reports and not any(r.skipped for r in reports), [r.to_text() for r in reports]
     if graph_breaks:
@@ -412,21 +412,29 @@ def test_dynamic_true_scaling_is_a_graph_input_the_fused_step_reads_each_call():
     assert len(scaled_b) == 4 and all(isinstance(b.args[1].meta["example_value"], torch.SymFloat) for b in scaled_b)
 
 
-def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers():
-    """HF gradient checkpointing (use_reentrant=False): Dynamo puts each decoder layer in an activation
-    checkpoint body; the rewrite happens there, recomputation replays the op, gradients equal eager."""
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_rewrites_inside_the_checkpointed_layers(reentrant):
+    """HF gradient checkpointing. ``use_reentrant=False``: Dynamo puts each decoder layer in an activation
+    checkpoint body; the rewrite happens there and recomputation replays the op. ``use_reentrant=True``
+    (with PEFT's ``enable_input_require_grads``): Dynamo compiles each checkpointed layer's frame on its own,
+    rewritten there. Gradients equal eager either way."""
     spec = SPEC
     eager_model = _training_model(spec, dropout=0.1)
-    eager_model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    eager_model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        eager_model.enable_input_require_grads()
     model = copy.deepcopy(eager_model)
     ids = example_inputs(spec)
     backend = FxPassesBackend(TRAINING, options={"fallback_random": True})
     graphs = _capture_graph(backend)
     _, grads = _train(model, 1, ids, backend)
     _, ref_grads = _train(eager_model, 1, ids)
-    _assert_rewritten(backend, graphs, spec.num_gdn_layers)
-    bodies = [m for gm in graphs for name, m in gm.named_modules() if name and isinstance(m, torch.fx.GraphModule)]
-    assert any(n.target is TRAIN_OP for body in bodies for n in body.graph.nodes), "not inside a checkpoint body"
+    _assert_rewritten(backend, graphs, spec.num_gdn_layers, graph_breaks=reentrant)
+    if not reentrant:
+        bodies = [m for gm in graphs for name, m in gm.named_modules() if name and isinstance(m, torch.fx.GraphModule)]
+        assert any(n.target is TRAIN_OP for body in bodies for n in body.graph.nodes), "not inside a checkpoint body"
+    assert grads.keys() == ref_grads.keys() and len(ref_grads) == 4 * spec.num_gdn_layers
     for name in ref_grads:
         assert _rel(grads[name], ref_grads[name]) <= FP32_TOL, name
 
