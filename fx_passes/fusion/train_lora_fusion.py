@@ -157,11 +157,9 @@ def _match_term(node: Node, x: Node, removed: list) -> LoraTerm:
 
 
 def _symbolic_scale(node: Any) -> bool:
-    """A node of a float Dynamo did not specialize (``dynamic=True`` makes PEFT's ``scaling[adapter]`` a 0-d
-    tensor input, read by ``.item()``): a SymFloat, or a 0-d floating tensor."""
-    val = _val(node)
-    return isinstance(node, Node) and (isinstance(val, torch.SymFloat) or (
-        isinstance(val, torch.Tensor) and val.dim() == 0 and val.is_floating_point()))
+    """A float Dynamo did not specialize: ``dynamic=True`` makes PEFT's ``scaling[adapter]`` a 0-d tensor
+    input, read by ``.item()`` into a SymFloat."""
+    return isinstance(node, Node) and isinstance(_val(node), torch.SymFloat)
 
 
 def match_projection(name: str, base: Node) -> Projection:
