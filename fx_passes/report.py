@@ -33,6 +33,7 @@ class LayerMatch:
     packing: Optional[str] = None           # who packed them, or why they stay unpacked
     kernel: Optional[str] = None            # which ops the layer now runs
     autocast: Optional[str] = None          # the dtype autocast ran the layer's GEMMs in (the op's inputs cast to it)
+    scale_in_b: bool = False                # symbolic LoRA scalings (dynamic=True): scale * B is the op's B
     removed_nodes: list[str] = dataclasses.field(default_factory=list)
     new_nodes: list[str] = dataclasses.field(default_factory=list)
 
@@ -44,6 +45,7 @@ class LayerMatch:
                 packed += f" ({self.packing})"
             extra = f"; b/a not folded: {self.ba_reason}" if self.ba_reason else ""
             extra += f"; under autocast: inputs cast to {self.autocast}" if self.autocast else ""
+            extra += "; symbolic LoRA scalings: scale * B enters the op" if self.scale_in_b else ""
             return (f"REWRITTEN {self.layer}: {' + '.join(self.folded) or self.qkv_node} -> {self.kernel}; "
                     f"slices {self.slice_sizes}; LoRA {self.lora_slices or 'none'}; "
                     f"shared A for q,k,v: {self.shared_a}; weights {packed}{extra}")

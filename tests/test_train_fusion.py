@@ -406,6 +406,7 @@ def test_dynamic_true_scaling_is_a_graph_input_the_fused_step_reads_each_call():
     reports = backend.train_pass.reports
     assert compiles[0] == compiles[1] and all(len(r.rewritten) == 1 and not r.skipped for r in reports), \
         (compiles, [r.to_text() for r in reports])
+    assert all(layer.scale_in_b and "scale * B enters the op" in layer.line() for r in reports for layer in r.layers)
     (op,) = [n for n in graphs[-1].graph.nodes if n.target is TRAIN_OP]
     assert op.args[7] == [1.0] * 4   # scales: B carries them
     scaled_b = [b for b in op.args[4] if b.target is operator.mul]

@@ -390,6 +390,7 @@ class QkvzLoraTrainPass:
                           slice_sizes=sizes, lora_slices=[[n] for n in names],
                           shared_a=bool(projections[0].terms),   # q, k, v: one PEFT module, one A
                           kernel="fx_passes.qkvz_lora_train", autocast=str(autocast) if autocast else None,
+                          scale_in_b=any(symbolic),
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
 
 
