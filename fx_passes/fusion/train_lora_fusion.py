@@ -312,7 +312,7 @@ class QkvzLoraTrainPass:
         xv = _val(x)
         H = _val(projections[0].weight).shape[1]   # an int (x's may be a SymInt Dynamo specialized)
         groups: dict[Node, int] = {}        # A node -> group index
-        xs, lora_a, lora_b, slice_a, slice_start, scales, names, symbolic = [], [], [], [], [], [], [], []
+        xs, lora_a, lora_b, slice_a, slice_start, scales, names = [], [], [], [], [], [], []
         col = 0
         # Without dropout the op reads x itself: its kernels cast it in registers (PEFT's x.to(adapter dtype)
         # would be a [T, H] fp32 copy written, read by the shrink and kept for dA). Under autocast x and the
@@ -335,14 +335,13 @@ class QkvzLoraTrainPass:
                 slice_start.append(col)
                 scales.append(t.scale)
                 names.append(p.name)
-                symbolic.append(isinstance(t.scale, Node))
             col += _val(p.weight).shape[0]
         weights = [p.weight for p in projections]
         # A symbolic scaling (a graph input: not a number the op can take) multiplies B before the op, which
         # then scales by 1: ``s @ (scale * B)^T`` is PEFT's ``(s @ B^T) * scale`` up to where it rounds, and
         # autograd takes ``dB = scale * dB'`` through the mul (one [n, r] product per slice and step).
-        b_scales = [sc if sym else None for sc, sym in zip(scales, symbolic)]
-        scales = [1.0 if sym else sc for sc, sym in zip(scales, symbolic)]
+        b_scales = [sc if isinstance(sc, Node) else None for sc in scales]
+        scales = [1.0 if isinstance(sc, Node) else sc for sc in scales]
         _check_op_accepts(x, xs, weights, lora_a, lora_b, slice_a, slice_start, scales, autocast)
         last_input = max((n for n in [x, *xs] if n.op != "placeholder"), key=_position(graph), default=None)
         prev = last_input if last_input is not None else next(n for n in graph.nodes if n.op != "placeholder").prev
@@ -390,7 +389,7 @@ class QkvzLoraTrainPass:
                           slice_sizes=sizes, lora_slices=[[n] for n in names],
                           shared_a=bool(projections[0].terms),   # q, k, v: one PEFT module, one A
                           kernel="fx_passes.qkvz_lora_train", autocast=str(autocast) if autocast else None,
-                          scale_in_b=any(symbolic),
+                          scale_in_b=any(sc is not None for sc in b_scales),
                           removed_nodes=removed, new_nodes=[n.name for n in new_nodes if isinstance(n, Node)])
 
 
